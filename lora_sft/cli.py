@@ -1,0 +1,90 @@
+"""Command line: `python -m lora_sft {train,validate} RECIPE [KEY=VALUE ...]`.
+
+Bad input exits 2 with one line per problem, a failed run exits 1; tracebacks only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    recipe_args = argparse.ArgumentParser(add_help=False, parents=[common])
+    recipe_args.add_argument("recipe", help="path to a YAML recipe")
+    recipe_args.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="patch the recipe, e.g. train.lr=1e-4 lora.rank=8")
+
+    parser = argparse.ArgumentParser(prog="python -m lora_sft", description="QLoRA fine-tuning from a YAML recipe.", parents=[common])
+    parser.add_argument("--version", action="version", version=f"lora_sft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", parents=[recipe_args], help="train an adapter", description="Train a LoRA adapter as the recipe says; writes the run directory (output_dir).")
+    v = sub.add_parser("validate", parents=[recipe_args], help="check a recipe and print what the run would do", description="Check the recipe, its data files and its LoRA targets (model built from its config, no weights loaded), then print what train would do.")
+    v.add_argument("--explain", action="store_true", help="also print every recipe key with its default and meaning")
+    return parser
+
+
+def _validate(args) -> int:
+    from .recipe import explain, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from . import data, model, plan
+
+    checked = data.check(recipe)
+    try:
+        model_plan = model.describe(recipe, model.resolve_source(recipe), checked.labels)
+        note = None
+    except model.ModelUnreachable as e:
+        model_plan, note = None, f"note: schema and data checked; the model checks need the hub: {e.problems[0]}"
+    from .train import check_hardware
+
+    try:
+        check_hardware(recipe)
+    except UserError as e:
+        note = "\n".join(filter(None, [note, *(f"note: on this machine: {p}" for p in e.problems)]))
+    print(f"{args.recipe}: ok")
+    print("\n".join(f"  {line}" for line in plan.describe_run(recipe, checked, model_plan)))
+    if note:
+        print(note)
+    if args.explain:
+        print("\nrecipe keys:\n" + explain())
+    return 0
+
+
+def _train(args) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from .train import run
+
+    run(recipe)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # bitsandbytes warns at import about an optional CPU inference kernel that training never uses.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return {"train": _train, "validate": _validate}[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a failure of the run, not of the input
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1

