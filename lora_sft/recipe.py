@@ -232,6 +232,21 @@ def _apply_override(raw: dict, text: str, overrides: dict[tuple, str]) -> None:
     overrides[path] = text
 
 
+# Names other tools (axolotl, TRL, transformers, peft) use for our keys, for did-you-mean hints.
+ALIASES = {
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs", "r": "rank", "lora_r": "rank",
+    "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules",
+    "layers_to_transform": "layers", "use_rslora": "rslora", "use_dora": "dora",
+    "per_device_train_batch_size": "micro_batch_size", "batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum", "warmup_steps": "warmup", "warmup_ratio": "warmup",
+    "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler", "optim": "optimizer",
+    "sequence_len": "max_length", "max_seq_length": "max_length", "max_seq_len": "max_length",
+    "base_model": "path", "model_name_or_path": "path", "val_set_size": "eval_fraction",
+    "bnb_4bit_quant_type": "mode", "bnb_4bit_use_double_quant": "double_quant", "bnb_4bit_compute_dtype": "compute_dtype",
+    "datasets": "train", "test_datasets": "eval"
+}
+
+
 def _section_class(loc: tuple) -> type[BaseModel] | None:
     """The schema class that owns the keys at `loc`, for did-you-mean suggestions."""
     cls: Any = Recipe
@@ -263,7 +278,8 @@ def _describe(err: dict, raw: dict) -> tuple[tuple, str]:
     if kind == "extra_forbidden":
         owner = _section_class(tuple(path[:-1]))
         known = list(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(str(path[-1]), known, n=1, cutoff=0.6)
+        alias = ALIASES.get(str(path[-1]))
+        close = [alias] if alias in known else difflib.get_close_matches(str(path[-1]), known, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
         return tuple(path), f"unknown key ({hint})"
     if kind == "missing":

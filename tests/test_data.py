@@ -1,0 +1,124 @@
+"""Data stage: which tokens carry loss, label ids, and bad rows named by file:line."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import build_tokenizer, write_jsonl
+
+from lora_sft.data import build, check
+from lora_sft.data.formats import IGNORE
+from lora_sft.errors import UserError
+from lora_sft.recipe import load_recipe
+
+pytestmark = pytest.mark.unit
+CORPUS = ["Name a fruit. apple banana cherry", "What is two plus two? four", "system user assistant"] * 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(CORPUS)
+
+
+@pytest.fixture
+def make(tmp_path, write_recipe):
+    def make(fmt, rows, task="causal_lm", **data):
+        train = write_jsonl(tmp_path / "train.jsonl", rows)
+        return load_recipe(write_recipe({"task": task, "output_dir": str(tmp_path / "run"), "model": {"path": "unused"}, "data": {"format": fmt, "train": str(train), **data}}))
+
+    return make
+
+
+def trained_text(tokenizer, sample):
+    return tokenizer.decode([t for t, l in zip(sample["input_ids"], sample["labels"]) if l != IGNORE])
+
+
+def untrained_text(tokenizer, sample):
+    return tokenizer.decode([t for t, l in zip(sample["input_ids"], sample["labels"]) if l == IGNORE])
+
+
+def test_chat_template_trains_only_assistant_turns(make, tokenizer):
+    rows = [{"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": "apple"},
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "content": "four"},
+    ]}]
+    sample = build(make("messages", rows), tokenizer).train[0]
+    assert trained_text(tokenizer, sample) == "apple<|im_end|>\nfour<|im_end|>\n"
+    assert untrained_text(tokenizer, sample) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert sample["input_ids"] == tokenizer(tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+def test_alpaca_uses_the_chat_template_when_there_is_one(make, tokenizer):
+    sample = build(make("alpaca", [{"instruction": "Name a fruit.", "input": "red", "output": "cherry"}]), tokenizer).train[0]
+    assert trained_text(tokenizer, sample) == "cherry<|im_end|>\n"
+    assert untrained_text(tokenizer, sample) == "<|im_start|>user\nName a fruit.\n\nred<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_alpaca_without_template_uses_the_alpaca_prompt_and_learns_eos(make, tokenizer):
+    plain = build_tokenizer(CORPUS)
+    plain.chat_template = None
+    sample = build(make("alpaca", [{"instruction": "Name a fruit.", "output": "apple"}]), plain).train[0]
+    assert trained_text(plain, sample) == "apple<|im_end|>"
+    assert untrained_text(plain, sample).endswith("### Instruction:\nName a fruit.\n\n### Response:\n")
+    assert sample["labels"][-1] == plain.eos_token_id
+
+
+def test_prompt_completion_and_train_on_inputs(make, tokenizer):
+    rows = [{"prompt": "What is two plus two?", "completion": " four"}]
+    sample = build(make("prompt_completion", rows), tokenizer).train[0]
+    assert trained_text(tokenizer, sample) == " four<|im_end|>"
+    everything = build(make("prompt_completion", rows, train_on_inputs=True), tokenizer).train[0]
+    assert everything["labels"] == everything["input_ids"]
+
+
+def test_truncation_that_leaves_no_response_drops_the_sample(make, tokenizer):
+    rows = [{"prompt": "What is two plus two? " * 10, "completion": "four"}, {"prompt": "Name a fruit.", "completion": "apple"}]
+    bundle = build(make("prompt_completion", rows, max_length=12), tokenizer)
+    assert len(bundle.train) == 1 and bundle.stats["train"]["dropped"] == 1 and bundle.stats["train"]["truncated"] == 1
+    assert all(len(s["input_ids"]) <= 12 for s in bundle.train)
+
+
+def test_classification_labels_by_name_or_id(make, tokenizer):
+    rows = [{"text": "apple", "label": "food"}, {"text": "four", "label": "math"}, {"text": "banana", "label": "food"}]
+    bundle = build(make("classification", rows, task="classification"), tokenizer)
+    assert bundle.labels == ["food", "math"] and [s["labels"] for s in bundle.train] == [0, 1, 0]
+    ids = build(make("classification", [{"text": "a", "label": 2}, {"text": "b", "label": 0}], task="classification"), tokenizer)
+    assert ids.labels == ["0", "1", "2"] and [s["labels"] for s in ids.train] == [2, 0]
+    with pytest.raises(UserError, match=r"train\.jsonl:2: label 'sport' is not in data\.labels \(food, math\)"):
+        check(make("classification", [rows[0], {"text": "x", "label": "sport"}], task="classification", labels=["food", "math"]))
+
+
+def test_eval_fraction_is_seeded_and_disjoint(make):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)]
+    a, b = check(make("prompt_completion", rows, eval_fraction=0.25)), check(make("prompt_completion", rows, eval_fraction=0.25))
+    assert [e.prompt for e in a.eval] == [e.prompt for e in b.eval] and len(a.eval) == 5
+    assert not {e.prompt for e in a.eval} & {e.prompt for e in a.train}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"instruction": "x"}\n', r"train\.jsonl:1: missing field 'output' \(format alpaca needs instruction, output\)"),
+    ('{"instruction": "x", "output": "y"}\n{"instruction": 3, "output": "y"}\n', r"train\.jsonl:2: field 'instruction' must be a string, not int"),
+    ('{"instruction": "x", "output": "y"}\n[1, 2]\n', r"train\.jsonl:2: a row must be a JSON object, not list"),
+    ('{"instruction": "x", "output": "y"}\n{"instruction": \n', r"train\.jsonl:2: invalid JSON"),
+    ("", r"train\.jsonl:1: the file holds no rows"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, write_recipe, content, message):
+    (tmp_path / "train.jsonl").write_text(content)
+    recipe = load_recipe(write_recipe({"task": "causal_lm", "output_dir": "x", "model": {"path": "x"}, "data": {"format": "alpaca", "train": str(tmp_path / "train.jsonl")}}))
+    with pytest.raises(UserError, match=message):
+        check(recipe)
+
+
+def test_invalid_utf8_and_unknown_role(tmp_path, write_recipe):
+    (tmp_path / "train.jsonl").write_bytes(b'{"messages": []}\n{"text": "caf\xe9"}\n')
+    recipe = load_recipe(write_recipe({"task": "causal_lm", "output_dir": "x", "model": {"path": "x"}, "data": {"format": "messages", "train": str(tmp_path / "train.jsonl")}}))
+    with pytest.raises(UserError, match=r"train\.jsonl:2: invalid UTF-8"):
+        check(recipe)
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    with pytest.raises(UserError, match=r"train\.jsonl:1: messages\[0\]\.role: unknown role 'human'"):
+        check(recipe)
