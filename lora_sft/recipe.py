@@ -331,18 +331,17 @@ def load_recipe(file: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def explain() -> str:
-    """Every recipe key with its type, default and docstring (for `validate --explain` and the README)."""
-    out = []
+    """Every recipe key with its default and docstring, as a Markdown table (`validate --explain`, the README)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
 
     def walk(cls: type[BaseModel], prefix: str) -> None:
         for name, field in cls.model_fields.items():
             ann = field.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                out.append(f"\n{prefix}{name}:")
                 walk(ann, f"{prefix}{name}.")
                 continue
-            default = "required" if field.is_required() else f"default {field.default!r}"
-            out.append(f"  {prefix}{name} ({default}): {field.description or ''}")
+            default = "required" if field.is_required() else f"`{yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            rows.append(f"| `{prefix}{name}` | {default} | {(field.description or '').replace('|', '/')} |")
 
     walk(Recipe, "")
-    return "\n".join(out).strip("\n")
+    return "\n".join(rows)

@@ -127,12 +127,13 @@ def test_defaults_live_in_the_schema_and_overrides_are_typed(tmp_path, good):
     assert Recipe.model_validate(resolved).resolved_dict() == resolved
 
 
-def test_every_field_is_documented():
-    text = explain()
-    assert "lora.rank" in text and "(required)" in text
-    for line in text.splitlines():
-        if line.startswith("  "):
-            assert line.split("): ", 1)[1].strip(), f"undocumented: {line}"
+def test_every_field_is_documented_and_the_readme_table_is_current():
+    rows = explain().splitlines()[2:]
+    assert any(r.startswith("| `lora.rank` | `16` |") for r in rows) and any(r.startswith("| `data.format` | required |") for r in rows)
+    for row in rows:
+        assert row.rsplit("|", 2)[1].strip(), f"undocumented: {row}"
+    readme = (REPO / "README.md").read_text()
+    assert explain() in readme, "README's recipe table drifted: paste `python -m lora_sft validate --explain` output into it"
 
 
 def test_version_and_help():
