@@ -235,11 +235,14 @@ def add_lora(model: nn.Module, recipe: Recipe, plan: ModelPlan):
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = recipe.lora
+    # all-linear goes to peft as the leaf names it resolved to: peft refuses `layers` with a str
+    # target, and servers (vLLM) read plain names better than a keyword.
+    targets = sorted({n.rsplit(".", 1)[-1] for n in plan.targets}) if lora.target_modules == "all-linear" else lora.target_modules
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=targets,
         layers_to_transform=lora.layers,
         exclude_modules="(?:" + "|".join(map(re.escape, plan.heads)) + r")(?:\..*)?" if plan.heads else None,
         use_rslora=lora.rslora,

@@ -131,3 +131,28 @@ def test_lora_contract(case):
     reloaded = PeftModel.from_pretrained(_fresh_4bit(recipe, prepared.plan), str(result.run_dir.adapter))
     diff = (_logits(reloaded, batch) - trained_logits).abs().max().item()
     assert diff <= 1e-5, diff
+
+
+@pytest.mark.parametrize("quant, lora, layer_type, n_adapted, trainable", [
+    ({"mode": "nf4"}, {}, bnb.nn.Linear4bit, 14, 8192),
+    ({"mode": "fp4", "double_quant": False}, {}, bnb.nn.Linear4bit, 14, 8192),
+    ({"mode": "int8"}, {}, bnb.nn.Linear8bitLt, 14, 8192),
+    ({"mode": "none"}, {}, torch.nn.Linear, 14, 8192),
+    # one layer; DoRA adds a magnitude per output feature: 2*64 + 2*32 + 2*128 + 64 = 512
+    ({"mode": "nf4"}, {"layers": [1], "dora": True, "rslora": True}, bnb.nn.Linear4bit, 7, 4096 + 512),
+    ({"mode": "nf4"}, {"target_modules": r".*\.self_attn\.(q|v)_proj"}, bnb.nn.Linear4bit, 4, RANK * 2 * ((64 + 64) + (64 + 32))),
+])
+def test_quant_modes_and_lora_options(tiny_llama, tmp_path, write_recipe, quant, lora, layer_type, n_adapted, trainable):
+    recipe = load_recipe(write_recipe({
+        "task": "causal_lm", "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_llama)},
+        "quant": quant, "lora": {"rank": RANK, "alpha": 8, **lora},
+        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
+    }))
+    prepared = train_stage.prepare(recipe)
+    model = model_stage.add_lora(model_stage.load_base(recipe, prepared.plan), recipe, prepared.plan)
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert len(adapted) == n_adapted and all(type(m.base_layer) is layer_type for m in adapted)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+    expected_scale = 8 / RANK**0.5 if lora.get("rslora") else 8 / RANK
+    assert all(m.scaling["default"] == pytest.approx(expected_scale) for m in adapted)
+    assert not any(isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for m in model.base_model.model.lm_head.modules())
