@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("train", parents=[recipe_args], help="train an adapter", description="Train a LoRA adapter as the recipe says; writes the run directory (output_dir).")
     v = sub.add_parser("validate", parents=[recipe_args], help="check a recipe and print what the run would do", description="Check the recipe, its data files and its LoRA targets (model built from its config, no weights loaded), then print what train would do.")
     v.add_argument("--explain", action="store_true", help="also print every recipe key with its default and meaning")
+    p = sub.add_parser("preview", parents=[recipe_args], help="show the tokens a run would train on", description="Tokenize the recipe's data (no model weights) and show samples with the trained tokens marked, and the data stats.")
+    p.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
+    p.add_argument("--split", choices=["train", "eval"], default="train")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample: input_ids, labels (-100 = not trained), position_ids when packed")
     return parser
 
 
@@ -57,6 +61,21 @@ def _validate(args) -> int:
     return 0
 
 
+def _preview(args) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from . import data, model, preview
+
+    checked = data.check(recipe)
+    tokenizer = model.load_tokenizer(recipe, model.resolve_source(recipe))
+    bundle = data.build(recipe, tokenizer, checked)
+    if args.split == "eval" and bundle.eval is None:
+        raise UserError(f"{recipe.where('data')}: there is no eval split; set data.eval or data.eval_fraction")
+    preview.show(bundle, tokenizer, args.split, args.n, args.json)
+    return 0
+
+
 def _train(args) -> int:
     from .recipe import load_recipe
 
@@ -72,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns at import about an optional CPU inference kernel that training never uses.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # cache writes are quick; bars only add noise
     try:
-        return {"train": _train, "validate": _validate}[args.command](args)
+        return {"train": _train, "validate": _validate, "preview": _preview}[args.command](args)
     except UserError as e:
         if args.debug:
             raise

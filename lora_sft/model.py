@@ -59,19 +59,25 @@ def task_class(task: str):
     return transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
 
 
+def _read(recipe: Recipe, source: ModelSource, what: str, load):
+    """Run a from_pretrained call, turning 'cannot read it' into an error that names model.path."""
+    try:
+        return load()
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if source.origin == "hub":
+            raise ModelUnreachable(f"{recipe.where('model', 'path')}: cannot read the {what} of {source.path!r} from the hub ({first}); check the id and the network, or use a local folder") from None
+        raise UserError(f"{recipe.where('model', 'path')}: cannot read the {what} in {source.path} ({first})") from None
+
+
 def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None):
     from transformers import AutoConfig
 
     extra = {}
     if labels is not None:
         extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
-    try:
-        return AutoConfig.from_pretrained(source.path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, **extra)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if source.origin == "hub":
-            raise ModelUnreachable(f"{recipe.where('model', 'path')}: cannot read {source.path!r} from the hub ({first}); check the id and the network, or use a local folder") from None
-        raise UserError(f"{recipe.where('model', 'path')}: cannot read the model config in {source.path} ({first})") from None
+    m = recipe.model
+    return _read(recipe, source, "config", lambda: AutoConfig.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code, **extra))
 
 
 def compute_dtype(quant: QuantSection) -> torch.dtype:
@@ -192,7 +198,11 @@ def quantization_config(quant: QuantSection, skip: list[str]):
 def load_tokenizer(recipe: Recipe, source: ModelSource):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    m = recipe.model
+    tokenizer = _read(recipe, source, "tokenizer", lambda: AutoTokenizer.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code))
+    from .data import templates
+
+    templates.apply(tokenizer, recipe.data.chat_template, recipe.where("data", "chat_template"))
     if tokenizer.pad_token is None:
         # Padding is masked out of attention and loss, so reusing EOS is safe: EOS in the text keeps its label.
         tokenizer.pad_token = tokenizer.eos_token
@@ -221,8 +231,9 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> nn.Module:
             # inference layout through which no gradient flows afterwards. Evaluation runs before and
             # during training here, so keep every layer in the trainable layout.
             module.support_avx512bf16_for_cpu = False
+    # Training never generates; without a KV cache transformers also masks packed rows per sample.
+    model.config.use_cache = False
     if recipe.train.gradient_checkpointing:
-        model.config.use_cache = False
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:

@@ -10,7 +10,7 @@ from .recipe import Recipe
 def describe_run(recipe: Recipe, checked, plan) -> list[str]:
     """Lines saying what `train` would do with this recipe; `plan` is None when the model is unreachable."""
     d, t, q, lo = recipe.data, recipe.train, recipe.quant, recipe.lora
-    eval_from = f"from {d.eval}" if d.eval else f"{d.eval_fraction:.0%} of train, seed {recipe.seed}" if d.eval_fraction else "none"
+    eval_from = f"from {', '.join(s.path for s in d.sources('eval'))}" if d.eval else f"{d.eval_fraction:.0%} of train, seed {recipe.seed}" if d.eval_fraction else "none"
     batch = t.micro_batch_size * t.grad_accum
     steps = t.max_steps or math.ceil(math.ceil(len(checked.train) / t.micro_batch_size) / t.grad_accum * t.epochs)
     quant = "unquantized" if q.mode == "none" else q.mode + (" + double quant" if q.double_quant and q.mode != "int8" else "")
@@ -23,7 +23,8 @@ def describe_run(recipe: Recipe, checked, plan) -> list[str]:
         if plan.modules_to_save:
             lines.append(f"trained in full: {', '.join(plan.modules_to_save)}")
         lines.append(f"trainable params: {plan.trainable_params:,} of {plan.total_params:,} ({100 * plan.trainable_params / plan.total_params:.2f}%)")
-    data_line = f"data: {d.format}, {len(checked.train)} train rows, {len(checked.eval)} eval rows ({eval_from}), max_length {d.max_length}"
+    formats = ", ".join(sorted(d.formats()))
+    data_line = f"data: {formats}{', packed' if d.packing else ''}, {len(checked.train)} train rows, {len(checked.eval)} eval rows ({eval_from}), max_length {d.max_length}"
     if checked.labels:
         data_line += f", labels: {', '.join(checked.labels)}"
     lines.append(data_line)

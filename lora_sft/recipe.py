@@ -82,29 +82,89 @@ class LoraSection(Section):
         return self
 
 
+FORMATS = ("alpaca", "prompt_completion", "messages", "text", "classification")
+Format = Literal["alpaca", "prompt_completion", "messages", "text", "classification"]
+
+
+class Source(Section):
+    path: str
+    """A file (.jsonl, .json, .csv, .parquet, .txt), a folder of them, a glob (`data/*.jsonl`), or a hub dataset id."""
+    format: Format | None = None
+    """This source's row format; defaults to data.format."""
+    columns: dict[str, str] = {}
+    """Our field name -> your column name, e.g. {instruction: question, output: answer}."""
+    split: str = "train"
+    """Hub datasets: the split to load."""
+    subset: str | None = None
+    """Hub datasets: the configuration (subset) name."""
+    revision: str | None = None
+    """Hub datasets: branch, tag or commit."""
+    limit: int | None = Field(None, ge=1)
+    """Use at most this many rows of this source (after the seeded shuffle)."""
+    weight: float | None = Field(None, gt=0)
+    """Sampling weight: 2 repeats every row twice, 0.5 keeps a seeded half."""
+
+
+Sources = str | Source | list[str | Source]
+
+
 class DataSection(Section):
-    format: Literal["alpaca", "prompt_completion", "messages", "classification"]
-    """Row shape: alpaca (instruction, input, output), prompt_completion (prompt, completion), messages (role/content list, rendered with the chat template), classification (text, label)."""
-    train: str | list[str]
-    """Training file(s): .jsonl, .json or .csv; paths resolve against the working directory."""
-    eval: str | list[str] | None = None
-    """Held-out file(s) for evaluation; never trained on."""
+    format: Format | None = None
+    """Row format of every source that names none: alpaca (instruction, input, output), prompt_completion (prompt, completion: strings or message lists), messages (OpenAI `messages` or ShareGPT `conversations`), text (raw text), classification (text, optional text_pair, label)."""
+    train: Sources
+    """Training data: a path, a source ({path, format, columns, split, subset, revision, limit, weight}), or a list of them."""
+    eval: Sources | None = None
+    """Held-out data for evaluation, same forms as train; never trained on."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
-    """Fraction of the train rows held out for evaluation (seeded by `seed`) when there is no eval file."""
+    """Fraction of the train rows held out for evaluation (seeded by `seed`) when there is no eval data."""
     max_length: int = Field(1024, ge=8)
-    """Samples are truncated to this many tokens."""
+    """Longest sample in tokens (and the row length when packing)."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """What happens to a longer sample: cut to max_length, or left out (counted). `text` rows are split into chunks instead."""
+    max_dropped: float = Field(0.0, ge=0, le=1)
+    """Fraction of samples that may be left with no trained token (after truncation) before the run refuses to start."""
     train_on_inputs: bool = False
-    """Also train on prompt tokens (causal_lm). By default only the response tokens carry loss."""
+    """Train on every token, prompts included. By default only completion / assistant tokens carry loss."""
+    train_turns: Literal["all", "last"] = "all"
+    """Chats: train on every turn of the trained roles, or the last one only."""
+    train_roles: list[Literal["system", "user", "assistant", "tool"]] = ["assistant"]
+    """Chats: roles whose turns carry loss."""
+    chat_template: str | None = None
+    """The tokenizer's own template by default; or chatml, llama3, mistral, or a .jinja file. Saved with the adapter."""
+    packing: bool = False
+    """Fill rows of max_length with whole samples (best-fit decreasing), with no attention across samples."""
+    shuffle: bool = True
+    """Shuffle the rows (seeded by `seed`) before limits, weights and the eval split."""
+    num_proc: int = Field(1, ge=1)
+    """Processes that tokenize."""
+    cache: bool = True
+    """Cache the tokenized data by a fingerprint of the data, these options and the tokenizer ($LORA_SFT_CACHE, default ~/.cache/lora_sft)."""
     labels: list[str] | None = None
     """classification: label names, in id order. Default: the sorted distinct labels of the train rows."""
 
+    def sources(self, split: str) -> list[Source]:
+        """The train or eval data as a list of sources, each with its format filled in."""
+        value = self.train if split == "train" else self.eval
+        items = [] if value is None else value if isinstance(value, list) else [value]
+        out = [Source(path=i) if isinstance(i, str) else i for i in items]
+        return [s if s.format else s.model_copy(update={"format": self.format}) for s in out]
+
     @model_validator(mode="after")
-    def _one_eval_source(self) -> DataSection:
+    def _consistent(self) -> DataSection:
         if self.eval is not None and self.eval_fraction > 0:
-            raise ValueError("set either eval (a file) or eval_fraction, not both")
+            raise ValueError("set either eval (data) or eval_fraction, not both")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError("labels has duplicates")
+        for split in ("train", "eval"):
+            for i, s in enumerate(self.sources(split)):
+                if s.format is None:
+                    raise ValueError(f"{split}[{i}] ({s.path}) has no format; set data.format or the source's format")
+        if isinstance(self.train, list) and not self.train:
+            raise ValueError("train is an empty list; name at least one source")
         return self
+
+    def formats(self) -> set[str]:
+        return {s.format for split in ("train", "eval") for s in self.sources(split)}
 
 
 class TrainSection(Section):
@@ -159,9 +219,10 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _task_matches_format(self) -> Recipe:
-        if (self.task == "classification") != (self.data.format == "classification"):
-            want = "classification" if self.task == "classification" else "alpaca, prompt_completion or messages"
-            raise ValueError(f"task {self.task} needs data.format {want} (got {self.data.format})")
+        formats = self.data.formats()
+        if formats and (self.task == "classification") != (formats == {"classification"}):
+            want = "classification" if self.task == "classification" else "alpaca, prompt_completion, messages or text"
+            raise ValueError(f"task {self.task} needs data.format {want} (got {', '.join(sorted(formats))})")
         return self
 
     def where(self, *path: str | int) -> str:
@@ -247,14 +308,24 @@ ALIASES = {
 }
 
 
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The schema classes inside a field's type (`Source` in `str | Source | list[str | Source]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
 def _section_class(loc: tuple) -> type[BaseModel] | None:
     """The schema class that owns the keys at `loc`, for did-you-mean suggestions."""
     cls: Any = Recipe
     for part in loc:
-        field = cls.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if isinstance(part, int):
+            continue  # an item of a list: same class as the list's items
+        field = cls.model_fields.get(part)
+        models = _models_in(field.annotation) if field else []
+        if not models:
             return None
-        cls = field.annotation
+        cls = models[0]
     return cls
 
 
@@ -270,7 +341,8 @@ def _describe(err: dict, raw: dict) -> tuple[tuple, str]:
             node = node[part]
         elif err["type"] == "missing" and part == loc[-1]:
             path.append(part)
-        # other parts are pydantic's union tags ('str', 'list[str]'): not the user's keys
+        else:
+            err["_union_alternative"] = True  # a pydantic union tag ('str', 'list[str]'), not the user's key
     if not path:
         # the one rule that spans sections (task vs data.format) is reported on `task`
         path = ["task"]
@@ -321,10 +393,16 @@ def load_recipe(file: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        problems = {}
+        problems, alternatives = {}, set()
         for err in e.errors():
             path, msg = _describe(err, raw)
             problems.setdefault(path, []).append(msg)
+            if err.get("_union_alternative"):
+                alternatives.add(path)
+        # A value that fits one form of a union but has errors inside: report those, not "not a string".
+        for path in alternatives:
+            if any(len(other) > len(path) and other[: len(path)] == path for other in problems):
+                problems.pop(path, None)
         raise UserError([f"{source.where(path)}: {' or '.join(dict.fromkeys(msgs))}" for path, msgs in problems.items()]) from None
     recipe._source = source
     return recipe

@@ -62,6 +62,10 @@ def run(recipe: Recipe, log=print) -> Result:
     set_seed(recipe.seed)  # adapter init and dropout draw from here
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     bundle = data_stage.build(recipe, tokenizer, prepared.checked)
+    from .preview import stats_lines
+
+    for split in ("train", "eval") if bundle.eval is not None else ("train",):
+        log("\n".join(stats_lines(bundle, split, lengths_histogram=False)))
     base = model_stage.load_base(recipe, prepared.plan)
     model = model_stage.add_lora(base, recipe, prepared.plan)
     log(f"trainable params: {prepared.plan.trainable_params:,} of {prepared.plan.total_params:,} ({100 * prepared.plan.trainable_params / prepared.plan.total_params:.2f}%)")
@@ -84,7 +88,7 @@ def _eval_metrics(raw: dict, task: str) -> dict:
 
 
 def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir):
-    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from .evaluation import classification_metrics
 
@@ -94,11 +98,14 @@ def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir):
         tokens_seen = 0
         tokens_trained = 0
 
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            mask, labels = inputs["attention_mask"], inputs["labels"]
-            self.tokens_seen += int(mask.sum())
-            self.tokens_trained += int((labels != data_stage.IGNORE).sum()) if labels.dim() > 1 else int(mask.sum())
-            return super().training_step(model, inputs, num_items_in_batch)
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            real = inputs.pop("num_real_tokens", None)  # packed rows: see data.packing
+            if model.training:
+                labels, seen = inputs["labels"], int(real.sum() if real is not None else inputs["attention_mask"].sum())
+                self.tokens_seen += seen
+                # causal LM: tokens that are targets (a label is never the target of nothing, so skip column 0)
+                self.tokens_trained += int((labels[:, 1:] != data_stage.IGNORE).sum()) if labels.dim() > 1 else seen
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     class RunLog(TrainerCallback):
         """metrics.jsonl gets every log and eval; the last step always writes a checkpoint."""
@@ -147,7 +154,7 @@ def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir):
         args=args,
         train_dataset=bundle.train,
         eval_dataset=bundle.eval or None,
-        data_collator=DataCollatorWithPadding(tokenizer) if classification else data_stage.CausalCollator(tokenizer.pad_token_id),
+        data_collator=data_stage.collator(recipe, tokenizer),
         processing_class=tokenizer,
         compute_metrics=classification_metrics() if classification else None,
         callbacks=[RunLog()],

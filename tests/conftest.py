@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 # Tests never touch the hub: a missing local file must fail fast, not wait on a network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tokenized data is cached per test session, never in the user's cache.
+os.environ.setdefault("LORA_SFT_CACHE", tempfile.mkdtemp(prefix="lora_sft-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 CHATML = (
@@ -19,19 +22,27 @@ CHATML = (
 )
 
 
-def build_tokenizer(corpus: list[str]):
-    """A small byte-level BPE tokenizer with chatml special tokens and a chat template."""
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 400, specials=SPECIALS, eos="<|im_end|>", pad="<|endoftext|>", bos=None, template=CHATML):
+    """A byte-level BPE tokenizer with special tokens and a chat template.
+
+    With vocab_size 0 it learns no merges: every ASCII character is one token, so a test can write
+    the expected label mask of a text by hand, character by character.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:], chat_template=CHATML
-    )
+    size = vocab_size or len(alphabet) + len(specials)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=size, special_tokens=specials, initial_alphabet=alphabet))
+    named = {"eos_token": eos, "pad_token": pad} | ({"bos_token": bos} if bos else {})
+    others = [t for t in specials if t not in named.values()]
+    return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=others, chat_template=template, **named)
 
 
 @pytest.fixture(scope="session")

@@ -78,16 +78,16 @@ def test_prompt_completion_and_train_on_inputs(make, tokenizer):
 
 def test_truncation_that_leaves_no_response_drops_the_sample(make, tokenizer):
     rows = [{"prompt": "What is two plus two? " * 10, "completion": "four"}, {"prompt": "Name a fruit.", "completion": "apple"}]
-    bundle = build(make("prompt_completion", rows, max_length=12), tokenizer)
-    assert len(bundle.train) == 1 and bundle.stats["train"]["dropped"] == 1 and bundle.stats["train"]["truncated"] == 1
+    bundle = build(make("prompt_completion", rows, max_length=12, max_dropped=0.5), tokenizer)
+    assert len(bundle.train) == 1 and bundle.stats["train"]["dropped_no_trained_token"] == 1 and bundle.stats["train"]["truncated"] == 1
     assert all(len(s["input_ids"]) <= 12 for s in bundle.train)
 
 
 def test_classification_labels_by_name_or_id(make, tokenizer):
     rows = [{"text": "apple", "label": "food"}, {"text": "four", "label": "math"}, {"text": "banana", "label": "food"}]
-    bundle = build(make("classification", rows, task="classification"), tokenizer)
+    bundle = build(make("classification", rows, task="classification", shuffle=False), tokenizer)
     assert bundle.labels == ["food", "math"] and [s["labels"] for s in bundle.train] == [0, 1, 0]
-    ids = build(make("classification", [{"text": "a", "label": 2}, {"text": "b", "label": 0}], task="classification"), tokenizer)
+    ids = build(make("classification", [{"text": "a", "label": 2}, {"text": "b", "label": 0}], task="classification", shuffle=False), tokenizer)
     assert ids.labels == ["0", "1", "2"] and [s["labels"] for s in ids.train] == [2, 0]
     with pytest.raises(UserError, match=r"train\.jsonl:2: label 'sport' is not in data\.labels \(food, math\)"):
         check(make("classification", [rows[0], {"text": "x", "label": "sport"}], task="classification", labels=["food", "math"]))
@@ -101,7 +101,7 @@ def test_eval_fraction_is_seeded_and_disjoint(make):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"instruction": "x"}\n', r"train\.jsonl:1: missing field 'output' \(format alpaca needs instruction, output\)"),
+    ('{"instruction": "x"}\n', r"train\.jsonl:1: missing field 'output' \(format alpaca needs instruction, output; map other column names with columns:\)"),
     ('{"instruction": "x", "output": "y"}\n{"instruction": 3, "output": "y"}\n', r"train\.jsonl:2: field 'instruction' must be a string, not int"),
     ('{"instruction": "x", "output": "y"}\n[1, 2]\n', r"train\.jsonl:2: a row must be a JSON object, not list"),
     ('{"instruction": "x", "output": "y"}\n{"instruction": \n', r"train\.jsonl:2: invalid JSON"),

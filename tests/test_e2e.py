@@ -87,8 +87,7 @@ def test_lora_contract(case):
     torch.manual_seed(recipe.seed)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     bundle = data_stage.build(recipe, tokenizer, prepared.checked)
-    collate = data_stage.CausalCollator(tokenizer.pad_token_id) if recipe.task == "causal_lm" else __import__("transformers").DataCollatorWithPadding(tokenizer)
-    batch = {k: v for k, v in collate(bundle.eval[:6]).items() if k != "labels"}
+    batch = {k: v for k, v in data_stage.collator(recipe, tokenizer)(list(bundle.eval.select(range(6)))).items() if k != "labels"}
 
     base = model_stage.load_base(recipe, prepared.plan)
     base_logits = _logits(base, batch)

@@ -33,7 +33,7 @@ def staged(tiny_llama, tmp_path, write_recipe):
     prepared = train_stage.prepare(recipe)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     bundle = data_stage.build(recipe, tokenizer, prepared.checked)
-    batch = data_stage.CausalCollator(tokenizer.pad_token_id)(bundle.train[:4])
+    batch = data_stage.CausalCollator(tokenizer.pad_token_id)(list(bundle.train.select(range(4))))
 
     def build(evaluate_first: bool, guard: bool = True):
         torch.manual_seed(0)

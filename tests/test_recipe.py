@@ -105,7 +105,7 @@ def test_missing_required_key_and_cross_field_rules(tmp_path, good):
         load_recipe(path)
     assert e.value.problems == [f"{path}:1: task: task classification needs data.format classification (got alpaca)"]
     path = write(tmp_path, good.replace("  format: alpaca\n", ""))
-    with pytest.raises(UserError, match=r"r\.yaml:7: data\.format: required key is missing"):
+    with pytest.raises(UserError, match=r"r\.yaml:7: data: train\[0\] \(.*alpaca.jsonl\) has no format; set data.format or the source's format"):
         load_recipe(path)
     path = write(tmp_path, good + "  eval: x.jsonl\n  eval_fraction: 0.1\n")
     with pytest.raises(UserError, match=r"r\.yaml:7: data: set either eval"):
@@ -129,7 +129,7 @@ def test_defaults_live_in_the_schema_and_overrides_are_typed(tmp_path, good):
 
 def test_every_field_is_documented_and_the_readme_table_is_current():
     rows = explain().splitlines()[2:]
-    assert any(r.startswith("| `lora.rank` | `16` |") for r in rows) and any(r.startswith("| `data.format` | required |") for r in rows)
+    assert any(r.startswith("| `lora.rank` | `16` |") for r in rows) and any(r.startswith("| `data.train` | required |") for r in rows)
     for row in rows:
         assert row.rsplit("|", 2)[1].strip(), f"undocumented: {row}"
     readme = (REPO / "README.md").read_text()

@@ -1,22 +1,30 @@
-"""The data stage: files -> checked rows -> tokens and labels, split into train and eval.
+"""The data stage: sources -> checked rows -> tokens and labels (packed or not), train and eval.
 
-`check` needs no tokenizer (it is what `validate` runs); `build` tokenizes. Every row is checked
-before anything is written, so bad data never leaves a half-made run directory.
+`check` needs no tokenizer (`validate` runs it); `build` tokenizes, applies the gate on samples
+left with nothing to train, packs, and caches the result by a fingerprint of the data, the data
+options and the tokenizer. Every row is checked before anything is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 
 import torch
 
 from ..errors import UserError
 from ..recipe import Recipe
-from .formats import IGNORE, Example, check as check_row, label_id, label_names, tokenize
-from .read import read_rows
+from . import cache
+from .formats import IGNORE, Example, Options, label_id, label_names, tokenize, tokenize_classification
+from .formats import check as check_row
+from .packing import PackedCollator, pack
+from .read import fingerprint as source_fingerprint
+from .read import read_source
 
 
 @dataclass
@@ -26,29 +34,41 @@ class Checked:
     train: list[Example]
     eval: list[Example]
     labels: list[str] | None  # classification only
-    fingerprint: str  # data bytes + format options
 
 
 @dataclass
 class DataBundle:
-    train: list[dict]
-    eval: list[dict]
+    train: object  # a datasets.Dataset of {input_ids, labels, ...}
+    eval: object | None
     labels: list[str] | None
-    fingerprint: str
+    fingerprint: str  # data bytes + data options + tokenizer: the cache key
     stats: dict = field(default_factory=dict)
 
 
-def _paths(value: str | list[str] | None) -> list[str]:
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
+def _weighted(rows: list, weight: float | None, rng: random.Random) -> list:
+    if weight is None:
+        return rows
+    whole, part = int(weight), weight - int(weight)
+    return rows * whole + rng.sample(rows, round(len(rows) * part))
+
+
+def _read_split(recipe: Recipe, split: str) -> list[Example]:
+    examples = []
+    for i, source in enumerate(recipe.data.sources(split)):
+        where = recipe.where("data", split, i) if isinstance(getattr(recipe.data, split), list) else recipe.where("data", split)
+        rows = read_source(source, where)
+        rng = random.Random(f"{recipe.seed}:{split}:{i}")
+        if recipe.data.shuffle:
+            rng.shuffle(rows)
+        rows = _weighted(rows[: source.limit], source.weight, rng)
+        examples += [check_row(r, source.format, source.columns) for r in rows]
+    return examples
 
 
 def check(recipe: Recipe) -> Checked:
-    """Read and check every row of the recipe's data files; split off the eval rows."""
+    """Read and check every row of every source; split off the eval rows."""
+    train, evals = _read_split(recipe, "train"), _read_split(recipe, "eval")
     d = recipe.data
-    train_rows, train_hash = read_rows(_paths(d.train), recipe.where("data", "train"))
-    eval_rows, eval_hash = read_rows(_paths(d.eval), recipe.where("data", "eval")) if d.eval else ([], "")
-    train = [check_row(r, d.format) for r in train_rows]
-    evals = [check_row(r, d.format) for r in eval_rows]
     if d.eval_fraction > 0:
         order = list(range(len(train)))
         random.Random(recipe.seed).shuffle(order)
@@ -59,47 +79,93 @@ def check(recipe: Recipe) -> Checked:
         evals = [train[i] for i in sorted(held)]
         train = [e for i, e in enumerate(train) if i not in held]
     labels = None
-    if d.format == "classification":
+    if d.formats() == {"classification"}:
         labels = label_names(train + evals, d.labels)
         if len(labels) < 2:
             raise UserError(f"{recipe.where('data', 'train')}: classification needs at least 2 labels, found {labels}")
         for e in train + evals:
             label_id(e, labels)  # raises on an unknown label, naming the row
-    options = json.dumps({"data": d.model_dump(mode="json"), "seed": recipe.seed}, sort_keys=True)
-    fingerprint = hashlib.sha256(f"{train_hash}{eval_hash}{options}".encode()).hexdigest()
-    return Checked(train, evals, labels, fingerprint)
+    return Checked(train, evals, labels)
 
 
-def _tokenize_split(examples: list[Example], recipe: Recipe, tokenizer, labels) -> tuple[list[dict], dict]:
+def options(recipe: Recipe) -> Options:
     d = recipe.data
-    out, truncated, dropped = [], 0, 0
-    for e in examples:
-        if labels is not None:
-            enc = tokenizer(e.text)
-            if len(enc["input_ids"]) > d.max_length:
-                truncated += 1
-                enc = tokenizer(e.text, truncation=True, max_length=d.max_length)
-            item = {k: list(v) for k, v in enc.items()} | {"labels": label_id(e, labels)}
-        else:
-            item, cut = tokenize(e, tokenizer, d.max_length, d.train_on_inputs)
-            truncated += cut
-            if all(t == IGNORE for t in item["labels"]):
-                dropped += 1  # truncation left no response token: nothing to learn from
-                continue
-        out.append(item)
-    tokens = sum(len(i["input_ids"]) for i in out)
-    trained = tokens if labels is not None else sum(sum(t != IGNORE for t in i["labels"]) for i in out)
-    return out, {"rows": len(out), "truncated": truncated, "dropped": dropped, "tokens": tokens, "trained_tokens": trained}
+    return Options(d.max_length, d.truncation, d.train_on_inputs, d.train_turns, tuple(d.train_roles))
+
+
+def cache_key(recipe: Recipe, tokenizer) -> str:
+    """What the tokenized data depends on: the sources' bytes, the data options, the seed, the tokenizer."""
+    parts = [cache.VERSION, recipe.task, str(recipe.seed), recipe.data.model_dump_json(), cache.tokenizer_fingerprint(tokenizer)]
+    for split in ("train", "eval"):
+        for i, source in enumerate(recipe.data.sources(split)):
+            parts.append(source_fingerprint(source, recipe.where("data", split, i)))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+_WORKER: tuple = ()  # (tokenizer, options, labels), inherited by forked tokenizer processes
+
+
+def _tokenize_chunk(examples: list[Example]) -> list:
+    tokenizer, opts, labels = _WORKER
+    if labels is not None:
+        return [tokenize_classification(e, tokenizer, opts, labels) for e in examples]
+    return [tokenize(e, tokenizer, opts) for e in examples]
+
+
+def _tokenize_all(examples: list[Example], tokenizer, opts: Options, labels, num_proc: int) -> list:
+    global _WORKER
+    _WORKER = (tokenizer, opts, labels)
+    if num_proc == 1 or len(examples) < 2 * num_proc:
+        return _tokenize_chunk(examples)
+    size = math.ceil(len(examples) / (num_proc * 4))
+    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+    with ProcessPoolExecutor(num_proc, mp_context=get_context("fork")) as pool:
+        return [t for part in pool.map(_tokenize_chunk, chunks) for t in part]
+
+
+def _split(examples: list[Example], recipe: Recipe, tokenizer, labels, name: str) -> tuple[list[dict], dict]:
+    d, opts = recipe.data, options(recipe)
+    results = _tokenize_all(examples, tokenizer, opts, labels, d.num_proc)
+    samples = [s for r in results for s in r.samples]
+    untrained = [e for e, r in zip(examples, results) if r.untrained]
+    stats = {
+        "rows": len(examples),
+        "samples": len(samples),
+        "truncated": sum(r.truncated for r in results),
+        "dropped_no_trained_token": len(untrained),
+        "dropped_too_long": sum(r.too_long for r in results),
+        "tokens": sum(len(s["input_ids"]) for s in samples),
+    }
+    stats["trained_tokens"] = stats["tokens"] if labels is not None else sum(sum(t != IGNORE for t in s["labels"][1:]) for s in samples)
+    if name == "train" and examples and len(untrained) / len(examples) > d.max_dropped:
+        share = len(untrained) / len(examples)
+        raise UserError(
+            f"{recipe.where('data', 'max_dropped')}: {len(untrained)} of {len(examples)} train samples ({share:.1%}) have no trained token left "
+            f"after truncation to {d.max_length} tokens (first: {untrained[0].place}); raise data.max_length, or accept it with data.max_dropped: {math.ceil(share * 100) / 100}"
+        )
+    if d.packing and labels is None:
+        samples, stats["packing_efficiency"] = pack(samples, d.max_length)
+        stats["packed_rows"] = len(samples)
+    return samples, stats
 
 
 def build(recipe: Recipe, tokenizer, checked: Checked | None = None) -> DataBundle:
-    """Tokenize the checked rows: input_ids, attention_mask, labels (-100 where no loss)."""
+    """Tokenized train and eval data (from the cache when nothing it depends on changed)."""
+    from datasets import Dataset
+
+    key = cache_key(recipe, tokenizer)
+    if recipe.data.cache and (hit := cache.load(key)) is not None:
+        return DataBundle(hit.train, hit.eval, hit.meta["labels"], key, hit.meta["stats"] | {"cached": True})
     checked = checked or check(recipe)
-    train, train_stats = _tokenize_split(checked.train, recipe, tokenizer, checked.labels)
-    evals, eval_stats = _tokenize_split(checked.eval, recipe, tokenizer, checked.labels)
+    train, train_stats = _split(checked.train, recipe, tokenizer, checked.labels, "train")
+    evals, eval_stats = _split(checked.eval, recipe, tokenizer, checked.labels, "eval")
     if not train:
-        raise UserError(f"{recipe.where('data', 'max_length')}: every train sample lost its response to truncation at {recipe.data.max_length} tokens; raise it")
-    return DataBundle(train, evals, checked.labels, checked.fingerprint, {"train": train_stats, "eval": eval_stats})
+        raise UserError(f"{recipe.where('data', 'max_length')}: no train sample is left after truncation to {recipe.data.max_length} tokens; raise it")
+    stats = {"train": train_stats, "eval": eval_stats}
+    bundle = DataBundle(Dataset.from_list(train), Dataset.from_list(evals) if evals else None, checked.labels, key, stats)
+    if recipe.data.cache:
+        cache.save(key, bundle.train, bundle.eval, {"labels": checked.labels, "stats": stats})
+    return bundle
 
 
 class CausalCollator:
@@ -110,8 +176,16 @@ class CausalCollator:
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(b["input_ids"]) for b in batch)
+        ids = [b["input_ids"] + [self.pad_id] * (width - len(b["input_ids"])) for b in batch]
+        mask = [[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]
+        labels = [b["labels"] + [IGNORE] * (width - len(b["labels"])) for b in batch]
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
-        def pad(key, value):
-            return torch.tensor([b[key] + [value] * (width - len(b[key])) for b in batch])
 
-        return {"input_ids": pad("input_ids", self.pad_id), "attention_mask": pad("attention_mask", 0), "labels": pad("labels", IGNORE)}
+def collator(recipe: Recipe, tokenizer):
+    """The batch builder for this recipe's data."""
+    if recipe.task == "classification":
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+    return PackedCollator(tokenizer.pad_token_id) if recipe.data.packing else CausalCollator(tokenizer.pad_token_id)

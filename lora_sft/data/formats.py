@@ -1,8 +1,7 @@
-"""Row formats: check a row's fields (no tokenizer needed) and turn it into tokens and labels.
+"""Row formats: check a row's fields (no tokenizer needed), then turn it into tokens and labels.
 
-Causal LM rows become either a plain (prompt, response) pair or a chat (a list of messages).
-Labels are -100 (no loss) everywhere except the response / assistant tokens, unless
-`train_on_inputs` is set.
+Labels are -100 (no loss) everywhere except the tokens the recipe trains: completions, and the
+turns of the trained roles (assistant by default), each turn's end-of-turn token included.
 """
 
 from __future__ import annotations
@@ -14,10 +13,12 @@ from .read import Row
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system", "tool": "tool", "function_call": "assistant", "observation": "tool"}
 FIELDS = {
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
+    "text": ("text",),
     "classification": ("text", "label"),
 }
 
@@ -30,56 +31,94 @@ ALPACA_PROMPT = (
 
 @dataclass
 class Example:
-    """A checked row: `messages` (a chat), or `prompt`/`response` text, or `text`/`label`."""
+    """A checked row. Chats carry `messages` and the indices of the trained ones; plain pairs carry
+    `prompt`/`response`; `text` rows train on everything; classification rows carry a label."""
 
     place: str
     messages: list[dict] | None = None
+    trained: list[int] | None = None  # indices into messages that carry loss; None: decided by the options
     prompt: str | None = None
     response: str | None = None
     text: str | None = None
+    text_pair: str | None = None
     label: str | int | None = None
 
 
-def _string(row: Row, key: str, fmt: str, required: bool = True) -> str | None:
-    value = row.value.get(key)
-    if value is None and not required:
-        return None
-    if value is None:
-        raise UserError(f"{row.place}: missing field '{key}' (format {fmt} needs {', '.join(FIELDS[fmt])})")
-    if not isinstance(value, str):
-        raise UserError(f"{row.place}: field '{key}' must be a string, not {type(value).__name__}")
-    return value
+@dataclass(frozen=True)
+class Options:
+    """The data options tokenization depends on (picklable, for worker processes)."""
+
+    max_length: int
+    truncation: str
+    train_on_inputs: bool
+    train_turns: str
+    train_roles: tuple[str, ...]
 
 
-def _messages(row: Row) -> list[dict]:
-    msgs = row.value.get("messages")
-    if msgs is None:
-        raise UserError(f"{row.place}: missing field 'messages' (format messages needs a list of {{role, content}})")
-    if not isinstance(msgs, list) or not msgs:
-        raise UserError(f"{row.place}: field 'messages' must be a non-empty list of {{role, content}} objects")
+class Fields:
+    """A row seen through the source's column mapping: `get('output')` reads the user's column."""
+
+    def __init__(self, row: Row, fmt: str, columns: dict[str, str]):
+        self.row, self.fmt, self.columns = row, fmt, columns
+
+    def name(self, key: str) -> str:
+        return self.columns.get(key, key)
+
+    def get(self, key: str):
+        return self.row.value.get(self.name(key))
+
+    def string(self, key: str, required: bool = True) -> str | None:
+        value = self.get(key)
+        if value is None and not required:
+            return None
+        if value is None:
+            need = ", ".join(self.name(k) for k in FIELDS[self.fmt])
+            raise UserError(f"{self.row.place}: missing field '{self.name(key)}' (format {self.fmt} needs {need}; map other column names with columns:)")
+        if not isinstance(value, str):
+            raise UserError(f"{self.row.place}: field '{self.name(key)}' must be a string, not {type(value).__name__}")
+        return value
+
+
+def _message_list(f: Fields, key: str, value) -> list[dict]:
+    place = f.row.place
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{place}: field '{key}' must be a non-empty list of {{role, content}} objects")
     out = []
-    for i, m in enumerate(msgs):
+    for i, m in enumerate(value):
         if not isinstance(m, dict):
-            raise UserError(f"{row.place}: messages[{i}] must be an object with role and content")
+            raise UserError(f"{place}: {key}[{i}] must be an object with role and content")
+        if "from" in m and "role" not in m:  # ShareGPT: {from: human|gpt|system, value}
+            role = SHAREGPT_ROLES.get(m["from"])
+            if role is None:
+                raise UserError(f"{place}: {key}[{i}].from: unknown role {m['from']!r}; use one of {', '.join(SHAREGPT_ROLES)}")
+            m = {"role": role, "content": m.get("value")}
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise UserError(f"{row.place}: messages[{i}].role: unknown role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise UserError(f"{row.place}: messages[{i}].content must be a string")
+            raise UserError(f"{place}: {key}[{i}].role: unknown role {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
+            raise UserError(f"{place}: {key}[{i}].content must be a string (or null with tool_calls)")
         out.append(dict(m))
-    if not any(m["role"] == "assistant" for m in out):
-        raise UserError(f"{row.place}: no assistant message, so nothing would be trained; add one")
     return out
 
 
-def check(row: Row, fmt: str) -> Example:
+def _messages(f: Fields) -> list[dict]:
+    key = f.name("messages")
+    value = f.row.value.get(key)
+    if value is None and "messages" not in f.columns and "conversations" in f.row.value:
+        key, value = "conversations", f.row.value["conversations"]  # ShareGPT's name for the list
+    if value is None:
+        raise UserError(f"{f.row.place}: missing field '{key}' (format messages needs a list of {{role, content}}, or ShareGPT conversations)")
+    return _message_list(f, key, value)
+
+
+def check(row: Row, fmt: str, columns: dict[str, str] | None = None) -> Example:
     """Validate one row's fields for `fmt`; UserError names the row and the fix."""
+    f = Fields(row, fmt, columns or {})
     if fmt == "alpaca":
-        instruction, output = _string(row, "instruction", fmt), _string(row, "output", fmt)
-        ctx, system = _string(row, "input", fmt, required=False) or "", _string(row, "system", fmt, required=False)
-        user = f"{instruction}\n\n{ctx}" if ctx else instruction
+        instruction, output = f.string("instruction"), f.string("output")
+        ctx, system = f.string("input", required=False) or "", f.string("system", required=False)
         msgs = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user},
+            {"role": "user", "content": f"{instruction}\n\n{ctx}" if ctx else instruction},
             {"role": "assistant", "content": output},
         ]
         prompt = ALPACA_PROMPT.format(
@@ -87,18 +126,27 @@ def check(row: Row, fmt: str) -> Example:
             instruction=instruction,
             input=f"### Input:\n{ctx}\n\n" if ctx else "",
         )
-        return Example(row.place, messages=msgs, prompt=(f"{system}\n\n" if system else "") + prompt, response=output)
+        return Example(row.place, messages=msgs, trained=[len(msgs) - 1], prompt=(f"{system}\n\n" if system else "") + prompt, response=output)
     if fmt == "prompt_completion":
-        return Example(row.place, prompt=_string(row, "prompt", fmt), response=_string(row, "completion", fmt))
+        prompt, completion = f.get("prompt"), f.get("completion")
+        if isinstance(prompt, list) or isinstance(completion, list):  # conversational, as TRL accepts it
+            if prompt is None or completion is None:
+                f.string("prompt" if prompt is None else "completion")  # raises "missing field"
+            head, tail = _message_list(f, f.name("prompt"), prompt), _message_list(f, f.name("completion"), completion)
+            return Example(row.place, messages=head + tail, trained=list(range(len(head), len(head) + len(tail))))
+        return Example(row.place, prompt=f.string("prompt"), response=f.string("completion"))
     if fmt == "messages":
-        return Example(row.place, messages=_messages(row))
+        msgs = _messages(f)
+        return Example(row.place, messages=msgs)
+    if fmt == "text":
+        return Example(row.place, text=f.string("text"))
     if fmt == "classification":
-        text, label = _string(row, "text", fmt), row.value.get("label")
+        text, pair, label = f.string("text"), f.string("text_pair", required=False), f.get("label")
         if label is None:
-            raise UserError(f"{row.place}: missing field 'label' (format classification needs text, label)")
+            raise UserError(f"{row.place}: missing field '{f.name('label')}' (format classification needs {f.name('text')}, {f.name('label')})")
         if isinstance(label, bool) or not isinstance(label, str | int):
-            raise UserError(f"{row.place}: field 'label' must be a label name (string) or id (integer), not {type(label).__name__}")
-        return Example(row.place, text=text, label=label)
+            raise UserError(f"{row.place}: field '{f.name('label')}' must be a label name (string) or id (integer), not {type(label).__name__}")
+        return Example(row.place, text=text, text_pair=pair, label=label)
     raise AssertionError(fmt)
 
 
@@ -123,45 +171,126 @@ def label_id(example: Example, labels: list[str]) -> int:
     return labels.index(example.label)
 
 
-def _chat_spans(tokenizer, messages: list[dict], place: str) -> tuple[str, list[tuple[int, int]]]:
-    """Render a chat and find the character span of each assistant turn.
+# ---------------------------------------------------------------- chats
 
-    Renders incrementally: the text up to assistant turn i minus the text of the prompt before it
-    (with the generation prompt) is that turn, end-of-turn token included. A template for which
-    these prefixes do not hold cannot be masked this way, and is refused.
+
+def _trained_turns(example: Example, opts: Options) -> list[int]:
+    if example.trained is not None:  # alpaca and prompt_completion: the completion, whatever the options
+        return example.trained
+    chosen = [i for i, m in enumerate(example.messages) if m["role"] in opts.train_roles]
+    if not chosen:
+        raise UserError(f"{example.place}: no turn of the trained roles ({', '.join(opts.train_roles)}), so nothing would be trained; add one or change data.train_roles")
+    return chosen[-1:] if opts.train_turns == "last" else chosen
+
+
+def _render(tokenizer, msgs: list[dict], gen: bool = False) -> str:
+    if not msgs:
+        return ""
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+
+def template_name(tokenizer) -> str:
+    return getattr(tokenizer, "chat_template_name", None) or f"the chat template of {tokenizer.name_or_path}"
+
+
+def _chat_with_markers(tokenizer, example: Example, turns: list[int]) -> tuple[list[int], list[int]]:
+    """Templates with {% generation %} markers say which tokens are the assistant's."""
+    out = tokenizer.apply_chat_template(example.messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    runs, start = [], None
+    for i, m in enumerate(mask + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    n_assistant = sum(1 for m in example.messages if m["role"] == "assistant")
+    if len(runs) != n_assistant:
+        raise UserError(f"{example.place}: {template_name(tokenizer)} marks {len(runs)} generation blocks for {n_assistant} assistant turns; fix its {{% generation %}} markers")
+    assistant_turns = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"]
+    keep = [runs[assistant_turns.index(t)] for t in turns]
+    labels = [IGNORE] * len(ids)
+    for a, b in keep:
+        labels[a:b] = ids[a:b]
+    return ids, labels
+
+
+def _chat_incremental(tokenizer, example: Example, turns: list[int]) -> tuple[list[int], list[int]]:
+    """Find each trained turn's characters by rendering the chat up to it and up to just before it.
+
+    The turn is what rendering messages[:i+1] adds to messages[:i] (with the generation prompt for
+    an assistant turn, so the 'assistant' header itself is not trained). A template for which these
+    prefixes do not hold would give wrong masks, so it is refused.
     """
-
-    def render(msgs, gen=False):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-    full = render(messages)
+    msgs = example.messages
+    full = _render(tokenizer, msgs)
     spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before, upto = render(messages[:i], gen=True), render(messages[: i + 1])
+    for i in turns:
+        before, upto = _render(tokenizer, msgs[:i], gen=msgs[i]["role"] == "assistant"), _render(tokenizer, msgs[: i + 1])
         if not (upto.startswith(before) and full.startswith(upto)):
-            name = getattr(tokenizer, "name_or_path", "the tokenizer")
-            raise UserError(f"{place}: the chat template of {name} renders turns differently in prefixes, so assistant tokens cannot be located; use a template whose prefixes hold")
+            raise UserError(
+                f"{example.place}: {template_name(tokenizer)} renders earlier turns differently once later turns follow, so the trained tokens "
+                "cannot be located; set data.chat_template (chatml, llama3, mistral or a .jinja file with {% generation %} markers)"
+            )
         spans.append((len(before), len(upto)))
-    return full, spans
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [t if any(a <= start < b for a, b in spans) else IGNORE for t, (start, _) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
 
 
-def tokenize(example: Example, tokenizer, max_length: int, train_on_inputs: bool) -> tuple[dict, bool]:
-    """-> ({input_ids, attention_mask, labels}, truncated) for a causal LM example."""
+def _chat(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[int]]:
+    if not tokenizer.chat_template:
+        raise UserError(f"{example.place}: chat rows need a chat template and {tokenizer.name_or_path} has none; set data.chat_template (chatml, llama3, mistral or a .jinja file)")
+    if opts.train_on_inputs:
+        ids = tokenizer(_render(tokenizer, example.messages), add_special_tokens=False)["input_ids"]
+        return ids, list(ids)
+    turns = _trained_turns(example, opts)
+    if "{% generation %}" in tokenizer.chat_template and all(example.messages[t]["role"] == "assistant" for t in turns):
+        return _chat_with_markers(tokenizer, example, turns)
+    return _chat_incremental(tokenizer, example, turns)
+
+
+# ---------------------------------------------------------------- tokens
+
+
+@dataclass
+class Tokenized:
+    samples: list[dict]  # usually one; `text` rows longer than max_length give several chunks
+    truncated: bool = False
+    too_long: bool = False  # left out under truncation: drop
+    untrained: bool = False  # no token carries loss after truncation
+
+
+def tokenize(example: Example, tokenizer, opts: Options) -> Tokenized:
+    """A causal LM example -> samples of {input_ids, labels}, cut or dropped per the options."""
+    eos = tokenizer.eos_token_id
+    if example.text is not None:  # continued pretraining: every token, chunked rather than cut
+        ids = tokenizer(example.text, add_special_tokens=True)["input_ids"] + [eos]
+        chunks = [ids[i : i + opts.max_length] for i in range(0, len(ids), opts.max_length)]
+        return Tokenized([{"input_ids": c, "labels": list(c)} for c in chunks if len(c) > 1])
     if example.messages is not None and (tokenizer.chat_template or example.prompt is None):
-        if not tokenizer.chat_template:
-            raise UserError(f"{example.place}: format messages needs a chat template, and {tokenizer.name_or_path} has none; use a chat model's tokenizer")
-        text, spans = _chat_spans(tokenizer, example.messages, example.place)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        trained = [train_on_inputs or any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
-        labels = [t if keep else IGNORE for t, keep in zip(ids, trained)]
+        ids, labels = _chat(tokenizer, example, opts)
     else:
         prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-        response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [eos]
         ids = prompt + response
-        labels = (prompt if train_on_inputs else [IGNORE] * len(prompt)) + response
-    truncated = len(ids) > max_length
-    ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, truncated
+        labels = (prompt if opts.train_on_inputs else [IGNORE] * len(prompt)) + response
+    if len(ids) > opts.max_length:
+        if opts.truncation == "drop":
+            return Tokenized([], too_long=True)
+        ids, labels = ids[: opts.max_length], labels[: opts.max_length]
+        if all(t == IGNORE for t in labels[1:]):  # labels[0] is never a target: nothing precedes it
+            return Tokenized([], truncated=True, untrained=True)
+        return Tokenized([{"input_ids": ids, "labels": labels}], truncated=True)
+    return Tokenized([{"input_ids": ids, "labels": labels}])
+
+
+def tokenize_classification(example: Example, tokenizer, opts: Options, labels: list[str]) -> Tokenized:
+    enc = tokenizer(example.text, example.text_pair)
+    if len(enc["input_ids"]) <= opts.max_length:
+        return Tokenized([{**{k: list(v) for k, v in enc.items()}, "labels": label_id(example, labels)}])
+    if opts.truncation == "drop":
+        return Tokenized([], too_long=True)
+    enc = tokenizer(example.text, example.text_pair, truncation=True, max_length=opts.max_length)
+    return Tokenized([{**{k: list(v) for k, v in enc.items()}, "labels": label_id(example, labels)}], truncated=True)

@@ -1,0 +1,95 @@
+"""`preview`: the tokens a run would train on, shown before any weights load.
+
+Trained tokens are coloured in a terminal and wrapped in [[ ]] otherwise; `--json` prints one
+object per sample with input_ids, labels (-100 where not trained) and, when packed, position_ids.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+from .data import IGNORE, DataBundle
+
+GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
+
+
+def _runs(labels: list[int]) -> list[tuple[int, int, bool]]:
+    """(start, end, trained) for each stretch of tokens that are all trained or all not."""
+    out, start = [], 0
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
+            out.append((start, i, labels[start] != IGNORE))
+            start = i
+    return out
+
+
+def marked(tokenizer, ids: list[int], labels: list[int], colour: bool = False) -> str:
+    """The sample's text with its trained stretches marked: [[trained]] (or coloured)."""
+    parts = []
+    for a, b, trained in _runs(labels):
+        text = tokenizer.decode(ids[a:b], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if colour:
+            parts.append(f"{GREEN}{text}{RESET}" if trained else f"{DIM}{text}{RESET}")
+        else:
+            parts.append(f"[[{text}]]" if trained else text)
+    return "".join(parts)
+
+
+def _samples_of(row: dict) -> list[tuple[int, int]]:
+    """Where each sample sits in a (possibly packed) row."""
+    positions = row.get("position_ids")
+    if positions is None:
+        return [(0, len(row["input_ids"]))]
+    starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    return list(zip(starts, starts[1:]))
+
+
+def histogram(lengths: list[int], width: int = 40, buckets: int = 8) -> list[str]:
+    if not lengths:
+        return []
+    top = max(lengths)
+    step = max(1, -(-top // buckets))
+    counts = Counter(min(n // step, buckets - 1) for n in lengths)
+    most = max(counts.values())
+    return [f"  {b * step:>6}-{(b + 1) * step - 1:<6} {'#' * max(1, round(width * counts[b] / most)) if counts[b] else '':<{width}} {counts[b]}" for b in range(buckets)]
+
+
+def stats_lines(bundle: DataBundle, split: str, lengths_histogram: bool = True) -> list[str]:
+    s = bundle.stats[split]
+    data = bundle.train if split == "train" else bundle.eval
+    lines = [
+        f"{split}: {s['rows']} rows -> {s['samples']} samples, {s['tokens']} tokens, {s['trained_tokens']} trained ({s['trained_tokens'] / max(s['tokens'], 1):.1%})",
+        f"  truncated {s['truncated']}, dropped with no trained token {s['dropped_no_trained_token']}, dropped as too long {s['dropped_too_long']}",
+    ]
+    if "packing_efficiency" in s:
+        lines.append(f"  packed into {s['packed_rows']} rows, packing efficiency {s['packing_efficiency']:.1%}")
+    if not lengths_histogram:
+        return lines
+    lengths = [len(r["input_ids"]) for r in data] if data is not None else []
+    return lines + ["  lengths (tokens per row):"] + histogram(lengths)
+
+
+def show(bundle: DataBundle, tokenizer, split: str, n: int, as_json: bool, out=None) -> None:
+    out = out or sys.stdout
+    data = bundle.train if split == "train" else bundle.eval
+    rows = [data[i] for i in range(min(n, len(data)))] if data is not None else []
+    if as_json:
+        for row in rows:
+            keep = {k: row[k] for k in ("input_ids", "labels", "position_ids") if k in row}
+            out.write(json.dumps(keep) + "\n")
+        print("\n".join(stats_lines(bundle, split)), file=sys.stderr)
+        return
+    colour = out.isatty()
+    print("\n".join(stats_lines(bundle, split)), file=out)
+    for k, row in enumerate(rows):
+        print(f"\n=== {split} row {k} ({len(row['input_ids'])} tokens) ===", file=out)
+        if bundle.labels is not None:
+            print(f"label: {bundle.labels[row['labels']]}", file=out)
+            print(tokenizer.decode(row["input_ids"], clean_up_tokenization_spaces=False), file=out)
+            continue
+        for j, (a, b) in enumerate(_samples_of(row)):
+            if "position_ids" in row:
+                print(f"--- sample {j} ---", file=out)
+            print(marked(tokenizer, row["input_ids"][a:b], row["labels"][a:b], colour), file=out)
