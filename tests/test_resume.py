@@ -1,0 +1,159 @@
+"""Interrupted runs lose nothing and resumed runs are exact (CPU, tiny Llama, real Trainer).
+
+- A run killed with SIGKILL at a random step (a subprocess, several seeds) and resumed with
+  `train --resume` logs the same per-step losses and writes the same adapter as an unbroken run,
+  bitwise: on CPU every kernel here is deterministic, Trainer restores the optimizer, scheduler and
+  RNG states (dropout is on, so the RNG matters), and skips the batches already trained.
+- A run directory that holds a run is not overwritten without --resume or --overwrite; a changed
+  recipe that matters is refused on --resume, naming what changed.
+- SIGINT finishes the step, saves a checkpoint, prints how to resume and exits 130.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+from lora_sft.cli import main
+
+pytestmark = pytest.mark.e2e
+STEPS = 6
+
+
+def recipe_dict(tiny_llama, out: Path, **train) -> dict:
+    return {
+        "task": "causal_lm",
+        "output_dir": str(out),
+        "seed": 7,
+        "model": {"path": str(tiny_llama)},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.1},  # dropout: the resumed RNG must match too
+        # 64 rows / 16 per step = 4 steps per epoch, so the run crosses an epoch boundary
+        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "max_length": 48},
+        "train": {"lr": 1e-2, "max_steps": STEPS, "micro_batch_size": 8, "grad_accum": 2, "warmup": 1,
+                  "logging_steps": 1, "save_steps": 1, "save_total_limit": 2, "gradient_checkpointing": False, **train},
+    }
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def unbroken(tiny_llama, tmp_path_factory):
+    """The reference: the same recipe trained without interruption."""
+    import yaml
+
+    folder = tmp_path_factory.mktemp("unbroken")
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(tiny_llama, folder / "run")))
+    assert main(["train", str(path)]) == 0
+    return folder / "run"
+
+
+def _env() -> dict:
+    # the subprocess imports lora_sft from this checkout, whatever is installed
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _start(recipe: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lora_sft", "train", str(recipe), *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before step {step}: {proc.stderr.read()}")
+        if run.joinpath("metrics.jsonl").is_file() and any(s >= step for s, _ in losses(run)):
+            return
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"step {step} not reached in 120 s")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_killed_and_resumed_equals_unbroken(seed, unbroken, tiny_llama, tmp_path, write_recipe, capsys):
+    kill_at = random.Random(seed).randint(2, STEPS - 1)  # step 1's checkpoint exists by then
+    run = tmp_path / "run"
+    recipe = write_recipe(recipe_dict(tiny_llama, run))
+    proc = _start(recipe)
+    _wait_for_step(proc, run, kill_at)
+    proc.send_signal(signal.SIGKILL)  # lands anywhere around step kill_at's save, maybe mid-write
+    proc.wait()
+    assert not (run / "summary.json").exists()
+
+    assert main(["train", str(recipe)]) == 2  # not overwritten without --resume
+    assert "already holds an unfinished run; continue it with --resume" in capsys.readouterr().err
+
+    assert main(["train", str(recipe), "--resume"]) == 0
+    assert losses(run) == losses(unbroken)  # per step, exactly
+    assert [s for s, _ in losses(run)] == list(range(1, STEPS + 1))
+    ref, got = adapter(unbroken), adapter(run)
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], got[k])][:3]
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"]  # the last K, no staging left over
+
+
+def test_finished_run_is_not_overwritten_and_changed_recipe_is_refused(unbroken, tiny_llama, tmp_path, capsys):
+    import yaml
+
+    path = unbroken.parent / "recipe.yaml"
+    before = {p: p.read_bytes() for p in unbroken.rglob("*") if p.is_file()}
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a finished run; continue it with --resume, replace it with --overwrite" in err[0]
+
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(recipe_dict(tiny_llama, unbroken, micro_batch_size=4, lr=5e-3)))
+    assert main(["train", str(changed), "--resume", "lora.rank=8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume refused, the recipe changed" in err[0]
+    assert "lora.rank 4 -> 8" in err[0] and "effective batch (micro_batch_size * grad_accum) 16 -> 8" in err[0]
+    assert "lr" not in err[0].split("changed since")[1]  # the learning rate may change on resume
+    assert main(["train", str(path), "--resume", str(unbroken / "checkpoints" / "nope")]) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in unbroken.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_replaces_a_run(tiny_llama, tmp_path, write_recipe):
+    run = tmp_path / "run"
+    recipe = write_recipe(recipe_dict(tiny_llama, run, max_steps=1))
+    assert main(["train", str(recipe)]) == 0
+    (run / "stale.txt").write_text("from the old run")
+    assert main(["train", str(recipe), "--overwrite"]) == 0
+    assert not (run / "stale.txt").exists() and (run / "summary.json").is_file()
+
+
+def test_sigint_saves_and_exits_130(tiny_llama, tmp_path, write_recipe):
+    run = tmp_path / "run"
+    recipe = write_recipe(recipe_dict(tiny_llama, run, max_steps=200, save_steps=1000))
+    proc = _start(recipe)
+    _wait_for_step(proc, run, 2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    saved = sorted((run / "checkpoints").glob("checkpoint-*"))
+    assert len(saved) == 1, saved  # save_steps is 1000: this one was written because of the signal
+    step = int(saved[0].name.split("-")[1])
+    assert last == f"error: SIGINT: stopped after step {step}, checkpoint {saved[0]}; continue with: python -m lora_sft train {recipe} --resume"
+    assert step < 200 and [s for s, _ in losses(run)][-1] == step
