@@ -74,6 +74,8 @@ def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None):
         return AutoConfig.from_pretrained(source.path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise UserError(f"{recipe.where('model', 'path')}: {source.path} needs to run Python code it ships; read it, then set model.trust_remote_code: true if you trust it") from None
         if source.origin == "hub":
             raise ModelUnreachable(f"{recipe.where('model', 'path')}: cannot read {source.path!r} from the hub ({first}); check the id and the network, or use a local folder") from None
         raise UserError(f"{recipe.where('model', 'path')}: cannot read the model config in {source.path} ({first})") from None
@@ -197,7 +199,11 @@ def quantization_config(quant: QuantSection, skip: list[str]):
 def load_tokenizer(recipe: Recipe, source: ModelSource):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{recipe.where('model', 'path')}: cannot load the tokenizer from {source.path} ({first}); save one there with tokenizer.save_pretrained") from None
     if tokenizer.pad_token is None:
         # Padding is masked out of attention and loss, so reusing EOS is safe: EOS in the text keeps its label.
         tokenizer.pad_token = tokenizer.eos_token

@@ -188,6 +188,9 @@ class RecipeSource:
 
     def where(self, path: tuple) -> str:
         dotted = ".".join(str(p) for p in path)
+        for key, text in self.overrides.items():
+            if path and key[: len(path)] == path:  # `seed.x=1` made a section of `seed`: the override is to blame
+                return f"override '{text}': {dotted}"
         for n in range(len(path), -1, -1):
             if path[:n] in self.overrides:
                 return f"override '{self.overrides[path[:n]]}': {dotted}"
