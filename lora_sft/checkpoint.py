@@ -29,6 +29,7 @@ from .rundir import RunDir
 STAGING = ".staging"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE = "trainer_state.json"  # Trainer's name; it holds the step
+COUNTS = "lora_sft_counts.json"  # the trainer's own running totals (tokens seen and trained)
 
 
 def fsync_tree(folder: Path) -> None:
@@ -71,6 +72,7 @@ class AtomicSaves:
     """
 
     _staging: Path | None = None
+    counted: tuple[str, ...] = ()  # attributes of the trainer saved with each checkpoint and restored on resume
 
     def _get_output_dir(self, trial):
         return str(self._staging) if self._staging else super()._get_output_dir(trial)
@@ -83,6 +85,7 @@ class AtomicSaves:
         self._staging = staging
         try:
             super()._save_checkpoint(model, trial)
+            (staging / name / COUNTS).write_text(json.dumps({k: getattr(self, k) for k in self.counted}))
             fsync_tree(staging / name)
             target = root / name
             if target.exists():  # the same step saved again (a resumed run that had already finished)
@@ -182,11 +185,19 @@ def start(recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprin
     return Start(resume_from=checkpoint)
 
 
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl record; None for a line that a killed process left half-written."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def reopen(run_dir: RunDir, checkpoint: Path, recipe_dict: dict) -> dict:
     """Continue a run directory from `checkpoint`: drop log records of the steps about to be redone."""
     step = step_of(checkpoint)
     shutil.rmtree(run_dir.checkpoints / STAGING, ignore_errors=True)
-    kept = [line for line in run_dir.metrics.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in run_dir.metrics.read_text().splitlines() if (record := _record(line)) and record.get("step", 0) <= step]
     run_dir.metrics.write_text("".join(f"{line}\n" for line in kept))
     (run_dir.root / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))  # the options that may change did
     (run_dir.root / "summary.json").unlink(missing_ok=True)
@@ -196,10 +207,17 @@ def reopen(run_dir: RunDir, checkpoint: Path, recipe_dict: dict) -> dict:
     return info
 
 
+def restore_counts(trainer, checkpoint: Path) -> None:
+    counts = checkpoint / COUNTS
+    if counts.is_file():
+        for key, value in json.loads(counts.read_text()).items():
+            setattr(trainer, key, value)
+
+
 def logged_eval_before(run_dir: RunDir) -> dict | None:
     """The eval of the untrained model that the first part of a resumed run logged at step 0."""
     for line in run_dir.metrics.read_text().splitlines():
-        record = json.loads(line)
+        record = _record(line) or {}
         if record.get("step") == 0 and any(k.startswith("eval_") for k in record):
             return record
     return None

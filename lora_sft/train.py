@@ -101,6 +101,7 @@ def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir, log=prin
 
         tokens_seen = 0
         tokens_trained = 0
+        counted = ("tokens_seen", "tokens_trained")  # kept in checkpoints, so a resumed run's totals are whole
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             mask, labels = inputs["attention_mask"], inputs["labels"]
@@ -188,7 +189,9 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
         # a resumed run reads the untrained model's eval from the log its first part wrote
         logged = checkpoint.logged_eval_before(run_dir) if resume_from else trainer.evaluate()
         before = _eval_metrics({k: v for k, v in (logged or {}).items() if k.startswith("eval_")}, recipe.task) or None
-    train_start = time.perf_counter()
+    if resume_from:
+        checkpoint.restore_counts(trainer, resume_from)
+    seen_before, train_start = trainer.tokens_seen, time.perf_counter()
     with trainer.guard.signals(), out_of_memory(recipe, trainer, run_dir.checkpoints):
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stopped := trainer.guard.interrupted(trainer.state):
@@ -210,7 +213,7 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
         "epochs": trainer.state.epoch,
         "tokens_seen": trainer.tokens_seen,
         "tokens_trained": trainer.tokens_trained,
-        "tokens_per_second": trainer.tokens_seen / train_time,
+        "tokens_per_second": (trainer.tokens_seen - seen_before) / train_time,
         "skipped_steps": trainer.guard.skipped,
         "trainable_params": plan.trainable_params,
         "total_params": plan.total_params,

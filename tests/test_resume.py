@@ -6,7 +6,8 @@
   RNG states (dropout is on, so the RNG matters), and skips the batches already trained.
 - A run directory that holds a run is not overwritten without --resume or --overwrite; a changed
   recipe that matters is refused on --resume, naming what changed.
-- SIGINT finishes the step, saves a checkpoint, prints how to resume and exits 130.
+- SIGINT / SIGTERM finish the step, save a checkpoint, print how to resume and exit 130 / 143.
+- Half-written checkpoints (a staging folder, a folder without its state file) are never resumed from.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 
+from lora_sft.checkpoint import checkpoints
 from lora_sft.cli import main
 
 pytestmark = pytest.mark.e2e
@@ -50,7 +52,12 @@ def recipe_dict(tiny_llama, out: Path, **train) -> dict:
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the line a running process is writing
+            pass
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
@@ -80,16 +87,21 @@ def _start(recipe: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before step {step}: {proc.stderr.read()}")
-        if run.joinpath("metrics.jsonl").is_file() and any(s >= step for s, _ in losses(run)):
-            return
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail(f"step {step} not reached in 120 s")
+def _signal_at(runs: list[tuple[subprocess.Popen, Path, int, int]]) -> None:
+    """Send each process (proc, run, step, signal) its signal as soon as its run has logged that step."""
+    waiting, deadline = list(runs), time.monotonic() + 180
+    while waiting and time.monotonic() < deadline:
+        for item in list(waiting):
+            proc, run, step, sig = item
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before step {step}: {proc.stderr.read()}")
+            if run.joinpath("metrics.jsonl").is_file() and any(s >= step for s, _ in losses(run)):
+                proc.send_signal(sig)
+                waiting.remove(item)
+        time.sleep(0.01)
+    for proc, *_ in waiting:
+        proc.kill()
+    assert not waiting, "not every run reached its step in 180 s"
 
 
 def test_killed_and_resumed_equals_unbroken(unbroken, tiny_llama, tmp_path, capsys):
@@ -104,11 +116,11 @@ def test_killed_and_resumed_equals_unbroken(unbroken, tiny_llama, tmp_path, caps
         recipe = tmp_path / str(seed) / "recipe.yaml"
         recipe.write_text(yaml.safe_dump(recipe_dict(tiny_llama, run)))
         runs[seed] = (kill_at, run, recipe, _start(recipe))
+    # the kill lands anywhere around step kill_at's save, maybe mid-write
+    _signal_at([(proc, run, kill_at, signal.SIGKILL) for kill_at, run, recipe, proc in runs.values()])
     for kill_at, run, recipe, proc in runs.values():
-        _wait_for_step(proc, run, kill_at)
-        proc.send_signal(signal.SIGKILL)  # lands anywhere around step kill_at's save, maybe mid-write
         proc.wait()
-        assert not (run / "summary.json").exists()
+        assert proc.returncode == -signal.SIGKILL and not (run / "summary.json").exists()
 
     for seed, (kill_at, run, recipe, _) in runs.items():
         assert main(["train", str(recipe)]) == 2  # not overwritten without --resume
@@ -120,6 +132,8 @@ def test_killed_and_resumed_equals_unbroken(unbroken, tiny_llama, tmp_path, caps
         ref, got = adapter(unbroken), adapter(run)
         assert ref.keys() == got.keys()
         assert all(torch.equal(ref[k], got[k]) for k in ref), (seed, [k for k in ref if not torch.equal(ref[k], got[k])][:3])
+        summaries = [json.loads((r / "summary.json").read_text()) for r in (unbroken, run)]
+        assert [(s["tokens_seen"], s["tokens_trained"], s["steps"]) for s in summaries][0] == [(s["tokens_seen"], s["tokens_trained"], s["steps"]) for s in summaries][1]
         kept = sorted(p.name for p in (run / "checkpoints").iterdir())
         assert kept == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"]  # the last K, no staging left over
 
@@ -156,18 +170,49 @@ def test_overwrite_replaces_a_run(unbroken, tiny_llama, tmp_path, write_recipe):
     assert not (run / "stale.txt").exists() and json.loads((run / "summary.json").read_text())["steps"] == 1
 
 
-def test_sigint_saves_and_exits_130(tiny_llama, tmp_path, write_recipe):
+def test_half_written_checkpoints_are_never_picked_up(unbroken, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
     run = tmp_path / "run"
-    recipe = write_recipe(recipe_dict(tiny_llama, run, max_steps=500, save_steps=1000))
-    proc = _start(recipe)
-    _wait_for_step(proc, run, 2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    last = err.strip().splitlines()[-1]
-    assert "Traceback" not in err
-    saved = sorted((run / "checkpoints").glob("checkpoint-*"))
-    assert len(saved) == 1, saved  # save_steps is 1000: this one was written because of the signal
-    step = int(saved[0].name.split("-")[1])
-    assert last == f"error: SIGINT: stopped after step {step}, checkpoint {saved[0]}; continue with: python -m lora_sft train {recipe} --resume"
-    assert step < 500 and [s for s, _ in losses(run)][-1] == step
+    shutil.copytree(unbroken, run)
+    saved = yaml.safe_load((unbroken.parent / "recipe.yaml").read_text())
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**saved, "output_dir": str(run)}))
+    folder = run / "checkpoints"
+    staged = folder / ".staging" / f"checkpoint-{STEPS + 1}"  # a save cut short by a kill
+    staged.mkdir(parents=True)
+    (staged / "adapter_model.safetensors").write_bytes(b"half")
+    torn = folder / f"checkpoint-{STEPS + 2}"  # what a non-atomic writer leaves: a folder without its state file
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"half")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "lo')  # the line a killed process was writing
+    assert [p.name for p in checkpoints(folder)] == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"]
+
+    assert main(["train", str(recipe), "--resume", f"train.max_steps={STEPS + 1}"]) == 0
+    assert f"resuming from {folder / f'checkpoint-{STEPS}'}" in capsys.readouterr().out
+    assert [s for s, _ in losses(run)] == list(range(1, STEPS + 2)) and losses(run)[:STEPS] == losses(unbroken)
+    assert not (folder / ".staging").exists()
+
+
+def test_signals_save_and_exit_130_or_143(tiny_llama, tmp_path):
+    procs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):  # started together to share the import time
+        (tmp_path / sig.name).mkdir()
+        run = tmp_path / sig.name / "run"
+        recipe = tmp_path / sig.name / "recipe.yaml"
+        recipe.write_text(__import__("yaml").safe_dump(recipe_dict(tiny_llama, run, max_steps=500, save_steps=1000)))
+        procs[sig] = (run, recipe, _start(recipe))
+    _signal_at([(proc, run, 2, sig) for sig, (run, recipe, proc) in procs.items()])
+    for sig, (run, recipe, proc) in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, err  # 130, 143
+        assert "Traceback" not in err
+        saved = sorted((run / "checkpoints").glob("checkpoint-*"))
+        assert len(saved) == 1, saved  # save_steps is 1000: this one was written because of the signal
+        step = int(saved[0].name.split("-")[1])
+        last = err.strip().splitlines()[-1]
+        assert last == f"error: {sig.name}: stopped after step {step}, checkpoint {saved[0]}; continue with: python -m lora_sft train {recipe} --resume"
+        assert step < 500 and [s for s, _ in losses(run)][-1] == step
