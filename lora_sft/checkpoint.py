@@ -95,8 +95,9 @@ class AtomicSaves:
         except Exception as e:  # a full disk, a write error, a permission problem
             previous = checkpoints(root)
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            detail = (str(e).strip().splitlines() or [""])[0]
             raise RunError(
-                f"cannot write the step {self.state.global_step} checkpoint in {staging / name} ({type(e).__name__}: {e}); "
+                f"cannot write the step {self.state.global_step} checkpoint in {getattr(e, 'filename', None) or staging / name} ({type(e).__name__}: {detail}); "
                 f"{kept}; free disk space (or fix the folder's permissions) and run again with --resume"
             ) from e
         finally:
