@@ -116,7 +116,7 @@ def test_write_error_while_saving_keeps_the_previous_checkpoint(tiny_llama, tmp_
     checkpoints = tmp_path / "run" / "checkpoints"
     message = str(failed.value)
     assert "\n" not in message and failed.value.code == 1
-    assert message.startswith(f"cannot write the step 2 checkpoint in {checkpoints / '.staging' / 'checkpoint-2'} (")
+    assert message.startswith(f"cannot write the step 2 checkpoint in {checkpoints / '.staging' / 'checkpoint-2'}")  # or a file in it
     assert f"the previous checkpoint {checkpoints / 'checkpoint-1'} is intact" in message
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1"]  # nothing half-written left behind
     # the previous checkpoint is loadable: the run resumes from it and completes
