@@ -38,7 +38,7 @@ def make_recipe(tiny_llama, tmp_path, write_recipe, **train):
 
 
 def train_with_fault(path, fault_at: int, fault):
-    """Train the recipe; `fault(output)` runs in the embedding forward of training step `fault_at`."""
+    """Train the recipe; `fault(output, model)` runs in the embedding forward of training step `fault_at`."""
     recipe = load_recipe(path)
     prepared = train_stage.prepare(recipe)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
@@ -50,7 +50,7 @@ def train_with_fault(path, fault_at: int, fault):
         if module.training:
             forwards.append(1)
             if len(forwards) == fault_at:
-                return fault(output)
+                return fault(output, model)
         return output
 
     model.get_input_embeddings().register_forward_hook(hook)
@@ -58,7 +58,7 @@ def train_with_fault(path, fault_at: int, fault):
 
 
 def test_nonfinite_loss_stops_before_the_update(tiny_llama, tmp_path, write_recipe):
-    recipe, model, fit = train_with_fault(make_recipe(tiny_llama, tmp_path, write_recipe), 3, lambda out: out * float("nan"))
+    recipe, model, fit = train_with_fault(make_recipe(tiny_llama, tmp_path, write_recipe), 3, lambda out, model: out * float("nan"))
     with pytest.raises(RunError) as stopped:
         fit()
     run = tmp_path / "run"
@@ -73,17 +73,24 @@ def test_nonfinite_loss_stops_before_the_update(tiny_llama, tmp_path, write_reci
     assert saved and all(torch.equal(saved[k], live[k]) for k in saved)
 
 
-def test_nonfinite_loss_skipped_on_request(tiny_llama, tmp_path, write_recipe):
+def test_nonfinite_gradient_skipped_on_request(tiny_llama, tmp_path, write_recipe):
+    def nan_gradient(out, model):  # the loss of this step stays finite; one gradient does not
+        weight = next(p for n, p in model.named_parameters() if "lora_B" in n)
+        handle = weight.register_hook(lambda grad: (handle.remove(), grad * float("nan"))[1])
+        return out
+
     path = make_recipe(tiny_llama, tmp_path, write_recipe, on_nonfinite="skip")
-    recipe, model, fit = train_with_fault(path, 3, lambda out: out * float("inf"))
+    recipe, model, fit = train_with_fault(path, 3, nan_gradient)
     result = fit()
     assert result.summary["skipped_steps"] == [3] and result.summary["steps"] == 4
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # finite: the gradient check caught it
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_cuda_out_of_memory_names_the_options(tiny_llama, tmp_path, write_recipe):
-    def oom(out):
+    def oom(out, model):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     recipe, model, fit = train_with_fault(make_recipe(tiny_llama, tmp_path, write_recipe), 3, oom)
@@ -102,7 +109,7 @@ def test_write_error_while_saving_keeps_the_previous_checkpoint(tiny_llama, tmp_
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
 
-    def disk_full(out):  # step 2's forward: checkpoint-1 is on disk, checkpoint-2 is about to be written
+    def disk_full(out, model):  # step 2's forward: checkpoint-1 is on disk, checkpoint-2 is about to be written
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))  # the adapter alone is 32 KiB
         return out
 
