@@ -197,6 +197,25 @@ def test_half_written_checkpoints_are_never_picked_up(unbroken, tmp_path, capsys
     assert not (folder / ".staging").exists()
 
 
+def test_resume_from_a_named_checkpoint_redoes_the_later_steps_exactly(unbroken, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(unbroken, run)
+    saved = yaml.safe_load((unbroken.parent / "recipe.yaml").read_text())
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**saved, "output_dir": str(run)}))
+    earlier = run / "checkpoints" / f"checkpoint-{STEPS - 1}"
+    assert main(["train", str(recipe), "--resume", str(earlier)]) == 0
+    assert f"resuming from {earlier}" in capsys.readouterr().out
+    assert losses(run) == losses(unbroken)  # step STEPS trained again, the same; its log record not doubled
+    ref, got = adapter(unbroken), adapter(run)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"]
+
+
 def test_signals_save_and_exit_130_or_143(tiny_llama, tmp_path):
     procs = {}
     for sig in (signal.SIGINT, signal.SIGTERM):  # started together to share the import time
