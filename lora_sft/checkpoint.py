@@ -88,7 +88,7 @@ class AtomicSaves:
             (staging / name / COUNTS).write_text(json.dumps({k: getattr(self, k) for k in self.counted}))
             fsync_tree(staging / name)
             target = root / name
-            if target.exists():  # the same step saved again (a resumed run that had already finished)
+            if target.exists():  # the same step saved again (resumed from an earlier checkpoint)
                 os.replace(target, staging / "replaced")
             os.replace(staging / name, target)
             fsync_dir(root)
@@ -104,6 +104,7 @@ class AtomicSaves:
             self._staging = None
             shutil.rmtree(staging, ignore_errors=True)
         for old in checkpoints(root)[: -self.args.save_total_limit]:
+            (old / STATE).unlink()  # first, so a kill halfway through the removal leaves no resumable-looking folder
             shutil.rmtree(old)
 
 
