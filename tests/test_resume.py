@@ -170,7 +170,8 @@ def test_overwrite_replaces_a_run(unbroken, tiny_llama, tmp_path, write_recipe):
     assert not (run / "stale.txt").exists() and json.loads((run / "summary.json").read_text())["steps"] == 1
 
 
-def test_half_written_checkpoints_are_never_picked_up(unbroken, tmp_path, capsys):
+def copy_of(unbroken: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the unbroken run directory and its recipe pointing at it (the same data file, so resumable)."""
     import shutil
 
     import yaml
@@ -180,6 +181,11 @@ def test_half_written_checkpoints_are_never_picked_up(unbroken, tmp_path, capsys
     saved = yaml.safe_load((unbroken.parent / "recipe.yaml").read_text())
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**saved, "output_dir": str(run)}))
+    return run, recipe
+
+
+def test_half_written_checkpoints_are_never_picked_up(unbroken, tmp_path, capsys):
+    run, recipe = copy_of(unbroken, tmp_path)
     folder = run / "checkpoints"
     staged = folder / ".staging" / f"checkpoint-{STEPS + 1}"  # a save cut short by a kill
     staged.mkdir(parents=True)
@@ -198,15 +204,7 @@ def test_half_written_checkpoints_are_never_picked_up(unbroken, tmp_path, capsys
 
 
 def test_resume_from_a_named_checkpoint_redoes_the_later_steps_exactly(unbroken, tmp_path, capsys):
-    import shutil
-
-    import yaml
-
-    run = tmp_path / "run"
-    shutil.copytree(unbroken, run)
-    saved = yaml.safe_load((unbroken.parent / "recipe.yaml").read_text())
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({**saved, "output_dir": str(run)}))
+    run, recipe = copy_of(unbroken, tmp_path)
     earlier = run / "checkpoints" / f"checkpoint-{STEPS - 1}"
     assert main(["train", str(recipe), "--resume", str(earlier)]) == 0
     assert f"resuming from {earlier}" in capsys.readouterr().out
