@@ -11,7 +11,7 @@ import os
 import sys
 
 from . import __version__
-from .errors import UserError
+from .errors import RunError, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lora_sft", description="QLoRA fine-tuning from a YAML recipe.", parents=[common])
     parser.add_argument("--version", action="version", version=f"lora_sft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", parents=[recipe_args], help="train an adapter", description="Train a LoRA adapter as the recipe says; writes the run directory (output_dir).")
+    t = sub.add_parser("train", parents=[recipe_args], help="train an adapter", description="Train a LoRA adapter as the recipe says; writes the run directory (output_dir).")
+    t.add_argument("--resume", nargs="?", const=True, metavar="PATH", help="continue the run in output_dir from its latest checkpoint, or from PATH (a run directory or a checkpoint folder)")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     v = sub.add_parser("validate", parents=[recipe_args], help="check a recipe and print what the run would do", description="Check the recipe, its data files and its LoRA targets (model built from its config, no weights loaded), then print what train would do.")
     v.add_argument("--explain", action="store_true", help="also print every recipe key with its default and meaning")
     p = sub.add_parser("preview", parents=[recipe_args], help="show the tokens a run would train on", description="Tokenize the recipe's data (no model weights) and show samples with the trained tokens marked, and the data stats.")
@@ -79,10 +81,13 @@ def _preview(args) -> int:
 def _train(args) -> int:
     from .recipe import load_recipe
 
+    if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
+        # `--resume train.lr=1e-4`: argparse took an override for --resume's optional PATH
+        args.overrides, args.resume = [*args.overrides, args.resume], True
     recipe = load_recipe(args.recipe, args.overrides)
     from .train import run
 
-    run(recipe)
+    run(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -100,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    except RunError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,3 +14,12 @@ class UserError(Exception):
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class RunError(Exception):
+    """The run failed or stopped in a way the person can act on (a full disk, a diverging loss, out of
+    memory, an interrupt): the CLI prints the message as one line, with no traceback, and exits `code`."""
+
+    def __init__(self, message: str, code: int = 1):
+        self.code = code
+        super().__init__(message)

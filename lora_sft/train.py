@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 
 import torch
 
+from . import checkpoint
 from . import data as data_stage
 from . import model as model_stage
 from .errors import UserError
@@ -55,13 +57,16 @@ def prepare(recipe: Recipe) -> Prepared:
     return Prepared(checked, plan)
 
 
-def run(recipe: Recipe, log=print) -> Result:
+def run(recipe: Recipe, log=print, resume: str | bool | None = None, overwrite: bool = False) -> Result:
     prepared = prepare(recipe)
+    tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
+    bundle = data_stage.build(recipe, tokenizer, prepared.checked)
+    # a run already in output_dir is continued (--resume) or replaced (--overwrite), never silently
+    # overwritten; the data fingerprint (data, data options, tokenizer) must match to resume
+    start = checkpoint.start(recipe, resume, overwrite, bundle.fingerprint)
     from transformers import set_seed
 
     set_seed(recipe.seed)  # adapter init and dropout draw from here
-    tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
-    bundle = data_stage.build(recipe, tokenizer, prepared.checked)
     from .preview import stats_lines
 
     for split in ("train", "eval") if bundle.eval is not None else ("train",):
@@ -69,7 +74,7 @@ def run(recipe: Recipe, log=print) -> Result:
     base = model_stage.load_base(recipe, prepared.plan)
     model = model_stage.add_lora(base, recipe, prepared.plan)
     log(f"trainable params: {prepared.plan.trainable_params:,} of {prepared.plan.total_params:,} ({100 * prepared.plan.trainable_params / prepared.plan.total_params:.2f}%)")
-    return fit(recipe, model, tokenizer, bundle, prepared.plan, log)
+    return fit(recipe, model, tokenizer, bundle, prepared.plan, log, start)
 
 
 def _peak_memory_mb() -> tuple[float, str]:
@@ -87,16 +92,21 @@ def _eval_metrics(raw: dict, task: str) -> dict:
     return out
 
 
-def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir):
+def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir, log=print):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from .evaluation import classification_metrics
+    from .guard import Guard
 
-    class CountingTrainer(Trainer):
-        """Counts the tokens each training step sees and trains on (eval batches are not counted)."""
+    guard = Guard(recipe, run_dir.checkpoints, log)
+
+    class CountingTrainer(checkpoint.AtomicSaves, Trainer):
+        """Counts the tokens each training step sees and trains on (eval batches are not counted);
+        hands each loss to the guard; writes checkpoints atomically."""
 
         tokens_seen = 0
         tokens_trained = 0
+        counted = ("tokens_seen", "tokens_trained")  # kept in checkpoints, so a resumed run's totals are whole
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop("num_real_tokens", None)  # packed rows: see data.packing
@@ -106,6 +116,11 @@ def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir):
                 # causal LM: tokens that are targets (a label is never the target of nothing, so skip column 0)
                 self.tokens_trained += int((labels[:, 1:] != data_stage.IGNORE).sum()) if labels.dim() > 1 else seen
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            guard.check_loss(loss)
+            return loss
 
     class RunLog(TrainerCallback):
         """metrics.jsonl gets every log and eval; the last step always writes a checkpoint."""
@@ -157,22 +172,41 @@ def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir):
         data_collator=data_stage.collator(recipe, tokenizer),
         processing_class=tokenizer,
         compute_metrics=classification_metrics() if classification else None,
-        callbacks=[RunLog()],
+        callbacks=[RunLog(), guard],
     )
+    trainer.guard = guard
     return trainer
 
 
-def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: model_stage.ModelPlan, log=print) -> Result:
+def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: model_stage.ModelPlan, log=print, start: checkpoint.Start | None = None) -> Result:
+    from .guard import out_of_memory
+
     started = time.perf_counter()
     run_dir = RunDir(recipe.output_dir)
-    info = manifest(recipe.seed, bundle.fingerprint, bundle.stats, f"{plan.source.path} ({plan.source.origin})")
-    run_dir.create(recipe.resolved_dict(), info)
+    resume_from = start.resume_from if start else None
+    if resume_from:
+        info = checkpoint.reopen(run_dir, resume_from, recipe.resolved_dict())
+        log(f"resuming from {resume_from}")
+    else:
+        if start and start.replace:
+            shutil.rmtree(run_dir.root)  # --overwrite, and only now that the new run is ready to go
+        info = manifest(recipe.seed, bundle.fingerprint, bundle.stats, f"{plan.source.path} ({plan.source.origin})")
+        run_dir.create(recipe.resolved_dict(), info)
     log(f"run directory: {run_dir.root}")
-    trainer = _trainer(recipe, model, tokenizer, bundle, run_dir)
+    trainer = _trainer(recipe, model, tokenizer, bundle, run_dir, log)
 
-    before = _eval_metrics(trainer.evaluate(), recipe.task) if bundle.eval and recipe.train.eval_before else None
-    train_start = time.perf_counter()
-    output = trainer.train()
+    before = None
+    if bundle.eval and recipe.train.eval_before:
+        # a resumed run reads the untrained model's eval from the log its first part wrote
+        logged = checkpoint.logged_eval_before(run_dir) if resume_from else trainer.evaluate()
+        before = _eval_metrics({k: v for k, v in (logged or {}).items() if k.startswith("eval_")}, recipe.task) or None
+    if resume_from:
+        checkpoint.restore_counts(trainer, resume_from)
+    seen_before, train_start = trainer.tokens_seen, time.perf_counter()
+    with trainer.guard.signals(), out_of_memory(recipe, trainer, run_dir.checkpoints):
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stopped := trainer.guard.interrupted(trainer.state):
+        raise stopped  # the checkpoint is saved; the adapter/ and summary come when the run completes
     train_time = time.perf_counter() - train_start
     after = _eval_metrics(trainer.evaluate(), recipe.task) if bundle.eval else None
 
@@ -190,7 +224,8 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
         "epochs": trainer.state.epoch,
         "tokens_seen": trainer.tokens_seen,
         "tokens_trained": trainer.tokens_trained,
-        "tokens_per_second": trainer.tokens_seen / train_time,
+        "tokens_per_second": (trainer.tokens_seen - seen_before) / train_time,
+        "skipped_steps": trainer.guard.skipped,
         "trainable_params": plan.trainable_params,
         "total_params": plan.total_params,
         "peak_memory_mb": round(peak, 1),

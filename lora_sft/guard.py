@@ -1,0 +1,122 @@
+"""Guards around the training loop: Ctrl-C / SIGTERM, a non-finite loss or gradient, CUDA out of memory.
+
+Each ends the run with a `RunError` (one line, no traceback) that says what happened, at which step,
+where the last good checkpoint is and what to do next. Nothing here changes what a healthy step does.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .checkpoint import checkpoints
+from .errors import RunError
+from .recipe import Recipe
+
+
+def _resume_hint(recipe: Recipe) -> str:
+    source = recipe._source
+    overrides = "".join(f" {o}" for o in source.overrides.values()) if source else ""
+    return f"python -m lora_sft train {source.file if source else 'RECIPE'}{overrides} --resume"
+
+
+def _last_good(folder: Path) -> str:
+    found = checkpoints(folder)
+    return str(found[-1]) if found else "none yet"
+
+
+class Guard(TrainerCallback):
+    """Stops (or skips a step) on a non-finite loss or gradient; saves and stops after a signal."""
+
+    def __init__(self, recipe: Recipe, checkpoint_dir: Path, log=print):
+        self.recipe, self.folder, self.log = recipe, checkpoint_dir, log
+        self.signal: int | None = None  # set by the handler, acted on at the end of the step
+        self.bad: str | None = None  # what was non-finite in the current step
+        self.skipped: list[int] = []  # steps skipped under on_nonfinite: skip
+
+    # -- signals: the handler only records; the step finishes, then on_step_end saves and stops
+    @contextmanager
+    def signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # only the main thread may install handlers
+            return
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        self.signal = signum
+        print(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint (again to stop at once)", file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def interrupted(self, state) -> RunError | None:
+        """After trainer.train(): the error to exit with if a signal cut the run short (not if it came after the last step)."""
+        if self.signal is None or state.global_step >= state.max_steps:
+            return None
+        return RunError(
+            f"{signal.Signals(self.signal).name}: stopped after step {state.global_step}, checkpoint {_last_good(self.folder)}; continue with: {_resume_hint(self.recipe)}",
+            code=128 + self.signal,  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        )
+
+    # -- non-finite loss or gradient, checked before the optimizer can write it into the adapter
+    def check_loss(self, loss: torch.Tensor) -> None:
+        if self.bad is None and not torch.isfinite(loss).all():
+            self.bad = f"the loss is {loss.item()}"
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        bad, self.bad = self.bad, None
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if bad is None and grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
+            bad = "a gradient is not finite"
+        if bad is None:
+            return
+        step = state.global_step + 1
+        if self.recipe.train.on_nonfinite == "skip":
+            for p in model.parameters():
+                p.grad = None  # the optimizer leaves parameters without a gradient untouched
+            self.skipped.append(step)
+            self.log(f"warning: step {step}: {bad}; step skipped ({self.recipe.where('train', 'on_nonfinite')} is skip)")
+            return
+        raise RunError(
+            f"step {step}: {bad}; stopped before the optimizer step, last good checkpoint: {_last_good(self.folder)}; "
+            f"try a lower train.lr (now {self.recipe.train.lr:g}), keep train.max_grad_norm above 0, check the data near this step, "
+            f"or set train.on_nonfinite: skip; then continue with: {_resume_hint(self.recipe)}"
+        )
+
+
+@contextmanager
+def out_of_memory(recipe: Recipe, trainer, folder: Path):
+    """Turn CUDA's out-of-memory error into the options that lower memory, with their values."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:  # torch.cuda.OutOfMemoryError is the same class
+        raise RunError(oom_message(recipe, trainer.state.global_step, _last_good(folder))) from e
+
+
+def oom_message(recipe: Recipe, step: int, last_good: str) -> str:
+    t, d = recipe.train, recipe.data
+    options = []
+    if t.micro_batch_size > 1:
+        half = t.micro_batch_size // 2
+        options.append(f"train.micro_batch_size={half} train.grad_accum={t.grad_accum * t.micro_batch_size // half} (same effective batch)")
+    if not t.gradient_checkpointing:
+        options.append("train.gradient_checkpointing=true")
+    options.append(f"data.max_length={max(8, d.max_length // 2)} (now {d.max_length})")
+    if recipe.quant.mode not in ("nf4", "fp4"):
+        options.append("quant.mode=nf4")
+    return f"out of GPU memory at step {step + 1}; try {'; '.join(options)}; last good checkpoint: {last_good}; continue with: {_resume_hint(recipe)}"

@@ -1,0 +1,134 @@
+"""Runs that go wrong stop cleanly: a non-finite loss, CUDA out of memory, a write error while saving.
+
+Each fault is real and injected from outside lora_sft into a real tiny run (real bitsandbytes,
+peft, Trainer, files): a forward hook that turns the embeddings into NaN or raises CUDA's
+out-of-memory error at one step, and a file-size limit (RLIMIT_FSIZE, the kernel refuses the write
+with EFBIG as it would with ENOSPC on a full disk) set while a checkpoint is being written.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+from lora_sft import data as data_stage
+from lora_sft import model as model_stage
+from lora_sft import train as train_stage
+from lora_sft.cli import main
+from lora_sft.errors import RunError
+from lora_sft.recipe import load_recipe
+
+pytestmark = pytest.mark.e2e
+
+
+def make_recipe(tiny_llama, tmp_path, write_recipe, **train):
+    return write_recipe({
+        "task": "causal_lm", "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_llama)},
+        "lora": {"rank": 4, "alpha": 8},
+        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "max_length": 48},
+        "train": {"lr": 1e-2, "max_steps": 4, "micro_batch_size": 4, "warmup": 0, "logging_steps": 1, "save_steps": 1,
+                  "save_total_limit": 3, "gradient_checkpointing": False, **train},  # no recomputed forwards: one per step
+    })
+
+
+def train_with_fault(path, fault_at: int, fault):
+    """Train the recipe; `fault(output, model)` runs in the embedding forward of training step `fault_at`."""
+    recipe = load_recipe(path)
+    prepared = train_stage.prepare(recipe)
+    tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
+    bundle = data_stage.build(recipe, tokenizer, prepared.checked)
+    model = model_stage.add_lora(model_stage.load_base(recipe, prepared.plan), recipe, prepared.plan)
+    forwards = []
+
+    def hook(module, args, output):
+        if module.training:
+            forwards.append(1)
+            if len(forwards) == fault_at:
+                return fault(output, model)
+        return output
+
+    model.get_input_embeddings().register_forward_hook(hook)
+    return recipe, model, lambda: train_stage.fit(recipe, model, tokenizer, bundle, prepared.plan, log=lambda *_: None)
+
+
+def test_nonfinite_loss_stops_before_the_update(tiny_llama, tmp_path, write_recipe):
+    recipe, model, fit = train_with_fault(make_recipe(tiny_llama, tmp_path, write_recipe), 3, lambda out, model: out * float("nan"))
+    with pytest.raises(RunError) as stopped:
+        fit()
+    run = tmp_path / "run"
+    message = str(stopped.value)
+    assert stopped.value.code == 1 and "\n" not in message
+    assert message.startswith(f"step 3: the loss is nan; stopped before the optimizer step, last good checkpoint: {run / 'checkpoints' / 'checkpoint-2'};")
+    assert "train.on_nonfinite: skip" in message and "lower train.lr" in message
+    assert not (run / "summary.json").exists()
+    # the adapter in memory still holds step 2's values: NaN never reached the weights
+    saved = load_file(run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
+    live = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert saved and all(torch.equal(saved[k], live[k]) for k in saved)
+
+
+def test_nonfinite_gradient_skipped_on_request(tiny_llama, tmp_path, write_recipe):
+    def nan_gradient(out, model):  # the loss of this step stays finite; one gradient does not
+        weight = next(p for n, p in model.named_parameters() if "lora_B" in n)
+        handle = weight.register_hook(lambda grad: (handle.remove(), grad * float("nan"))[1])
+        return out
+
+    path = make_recipe(tiny_llama, tmp_path, write_recipe, on_nonfinite="skip")
+    recipe, model, fit = train_with_fault(path, 3, nan_gradient)
+    result = fit()
+    assert result.summary["skipped_steps"] == [3] and result.summary["steps"] == 4
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # finite: the gradient check caught it
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_cuda_out_of_memory_names_the_options(tiny_llama, tmp_path, write_recipe):
+    def oom(out, model):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    recipe, model, fit = train_with_fault(make_recipe(tiny_llama, tmp_path, write_recipe), 3, oom)
+    with pytest.raises(RunError) as stopped:
+        fit()
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    assert str(stopped.value) == (
+        "out of GPU memory at step 3; try train.micro_batch_size=2 train.grad_accum=2 (same effective batch); "
+        "train.gradient_checkpointing=true; data.max_length=24 (now 48); "
+        f"last good checkpoint: {checkpoint}; continue with: python -m lora_sft train {recipe._source.file} --resume"
+    )
+
+
+def test_write_error_while_saving_keeps_the_previous_checkpoint(tiny_llama, tmp_path, write_recipe, capsys):
+    path = make_recipe(tiny_llama, tmp_path, write_recipe)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+
+    def disk_full(out, model):  # step 2's forward: checkpoint-1 is on disk, checkpoint-2 is about to be written
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))  # the adapter alone is 32 KiB
+        return out
+
+    recipe, model, fit = train_with_fault(path, 2, disk_full)
+    try:
+        with pytest.raises(RunError) as failed:
+            fit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, previous)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    message = str(failed.value)
+    assert "\n" not in message and failed.value.code == 1
+    assert message.startswith(f"cannot write the step 2 checkpoint in {checkpoints / '.staging' / 'checkpoint-2'}")  # or a file in it
+    assert f"the previous checkpoint {checkpoints / 'checkpoint-1'} is intact" in message
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1"]  # nothing half-written left behind
+    # the previous checkpoint is loadable: the run resumes from it and completes
+    assert main(["train", str(path), "--resume"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert "resuming from" in capsys.readouterr().out
