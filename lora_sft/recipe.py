@@ -154,7 +154,7 @@ class DataSection(Section):
     @model_validator(mode="after")
     def _consistent(self) -> DataSection:
         if self.eval is not None and self.eval_fraction > 0:
-            raise ValueError("set either eval (data) or eval_fraction, not both")
+            raise ValueError("set either eval or eval_fraction, not both")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError("labels has duplicates")
         for split in ("train", "eval"):

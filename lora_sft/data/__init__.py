@@ -137,6 +137,8 @@ def _split(examples: list[Example], recipe: Recipe, tokenizer, labels, name: str
         "tokens": sum(len(s["input_ids"]) for s in samples),
     }
     stats["trained_tokens"] = stats["tokens"] if labels is not None else sum(sum(t != IGNORE for t in s["labels"][1:]) for s in samples)
+    if name == "train" and examples and len(untrained) == len(examples):
+        raise UserError(f"{recipe.where('data', 'max_length')}: every train sample lost its response to truncation at {d.max_length} tokens; raise it")
     if name == "train" and examples and len(untrained) / len(examples) > d.max_dropped:
         share = len(untrained) / len(examples)
         raise UserError(
