@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_sft {train,validate} RECIPE [KEY=VALUE ...]`.
+"""Command line: `python -m lora_sft {train,validate} RECIPE [KEY=VALUE ...]`; the commands on a finished run are in commands.py.
 
 Bad input exits 2 with one line per problem, a failed run exits 1; tracebacks only with --debug.
 """
@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("train", parents=[recipe_args], help="train an adapter", description="Train a LoRA adapter as the recipe says; writes the run directory (output_dir).")
     v = sub.add_parser("validate", parents=[recipe_args], help="check a recipe and print what the run would do", description="Check the recipe, its data files and its LoRA targets (model built from its config, no weights loaded), then print what train would do.")
     v.add_argument("--explain", action="store_true", help="also print every recipe key with its default and meaning")
+    from .commands import add_run_commands
+
+    add_run_commands(sub, common)
     return parser
 
 
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if hasattr(args, "handler"):
+            return args.handler(args)
         return {"train": _train, "validate": _validate}[args.command](args)
     except UserError as e:
         if args.debug:
