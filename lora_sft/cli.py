@@ -64,9 +64,11 @@ def _train(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    from .commands import after_training, before_training
     from .train import run
 
-    run(recipe)
+    before_training(recipe)
+    after_training(recipe, run(recipe).run_dir.root)
     return 0
 
 

@@ -5,13 +5,77 @@ cli.py hands them their sub-parsers here, so the shared command-line module stay
 
 from __future__ import annotations
 
+import sys
+
 from .errors import UserError
+
+
+def before_training(recipe) -> None:
+    """What the recipe's after-training steps need, checked before hours of training rather than after."""
+    if recipe.hub.repo_id:
+        from .hub import check_ready
+
+        check_ready(recipe.hub.repo_id, recipe.where("hub", "repo_id"))
+
+
+def after_training(recipe, run_dir) -> None:
+    """The recipe's `eval` and `hub` sections, once `train` has written the run directory."""
+    if recipe.eval.after_train:
+        from .evaluation import evaluate_run
+
+        evaluate_run(run_dir, base=recipe.eval.base)
+    if recipe.hub.repo_id and recipe.hub.after == "train":
+        from .hub import push
+
+        push(run_dir / "adapter", recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
 
 
 def _export(args) -> int:
     from .export import export
 
     export(args.run_dir, merged=args.merged, dtype=args.dtype, out=args.out, samples=args.samples, tolerance=args.tolerance, max_shard_size=args.max_shard_size)
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluation import evaluate_run
+
+    evaluate_run(args.run_dir, data_file=args.data, base=args.base)
+    return 0
+
+
+def _push(args) -> int:
+    from .hub import push
+
+    push(args.folder, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    return 0
+
+
+def _generate(args) -> int:
+    from .evaluation import generate_text, user_prompt
+    from .trained import open_run
+
+    run = open_run(args.run_dir)
+    if run.recipe.task != "causal_lm":
+        raise UserError(f"{args.run_dir}: generate needs a causal_lm run (this one is {run.recipe.task}); use `eval` to measure a classifier")
+    model = run.model()
+    if args.prompt is not None:
+        print(generate_text(model, run.tokenizer, user_prompt(run.tokenizer, [{"role": "user", "content": args.prompt}]), args.max_new_tokens))
+        return 0
+    # A chat: every turn is rendered with the saved chat template, the whole history each time.
+    history: list[dict] = []
+    print("chat with the fine-tuned model; an empty line or Ctrl-D ends it", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        history.append({"role": "user", "content": text})
+        reply = generate_text(model, run.tokenizer, user_prompt(run.tokenizer, history), args.max_new_tokens)
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}", flush=True)
     return 0
 
 
@@ -26,3 +90,26 @@ def add_run_commands(sub, common) -> None:
     e.add_argument("--tolerance", type=float, help="max |logit diff| allowed between merged and unmerged (default by dtype: fp32 1e-4 + 1e-5 * max |logit|)")
     e.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard of the merged model (default 2GB)")
     e.set_defaults(handler=_export)
+
+    v = sub.add_parser("eval", parents=[common], help="measure a finished run (and its base) on held-out data",
+                       description="Evaluate a finished run on its eval split or --data FILE: loss, perplexity, token accuracy and generation metrics (causal_lm) or accuracy and macro F1 (classification); writes eval.md and adds `evaluation` to summary.json. Works offline.")
+    v.add_argument("run_dir", help="a run directory that `train` completed")
+    v.add_argument("--data", help="a data file in the run's format to evaluate on, instead of the eval split")
+    v.add_argument("--base", action="store_true", help="also measure the base model without the adapter (before/after table)")
+    v.set_defaults(handler=_eval)
+
+    p = sub.add_parser("push", parents=[common], help="upload a folder to the model hub",
+                       description="Upload a folder (a run's adapter/, an export, a run directory without its checkpoints) to a hub model repository, creating it if needed. The token comes from HF_TOKEN or the saved login and is never written anywhere; HF_ENDPOINT selects another hub.")
+    p.add_argument("folder", help="the folder to upload")
+    p.add_argument("--repo-id", required=True, help="USER/NAME (or NAME in your namespace)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to push to (created if missing)")
+    p.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded, upload nothing")
+    p.set_defaults(handler=_push)
+
+    g = sub.add_parser("generate", parents=[common], help="try a fine-tuned causal LM: one prompt, or a chat",
+                       description="Generate with a finished causal_lm run (4-bit base + adapter, as trained), the prompt rendered with the saved chat template. Without --prompt: an interactive chat.")
+    g.add_argument("run_dir", help="a run directory that `train` completed")
+    g.add_argument("--prompt", help="one user message; omit for an interactive chat")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default 128)")
+    g.set_defaults(handler=_generate)

@@ -297,6 +297,11 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
     if problems:
         raise FidelityError("; ".join(problems) + f" — merged folder removed; see {out / 'fidelity.json'}")
     log(f"exported: {out}")
+    hub = run.recipe.hub
+    if hub.repo_id and hub.after == "export":
+        from .hub import push
+
+        push(out, hub.repo_id, private=hub.private, revision=hub.revision, log=log)
     return report
 
 
