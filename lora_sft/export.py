@@ -154,36 +154,39 @@ def peak_memory(record: dict):
 # ---------------------------------------------------------------- loading an export with plain libraries
 
 
-def load_plain(run: TrainedRun, batch: dict, model: str, adapter: str | None, dtype: str, max_new_tokens: int = 8, n_prompts: int = 2) -> tuple[Outputs, dict]:
-    """Run plain_load.py in a fresh interpreter on an exported folder; its logits and what it generated."""
+def load_plain(run: TrainedRun, batch: dict, loads: dict[str, tuple[str, str | None]], dtype: str, max_new_tokens: int = 8, n_prompts: int = 2) -> dict[str, tuple[Outputs, dict]]:
+    """Run plain_load.py in one fresh interpreter on exported folders, {name: (model, adapter or None)};
+    per name, the logits and what it generated or predicted."""
     from safetensors.torch import load_file, save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_file({k: batch[k].contiguous() for k in ("input_ids", "attention_mask")}, str(tmp / "inputs.safetensors"))
-        overrides = {}
-        if adapter and run.checked.labels:  # a plain base needs to be told its new head's labels
-            labels = run.checked.labels
-            overrides = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+        labels = run.checked.labels
+        head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
         prompts = []
         if run.recipe.task == "causal_lm":
-            for ids, labels in zip(batch["input_ids"][:n_prompts].tolist(), batch["labels"][:n_prompts].tolist()):
-                first = next((i for i, t in enumerate(labels) if t != -100), len(ids))
+            for ids, targets in zip(batch["input_ids"][:n_prompts].tolist(), batch["labels"][:n_prompts].tolist()):
+                first = next((i for i, t in enumerate(targets) if t != -100), len(ids))
                 prompts.append(ids[:first])  # the prompt, up to the first trained token
-        job = {"kind": run.recipe.task, "model": model, "adapter": adapter, "dtype": dtype, "config_overrides": overrides,
-               "inputs": str(tmp / "inputs.safetensors"), "prompts": prompts, "max_new_tokens": max_new_tokens, "out": str(tmp)}
+        job = {"kind": run.recipe.task, "dtype": dtype, "inputs": str(tmp / "inputs.safetensors"), "prompts": prompts, "max_new_tokens": max_new_tokens,
+               # a plain base must be told its new head's labels; a merged folder's config has them
+               "loads": [{"model": m, "adapter": a, "config_overrides": head if a else {}, "out": str(tmp / name)} for name, (m, a) in loads.items()]}
         (tmp / "job.json").write_text(json.dumps(job))
         script = Path(__file__).with_name("plain_load.py")
         proc = subprocess.run([sys.executable, "-I", str(script), str(tmp / "job.json")], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise FidelityError(f"{model}{' + ' + adapter if adapter else ''} does not load with plain transformers/peft: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-        result = json.loads((tmp / "result.json").read_text())
-        logits = load_file(str(tmp / "logits.safetensors"))["logits"]
-    if result["lora_sft_imported"]:
-        raise FidelityError("the plain load check imported lora_sft; it must run with plain transformers/peft only")
-    if "generated" in result:
-        result["generated_text"] = [run.tokenizer.decode(g, skip_special_tokens=False) for g in result["generated"]]
-    return positions(run, batch, logits), result
+            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+            raise FidelityError(f"an export does not load with plain transformers/peft ({', '.join(loads)}): {last}")
+        results = {}
+        for name in loads:
+            result = json.loads((tmp / name / "result.json").read_text())
+            if result["lora_sft_imported"]:
+                raise FidelityError("the plain load check imported lora_sft; it must run with plain transformers/peft only")
+            if "generated" in result:
+                result["generated_text"] = [run.tokenizer.decode(g, skip_special_tokens=False) for g in result.pop("generated")]
+            results[name] = (positions(run, batch, load_file(str(tmp / name / "logits.safetensors"))["logits"]), result)
+    return results
 
 
 # ---------------------------------------------------------------- the export
@@ -221,6 +224,7 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
            samples: int = 8, tolerance: float | None = None, max_shard_size: str = "2GB", log=print) -> dict:
     run = open_run(run_dir)
     out = Path(out).resolve() if out else run.root / "export"
+    merged_dir, adapter_dir = out / "merged", out / "adapter"
     atol, rtol = TOLERANCE[dtype]
     bundle = run.bundle()
     held_out = bool(bundle.eval)
@@ -237,7 +241,6 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
         model_b = run.model(dtype)
         outputs["b"] = forward(run, model_b, batch)
         if merged:
-            merged_dir = out / "merged"
             shutil.rmtree(merged_dir, ignore_errors=True)
             full = model_b.merge_and_unload()
             if run.recipe.task == "causal_lm":
@@ -254,22 +257,22 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
     report["pairs"] = {"a_vs_b": compare(outputs["a"], outputs["b"])}
     report["perplexity"] = {k: perplexity(v) for k, v in outputs.items()}
 
-    adapter_dir = out / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     shutil.copytree(run.adapter, adapter_dir)
-    reload, result = load_plain(run, batch, run.plan.source.path, str(adapter_dir), dtype)
-    report["loaded_plain"] = {"adapter": {"vs_b": compare(outputs["b"], reload), **{k: v for k, v in result.items() if k != "generated"}}}
+    loads = {"adapter": (run.plan.source.path, str(adapter_dir))} | ({"merged": (str(merged_dir), None)} if merged else {})
+    plain = load_plain(run, batch, loads, dtype)
+    reload, result = plain["adapter"]
+    report["loaded_plain"] = {"adapter": {"vs_b": compare(outputs["b"], reload), **result}}
     problems = []
     if report["loaded_plain"]["adapter"]["vs_b"]["max_abs_logit_diff"] > tol:
         problems.append(f"the exported adapter loaded with plain peft differs from (b) by {report['loaded_plain']['adapter']['vs_b']['max_abs_logit_diff']:.3g} (tolerance {tol:.3g})")
 
     if merged:
         report["models"]["c"] = f"merged {dtype}, loaded from {merged_dir.name}/ with plain transformers"
-        outputs["c"], result = load_plain(run, batch, str(merged_dir), None, dtype)
+        outputs["c"], report["loaded_plain"]["merged"] = plain["merged"]
         report["perplexity"]["c"] = perplexity(outputs["c"])
         report["pairs"]["b_vs_c"] = compare(outputs["b"], outputs["c"])
         report["pairs"]["a_vs_c"] = compare(outputs["a"], outputs["c"])
-        report["loaded_plain"]["merged"] = {k: v for k, v in result.items() if k != "generated"}
         memory["weights_mb"] = round(weight_bytes / 2**20, 1)
         memory["shards"] = len(list(merged_dir.glob("*.safetensors")))
         report["merged_export"] = memory
@@ -287,7 +290,7 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
     (adapter_dir / "README.md").write_text(card + "\n" + sections)
     if merged:
         if problems:
-            shutil.rmtree(merged_dir)
+            shutil.rmtree(merged_dir)  # a merged model that failed its check must not be shipped by mistake
         else:
             (merged_dir / "README.md").write_text(_merged_card(card, run.recipe.model.path, run.recipe.task, sections))
 
@@ -295,7 +298,8 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
     for w in report["serving_warnings"]:
         log(f"serving warning: {w}")
     if problems:
-        raise FidelityError("; ".join(problems) + f" — merged folder removed; see {out / 'fidelity.json'}")
+        removed = "; the merged folder was removed" if merged else ""
+        raise FidelityError("; ".join(problems) + f"{removed}; see {out / 'fidelity.json'}")
     log(f"exported: {out}")
     hub = run.recipe.hub
     if hub.repo_id and hub.after == "export":
