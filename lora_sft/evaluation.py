@@ -127,7 +127,7 @@ def evaluate_run(run_dir, data_file: str | None = None, base: bool = False, log=
         results[name] = metrics
         log(f"eval {name.replace('_', '-')}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         del model
-    shown = e.prompts if e.prompts else [p for p, _ in pairs[:3]]
+    shown = prompts if prompts else [p for p, _ in pairs[:3]]
     references = [None] * len(shown) if e.prompts else [r for _, r in pairs[:3]]
     evaluation = {"data": str(Path(data_file).resolve()) if data_file else "eval split", "rows": len(items), **results,
                   "samples": [{"prompt": p, "reference": r, **{n: s[i] for n, s in samples.items()}} for i, (p, r) in enumerate(zip(shown, references))]}

@@ -25,12 +25,12 @@ def files_to_push(folder: Path) -> list[Path]:
     return out
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
-    return str(n)
+    return f"{n:.1f} GiB"
 
 
 def check_ready(repo_id: str, where: str, upload: bool = True) -> None:
@@ -59,7 +59,7 @@ def push(folder: str | Path, repo_id: str, private: bool = True, revision: str |
     total = sum(f.stat().st_size for f in files)
     if dry_run:
         for f in files:
-            log(f"{_size(f.stat().st_size):>10}  {f.relative_to(root).as_posix()}")
+            log(f"{f.stat().st_size:>14,}  {f.relative_to(root).as_posix()}")
         log(f"dry run: would push {len(files)} files ({_size(total)}) to {repo_id}{'@' + revision if revision else ''} ({'private' if private else 'public'})")
         return files
 
