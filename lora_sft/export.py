@@ -80,7 +80,7 @@ def perplexity(out: Outputs) -> float:
 def compare(ref: Outputs, other: Outputs) -> dict:
     """How far `other` is from `ref`: max |logit diff|, mean KL(ref || other), perplexity change, greedy agreement."""
     log_p, log_q = ref.logits.log_softmax(-1), other.logits.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)  # >= 0; rounding can dip a hair below
     ppl_ref, ppl_other = perplexity(ref), perplexity(other)
     return {
         "max_abs_logit_diff": (ref.logits - other.logits).abs().max().item(),
@@ -105,7 +105,7 @@ def serving_warnings(config: dict) -> list[str]:
     """Why common adapter servers (vLLM-style) would refuse or mis-serve this adapter; empty if none."""
     warnings = []
     if config.get("modules_to_save"):
-        warnings.append(f"modules_to_save ({', '.join(config['modules_to_save'])}): vLLM loads only lora_A/lora_B weights and refuses adapters that carry fully trained modules; serve the merged export instead")
+        warnings.append(f"modules_to_save ({', '.join(dict.fromkeys(config['modules_to_save']))}): vLLM loads only lora_A/lora_B weights and refuses adapters that carry fully trained modules; serve the merged export instead")
     if config.get("use_dora"):
         warnings.append("DoRA: vLLM and TGI/LoRAX implement plain LoRA only (no magnitude vector); serve the merged export instead")
     rank = max([config.get("r", 0), *(config.get("rank_pattern") or {}).values()])

@@ -47,7 +47,10 @@ class TrainedRun:
 
     def base(self, dtype: str | None = None):
         """The frozen base: quantized as trained (dtype None), or unquantized in `dtype` (bf16, fp16, fp32)."""
+        from transformers import set_seed
+
         recipe = self.recipe if dtype is None else self.recipe.model_copy(update={"quant": QuantSection(mode="none", compute_dtype=dtype)})
+        set_seed(recipe.seed)  # a new head (classification) starts as it did in training: the base measured before training
         return model_stage.load_base(recipe, self.plan)
 
     def model(self, dtype: str | None = None):
