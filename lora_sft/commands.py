@@ -80,36 +80,34 @@ def _generate(args) -> int:
 
 
 def add_run_commands(sub, common) -> None:
-    e = sub.add_parser("export", parents=[common], help="export the adapter (and the merged model) with a fidelity report",
-                       description="Export a finished run: the adapter in PEFT format with its tokenizer and model card, with --merged also the base (unquantized, --dtype) with the adapter merged in; writes fidelity.json comparing the 4-bit model as trained, the unquantized unmerged model and the merged one, and fails (exit 1) if the merge changed the model beyond the tolerance.")
-    e.add_argument("run_dir", help="a run directory that `train` completed")
+    def command(name: str, handler, help: str, description: str, target: str = "run_dir"):
+        parser = sub.add_parser(name, parents=[common], help=help, description=description)
+        parser.add_argument(target, help="a run directory that `train` completed" if target == "run_dir" else "the folder to upload")
+        parser.set_defaults(handler=handler)
+        return parser
+
+    e = command("export", _export, "export the adapter (and the merged model) with a fidelity report",
+                "Export a finished run: the adapter in PEFT format with its tokenizer and model card, with --merged also the base (unquantized, --dtype) with the adapter merged in; writes fidelity.json comparing the 4-bit model as trained, the unquantized unmerged model and the merged one, and fails (exit 1) if the merge changed the model beyond the tolerance.")
     e.add_argument("--merged", action="store_true", help="also write the merged model (sharded safetensors)")
     e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32", help="dtype of the unquantized base and the merged weights (default fp32)")
     e.add_argument("--out", help="export folder (default RUN_DIR/export)")
     e.add_argument("--samples", type=int, default=8, help="held-out samples for the fidelity report (default 8)")
     e.add_argument("--tolerance", type=float, help="max |logit diff| allowed between merged and unmerged (default by dtype: fp32 1e-4 + 1e-5 * max |logit|)")
     e.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard of the merged model (default 2GB)")
-    e.set_defaults(handler=_export)
 
-    v = sub.add_parser("eval", parents=[common], help="measure a finished run (and its base) on held-out data",
-                       description="Evaluate a finished run on its eval split or --data FILE: loss, perplexity, token accuracy and generation metrics (causal_lm) or accuracy and macro F1 (classification); writes eval.md and adds `evaluation` to summary.json. Works offline.")
-    v.add_argument("run_dir", help="a run directory that `train` completed")
+    v = command("eval", _eval, "measure a finished run (and its base) on held-out data",
+                "Evaluate a finished run on its eval split or --data FILE: loss, perplexity, token accuracy and generation metrics (causal_lm) or accuracy and macro F1 (classification); writes eval.md and adds `evaluation` to summary.json. Works offline.")
     v.add_argument("--data", help="a data file in the run's format to evaluate on, instead of the eval split")
     v.add_argument("--base", action="store_true", help="also measure the base model without the adapter (before/after table)")
-    v.set_defaults(handler=_eval)
 
-    p = sub.add_parser("push", parents=[common], help="upload a folder to the model hub",
-                       description="Upload a folder (a run's adapter/, an export, a run directory without its checkpoints) to a hub model repository, creating it if needed. The token comes from HF_TOKEN or the saved login and is never written anywhere; HF_ENDPOINT selects another hub.")
-    p.add_argument("folder", help="the folder to upload")
+    g = command("generate", _generate, "try a fine-tuned causal LM: one prompt, or a chat",
+                "Generate with a finished causal_lm run (4-bit base + adapter, as trained), the prompt rendered with the saved chat template. Without --prompt: an interactive chat.")
+    g.add_argument("--prompt", help="one user message; omit for an interactive chat")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default 128)")
+
+    p = command("push", _push, "upload a folder to the model hub",
+                "Upload a folder (a run's adapter/, an export, a run directory without its checkpoints) to a hub model repository, creating it if needed. The token comes from HF_TOKEN or the saved login and is never written anywhere; HF_ENDPOINT selects another hub.", target="folder")
     p.add_argument("--repo-id", required=True, help="USER/NAME (or NAME in your namespace)")
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--revision", help="branch to push to (created if missing)")
     p.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded, upload nothing")
-    p.set_defaults(handler=_push)
-
-    g = sub.add_parser("generate", parents=[common], help="try a fine-tuned causal LM: one prompt, or a chat",
-                       description="Generate with a finished causal_lm run (4-bit base + adapter, as trained), the prompt rendered with the saved chat template. Without --prompt: an interactive chat.")
-    g.add_argument("run_dir", help="a run directory that `train` completed")
-    g.add_argument("--prompt", help="one user message; omit for an interactive chat")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default 128)")
-    g.set_defaults(handler=_generate)

@@ -134,3 +134,15 @@ def test_serving_warnings_give_reasons():
     for start, (change, reason) in cases.items():
         warnings = serving_warnings(plain | change)
         assert len(warnings) == 1 and warnings[0].startswith(start) and reason in warnings[0], warnings
+
+
+@pytest.mark.unit
+def test_run_commands_have_help_and_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):
+    for command in ("export", "eval", "generate"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0 and "RUN_DIR" in capsys.readouterr().out.upper()
+        assert main([command, str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {tmp_path}: not a finished run directory (recipe.yaml is missing); pass the output_dir of a run that `train` completed"]
+    assert not any(tmp_path.iterdir()), "a refused command must write nothing"
