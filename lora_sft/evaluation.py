@@ -112,7 +112,7 @@ def evaluate_run(run_dir, data_file: str | None = None, base: bool = False, log=
         raise UserError(f"{run.root / 'recipe.yaml'}: data: the run has no eval split (data.eval / data.eval_fraction); pass --data FILE")
     e, causal = run.recipe.eval, run.recipe.task == "causal_lm"
     pairs = [prompt_and_reference(run.tokenizer, ex) for ex in run.checked.eval[: e.generate]] if causal else []
-    prompts = [user_prompt(run.tokenizer, [{"role": "user", "content": p}]) for p in e.prompts]
+    prompts = [user_prompt(run.tokenizer, [{"role": "user", "content": p}]) for p in e.prompts] if causal else []
     results, samples = {}, {}
     for name in ("base", "fine_tuned") if base else ("fine_tuned",):
         model = run.model() if name == "fine_tuned" else run.base()

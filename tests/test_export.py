@@ -36,7 +36,7 @@ def test_merged_export_equals_unmerged_and_reports_the_quantization_gap(exported
     assert report["passed"] and report["held_out"] and report["samples"] == 8
     b_c, a_c = report["pairs"]["b_vs_c"], report["pairs"]["a_vs_c"]
     assert b_c["max_abs_logit_diff"] <= 1e-4, b_c
-    assert b_c["greedy_agreement"] == 1.0 and b_c["mean_kl"] < 1e-8
+    assert b_c["greedy_agreement"] == 1.0 and b_c["mean_kl"] < 1e-6
     assert abs(report["perplexity"]["b"] - report["perplexity"]["c"]) / report["perplexity"]["b"] < 1e-5
     # the 4-bit model as trained is not the unquantized one: the gap is measured and shown, not hidden
     assert a_c["max_abs_logit_diff"] > 1e-3 and a_c["mean_kl"] > 0 and set(a_c) == set(b_c)
