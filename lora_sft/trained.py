@@ -20,9 +20,6 @@ from . import model as model_stage
 from .errors import UserError
 from .recipe import QuantSection, Recipe, load_recipe
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 @dataclass
 class TrainedRun:
     root: Path
