@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_sft {train,validate} RECIPE [KEY=VALUE ...]`.
+"""Command line: `python -m lora_sft {train,validate} RECIPE [KEY=VALUE ...]`; the commands on a finished run are in commands.py.
 
 Bad input exits 2 with one line per problem, a failed run exits 1; tracebacks only with --debug.
 """
@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
     p.add_argument("--split", choices=["train", "eval"], default="train")
     p.add_argument("--json", action="store_true", help="one JSON object per sample: input_ids, labels (-100 = not trained), position_ids when packed")
+    from .commands import add_run_commands
+
+    add_run_commands(sub, common)
     return parser
 
 
@@ -85,9 +88,11 @@ def _train(args) -> int:
         # `--resume train.lr=1e-4`: argparse took an override for --resume's optional PATH
         args.overrides, args.resume = [*args.overrides, args.resume], True
     recipe = load_recipe(args.recipe, args.overrides)
+    from .commands import after_training, before_training
     from .train import run
 
-    run(recipe, resume=args.resume, overwrite=args.overwrite)
+    before_training(recipe)
+    after_training(recipe, run(recipe, resume=args.resume, overwrite=args.overwrite).run_dir.root)
     return 0
 
 
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # cache writes are quick; bars only add noise
     try:
+        if hasattr(args, "handler"):
+            return args.handler(args)
         return {"train": _train, "validate": _validate, "preview": _preview}[args.command](args)
     except UserError as e:
         if args.debug:

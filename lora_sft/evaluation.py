@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -26,3 +27,133 @@ def classification_metrics():
         return accuracy.compute(predictions=guesses, references=pred.label_ids) | f1.compute(predictions=guesses, references=pred.label_ids, average="macro")
 
     return compute
+
+
+# ---------------------------------------------------------------- `eval` on a finished run
+
+
+def user_prompt(tokenizer, messages: list[dict]) -> str:
+    """A chat rendered for generation with the saved chat template (the classic Alpaca prompt without one)."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from .data.formats import ALPACA_PROMPT
+
+    return ALPACA_PROMPT.format(ctx="", instruction=messages[-1]["content"], input="")
+
+
+def prompt_and_reference(tokenizer, example) -> tuple[str, str | None]:
+    """An eval example split as in training: the prompt text the model sees, and the response it should give."""
+    if example.messages is not None and (tokenizer.chat_template or example.prompt is None):
+        last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+        return user_prompt(tokenizer, example.messages[:last]), example.messages[last]["content"]
+    return example.prompt, example.response
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt`, special tokens dropped. A chat-rendered prompt already holds its special tokens."""
+    import torch
+
+    ids = tokenizer(prompt, add_special_tokens=not tokenizer.chat_template, return_tensors="pt")["input_ids"]
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def score(run, model, items: list[dict]) -> dict:
+    """Loss and, by task, perplexity + token accuracy (causal_lm) or accuracy + macro F1 (classification)."""
+    import torch
+
+    batch_size = run.recipe.train.micro_batch_size
+    device = next(model.parameters()).device
+    loss_sum, n_loss, correct, guesses, refs = 0.0, 0, 0, [], []
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in run.collate(items[start:start + batch_size]).items()}
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            if run.recipe.task == "classification":
+                loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+                n_loss += len(batch["labels"])
+                guesses += logits.argmax(-1).tolist()
+                refs += batch["labels"].tolist()
+            else:
+                logits, labels = logits[:, :-1], batch["labels"][:, 1:]  # position t predicts token t + 1
+                keep = labels != -100
+                loss_sum += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+                n_loss += int(keep.sum())
+                correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
+    out = {"loss": loss_sum / n_loss}
+    if run.recipe.task == "classification":
+        return out | load_metric("accuracy").compute(predictions=guesses, references=refs) | load_metric("f1").compute(predictions=guesses, references=refs, average="macro")
+    return out | {"perplexity": math.exp(min(out["loss"], 50)), "token_accuracy": correct / n_loss}
+
+
+def generation_scores(run, model, pairs: list[tuple[str, str]]) -> tuple[dict, list[str]]:
+    """Generate a response for each (prompt, reference) and score them with the recipe's eval.metrics."""
+    e = run.recipe.eval
+    generated = [generate_text(model, run.tokenizer, prompt, e.max_new_tokens) for prompt, _ in pairs]
+    scores = {}
+    for name in e.metrics:
+        scores |= load_metric(name).compute(predictions=generated, references=[ref for _, ref in pairs])
+    return scores, generated
+
+
+def evaluate_run(run_dir, data_file: str | None = None, base: bool = False, log=print) -> dict:
+    """Measure the fine-tuned model (and the base, with `base`) on the eval split or `data_file`; eval.md and summary.json."""
+    from .errors import UserError
+    from .rundir import write_json
+    from .trained import open_run
+
+    run = open_run(run_dir, data_file)
+    items = run.bundle().eval
+    if not items:
+        raise UserError(f"{run.root / 'recipe.yaml'}: data: the run has no eval split (data.eval / data.eval_fraction); pass --data FILE")
+    e, causal = run.recipe.eval, run.recipe.task == "causal_lm"
+    pairs = [prompt_and_reference(run.tokenizer, ex) for ex in run.checked.eval[: e.generate]] if causal else []
+    prompts = [user_prompt(run.tokenizer, [{"role": "user", "content": p}]) for p in e.prompts] if causal else []
+    results, samples = {}, {}
+    for name in ("base", "fine_tuned") if base else ("fine_tuned",):
+        model = run.model() if name == "fine_tuned" else run.base()
+        model.eval()
+        metrics = score(run, model, items)
+        if pairs:
+            generation, generated = generation_scores(run, model, pairs)
+            metrics |= generation
+            samples[name] = generated[:3] if not prompts else [generate_text(model, run.tokenizer, p, e.max_new_tokens) for p in prompts]
+        elif prompts:
+            samples[name] = [generate_text(model, run.tokenizer, p, e.max_new_tokens) for p in prompts]
+        results[name] = metrics
+        log(f"eval {name.replace('_', '-')}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        del model
+    shown = prompts if prompts else [p for p, _ in pairs[:3]]
+    references = [None] * len(shown) if e.prompts else [r for _, r in pairs[:3]]
+    evaluation = {"data": str(Path(data_file).resolve()) if data_file else "eval split", "rows": len(items), **results,
+                  "samples": [{"prompt": p, "reference": r, **{n: s[i] for n, s in samples.items()}} for i, (p, r) in enumerate(zip(shown, references))]}
+    (run.root / "eval.md").write_text(eval_markdown(run.recipe.model.path, evaluation))
+    summary = run.saved("summary.json")
+    summary["evaluation"] = evaluation
+    write_json(run.root / "summary.json", summary)
+    log(f"wrote {run.root / 'eval.md'}")
+    return evaluation
+
+
+def eval_markdown(base_name: str, evaluation: dict) -> str:
+    after, before = evaluation["fine_tuned"], evaluation.get("base")
+    lines = [f"# Evaluation of the adapter on {base_name}", "", f"{evaluation['rows']} samples ({evaluation['data']}).", ""]
+    if before:
+        lines += ["| metric | base | fine-tuned | change |", "| --- | --- | --- | --- |"]
+        lines += [f"| {k} | {before[k]:.4f} | {v:.4f} | {v - before[k]:+.4f} |" for k, v in after.items()]
+    else:
+        lines += ["| metric | fine-tuned |", "| --- | --- |"] + [f"| {k} | {v:.4f} |" for k, v in after.items()]
+    if evaluation["samples"]:
+        lines += ["", "## Sample generations"]
+        for i, s in enumerate(evaluation["samples"], 1):
+            lines += ["", f"### {i}", "", "Prompt:", "", "```", s["prompt"].strip(), "```"]
+            if s["reference"] is not None:
+                lines += ["", f"Reference: `{s['reference']}`"]
+            for name in ("base", "fine_tuned"):
+                if name in s:
+                    lines += ["", f"{name.replace('_', '-').capitalize()}: `{s[name]}`"]
+    return "\n".join(lines) + "\n"

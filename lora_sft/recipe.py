@@ -206,6 +206,32 @@ class TrainSection(Section):
     """A NaN or infinite loss or gradient: `stop` the run before the optimizer step (the last checkpoint stays good), or `skip` that step's update and go on."""
 
 
+class EvalSection(Section):
+    after_train: bool = False
+    """Run `eval` on the run directory when `train` ends (results in eval.md and summary.json `evaluation`)."""
+    base: bool = True
+    """With after_train: also measure the base model without the adapter, for the before/after table."""
+    generate: int = Field(8, ge=0)
+    """causal_lm: eval samples whose responses are generated (greedy) and scored with `metrics`; 0 skips generation."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest generated response, in tokens."""
+    metrics: list[str] = ["exact_match", "rouge"]
+    """causal_lm generation metrics by `evaluate` name; exact_match and rouge (ROUGE-1, ROUGE-L) ship with lora_sft and work offline, any other name is loaded from the hub by `evaluate`."""
+    prompts: list[str] = []
+    """Fixed user prompts whose generations (base and fine-tuned) eval.md shows; by default the first 3 generated eval samples."""
+
+
+class HubSection(Section):
+    repo_id: str | None = None
+    """Push to this model repository (`user/name`) after training or export, as `after` says; the token comes from HF_TOKEN or the saved hub login."""
+    after: Literal["train", "export"] = "train"
+    """train: push adapter/ when `train` ends; export: push the export folder (adapter/, merged/, fidelity.json) when `export` ends."""
+    private: bool = True
+    """Create the repository private (an existing repository keeps its visibility)."""
+    revision: str | None = None
+    """Branch to push to, created if missing; the default branch when unset."""
+
+
 class Recipe(Section):
     task: Literal["causal_lm", "classification"]
     """causal_lm: instruction or chat SFT of a causal LM; classification: a sequence classifier with a new head."""
@@ -218,6 +244,8 @@ class Recipe(Section):
     lora: LoraSection = LoraSection()
     data: DataSection
     train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    hub: HubSection = HubSection()
 
     _source: RecipeSource | None = PrivateAttr(None)
 

@@ -86,6 +86,8 @@ def model_card(recipe: dict, base: str, data_stats: dict, summary: dict, labels:
     auto = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
     label_args = f", num_labels={len(labels)}, id2label={dict(enumerate(labels))!r}" if labels else ""
     results = {k: summary.get(k) for k in ("eval_before", "eval", "train_loss", "eval_loss")}
+    if summary.get("evaluation"):  # what `eval` measured, without its sample generations
+        results["evaluation"] = {k: v for k, v in summary["evaluation"].items() if k != "samples"}
     return f"""---
 base_model: {base}
 library_name: peft

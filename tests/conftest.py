@@ -83,3 +83,40 @@ def write_recipe(tmp_path):
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+TOKEN = "hf_fakeTOKEN4lorasftTests0123456789"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_llama, tmp_path_factory):
+    """A finished tiny-Llama run, trained through the CLI as a user would, with the recipe's eval and hub
+    sections on: eval runs after training and the adapter is pushed to a fake hub on 127.0.0.1.
+
+    Returns (run directory, the fake hub, the train command's output). Shared by the export, eval,
+    generate and hub tests, so the tiny model is trained once.
+    """
+    import subprocess
+    import sys
+
+    import yaml
+    from fake_hub import FakeHub
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    recipe = {
+        "task": "causal_lm",
+        "output_dir": str(root / "run"),
+        "model": {"path": str(tiny_llama)},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "eval_fraction": 0.125, "max_length": 64},
+        "train": {"lr": 3e-2, "max_steps": 12, "micro_batch_size": 8, "warmup": 0, "scheduler": "constant", "logging_steps": 4, "save_steps": 12},
+        "eval": {"after_train": True, "generate": 2, "max_new_tokens": 6, "prompts": ["Count the words.\n\npillow silver"]},
+        "hub": {"repo_id": "me/tiny-adapter", "revision": "v1"},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    hub = FakeHub().__enter__()
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(root / "hf-home")}
+    proc = subprocess.run([sys.executable, "-m", "lora_sft", "train", str(root / "recipe.yaml")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    yield root / "run", hub, proc
+    hub.__exit__(None, None, None)

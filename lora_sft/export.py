@@ -1,0 +1,324 @@
+"""Export a finished run: the adapter (PEFT format), optionally the merged model, and proof they equal what was trained.
+
+    RUN_DIR/export/            (or --out DIR)
+      adapter/                 adapter_model.safetensors, adapter_config.json, tokenizer + chat template, README.md card
+      merged/                  (--merged) base unquantized in --dtype with the adapter merged in: sharded
+                               safetensors, config, generation config, tokenizer, README.md card
+      fidelity.json            the three-way comparison below, the load checks, serving warnings, peak memory
+
+The fidelity report runs the same held-out samples through (a) the 4-bit base + adapter as trained,
+(b) the unquantized base in --dtype + the adapter, unmerged, and (c) the merged model as saved, loaded
+back from disk in a fresh interpreter with plain transformers. For each pair: max |logit difference|,
+mean KL divergence, perplexity change and greedy next-token agreement. (b) vs (c) must agree within a
+tolerance or the export fails (exit 1) and the merged folder is removed; (a) vs (c) is the quantization
+gap, reported as it is. The adapter export is loaded the same way (plain peft on the unquantized base)
+and must reproduce (b).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .rundir import model_card, write_json
+from .trained import TrainedRun, open_run
+
+# (atol, rtol) on max |logit difference| for merged vs unmerged, by export dtype: rounding the merged
+# weight to the dtype is the only legitimate difference, and it grows as the dtype narrows.
+TOLERANCE = {"fp32": (1e-4, 1e-5), "fp16": (1e-2, 1e-2), "bf16": (5e-2, 5e-2)}
+# Ranks vLLM's --max-lora-rank accepts (its default is 16).
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Linear layers of decoder blocks that vLLM's LoRA layers cover across the common architectures.
+VLLM_TARGETS = {
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+    "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
+    "fc1", "fc2", "out_proj", "w1", "w2", "w3", "wqkv", "wo", "Wqkv", "in_proj",
+}
+
+
+class FidelityError(RuntimeError):
+    """The merged (or re-loaded) model does not reproduce the unmerged one."""
+
+
+# ---------------------------------------------------------------- comparing models
+
+
+@dataclass
+class Outputs:
+    """One model's logits on the fidelity samples, flattened to the scored positions."""
+
+    logits: torch.Tensor  # (positions, vocab or classes), fp32
+    targets: torch.Tensor  # (positions,), the next token / label, -100 where none
+
+
+def positions(run: TrainedRun, batch: dict, logits: torch.Tensor) -> Outputs:
+    logits = logits.float().cpu()
+    if run.recipe.task == "classification":
+        return Outputs(logits, batch["labels"].cpu())
+    mask = batch["attention_mask"].bool().cpu()
+    labels = batch["labels"].cpu()
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]  # the logits at t predict the token at t + 1
+    return Outputs(logits[mask], targets[mask])
+
+
+def perplexity(out: Outputs) -> float:
+    keep = out.targets != -100
+    loss = torch.nn.functional.cross_entropy(out.logits[keep], out.targets[keep])
+    return math.exp(min(loss.item(), 50))
+
+
+def compare(ref: Outputs, other: Outputs) -> dict:
+    """How far `other` is from `ref`: max |logit diff|, mean KL(ref || other), perplexity change, greedy agreement."""
+    log_p, log_q = ref.logits.log_softmax(-1), other.logits.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)  # >= 0; rounding can dip a hair below
+    ppl_ref, ppl_other = perplexity(ref), perplexity(other)
+    return {
+        "max_abs_logit_diff": (ref.logits - other.logits).abs().max().item(),
+        "mean_kl": kl.mean().item(),
+        "perplexity_change": ppl_other - ppl_ref,
+        "perplexity_change_relative": (ppl_other - ppl_ref) / ppl_ref,
+        "greedy_agreement": (ref.logits.argmax(-1) == other.logits.argmax(-1)).float().mean().item(),
+    }
+
+
+def forward(run: TrainedRun, model, batch: dict) -> Outputs:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
+    return positions(run, batch, logits)
+
+
+# ---------------------------------------------------------------- serving compatibility
+
+
+def serving_warnings(config: dict) -> list[str]:
+    """Why common adapter servers (vLLM-style) would refuse or mis-serve this adapter; empty if none."""
+    warnings = []
+    if config.get("modules_to_save"):
+        warnings.append(f"modules_to_save ({', '.join(dict.fromkeys(config['modules_to_save']))}): vLLM loads only lora_A/lora_B weights and refuses adapters that carry fully trained modules; serve the merged export instead")
+    if config.get("use_dora"):
+        warnings.append("DoRA: vLLM and TGI/LoRAX implement plain LoRA only (no magnitude vector); serve the merged export instead")
+    rank = max([config.get("r", 0), *(config.get("rank_pattern") or {}).values()])
+    if rank > VLLM_RANKS[-1]:
+        warnings.append(f"rank {rank}: vLLM's --max-lora-rank stops at {VLLM_RANKS[-1]}; lower lora.rank or serve the merged export")
+    elif rank > 16:
+        need = next(r for r in VLLM_RANKS if r >= rank)
+        warnings.append(f"rank {rank}: above vLLM's default --max-lora-rank 16; start it with --max-lora-rank {need} (more memory per adapter slot)")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    odd = sorted(t for t in targets if t.rsplit(".", 1)[-1] not in VLLM_TARGETS)
+    if odd:
+        warnings.append(f"target modules {', '.join(odd)}: outside the decoder linear layers vLLM's LoRA covers ({', '.join(sorted(VLLM_TARGETS)[:9])}, ...); it would refuse or ignore them")
+    if config.get("bias", "none") != "none":
+        warnings.append(f"bias={config['bias']}: vLLM serves bias terms only with --enable-lora-bias, other servers not at all")
+    return warnings
+
+
+# ---------------------------------------------------------------- peak memory
+
+
+@contextlib.contextmanager
+def peak_memory(record: dict):
+    """Peak memory of the block: CUDA allocator peak, or the process's peak RSS (reset first, Linux)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        record.update(peak_memory_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1), peak_memory_kind="cuda_allocated")
+        return
+    status = Path("/proc/self/status")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+        kind = "cpu_peak_rss"
+    except OSError:
+        kind = "cpu_peak_rss_since_process_start"
+    yield
+    if status.is_file():
+        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        record.update(peak_memory_mb=round(int(hwm.split()[1]) / 1024, 1), peak_memory_kind=kind)
+    else:
+        import resource
+
+        record.update(peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), peak_memory_kind="cpu_peak_rss_since_process_start")
+
+
+# ---------------------------------------------------------------- loading an export with plain libraries
+
+
+def load_plain(run: TrainedRun, batch: dict, loads: dict[str, tuple[str, str | None]], dtype: str, max_new_tokens: int = 8, n_prompts: int = 2) -> dict[str, tuple[Outputs, dict]]:
+    """Run plain_load.py in one fresh interpreter on exported folders, {name: (model, adapter or None)};
+    per name, the logits and what it generated or predicted."""
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_file({k: batch[k].contiguous() for k in ("input_ids", "attention_mask")}, str(tmp / "inputs.safetensors"))
+        labels = run.checked.labels
+        head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
+        prompts = []
+        if run.recipe.task == "causal_lm":
+            for ids, targets in zip(batch["input_ids"][:n_prompts].tolist(), batch["labels"][:n_prompts].tolist()):
+                first = next((i for i, t in enumerate(targets) if t != -100), len(ids))
+                prompts.append(ids[:first])  # the prompt, up to the first trained token
+        job = {"kind": run.recipe.task, "dtype": dtype, "inputs": str(tmp / "inputs.safetensors"), "prompts": prompts, "max_new_tokens": max_new_tokens,
+               # a plain base must be told its new head's labels; a merged folder's config has them
+               "loads": [{"model": m, "adapter": a, "config_overrides": head if a else {}, "out": str(tmp / name)} for name, (m, a) in loads.items()]}
+        (tmp / "job.json").write_text(json.dumps(job))
+        script = Path(__file__).with_name("plain_load.py")
+        proc = subprocess.run([sys.executable, "-I", str(script), str(tmp / "job.json")], capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+            raise FidelityError(f"an export does not load with plain transformers/peft ({', '.join(loads)}): {last}")
+        results = {}
+        for name in loads:
+            result = json.loads((tmp / name / "result.json").read_text())
+            if result["lora_sft_imported"]:
+                raise FidelityError("the plain load check imported lora_sft; it must run with plain transformers/peft only")
+            if "generated" in result:
+                result["generated_text"] = [run.tokenizer.decode(g, skip_special_tokens=False) for g in result.pop("generated")]
+            results[name] = (positions(run, batch, load_file(str(tmp / name / "logits.safetensors"))["logits"]), result)
+    return results
+
+
+# ---------------------------------------------------------------- the export
+
+
+def _card_sections(report: dict) -> str:
+    lines = ["## Fidelity", "", f"{report['samples']} {'held-out' if report['held_out'] else 'train (no eval split)'} samples, {report['positions']} scored positions; "
+             f"(a) {report['models']['a']}, (b) {report['models']['b']}" + (f", (c) {report['models']['c']}" if "c" in report["models"] else "") + ".", "",
+             "| pair | max abs logit diff | mean KL | perplexity change | greedy agreement |", "| --- | --- | --- | --- | --- |"]
+    for pair, m in report["pairs"].items():
+        lines.append(f"| {pair} | {m['max_abs_logit_diff']:.3g} | {m['mean_kl']:.3g} | {m['perplexity_change']:+.4g} | {m['greedy_agreement']:.4f} |")
+    lines += ["", "## Serving", ""]
+    lines += [f"- warning: {w}" for w in report["serving_warnings"]] or ["No known refusal by vLLM-style adapter servers."]
+    return "\n".join(lines) + "\n"
+
+
+def _merged_card(adapter_card: str, base: str, task: str, sections: str) -> str:
+    auto = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
+    body = adapter_card.split("\n---\n", 1)[1].replace(f"# LoRA adapter for {base}", f"# {base} with a LoRA adapter merged in", 1)
+    body = body.split("## Use it")[0] + f"""## Use it
+
+```python
+from transformers import {auto}, AutoTokenizer
+
+model = {auto}.from_pretrained("path/to/merged")
+tokenizer = AutoTokenizer.from_pretrained("path/to/merged")
+```
+
+""" + "## Recipe" + body.split("## Recipe", 1)[1]
+    tags = ["lora_sft", "merged-lora", "text-classification" if task == "classification" else "text-generation"]
+    return f"---\nbase_model: {base}\nlibrary_name: transformers\ntags: {json.dumps(tags)}\n---\n{body}\n{sections}"
+
+
+def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: str | Path | None = None,
+           samples: int = 8, tolerance: float | None = None, max_shard_size: str = "2GB", log=print) -> dict:
+    run = open_run(run_dir)
+    out = Path(out).resolve() if out else run.root / "export"
+    merged_dir, adapter_dir = out / "merged", out / "adapter"
+    atol, rtol = TOLERANCE[dtype]
+    bundle = run.bundle()
+    held_out = bool(bundle.eval)
+    items = (bundle.eval or bundle.train)[:samples]
+    batch = run.collate(items)
+
+    report: dict = {"run_dir": str(run.root), "dtype": dtype, "samples": len(items), "held_out": held_out,
+                    "models": {"a": f"{run.recipe.quant.mode} base + adapter, as trained", "b": f"unquantized {dtype} base + adapter, unmerged"}}
+    outputs = {"a": forward(run, run.model(), batch)}
+    report["positions"] = int(outputs["a"].targets.numel())
+
+    memory: dict = {}
+    with peak_memory(memory):
+        model_b = run.model(dtype)
+        outputs["b"] = forward(run, model_b, batch)
+        if merged:
+            shutil.rmtree(merged_dir, ignore_errors=True)
+            full = model_b.merge_and_unload()
+            if run.recipe.task == "causal_lm":
+                full.generation_config.eos_token_id = run.tokenizer.eos_token_id
+                full.generation_config.pad_token_id = run.tokenizer.pad_token_id
+            full.config.use_cache = True
+            full.save_pretrained(merged_dir, max_shard_size=max_shard_size)
+            run.tokenizer.save_pretrained(merged_dir)
+            weight_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+            del full
+    del model_b
+    tol = tolerance if tolerance is not None else atol + rtol * outputs["b"].logits.abs().max().item()
+    report["tolerance"] = tol
+    report["pairs"] = {"a_vs_b": compare(outputs["a"], outputs["b"])}
+    report["perplexity"] = {k: perplexity(v) for k, v in outputs.items()}
+
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    shutil.copytree(run.adapter, adapter_dir)
+    loads = {"adapter": (run.plan.source.path, str(adapter_dir))} | ({"merged": (str(merged_dir), None)} if merged else {})
+    plain = load_plain(run, batch, loads, dtype)
+    reload, result = plain["adapter"]
+    report["loaded_plain"] = {"adapter": {"vs_b": compare(outputs["b"], reload), **result}}
+    problems = []
+    if report["loaded_plain"]["adapter"]["vs_b"]["max_abs_logit_diff"] > tol:
+        problems.append(f"the exported adapter loaded with plain peft differs from (b) by {report['loaded_plain']['adapter']['vs_b']['max_abs_logit_diff']:.3g} (tolerance {tol:.3g})")
+
+    if merged:
+        report["models"]["c"] = f"merged {dtype}, loaded from {merged_dir.name}/ with plain transformers"
+        outputs["c"], report["loaded_plain"]["merged"] = plain["merged"]
+        report["perplexity"]["c"] = perplexity(outputs["c"])
+        report["pairs"]["b_vs_c"] = compare(outputs["b"], outputs["c"])
+        report["pairs"]["a_vs_c"] = compare(outputs["a"], outputs["c"])
+        memory["weights_mb"] = round(weight_bytes / 2**20, 1)
+        memory["shards"] = len(list(merged_dir.glob("*.safetensors")))
+        report["merged_export"] = memory
+        if report["pairs"]["b_vs_c"]["max_abs_logit_diff"] > tol:
+            problems.append(f"the merged model differs from the unmerged one (b vs c) by max |logit diff| {report['pairs']['b_vs_c']['max_abs_logit_diff']:.3g}, tolerance {tol:.3g}")
+
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    report["serving_warnings"] = serving_warnings(adapter_config)
+    report["passed"] = not problems
+    report["problems"] = problems
+    write_json(out / "fidelity.json", report)
+
+    card = model_card(run.saved("recipe.yaml"), run.recipe.model.path, run.saved("manifest.json")["data"], run.saved("summary.json"), run.checked.labels)
+    sections = _card_sections(report)
+    (adapter_dir / "README.md").write_text(card + "\n" + sections)
+    if merged:
+        if problems:
+            shutil.rmtree(merged_dir)  # a merged model that failed its check must not be shipped by mistake
+        else:
+            (merged_dir / "README.md").write_text(_merged_card(card, run.recipe.model.path, run.recipe.task, sections))
+
+    log(format_report(report))
+    for w in report["serving_warnings"]:
+        log(f"serving warning: {w}")
+    if problems:
+        removed = "; the merged folder was removed" if merged else ""
+        raise FidelityError("; ".join(problems) + f"{removed}; see {out / 'fidelity.json'}")
+    log(f"exported: {out}")
+    hub = run.recipe.hub
+    if hub.repo_id and hub.after == "export":
+        from .hub import push
+
+        push(out, hub.repo_id, private=hub.private, revision=hub.revision, log=log)
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"fidelity on {report['samples']} {'held-out' if report['held_out'] else 'train'} samples ({report['positions']} positions), tolerance {report['tolerance']:.3g}:"]
+    for key, desc in report["models"].items():
+        lines.append(f"  ({key}) {desc}: perplexity {report['perplexity'][key]:.4f}")
+    for pair, m in report["pairs"].items():
+        note = "  <- quantization gap" if pair == "a_vs_c" or (pair == "a_vs_b" and "c" not in report["models"]) else ""
+        lines.append(f"  {pair}: max |logit diff| {m['max_abs_logit_diff']:.3g}, mean KL {m['mean_kl']:.3g}, perplexity change {m['perplexity_change']:+.4g}, greedy agreement {m['greedy_agreement']:.4f}{note}")
+    adapter = report["loaded_plain"]["adapter"]["vs_b"]
+    lines.append(f"  adapter loaded with plain peft vs (b): max |logit diff| {adapter['max_abs_logit_diff']:.3g}")
+    if "merged_export" in report:
+        m = report["merged_export"]
+        lines.append(f"  merged export: {m['weights_mb']} MB of weights in {m['shards']} shard(s), peak memory {m['peak_memory_mb']} MB ({m['peak_memory_kind']})")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Load an exported model the way a user would: plain transformers / peft, no lora_sft.
+
+`export` runs this file in a fresh interpreter (`python -I plain_load.py JOB.json`, so neither
+lora_sft nor this folder is on the path) to prove each export loads where Hugging Face models load.
+JOB.json: kind (causal_lm | classification), dtype, inputs (a safetensors file with input_ids and
+attention_mask), prompts (token id lists to generate from), max_new_tokens, and loads: a list of
+{model (folder or hub id), adapter (folder or null), config_overrides (a classification base's
+num_labels, id2label, label2id), out (folder for logits.safetensors and result.json)}.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_and_run(job: dict, load: dict, inputs: dict, device: str) -> None:
+    cls = AutoModelForSequenceClassification if job["kind"] == "classification" else AutoModelForCausalLM
+    model = cls.from_pretrained(load["model"], dtype=DTYPES[job["dtype"]], **load.get("config_overrides", {})).to(device)
+    if load.get("adapter"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, load["adapter"])
+    model.eval()
+    result = {"model_class": type(model).__name__}
+    with torch.no_grad():
+        logits = model(**inputs).logits.float().cpu()
+        if job["kind"] == "classification":
+            result["predicted"] = logits.argmax(-1).tolist()
+        else:
+            result["generated"] = []
+            for ids in job.get("prompts", []):
+                prompt = torch.tensor([ids], device=device)
+                new = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=job["max_new_tokens"], do_sample=False)
+                result["generated"].append(new[0, len(ids):].tolist())
+    out = Path(load["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"logits": logits.contiguous()}, str(out / "logits.safetensors"))
+    result["lora_sft_imported"] = any(name == "lora_sft" or name.startswith("lora_sft.") for name in sys.modules)
+    (out / "result.json").write_text(json.dumps(result))
+
+
+def main(job_file: str) -> None:
+    job = json.loads(Path(job_file).read_text())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = {k: v.to(device) for k, v in load_file(job["inputs"]).items()}
+    for load in job["loads"]:
+        load_and_run(job, load, inputs, device)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

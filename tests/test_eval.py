@@ -1,0 +1,81 @@
+"""`eval` and the recipe's eval section on the tiny run: metrics, the before/after table, eval.md, summary.json, offline; and `generate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from lora_sft.cli import main
+from lora_sft.evaluation import load_metric, user_prompt
+from lora_sft.trained import open_run
+
+pytestmark = pytest.mark.e2e
+
+
+def test_eval_section_after_training(tiny_run):
+    run_dir, _, proc = tiny_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evaluation = summary["evaluation"]
+    base, tuned = evaluation["base"], evaluation["fine_tuned"]
+    assert set(tuned) == set(base) == {"loss", "perplexity", "token_accuracy", "exact_match", "rouge1", "rougeL"}
+    # the same loss the Trainer measured before and after training, recomputed from the saved adapter
+    assert tuned["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-4)
+    assert base["loss"] == pytest.approx(summary["eval_before"]["loss"], rel=1e-4)
+    assert tuned["loss"] < base["loss"] and 0 <= base["token_accuracy"] <= tuned["token_accuracy"] <= 1
+    assert "eval fine-tuned: loss" in proc.stdout and "eval base: loss" in proc.stdout
+    table = (run_dir / "eval.md").read_text()
+    assert "| metric | base | fine-tuned | change |" in table
+    assert f"| loss | {base['loss']:.4f} | {tuned['loss']:.4f} | {tuned['loss'] - base['loss']:+.4f} |" in table
+    # the fixed prompt, rendered with the saved chat template, and what each model made of it
+    [sample] = evaluation["samples"]
+    assert sample["prompt"] == "<|im_start|>user\nCount the words.\n\npillow silver<|im_end|>\n<|im_start|>assistant\n"
+    assert {"base", "fine_tuned"} <= set(sample) and "## Sample generations" in table
+
+
+def test_eval_with_a_data_file_offline(tiny_run, tmp_path):
+    """The shipped metric modules load with the hub switched off and an empty cache."""
+    run_dir = tmp_path / "run"  # a copy: the other tests read the original's eval section results
+    shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    rows = [json.loads(line) for line in (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()[:3]]
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-m", "lora_sft", "eval", str(run_dir), "--data", str(data)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluation = json.loads((run_dir / "summary.json").read_text())["evaluation"]
+    assert evaluation["rows"] == 3 and evaluation["data"] == str(data) and "base" not in evaluation
+    assert {"exact_match", "rougeL", "token_accuracy"} <= set(evaluation["fine_tuned"])
+    assert "| metric | fine-tuned |" in (run_dir / "eval.md").read_text()
+
+
+@pytest.mark.unit
+def test_shipped_generation_metrics():
+    em = load_metric("exact_match").compute(predictions=["stone river", " RIVER  STONE ", "x"], references=["stone river", "RIVER STONE", "y"])
+    assert em == {"exact_match": pytest.approx(2 / 3)}
+    rouge = load_metric("rouge").compute(predictions=["the cat sat on the mat", "a b c d"], references=["the cat is on the mat", "d c b a"])
+    # LCS 5 of 6 both ways (F 5/6); reversed order: LCS 1 of 4 (F 1/4) while unigram overlap is complete
+    assert rouge["rougeL"] == pytest.approx((5 / 6 + 1 / 4) / 2) and rouge["rouge1"] == pytest.approx((5 / 6 + 1) / 2)
+
+
+def test_generate_renders_the_saved_chat_template(tiny_run, capsys, monkeypatch):
+    run_dir, _, _ = tiny_run
+    assert main(["generate", str(run_dir), "--prompt", "Count the words.\n\nriver stone", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out.strip()
+    run = open_run(run_dir)
+    prompt = user_prompt(run.tokenizer, [{"role": "user", "content": "Count the words.\n\nriver stone"}])
+    assert prompt == run.tokenizer.apply_chat_template([{"role": "user", "content": "Count the words.\n\nriver stone"}], tokenize=False, add_generation_prompt=True)
+    ids = run.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        new = run.model().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert printed == run.tokenizer.decode(new[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\nand again\n\n"))
+    assert main(["generate", str(run_dir), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2
