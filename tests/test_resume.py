@@ -45,7 +45,7 @@ def recipe_dict(tiny_llama, out: Path, **train) -> dict:
         "seed": 7,
         "model": {"path": str(tiny_llama)},
         "lora": {"rank": 4, "alpha": 8, "dropout": 0.1},  # dropout: the resumed RNG must match too
-        "data": {"format": "alpaca", "train": str(data), "max_length": 32},
+        "data": {"format": "alpaca", "train": str(data), "max_length": 64},
         "train": {"lr": 1e-2, "max_steps": STEPS, "micro_batch_size": 4, "grad_accum": 2, "warmup": 1,
                   "logging_steps": 1, "save_steps": 1, "save_total_limit": 2, "gradient_checkpointing": False, **train},
     }

@@ -27,7 +27,7 @@ def fake_token() -> str:
 def recipe_dict(model, out, **extra) -> dict:
     return {
         "task": "causal_lm", "output_dir": str(out), "model": {"path": str(model), **extra},
-        "lora": {"rank": 2}, "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "eval_fraction": 0.1, "max_length": 32},
+        "lora": {"rank": 2}, "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "eval_fraction": 0.1, "max_length": 64},
         "train": {"max_steps": 2, "micro_batch_size": 8, "logging_steps": 1, "save_steps": 1, "gradient_checkpointing": False},
     }
 
