@@ -32,6 +32,13 @@ def test_quickstart(tmp_path):
     before, after = summary["eval_before"]["accuracy"], summary["eval"]["accuracy"]
     assert after >= 0.85 and after - before >= 0.25, (before, after)
     assert "f1" in summary["eval"] and "f1" in summary["eval_before"]
+    # the recipe's eval section re-measured base and fine-tuned from the saved adapter: the Trainer's numbers
+    evaluation = summary["evaluation"]
+    for ours, trainers in ((evaluation["fine_tuned"], summary["eval"]), (evaluation["base"], summary["eval_before"])):
+        assert ours["accuracy"] == trainers["accuracy"] and ours["f1"] == pytest.approx(trainers["f1"], abs=1e-9)
+        assert ours["loss"] == pytest.approx(trainers["loss"], rel=1e-4)
+    table = (out / "eval.md").read_text()
+    assert f"| accuracy | {before:.4f} | {after:.4f} |" in table and "| f1 |" in table
     for key in ("train_loss", "eval_loss", "tokens_trained", "tokens_per_second", "peak_memory_mb", "wall_time_s"):
         assert summary[key] is not None and summary[key] > 0, key
     assert "eval before: loss" in proc.stdout and "accuracy" in proc.stdout
