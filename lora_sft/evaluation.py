@@ -121,14 +121,14 @@ def evaluate_run(run_dir, data_file: str | None = None, base: bool = False, log=
         if pairs:
             generation, generated = generation_scores(run, model, pairs)
             metrics |= generation
-            samples[name] = generated[:3] if not prompts else [generate_text(model, run.tokenizer, p, e.max_new_tokens) for p in prompts]
-        elif prompts:
+            samples[name] = generated[:3]
+        if prompts:
             samples[name] = [generate_text(model, run.tokenizer, p, e.max_new_tokens) for p in prompts]
         results[name] = metrics
-        log(f"eval {name.replace('_', '-')}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log(f"eval {name.replace('_', '-')}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float)))
         del model
     shown = prompts if prompts else [p for p, _ in pairs[:3]]
-    references = [None] * len(shown) if e.prompts else [r for _, r in pairs[:3]]
+    references = [None] * len(shown) if prompts else [r for _, r in pairs[:3]]
     evaluation = {"data": str(Path(data_file).resolve()) if data_file else "eval split", "rows": len(items), **results,
                   "samples": [{"prompt": p, "reference": r, **{n: s[i] for n, s in samples.items()}} for i, (p, r) in enumerate(zip(shown, references))]}
     (run.root / "eval.md").write_text(eval_markdown(run.recipe.model.path, evaluation))
@@ -144,9 +144,9 @@ def eval_markdown(base_name: str, evaluation: dict) -> str:
     lines = [f"# Evaluation of the adapter on {base_name}", "", f"{evaluation['rows']} samples ({evaluation['data']}).", ""]
     if before:
         lines += ["| metric | base | fine-tuned | change |", "| --- | --- | --- | --- |"]
-        lines += [f"| {k} | {before[k]:.4f} | {v:.4f} | {v - before[k]:+.4f} |" for k, v in after.items()]
+        lines += [f"| {k} | {before[k]:.4f} | {v:.4f} | {v - before[k]:+.4f} |" for k, v in after.items() if isinstance(v, int | float)]
     else:
-        lines += ["| metric | fine-tuned |", "| --- | --- |"] + [f"| {k} | {v:.4f} |" for k, v in after.items()]
+        lines += ["| metric | fine-tuned |", "| --- | --- |"] + [f"| {k} | {v:.4f} |" for k, v in after.items() if isinstance(v, int | float)]
     if evaluation["samples"]:
         lines += ["", "## Sample generations"]
         for i, s in enumerate(evaluation["samples"], 1):
