@@ -107,7 +107,8 @@ def evaluate_run(run_dir, data_file: str | None = None, base: bool = False, log=
     from .trained import open_run
 
     run = open_run(run_dir, data_file)
-    items = run.bundle().eval
+    held = run.bundle().eval
+    items = list(held) if held is not None else []
     if not items:
         raise UserError(f"{run.root / 'recipe.yaml'}: data: the run has no eval split (data.eval / data.eval_fraction); pass --data FILE")
     e, causal = run.recipe.eval, run.recipe.task == "causal_lm"

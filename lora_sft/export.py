@@ -227,8 +227,9 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
     merged_dir, adapter_dir = out / "merged", out / "adapter"
     atol, rtol = TOLERANCE[dtype]
     bundle = run.bundle()
-    held_out = bool(bundle.eval)
-    items = (bundle.eval or bundle.train)[:samples]
+    held_out = bundle.eval is not None
+    data = bundle.eval if held_out else bundle.train
+    items = [data[i] for i in range(min(samples, len(data)))]
     batch = run.collate(items)
 
     report: dict = {"run_dir": str(run.root), "dtype": dtype, "samples": len(items), "held_out": held_out,

@@ -59,11 +59,9 @@ class TrainedRun:
         return model
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        if self.recipe.task == "classification":
-            from transformers import DataCollatorWithPadding
-
-            return dict(DataCollatorWithPadding(self.tokenizer)(items))
-        return data_stage.CausalCollator(self.tokenizer.pad_token_id)(items)
+        batch = dict(data_stage.collator(self.recipe, self.tokenizer)(items))
+        batch.pop("num_real_tokens", None)  # packed rows: a count for the Trainer, not a model input
+        return batch
 
 
 def open_run(path: str | Path, eval_file: str | None = None) -> TrainedRun:

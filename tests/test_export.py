@@ -66,7 +66,7 @@ def test_exports_load_with_plain_transformers_and_peft(exported, tmp_path):
     """A fresh interpreter without lora_sft loads the merged folder and base + adapter; both give the unmerged logits."""
     run_dir, out, _ = exported
     run = open_run(run_dir)
-    batch = run.collate(run.bundle().eval[:4])
+    batch = run.collate(list(run.bundle().eval.select(range(4))))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         unmerged = run.model("fp32")(**inputs).logits
