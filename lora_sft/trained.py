@@ -70,7 +70,7 @@ def open_run(path: str | Path, eval_file: str | None = None) -> TrainedRun:
     for needed in ("recipe.yaml", "adapter/adapter_config.json"):
         if not (root / needed).is_file():
             raise UserError(f"{path}: not a finished run directory ({needed} is missing); pass the output_dir of a run that `train` completed")
-    # Nothing is trained here: no gradient checkpointing, and the generation cache stays on.
+    # Nothing is trained here: no gradient checkpointing.
     recipe = load_recipe(root / "recipe.yaml", ["train.gradient_checkpointing=false"])
     checked = data_stage.check(recipe)
     if eval_file is not None:

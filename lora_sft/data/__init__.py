@@ -52,11 +52,15 @@ def _weighted(rows: list, weight: float | None, rng: random.Random) -> list:
     return rows * whole + rng.sample(rows, round(len(rows) * part))
 
 
+def _where(recipe: Recipe, split: str, i: int) -> str:
+    """The recipe place of a split's i-th source: `data.train.2` in a list, plain `data.train` otherwise."""
+    return recipe.where("data", split, i) if isinstance(getattr(recipe.data, split), list) else recipe.where("data", split)
+
+
 def _read_split(recipe: Recipe, split: str) -> list[Example]:
     examples = []
     for i, source in enumerate(recipe.data.sources(split)):
-        where = recipe.where("data", split, i) if isinstance(getattr(recipe.data, split), list) else recipe.where("data", split)
-        rows = read_source(source, where)
+        rows = read_source(source, _where(recipe, split, i))
         rng = random.Random(f"{recipe.seed}:{split}:{i}")
         if recipe.data.shuffle:
             rng.shuffle(rows)
@@ -98,7 +102,7 @@ def cache_key(recipe: Recipe, tokenizer) -> str:
     parts = [cache.VERSION, recipe.task, str(recipe.seed), recipe.data.model_dump_json(), cache.tokenizer_fingerprint(tokenizer)]
     for split in ("train", "eval"):
         for i, source in enumerate(recipe.data.sources(split)):
-            parts.append(source_fingerprint(source, recipe.where("data", split, i)))
+            parts.append(source_fingerprint(source, _where(recipe, split, i)))
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
