@@ -35,7 +35,8 @@ def test_merged_export_equals_unmerged_and_reports_the_quantization_gap(exported
     report = json.loads((out / "fidelity.json").read_text())
     assert report["passed"] and report["held_out"] and report["samples"] == 8
     b_c, a_c = report["pairs"]["b_vs_c"], report["pairs"]["a_vs_c"]
-    assert b_c["max_abs_logit_diff"] <= 1e-4, b_c
+    # fp32 rounding of W + BA vs W x + B(A x): the export's own bound, 1e-4 + 1e-5 * max |logit|
+    assert b_c["max_abs_logit_diff"] <= report["tolerance"] <= 1e-4 + 1e-5 * 50, (b_c, report["tolerance"])
     assert b_c["greedy_agreement"] == 1.0 and b_c["mean_kl"] < 1e-6
     assert abs(report["perplexity"]["b"] - report["perplexity"]["c"]) / report["perplexity"]["b"] < 1e-5
     # the 4-bit model as trained is not the unquantized one: the gap is measured and shown, not hidden
@@ -86,7 +87,7 @@ def test_exports_load_with_plain_transformers_and_peft(exported, tmp_path):
     proc = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logits = torch.load(tmp_path / "logits.pt")
-    assert (logits["merged"] - unmerged).abs().max().item() <= 1e-4
+    assert (logits["merged"] - unmerged).abs().max().item() <= 1e-4 + 1e-5 * unmerged.abs().max().item()
     assert (logits["adapter"] - unmerged).abs().max().item() <= 1e-5
 
 
