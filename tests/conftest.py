@@ -85,6 +85,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 TOKEN = "hf_fakeTOKEN4lorasftTests0123456789"
 
 
@@ -115,7 +116,8 @@ def tiny_run(tiny_llama, tmp_path_factory):
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     hub = FakeHub().__enter__()
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(root / "hf-home")}
+    # the push must reach the fake hub whatever offline variables the caller set (huggingface_hub reads all three)
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES} | {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(root / "hf-home")}
     proc = subprocess.run([sys.executable, "-m", "lora_sft", "train", str(root / "recipe.yaml")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     yield root / "run", hub, proc
