@@ -31,11 +31,11 @@ def _last_good(folder: Path) -> str:
     return str(found[-1]) if found else "none yet"
 
 
-def _next(recipe: Recipe, folder: Path) -> str:
-    """How to go on: resume from the last checkpoint, or start again when none was saved."""
+def _next(recipe: Recipe, folder: Path, then: str = "") -> str:
+    """How to go on: resume from the last checkpoint, or start again when none was saved (--resume would be refused)."""
     if checkpoints(folder):
-        return f"continue with: {_command(recipe, '--resume')}"
-    return f"no checkpoint was saved, so start again with: {_command(recipe, '--overwrite')}"
+        return f"{then}continue with: {_command(recipe, '--resume')}"
+    return f"no checkpoint was saved yet, so start again with: {_command(recipe, '--overwrite')}"
 
 
 class Guard(TrainerCallback):
@@ -102,7 +102,7 @@ class Guard(TrainerCallback):
         raise RunError(
             f"step {step}: {bad}; stopped before the optimizer step, last good checkpoint: {_last_good(self.folder)}; "
             f"try a lower train.lr (now {self.recipe.train.lr:g}), keep train.max_grad_norm above 0, check the data near this step, "
-            f"or set train.on_nonfinite: skip; then {_next(self.recipe, self.folder)}"
+            f"or set train.on_nonfinite: skip; {_next(self.recipe, self.folder, then='then ')}"
         )
 
 

@@ -132,3 +132,14 @@ def test_write_error_while_saving_keeps_the_previous_checkpoint(tiny_llama, tmp_
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4]
     assert "resuming from" in capsys.readouterr().out
+
+
+def test_nonfinite_loss_before_any_checkpoint_says_to_start_again(tiny_llama, tmp_path, write_recipe):
+    path = make_recipe(tiny_llama, tmp_path, write_recipe, save_steps=100)
+    recipe, model, fit = train_with_fault(path, 2, lambda out, model: out * float("nan"))
+    with pytest.raises(RunError) as stopped:
+        fit()
+    message = str(stopped.value)
+    assert message.startswith("step 2: the loss is nan; stopped before the optimizer step, last good checkpoint: none yet;")
+    assert message.endswith(f"or set train.on_nonfinite: skip; no checkpoint was saved yet, so start again with: python -m lora_sft train {path} --overwrite")
+    assert "--resume" not in message
