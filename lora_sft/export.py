@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import RunError, UserError
 from .rundir import ARTIFACTS, EXPORT, EXPORT_MARKER, MARKER_VERSION, check_writable, entries, model_card, now, write_json
 from .trained import TrainedRun, open_run
 
@@ -52,8 +52,8 @@ VLLM_TARGETS = {
 }
 
 
-class FidelityError(RuntimeError):
-    """The merged (or re-loaded) model does not reproduce the unmerged one."""
+class FidelityError(RunError):
+    """The merged (or re-loaded) model does not reproduce the unmerged one: exit 1, one line."""
 
 
 # ---------------------------------------------------------------- comparing models
