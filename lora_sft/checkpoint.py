@@ -104,9 +104,10 @@ class AtomicSaves:
             previous = checkpoints(root)
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
             detail = (str(e).strip().splitlines() or [""])[0]
+            again = "run again with --resume" if previous else "start again with --overwrite"  # --resume needs a checkpoint
             raise RunError(
                 f"cannot write the step {self.state.global_step} checkpoint in {getattr(e, 'filename', None) or staging / name} ({type(e).__name__}: {detail}); "
-                f"{kept}; free disk space (or fix the folder's permissions) and run again with --resume"
+                f"{kept}; free disk space (or fix the folder's permissions) and {again}"
             ) from e
         finally:
             self._staging = None
