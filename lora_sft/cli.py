@@ -70,7 +70,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if hasattr(args, "overrides"):
-        overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+        overrides = [a for a in extra if not a.startswith("-")]  # load_recipe says what is wrong with one
         args.overrides = [*args.overrides, *overrides]
         extra = [a for a in extra if a not in overrides]
     if extra:
@@ -179,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         return {"train": _train, "validate": _validate, "preview": _preview}[args.command](args)
     except BrokenPipeError:
         _quiet_stdout()
-        return 0
+        if args.command in ("preview", "validate"):  # `preview ... | head`: the reader has what it wanted
+            return 0
+        _end_progress_line()
+        print(f"error: {args.command} stopped: its output was closed (BrokenPipeError); send it to a file instead of a pipe that closes", file=sys.stderr)
+        return 1
     except UserError as e:
         if args.debug:
             raise
