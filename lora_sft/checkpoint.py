@@ -117,7 +117,7 @@ class AtomicSaves:
             shutil.rmtree(old)
 
 
-# ---------------------------------------------------------------- starting or resuming a run
+# ---------------------------------------------------------------- what a resumed run must share
 
 # What a resumed run must share with the one it continues; anything else (lr, max_steps, logging, ...) may change.
 MATTERS = (("task",), ("model", "path"), ("model", "revision"), ("quant",), ("lora",), ("data",))
@@ -171,16 +171,16 @@ def changes(saved: dict, now: dict) -> list[str]:
 GLOB = "*?["
 
 
-def _data_place(spec: str) -> tuple[Path, bool, bool] | None:
-    """A data source's local file or folder (a glob: the folder it searches), whether it is a folder, and
-    whether files in folders below it are read (a folder source, or a `**` glob); None for a hub dataset."""
+def _data_place(spec: str) -> tuple[Path, str, bool] | None:
+    """A data source's local file or folder (a glob: the folder it searches), what it is, and whether files in
+    folders below it are read (a folder source, or a `**` glob); None for a hub dataset."""
     if any(ch in spec for ch in GLOB):
         parts = Path(spec).expanduser().parts
         first = next(i for i, part in enumerate(parts) if any(ch in part for ch in GLOB))
-        return Path(*parts[:first]) if first else Path("."), True, "**" in spec
+        return Path(*parts[:first]) if first else Path("."), "the folder of the data glob", "**" in spec
     path = Path(spec).expanduser()
     if path.exists():
-        return path, path.is_dir(), path.is_dir()
+        return path, "the data folder" if path.is_dir() else "the data file", path.is_dir()
     return None
 
 
@@ -192,11 +192,10 @@ def _protected(recipe: Recipe, model_folder: str | None, root: Path) -> list[tup
         if not (file == root / RECIPE and RunDir(root).holds_run()):  # a run's own saved recipe, used to resume it, is the run's
             places.append((file.parent, f"the folder holding the recipe {recipe._source.file}", False))
     for split in ("train", "eval"):
-        for i, source in enumerate(recipe.data.sources(split)):
-            found = _data_place(source.path)
-            if found:
-                path, folder, below = found
-                places.append((path, f"the data {'folder' if folder else 'file'} {source.path} (data.{split})", below))
+        for source in recipe.data.sources(split):
+            if found := _data_place(source.path):
+                path, what, below = found
+                places.append((path, f"{what} {source.path} (data.{split})", below))
     if model_folder:
         places.append((Path(model_folder), f"the model folder {model_folder} (model.path)", False))
     template = recipe.data.chat_template
@@ -223,7 +222,7 @@ def check_output_dir(recipe: Recipe, model_folder: str | None = None) -> None:
         if root in path.parents:
             raise UserError(f"{where}: {recipe.output_dir} ({root}) holds {what}; a run must have a folder of its own: {fix}")
         if below and path in root.parents:
-            raise UserError(f"{where}: {recipe.output_dir} is inside {what}, so the run's files (metrics.jsonl) would be read as data next time; {fix} outside it")
+            raise UserError(f"{where}: {recipe.output_dir} is inside {what}, so the run's files (metrics.jsonl) would be read as data next time; set output_dir to a folder outside it")
     check_writable(root, where, "output_dir")
     if root.is_dir() and not run_dir.is_empty() and not run_dir.holds_run():
         raise UserError(f"{where}: {root} is not empty ({entries(root)}) and holds no lora_sft run; lora_sft writes only into a new or empty folder or a run of its own: set another output_dir")

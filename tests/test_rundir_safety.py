@@ -143,7 +143,7 @@ def test_every_protected_place_and_its_ancestors_are_refused(tiny_llama, tmp_pat
     assert f"is the data folder {project / 'data' / 'chats'} (data.train)" in refused(str(project / "data" / "chats"))
     assert f"({project / 'data'}) holds the data folder" in refused(str(project / "data"))
     assert "is inside the data folder" in refused(str(project / "data" / "chats" / "run"))
-    assert "is inside the data folder" in refused(str(project / "data" / "chats" / "x" / "run"), data=str(project / "data" / "**" / "*.jsonl"))
+    assert f"is inside the folder of the data glob {project / 'data' / '**' / '*.jsonl'} (data.train)" in refused(str(project / "data" / "chats" / "x" / "run"), data=str(project / "data" / "**" / "*.jsonl"))
     assert f"is the model folder {tiny_llama} (model.path)" in refused(str(tiny_llama))
     (tmp_path / "templates").mkdir()
     (tmp_path / "templates" / "t.jinja").write_text("{{ messages }}")
