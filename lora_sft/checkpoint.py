@@ -6,13 +6,17 @@ looks complete and is not. `AtomicSaves` makes Trainer write into `checkpoints/.
 every file, renames the folder into place and fsyncs the parent, then keeps the last K. Only
 `checkpoint-N` folders are ever resumed from, so a half-written one is never picked up.
 
+`check_output_dir` refuses an output_dir that is not safe to write a run into (the working directory,
+the recipe's or the data's folder, a folder of someone else's files, ...), for `train` and `validate`.
 `start` decides what happens to `output_dir` before anything is written: a fresh run, a refusal
-(a run is already there), `--overwrite`, or `--resume [PATH]`, which is refused when the recipe
-changed in a way that matters.
+(a run is already there), `--overwrite`, or `--resume [PATH]`, which is checked completely first:
+the recipe may not have changed in a way that matters, and the checkpoint must belong to this recipe
+(its recipe hash and its adapter shapes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,7 +28,7 @@ import yaml
 
 from .errors import RunError, UserError
 from .recipe import Recipe
-from .rundir import RunDir
+from .rundir import RECIPE, RunDir, check_writable, entries
 
 STAGING = ".staging"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -73,6 +77,7 @@ class AtomicSaves:
 
     _staging: Path | None = None
     counted: tuple[str, ...] = ()  # attributes of the trainer saved with each checkpoint and restored on resume
+    recipe_identity: dict | None = None  # what a resumed run must share with this one (see `identity`), saved with each checkpoint
 
     def _get_output_dir(self, trial):
         return str(self._staging) if self._staging else super()._get_output_dir(trial)
@@ -85,7 +90,10 @@ class AtomicSaves:
         self._staging = staging
         try:
             super()._save_checkpoint(model, trial)
-            (staging / name / COUNTS).write_text(json.dumps({k: getattr(self, k) for k in self.counted}))
+            counts = {k: getattr(self, k) for k in self.counted}
+            if self.recipe_identity is not None:
+                counts |= {"recipe": self.recipe_identity, "recipe_hash": recipe_hash(self.recipe_identity)}
+            (staging / name / COUNTS).write_text(json.dumps(counts))
             fsync_tree(staging / name)
             target = root / name
             if target.exists():  # the same step saved again (resumed from an earlier checkpoint)
@@ -96,9 +104,10 @@ class AtomicSaves:
             previous = checkpoints(root)
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
             detail = (str(e).strip().splitlines() or [""])[0]
+            again = "run again with --resume" if previous else "start again with --overwrite"  # --resume needs a checkpoint
             raise RunError(
                 f"cannot write the step {self.state.global_step} checkpoint in {getattr(e, 'filename', None) or staging / name} ({type(e).__name__}: {detail}); "
-                f"{kept}; free disk space (or fix the folder's permissions) and run again with --resume"
+                f"{kept}; free disk space (or fix the folder's permissions) and {again}"
             ) from e
         finally:
             self._staging = None
@@ -108,35 +117,118 @@ class AtomicSaves:
             shutil.rmtree(old)
 
 
-# ---------------------------------------------------------------- starting or resuming a run
+# ---------------------------------------------------------------- what a resumed run must share
 
 # What a resumed run must share with the one it continues; anything else (lr, max_steps, logging, ...) may change.
 MATTERS = (("task",), ("model", "path"), ("model", "revision"), ("quant",), ("lora",), ("data",))
+BATCH = "effective batch (micro_batch_size * grad_accum)"
 
 
-def _effective_batch(train: dict) -> int:
-    return train["micro_batch_size"] * train["grad_accum"]
+def identity(recipe_dict: dict) -> dict:
+    """The parts of a resolved recipe that a resumed run cannot change: MATTERS and the effective batch."""
+    out: dict = {}
+    for path in MATTERS:
+        value, into = recipe_dict, out
+        for part in path:
+            value = (value or {}).get(part)
+        for part in path[:-1]:
+            into = into.setdefault(part, {})
+        into[path[-1]] = value
+    train = recipe_dict.get("train") or {}
+    out["effective_batch"] = train.get("micro_batch_size", 1) * train.get("grad_accum", 1)
+    return out
+
+
+def recipe_hash(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _identity_changes(a: dict, b: dict) -> list[str]:
+    out = []
+
+    def walk(x, y, path):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in dict.fromkeys([*x, *y]):
+                walk(x.get(key), y.get(key), (*path, key))
+        elif x != y:
+            out.append(f"{'.'.join(path)} {x!r} -> {y!r}")
+
+    for key in dict.fromkeys([*a, *b]):
+        if key != "effective_batch":
+            walk(a.get(key), b.get(key), (key,))
+    if a.get("effective_batch") != b.get("effective_batch"):
+        out.append(f"{BATCH} {a.get('effective_batch')} -> {b.get('effective_batch')}")
+    return out
 
 
 def changes(saved: dict, now: dict) -> list[str]:
     """What differs between two resolved recipes in the keys that a resumed run cannot change."""
-    out = []
+    return _identity_changes(identity(saved), identity(now))
 
-    def walk(a, b, path):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in dict.fromkeys([*a, *b]):
-                walk(a.get(key), b.get(key), (*path, key))
-        elif a != b:
-            out.append(f"{'.'.join(path)} {a!r} -> {b!r}")
 
-    for path in MATTERS:
-        a, b = saved, now
-        for part in path:
-            a, b = (a or {}).get(part), (b or {}).get(part)
-        walk(a, b, path)
-    if _effective_batch(saved["train"]) != _effective_batch(now["train"]):
-        out.append(f"effective batch (micro_batch_size * grad_accum) {_effective_batch(saved['train'])} -> {_effective_batch(now['train'])}")
-    return out
+# ---------------------------------------------------------------- is output_dir safe to write a run into?
+
+GLOB = "*?["
+
+
+def _data_place(spec: str) -> tuple[Path, str, bool] | None:
+    """A data source's local file or folder (a glob: the folder it searches), what it is, and whether files in
+    folders below it are read (a folder source, or a `**` glob); None for a hub dataset."""
+    if any(ch in spec for ch in GLOB):
+        parts = Path(spec).expanduser().parts
+        first = next(i for i, part in enumerate(parts) if any(ch in part for ch in GLOB))
+        return Path(*parts[:first]) if first else Path("."), "the folder of the data glob", "**" in spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path, "the data folder" if path.is_dir() else "the data file", path.is_dir()
+    return None
+
+
+def _protected(recipe: Recipe, model_folder: str | None, root: Path) -> list[tuple[Path, str, bool]]:
+    """(path, what it is, whether a run may not sit below it either) for everything a run must never hold or replace."""
+    places = [(Path("/"), "the root folder", False), (Path.home(), "your home folder", False), (Path.cwd(), "the working directory", False)]
+    if recipe._source is not None:
+        file = Path(recipe._source.file).expanduser().resolve()
+        if not (file == root / RECIPE and RunDir(root).holds_run()):  # a run's own saved recipe, used to resume it, is the run's
+            places.append((file.parent, f"the folder holding the recipe {recipe._source.file}", False))
+    for split in ("train", "eval"):
+        for source in recipe.data.sources(split):
+            if found := _data_place(source.path):
+                path, what, below = found
+                places.append((path, f"{what} {source.path} (data.{split})", below))
+    if model_folder:
+        places.append((Path(model_folder), f"the model folder {model_folder} (model.path)", False))
+    template = recipe.data.chat_template
+    if template and Path(template).expanduser().is_file():
+        places.append((Path(template).expanduser(), f"the chat template {template} (data.chat_template)", False))
+    return [(p.resolve(), what, below) for p, what, below in places]
+
+
+def check_output_dir(recipe: Recipe, model_folder: str | None = None) -> None:
+    """Refuse an output_dir that a run must not be written into, whatever the flags: one line, nothing written.
+
+    Refused: `/`, the home folder, the working directory, the recipe's folder, a local data file or folder
+    (or a glob's folder), the model folder, the chat template file, any folder holding one of these
+    (symlinks resolved); a folder inside a data folder (the run's metrics.jsonl would be read as data);
+    a file, a place that cannot be created or written; an existing folder of other files that holds no run.
+    `model_folder` is the resolved local model folder (None for a hub model)."""
+    where = recipe.where("output_dir")
+    run_dir = RunDir(recipe.output_dir)
+    root = run_dir.root
+    fix = "set output_dir to a folder of its own, e.g. runs/my-run"
+    for path, what, below in _protected(recipe, model_folder, root):
+        if root == path:
+            raise UserError(f"{where}: {recipe.output_dir} is {what}; a run must have a folder of its own: {fix}")
+        if root in path.parents:
+            raise UserError(f"{where}: {recipe.output_dir} ({root}) holds {what}; a run must have a folder of its own: {fix}")
+        if below and path in root.parents:
+            raise UserError(f"{where}: {recipe.output_dir} is inside {what}, so the run's files (metrics.jsonl) would be read as data next time; set output_dir to a folder outside it")
+    check_writable(root, where, "output_dir")
+    if root.is_dir() and not run_dir.is_empty() and not run_dir.holds_run():
+        raise UserError(f"{where}: {root} is not empty ({entries(root)}) and holds no lora_sft run; lora_sft writes only into a new or empty folder or a run of its own: set another output_dir")
+
+
+# ---------------------------------------------------------------- starting or resuming a run
 
 
 @dataclass
@@ -145,17 +237,80 @@ class Start:
     replace: bool = False  # --overwrite: remove the run in output_dir before writing the new one
 
 
-def start(recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprint: str) -> Start:
-    """Decide what to do with output_dir; raises UserError before anything is written."""
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def adapter_shapes(checkpoint: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{module: {"A": shape, "B": shape}} from a checkpoint's adapter_model.safetensors header (no weights read)."""
+    from safetensors import safe_open
+
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    with safe_open(str(checkpoint / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            if m := LORA_KEY.match(key):
+                out.setdefault(m.group("module"), {})[m.group("ab")] = tuple(f.get_slice(key).get_shape())
+    return out
+
+
+def _checkpoint_identity(checkpoint: Path) -> dict | None:
+    """The recipe identity a checkpoint was written with: its counts file, or (older checkpoints) its run's recipe.yaml."""
+    try:
+        counts = json.loads((checkpoint / COUNTS).read_text())
+        if isinstance(counts, dict) and isinstance(counts.get("recipe"), dict):
+            return counts["recipe"]
+    except (OSError, ValueError):
+        pass
+    run = RunDir(checkpoint.parent.parent)
+    if checkpoint.parent == run.checkpoints and run.holds_run():
+        try:
+            return identity(run.read_recipe())
+        except (OSError, ValueError, yaml.YAMLError, AttributeError):
+            return None
+    return None
+
+
+def _plural(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def belongs(checkpoint: Path, recipe: Recipe, targets: list[str]) -> str | None:
+    """Why `checkpoint` cannot continue a run of `recipe` (a different recipe identity, other adapted modules or
+    another LoRA rank), or None when it can."""
+    now = identity(recipe.resolved_dict())
+    saved = _checkpoint_identity(checkpoint)
+    if saved is not None and recipe_hash(saved) != recipe_hash(now):
+        diff = _identity_changes(saved, now) or ["the recipe hash differs"]
+        return f"the checkpoint was written by a run with another recipe: {'; '.join(diff)}"
+    if not (checkpoint / "adapter_model.safetensors").is_file():
+        return "the checkpoint has no adapter_model.safetensors"
+    try:
+        shapes = adapter_shapes(checkpoint)
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        return f"cannot read the checkpoint's adapter_model.safetensors ({type(e).__name__}: {e})"
+    missing, extra = [t for t in targets if t not in shapes], sorted(set(shapes) - set(targets))
+    if missing or extra:
+        parts = ([f"not {_plural(missing)}"] if missing else []) + ([f"also {_plural(extra)}"] if extra else [])
+        return f"the checkpoint adapts {len(shapes)} modules, this recipe {len(targets)}: {', '.join(parts)}"
+    rank = recipe.lora.rank
+    for module in targets:
+        a, b = shapes[module].get("A"), shapes[module].get("B")
+        if not a or not b or a[0] != rank or b[-1] != rank:
+            found = a[0] if a else (b[-1] if b else "?")
+            return f"the checkpoint's LoRA rank is {found} ({module}), this recipe's lora.rank is {rank}"
+    return None
+
+
+def start(recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprint: str, targets: list[str] | None = None) -> Start:
+    """Decide what to do with output_dir; raises UserError before anything is written.
+    `targets` are the modules the plan adapts (plan.targets), checked against a checkpoint's adapter."""
     run_dir = RunDir(recipe.output_dir)
-    held = (run_dir.root / "recipe.yaml").is_file()
+    held = run_dir.holds_run()
     where = recipe.where("output_dir")
     if resume and overwrite:
         raise UserError(f"{where}: --resume and --overwrite contradict each other; pick one")
     if not resume:
         if held and not overwrite:
-            finished = (run_dir.root / "summary.json").is_file()
-            what = "a finished run" if finished else "an unfinished run"
+            what = "a finished run" if run_dir.finished() else "an unfinished run"
             raise UserError(f"{where}: {run_dir.root} already holds {what}; continue it with --resume, replace it with --overwrite, or set another output_dir")
         return Start(replace=held)
 
@@ -177,13 +332,17 @@ def start(recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprin
             raise UserError(f"--resume {resume}: not a checkpoint folder (no {STATE}); give a run directory or one of its checkpoints/checkpoint-N")
         if not held:
             raise UserError(f"{where}: --resume {resume}: {run_dir.root} holds no run; resume into the run directory the checkpoint came from")
-    saved = yaml.safe_load((run_dir.root / "recipe.yaml").read_text())
-    changed = changes(saved, recipe.resolved_dict())
-    manifest = json.loads((run_dir.root / "manifest.json").read_text())
+    try:
+        saved, manifest = run_dir.read_recipe(), run_dir.read_manifest()
+        changed = changes(saved, recipe.resolved_dict())
+    except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as e:
+        raise UserError(f"{where}: --resume: cannot read the run's {RECIPE} or manifest.json in {run_dir.root} ({type(e).__name__}); start over with --overwrite") from None
     if not changed and manifest.get("data_fingerprint") != fingerprint:
         changed.append("the contents of the data files")
     if changed:
-        raise UserError(f"--resume refused, the recipe changed since {run_dir.root}/recipe.yaml: {'; '.join(changed)}; undo the change or start a new run (another output_dir or --overwrite)")
+        raise UserError(f"--resume refused, the recipe changed since {run_dir.recipe}: {'; '.join(changed)}; undo the change or start a new run (another output_dir or --overwrite)")
+    if targets is not None and (why := belongs(checkpoint, recipe, targets)):
+        raise UserError(f"--resume refused: {checkpoint} does not belong to this recipe: {why}; resume from a checkpoint of this run ({run_dir.checkpoints})")
     return Start(resume_from=checkpoint)
 
 
@@ -201,9 +360,10 @@ def reopen(run_dir: RunDir, checkpoint: Path, recipe_dict: dict) -> dict:
     shutil.rmtree(run_dir.checkpoints / STAGING, ignore_errors=True)
     kept = [line for line in run_dir.metrics.read_text().splitlines() if (record := _record(line)) and record.get("step", 0) <= step]
     run_dir.metrics.write_text("".join(f"{line}\n" for line in kept))
-    (run_dir.root / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))  # the options that may change did
-    (run_dir.root / "summary.json").unlink(missing_ok=True)
-    info = json.loads((run_dir.root / "manifest.json").read_text())
+    run_dir.mark()  # a run from before the marker gets one
+    run_dir.write_recipe(recipe_dict)  # the options that may change did
+    run_dir.summary.unlink(missing_ok=True)
+    info = run_dir.read_manifest()
     info["ended"] = None
     info.setdefault("resumed", []).append({"from_step": step, "checkpoint": str(checkpoint)})
     return info
@@ -212,8 +372,10 @@ def reopen(run_dir: RunDir, checkpoint: Path, recipe_dict: dict) -> dict:
 def restore_counts(trainer, checkpoint: Path) -> None:
     counts = checkpoint / COUNTS
     if counts.is_file():
-        for key, value in json.loads(counts.read_text()).items():
-            setattr(trainer, key, value)
+        saved = json.loads(counts.read_text())
+        for key in trainer.counted:
+            if key in saved:
+                setattr(trainer, key, saved[key])
 
 
 def logged_eval_before(run_dir: RunDir) -> dict | None:

@@ -14,29 +14,76 @@ from . import __version__
 from .errors import RunError, UserError
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    recipe_args = argparse.ArgumentParser(add_help=False, parents=[common])
-    recipe_args.add_argument("recipe", help="path to a YAML recipe")
-    recipe_args.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="patch the recipe, e.g. train.lr=1e-4 lora.rank=8")
+class ArgumentError(Exception):
+    """A command-line mistake: printed as one `error: ...` line, exit 2 (argparse would print its usage block)."""
 
-    parser = argparse.ArgumentParser(prog="python -m lora_sft", description="QLoRA fine-tuning from a YAML recipe.", parents=[common])
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ArgumentError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def count(least: int):
+    """An argparse type: an integer of at least `least`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is too small; give {least} or more")
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    # --debug is taken before or after the command; a sub-command's default must not undo the top-level flag
+    common = Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    recipe_args = Parser(add_help=False, parents=[common])
+    recipe_args.add_argument("recipe", help="path to a YAML recipe")
+    recipe_args.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="patch the recipe, e.g. train.lr=1e-4 lora.rank=8 (anywhere after the recipe)")
+
+    parser = Parser(prog="python -m lora_sft", description="QLoRA fine-tuning from a YAML recipe.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"lora_sft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", parents=[recipe_args], help="train an adapter", description="Train a LoRA adapter as the recipe says; writes the run directory (output_dir).")
     t.add_argument("--resume", nargs="?", const=True, metavar="PATH", help="continue the run in output_dir from its latest checkpoint, or from PATH (a run directory or a checkpoint folder)")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in output_dir: removes only the files a run writes, never other files")
     v = sub.add_parser("validate", parents=[recipe_args], help="check a recipe and print what the run would do", description="Check the recipe, its data files and its LoRA targets (model built from its config, no weights loaded), then print what train would do.")
     v.add_argument("--explain", action="store_true", help="also print every recipe key with its default and meaning")
     p = sub.add_parser("preview", parents=[recipe_args], help="show the tokens a run would train on", description="Tokenize the recipe's data (no model weights) and show samples with the trained tokens marked, and the data stats.")
-    p.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
+    p.add_argument("-n", type=count(0), default=3, help="samples to show (default 3)")
     p.add_argument("--split", choices=["train", "eval"], default="train")
     p.add_argument("--json", action="store_true", help="one JSON object per sample: input_ids, labels (-100 = not trained), position_ids when packed")
     from .commands import add_run_commands
 
     add_run_commands(sub, common)
     return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; KEY=VALUE overrides may come anywhere after the recipe (`train r.yaml --overwrite k=v`)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        overrides = [a for a in extra if not a.startswith("-")]  # load_recipe says what is wrong with one
+        args.overrides = [*args.overrides, *overrides]
+        extra = [a for a in extra if a not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _check_output_dir(recipe, model_plan) -> None:
+    """What train refuses about output_dir whatever its flags (validate checks it too)."""
+    from .checkpoint import check_output_dir
+
+    source = model_plan.source if model_plan is not None else None
+    check_output_dir(recipe, source.path if source is not None and source.origin != "hub" else None)
 
 
 def _validate(args) -> int:
@@ -57,6 +104,7 @@ def _validate(args) -> int:
         check_hardware(recipe)
     except UserError as e:
         note = "\n".join(filter(None, [note, *(f"note: on this machine: {p}" for p in e.problems)]))
+    _check_output_dir(recipe, model_plan)
     print(f"{args.recipe}: ok")
     print("\n".join(f"  {line}" for line in plan.describe_run(recipe, checked, model_plan)))
     if note:
@@ -96,8 +144,31 @@ def _train(args) -> int:
     return 0
 
 
+def _end_progress_line() -> None:
+    """Close any progress bar still drawn (the training bar an error cut short), so that the error that follows
+    starts a line of its own (`grep ^error:` finds it) and no bar is redrawn after it."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        try:
+            bar.close()
+        except Exception:  # a bar on a closed stream: nothing to end
+            pass
+
+
+def _quiet_stdout() -> None:
+    """The reader of our output went away (`preview ... | head`): send what is left to /dev/null, say nothing."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = parse(argv)
+    except ArgumentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # bitsandbytes warns at import about an optional CPU inference kernel that training never uses.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -106,22 +177,33 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "handler"):
             return args.handler(args)
         return {"train": _train, "validate": _validate, "preview": _preview}[args.command](args)
+    except BrokenPipeError:
+        _quiet_stdout()
+        if args.command in ("preview", "validate"):  # `preview ... | head`: the reader has what it wanted
+            return 0
+        _end_progress_line()
+        print(f"error: {args.command} stopped: its output was closed (BrokenPipeError); send it to a file instead of a pipe that closes", file=sys.stderr)
+        return 1
     except UserError as e:
         if args.debug:
             raise
+        _end_progress_line()
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
     except RunError as e:
         if args.debug:
             raise
+        _end_progress_line()
         print(f"error: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
+        _end_progress_line()
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a failure of the run, not of the input
         if args.debug:
             raise
+        _end_progress_line()
         print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
         return 1

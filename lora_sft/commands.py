@@ -47,7 +47,7 @@ def _eval(args) -> int:
 def _push(args) -> int:
     from .hub import push
 
-    push(args.folder, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    push(args.folder, args.repo_id, private=not args.public, revision=args.revision, dry_run=args.dry_run)
     return 0
 
 
@@ -79,7 +79,35 @@ def _generate(args) -> int:
     return 0
 
 
+def tolerance(text: str) -> float:
+    """An argparse type: a finite max |logit diff| of 0 or more (nan or inf would switch the check off)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a tolerance; give a finite number of 0 or more, e.g. 1e-4")
+    return value
+
+
+def shard_size(text: str) -> int:
+    """An argparse type: a shard size in bytes, or with a unit (200KB, 2GB, 500MiB), above 0."""
+    import argparse
+
+    from .export import shard_bytes
+
+    try:
+        return shard_bytes(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(e.problems[0].split(": ", 1)[1]) from None
+
+
 def add_run_commands(sub, common) -> None:
+    from .cli import count
+
     def command(name: str, handler, help: str, description: str, target: str = "run_dir"):
         parser = sub.add_parser(name, parents=[common], help=help, description=description)
         parser.add_argument(target, help="a run directory that `train` completed" if target == "run_dir" else "the folder to upload")
@@ -91,9 +119,9 @@ def add_run_commands(sub, common) -> None:
     e.add_argument("--merged", action="store_true", help="also write the merged model (sharded safetensors)")
     e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32", help="dtype of the unquantized base and the merged weights (default fp32)")
     e.add_argument("--out", help="export folder (default RUN_DIR/export)")
-    e.add_argument("--samples", type=int, default=8, help="held-out samples for the fidelity report (default 8)")
-    e.add_argument("--tolerance", type=float, help="max |logit diff| allowed between merged and unmerged (default by dtype: fp32 1e-4 + 1e-5 * max |logit|)")
-    e.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard of the merged model (default 2GB)")
+    e.add_argument("--samples", type=count(1), default=8, help="held-out samples for the fidelity report (default 8)")
+    e.add_argument("--tolerance", type=tolerance, help="max |logit diff| allowed between merged and unmerged (default by dtype: fp32 1e-4 + 1e-5 * max |logit|)")
+    e.add_argument("--max-shard-size", type=shard_size, default="2GB", help="largest safetensors shard of the merged model (default 2GB)")
 
     v = command("eval", _eval, "measure a finished run (and its base) on held-out data",
                 "Evaluate a finished run on its eval split or --data FILE: loss, perplexity, token accuracy and generation metrics (causal_lm) or accuracy and macro F1 (classification); writes eval.md and adds `evaluation` to summary.json. Works offline.")
@@ -103,11 +131,11 @@ def add_run_commands(sub, common) -> None:
     g = command("generate", _generate, "try a fine-tuned causal LM: one prompt, or a chat",
                 "Generate with a finished causal_lm run (4-bit base + adapter, as trained), the prompt rendered with the saved chat template. Without --prompt: an interactive chat.")
     g.add_argument("--prompt", help="one user message; omit for an interactive chat")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default 128)")
+    g.add_argument("--max-new-tokens", type=count(1), default=128, help="longest reply in tokens (default 128)")
 
     p = command("push", _push, "upload a folder to the model hub",
                 "Upload a folder (a run's adapter/, an export, a run directory without its checkpoints) to a hub model repository, creating it if needed. The token comes from HF_TOKEN or the saved login and is never written anywhere; HF_ENDPOINT selects another hub.", target="folder")
     p.add_argument("--repo-id", required=True, help="USER/NAME (or NAME in your namespace)")
-    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--public", action="store_true", help="create the repository public (it is created private by default; an existing repository keeps its visibility)")
     p.add_argument("--revision", help="branch to push to (created if missing)")
     p.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded, upload nothing")

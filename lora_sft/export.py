@@ -10,9 +10,14 @@ The fidelity report runs the same held-out samples through (a) the 4-bit base + 
 (b) the unquantized base in --dtype + the adapter, unmerged, and (c) the merged model as saved, loaded
 back from disk in a fresh interpreter with plain transformers. For each pair: max |logit difference|,
 mean KL divergence, perplexity change and greedy next-token agreement. (b) vs (c) must agree within a
-tolerance or the export fails (exit 1) and the merged folder is removed; (a) vs (c) is the quantization
+tolerance or the export fails (exit 1) and nothing is written; (a) vs (c) is the quantization
 gap, reported as it is. The adapter export is loaded the same way (plain peft on the unquantized base)
 and must reproduce (b).
+
+An export never removes or overwrites anything of the run it reads: `--out` may not be the run, hold it,
+or sit inside one of its files; an existing folder is replaced only if it is an earlier export (marked
+with `.lora_sft-export`). Everything is written into a staging folder beside `--out` and renamed into
+place at the end, so a failure (exit 1 for a failed check) leaves the earlier export as it was.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .rundir import model_card, write_json
+from .errors import RunError, UserError
+from .rundir import ARTIFACTS, EXPORT, EXPORT_MARKER, MARKER_VERSION, check_writable, entries, model_card, now, write_json
 from .trained import TrainedRun, open_run
 
 # (atol, rtol) on max |logit difference| for merged vs unmerged, by export dtype: rounding the merged
@@ -45,8 +52,8 @@ VLLM_TARGETS = {
 }
 
 
-class FidelityError(RuntimeError):
-    """The merged (or re-loaded) model does not reproduce the unmerged one."""
+class FidelityError(RunError):
+    """The merged (or re-loaded) model does not reproduce the unmerged one: exit 1, one line."""
 
 
 # ---------------------------------------------------------------- comparing models
@@ -220,11 +227,100 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/merged")
     return f"---\nbase_model: {base}\nlibrary_name: transformers\ntags: {json.dumps(tags)}\n---\n{body}\n{sections}"
 
 
+def shard_bytes(size: int | str) -> int:
+    """`--max-shard-size` in bytes: an int, digits, or a number with a unit (200KB, 2GB, 1GiB); UserError otherwise."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    text = str(size).strip()
+    try:
+        value = int(text) if text.isdigit() else convert_file_size_to_int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UserError(f"--max-shard-size: {size!r} is not a size; give bytes or a number with a unit, e.g. 2GB, 500MB, 200KB, 1GiB")
+    return value
+
+
+def is_export(folder: Path) -> bool:
+    """An earlier lora_sft export: marked, or (from before the marker) a fidelity.json that export wrote."""
+    if (folder / EXPORT_MARKER).is_file():
+        return True
+    try:
+        report = json.loads((folder / "fidelity.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "pairs" in report and "run_dir" in report
+
+
+def check_out(run_root: Path, out: Path) -> None:
+    """Refuse an export folder that would remove or overwrite anything but an earlier export (one line, nothing written)."""
+    fix = f"give --out a new folder, or leave it out to write {run_root / EXPORT}"
+    if out == run_root / EXPORT:
+        check_writable(out, "--out", "--out")
+        return  # the run's own export folder
+    if out == run_root or out in run_root.parents:
+        raise UserError(f"--out {out}: {'is' if out == run_root else 'holds'} the run directory {run_root}; an export never replaces the run it reads: {fix}")
+    for name in ARTIFACTS:
+        if name != EXPORT and (out == run_root / name or run_root / name in out.parents):
+            raise UserError(f"--out {out}: {'is' if out == run_root / name else 'is inside'} the run's {name}; an export never writes into the run it reads: {fix}")
+    for place, what in ((Path("/"), "the root folder"), (Path.home(), "your home folder"), (Path.cwd(), "the working directory")):
+        if out == place.resolve() or out in place.resolve().parents:
+            raise UserError(f"--out {out}: {'is' if out == place.resolve() else 'holds'} {what}; {fix}")
+    check_writable(out, "--out", "--out")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        raise UserError(f"--out {out}: the folder is not empty ({entries(out)}) and holds no lora_sft export; an export replaces only an earlier export: {fix}")
+
+
+@contextlib.contextmanager
+def staged(out: Path):
+    """A staging folder beside `out`, renamed into place when the block succeeds (an earlier export moved aside,
+    then removed); on any failure the staging folder (and any parent folder made for it) is removed and `out`
+    is as it was."""
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        yield staging
+        if out.exists() or out.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+            for folder in made:  # deepest first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
 def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: str | Path | None = None,
-           samples: int = 8, tolerance: float | None = None, max_shard_size: str = "2GB", log=print) -> dict:
+           samples: int = 8, tolerance: float | None = None, max_shard_size: int | str = "2GB", log=print) -> dict:
+    shard_size = shard_bytes(max_shard_size)
+    if samples < 1:
+        raise UserError(f"--samples: {samples} is too small; give 1 or more")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise UserError(f"--tolerance: {tolerance} is not a tolerance; give a finite number of 0 or more, e.g. 1e-4")
     run = open_run(run_dir)
-    out = Path(out).resolve() if out else run.root / "export"
-    merged_dir, adapter_dir = out / "merged", out / "adapter"
+    out = Path(out).expanduser().resolve() if out else run.root / EXPORT
+    check_out(run.root, out)
+    with staged(out) as staging:
+        report = _write(run, staging, out, merged, dtype, samples, tolerance, shard_size, log)
+    log(f"exported: {out}")
+    hub = run.recipe.hub
+    if hub.repo_id and hub.after == "export":
+        from .hub import push
+
+        push(out, hub.repo_id, private=hub.private, revision=hub.revision, log=log)
+    return report
+
+
+def _write(run: TrainedRun, staging: Path, out: Path, merged: bool, dtype: str, samples: int, tolerance: float | None, max_shard_size: int, log) -> dict:
+    """Write the export into `staging`; raises FidelityError (nothing is then kept) when a check fails."""
+    write_json(staging / EXPORT_MARKER, {"version": MARKER_VERSION, "created": now(), "run_dir": str(run.root)})  # first
+    merged_dir, adapter_dir = staging / "merged", staging / "adapter"
     atol, rtol = TOLERANCE[dtype]
     bundle = run.bundle()
     held_out = bundle.eval is not None
@@ -242,7 +338,6 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
         model_b = run.model(dtype)
         outputs["b"] = forward(run, model_b, batch)
         if merged:
-            shutil.rmtree(merged_dir, ignore_errors=True)
             full = model_b.merge_and_unload()
             if run.recipe.task == "causal_lm":
                 full.generation_config.eos_token_id = run.tokenizer.eos_token_id
@@ -258,7 +353,6 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
     report["pairs"] = {"a_vs_b": compare(outputs["a"], outputs["b"])}
     report["perplexity"] = {k: perplexity(v) for k, v in outputs.items()}
 
-    shutil.rmtree(adapter_dir, ignore_errors=True)
     shutil.copytree(run.adapter, adapter_dir)
     loads = {"adapter": (run.plan.source.path, str(adapter_dir))} | ({"merged": (str(merged_dir), None)} if merged else {})
     plain = load_plain(run, batch, loads, dtype)
@@ -284,29 +378,19 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
     report["serving_warnings"] = serving_warnings(adapter_config)
     report["passed"] = not problems
     report["problems"] = problems
-    write_json(out / "fidelity.json", report)
+    log(format_report(report))
+    for w in report["serving_warnings"]:
+        log(f"serving warning: {w}")
+    if problems:  # an export that failed its check is not written at all, so it cannot be shipped by mistake
+        kept = "the earlier export there is unchanged" if out.exists() else "nothing was written"
+        raise FidelityError("; ".join(problems) + f"; {kept} ({out}); the report is printed above")
+    write_json(staging / "fidelity.json", report)
 
     card = model_card(run.saved("recipe.yaml"), run.recipe.model.path, run.saved("manifest.json")["data"], run.saved("summary.json"), run.checked.labels)
     sections = _card_sections(report)
     (adapter_dir / "README.md").write_text(card + "\n" + sections)
     if merged:
-        if problems:
-            shutil.rmtree(merged_dir)  # a merged model that failed its check must not be shipped by mistake
-        else:
-            (merged_dir / "README.md").write_text(_merged_card(card, run.recipe.model.path, run.recipe.task, sections))
-
-    log(format_report(report))
-    for w in report["serving_warnings"]:
-        log(f"serving warning: {w}")
-    if problems:
-        removed = "; the merged folder was removed" if merged else ""
-        raise FidelityError("; ".join(problems) + f"{removed}; see {out / 'fidelity.json'}")
-    log(f"exported: {out}")
-    hub = run.recipe.hub
-    if hub.repo_id and hub.after == "export":
-        from .hub import push
-
-        push(out, hub.repo_id, private=hub.private, revision=hub.revision, log=log)
+        (merged_dir / "README.md").write_text(_merged_card(card, run.recipe.model.path, run.recipe.task, sections))
     return report
 
 

@@ -20,15 +20,22 @@ from .errors import RunError
 from .recipe import Recipe
 
 
-def _resume_hint(recipe: Recipe) -> str:
+def _command(recipe: Recipe, flag: str) -> str:
     source = recipe._source
     overrides = "".join(f" {o}" for o in source.overrides.values()) if source else ""
-    return f"python -m lora_sft train {source.file if source else 'RECIPE'}{overrides} --resume"
+    return f"python -m lora_sft train {source.file if source else 'RECIPE'}{overrides} {flag}"
 
 
 def _last_good(folder: Path) -> str:
     found = checkpoints(folder)
     return str(found[-1]) if found else "none yet"
+
+
+def _next(recipe: Recipe, folder: Path, then: str = "") -> str:
+    """How to go on: resume from the last checkpoint, or start again when none was saved (--resume would be refused)."""
+    if checkpoints(folder):
+        return f"{then}continue with: {_command(recipe, '--resume')}"
+    return f"no checkpoint was saved yet, so start again with: {_command(recipe, '--overwrite')}"
 
 
 class Guard(TrainerCallback):
@@ -69,7 +76,7 @@ class Guard(TrainerCallback):
         if self.signal is None or state.global_step >= state.max_steps:
             return None
         return RunError(
-            f"{signal.Signals(self.signal).name}: stopped after step {state.global_step}, checkpoint {_last_good(self.folder)}; continue with: {_resume_hint(self.recipe)}",
+            f"{signal.Signals(self.signal).name}: stopped after step {state.global_step}, checkpoint {_last_good(self.folder)}; {_next(self.recipe, self.folder)}",
             code=128 + self.signal,  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         )
 
@@ -95,7 +102,7 @@ class Guard(TrainerCallback):
         raise RunError(
             f"step {step}: {bad}; stopped before the optimizer step, last good checkpoint: {_last_good(self.folder)}; "
             f"try a lower train.lr (now {self.recipe.train.lr:g}), keep train.max_grad_norm above 0, check the data near this step, "
-            f"or set train.on_nonfinite: skip; then continue with: {_resume_hint(self.recipe)}"
+            f"or set train.on_nonfinite: skip; {_next(self.recipe, self.folder, then='then ')}"
         )
 
 
@@ -105,10 +112,10 @@ def out_of_memory(recipe: Recipe, trainer, folder: Path):
     try:
         yield
     except torch.OutOfMemoryError as e:  # torch.cuda.OutOfMemoryError is the same class
-        raise RunError(oom_message(recipe, trainer.state.global_step, _last_good(folder))) from e
+        raise RunError(oom_message(recipe, trainer.state.global_step, _last_good(folder), _next(recipe, folder))) from e
 
 
-def oom_message(recipe: Recipe, step: int, last_good: str) -> str:
+def oom_message(recipe: Recipe, step: int, last_good: str, next_step: str | None = None) -> str:
     t, d = recipe.train, recipe.data
     options = []
     if t.micro_batch_size > 1:
@@ -119,4 +126,5 @@ def oom_message(recipe: Recipe, step: int, last_good: str) -> str:
     options.append(f"data.max_length={max(8, d.max_length // 2)} (now {d.max_length})")
     if recipe.quant.mode not in ("nf4", "fp4"):
         options.append("quant.mode=nf4")
-    return f"out of GPU memory at step {step + 1}; try {'; '.join(options)}; last good checkpoint: {last_good}; continue with: {_resume_hint(recipe)}"
+    next_step = next_step or f"continue with: {_command(recipe, '--resume')}"
+    return f"out of GPU memory at step {step + 1}; try {'; '.join(options)}; last good checkpoint: {last_good}; {next_step}"

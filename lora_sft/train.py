@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -59,11 +58,15 @@ def prepare(recipe: Recipe) -> Prepared:
 
 def run(recipe: Recipe, log=print, resume: str | bool | None = None, overwrite: bool = False) -> Result:
     prepared = prepare(recipe)
-    tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
+    source = prepared.plan.source
+    # output_dir must be a folder of its own (not the working directory, the data's, a folder of other files)
+    checkpoint.check_output_dir(recipe, source.path if source.origin != "hub" else None)
+    tokenizer = model_stage.load_tokenizer(recipe, source)
     bundle = data_stage.build(recipe, tokenizer, prepared.checked)
     # a run already in output_dir is continued (--resume) or replaced (--overwrite), never silently
-    # overwritten; the data fingerprint (data, data options, tokenizer) must match to resume
-    start = checkpoint.start(recipe, resume, overwrite, bundle.fingerprint)
+    # overwritten; to resume, the data fingerprint (data, data options, tokenizer) must match and the
+    # checkpoint must belong to this recipe (its recipe hash, its adapter's modules and rank)
+    start = checkpoint.start(recipe, resume, overwrite, bundle.fingerprint, prepared.plan.targets)
     from transformers import set_seed
 
     set_seed(recipe.seed)  # adapter init and dropout draw from here
@@ -175,6 +178,7 @@ def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir, log=prin
         callbacks=[RunLog(), guard],
     )
     trainer.guard = guard
+    trainer.recipe_identity = checkpoint.identity(recipe.resolved_dict())  # saved with each checkpoint, checked on resume
     return trainer
 
 
@@ -189,7 +193,7 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
         log(f"resuming from {resume_from}")
     else:
         if start and start.replace:
-            shutil.rmtree(run_dir.root)  # --overwrite, and only now that the new run is ready to go
+            run_dir.remove_run()  # --overwrite, and only now that the new run is ready to go; the user's own files stay
         info = manifest(recipe.seed, bundle.fingerprint, bundle.stats, f"{plan.source.path} ({plan.source.origin})")
         run_dir.create(recipe.resolved_dict(), info)
     log(f"run directory: {run_dir.root}")
@@ -210,6 +214,7 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
     train_time = time.perf_counter() - train_start
     after = _eval_metrics(trainer.evaluate(), recipe.task) if bundle.eval else None
 
+    run_dir.drop_derived()  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
     model.save_pretrained(run_dir.adapter)
     tokenizer.save_pretrained(run_dir.adapter)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

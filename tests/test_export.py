@@ -58,6 +58,7 @@ def test_merged_export_equals_unmerged_and_reports_the_quantization_gap(exported
         card = (folder / "README.md").read_text()
         assert card.startswith("---\nbase_model: ") and "## Fidelity" in card and "| b_vs_c |" in card and "## Serving" in card
         assert '"evaluation": {' in card and "## Recipe" in card  # the eval section's results, and the recipe as trained
+    assert (out / ".lora_sft-export").is_file() and not list(out.parent.glob(f".{out.name}.*"))  # marked; no staging left
     assert "library_name: peft" in (out / "adapter/README.md").read_text()
     assert "library_name: transformers" in (merged / "README.md").read_text()
 
@@ -91,16 +92,50 @@ def test_exports_load_with_plain_transformers_and_peft(exported, tmp_path):
     assert (logits["adapter"] - unmerged).abs().max().item() <= 1e-5
 
 
+def snapshot(root) -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
 @pytest.mark.e2e
-def test_export_fails_when_the_merge_changes_the_model(tiny_run, tmp_path, capsys):
+def test_export_fails_when_the_merge_changes_the_model(exported, tmp_path, capsys):
+    """A failed check writes nothing: no folder at a new --out (nor the parents made for it), and an earlier export
+    stays byte for byte with no staging folder beside it; the printed report still shows the numbers."""
+    run_dir, previous, _ = exported
+    before = snapshot(previous)
+    for out, kept in ((tmp_path / "new" / "export", "nothing was written"), (previous, "the earlier export there is unchanged")):
+        assert main(["export", str(run_dir), "--merged", "--samples", "2", "--tolerance", "1e-9", "--out", str(out)]) == 1
+        captured = capsys.readouterr()
+        err = [line for line in captured.err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "the merged model differs from the unmerged one (b vs c)" in err[0] and "tolerance 1e-09" in err[0]
+        assert err[0].endswith(f"; {kept} ({out}); the report is printed above")
+        assert "b_vs_c: max |logit diff|" in captured.out and "tolerance 1e-09" in captured.out
+        assert not list(out.parent.glob(f".{out.name}.*")), "a staging folder was left behind"
+    assert not (tmp_path / "new").exists(), "a merged model that failed its check must not be left to ship"
+    assert snapshot(previous) == before
+
+
+@pytest.mark.e2e
+def test_export_replaces_only_an_earlier_export_and_checks_its_flags_first(tiny_run, tmp_path, capsys):
+    from lora_sft.errors import UserError
+    from lora_sft.export import export
+
     run_dir, _, _ = tiny_run
     out = tmp_path / "export"
-    assert main(["export", str(run_dir), "--merged", "--samples", "2", "--tolerance", "1e-9", "--out", str(out)]) == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "the merged model differs from the unmerged one (b vs c)" in err[0] and "tolerance 1e-09" in err[0]
-    assert not (out / "merged").exists(), "a merged model that failed its check must not be left to ship"
-    report = json.loads((out / "fidelity.json").read_text())
-    assert report["passed"] is False and report["problems"]
+    with pytest.raises(UserError, match="--max-shard-size: '2XB' is not a size"):  # before any model is loaded
+        export(run_dir, merged=True, out=out, max_shard_size="2XB")
+    assert not out.exists()
+    assert main(["export", str(run_dir), "--samples", "2", "--out", str(out)]) == 0
+    assert (out / ".lora_sft-export").is_file() and (out / "fidelity.json").is_file() and not (out / "merged").exists()
+    (out / "adapter" / "left-over.txt").write_text("from the earlier export")
+    assert main(["export", str(run_dir), "--samples", "2", "--out", str(out)]) == 0  # an earlier export: replaced whole
+    assert not (out / "adapter" / "left-over.txt").exists() and not list(tmp_path.glob(".export.*"))
+    capsys.readouterr()
+    (out / ".lora_sft-export").unlink()
+    (out / "fidelity.json").unlink()  # now a folder of someone else's files
+    before = snapshot(tmp_path)
+    assert main(["export", str(run_dir), "--samples", "2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().split("\n") == [f"error: --out {out}: the folder is not empty (adapter/) and holds no lora_sft export; an export replaces only an earlier export: give --out a new folder, or leave it out to write {run_dir / 'export'}"]
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.unit

@@ -132,3 +132,38 @@ def test_write_error_while_saving_keeps_the_previous_checkpoint(tiny_llama, tmp_
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4]
     assert "resuming from" in capsys.readouterr().out
+
+
+def test_nonfinite_loss_before_any_checkpoint_says_to_start_again(tiny_llama, tmp_path, write_recipe):
+    path = make_recipe(tiny_llama, tmp_path, write_recipe, save_steps=100)
+    recipe, model, fit = train_with_fault(path, 2, lambda out, model: out * float("nan"))
+    with pytest.raises(RunError) as stopped:
+        fit()
+    message = str(stopped.value)
+    assert message.startswith("step 2: the loss is nan; stopped before the optimizer step, last good checkpoint: none yet;")
+    assert message.endswith(f"or set train.on_nonfinite: skip; no checkpoint was saved yet, so start again with: python -m lora_sft train {path} --overwrite")
+    assert "--resume" not in message
+
+
+def test_an_error_during_training_starts_a_line_of_its_own(tiny_llama, tmp_path, write_recipe):
+    """The training progress bar is ended before the error is printed, so `grep ^error:` finds it (a subprocess
+    whose file-size limit makes the first checkpoint fail; no checkpoint exists, so it says --overwrite, not --resume)."""
+    import os
+    import subprocess
+    import sys
+
+    path = make_recipe(tiny_llama, tmp_path, write_recipe, save_steps=2)
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))  # the adapter alone is 32 KiB
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "LORA_SFT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "lora_sft", "train", str(path), "data.cache=false"], capture_output=True, text=True,
+                          env=env, preexec_fn=small_files, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.split("\n")
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot write the step 2 checkpoint"), proc.stderr[-2000:]
+    assert errors[0].endswith("no earlier checkpoint exists; free disk space (or fix the folder's permissions) and start again with --overwrite")
+    assert lines[lines.index(errors[0]) + 1:] == [""], "nothing (a progress bar) is drawn after the error"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
-from conftest import TOKEN
+from conftest import OFFLINE_VARIABLES, REPO, TOKEN
 
 from lora_sft.cli import main
 
@@ -50,3 +54,14 @@ def test_push_refuses_a_bad_repo_id(tiny_run, capsys):
     run_dir, _, _ = tiny_run
     assert main(["push", str(run_dir / "adapter"), "--repo-id", "a/b/c", "--dry-run"]) == 2
     assert "--repo-id: 'a/b/c' is not a repository id" in capsys.readouterr().err
+
+
+def test_push_creates_private_repositories_unless_public_is_asked(tiny_run, tmp_path):
+    run_dir, hub, _ = tiny_run
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES} | {
+        "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(REPO)}
+    for flags, repo, visibility in (([], "me/private-by-default", "private"), (["--public"], "me/opted-public", "public")):
+        proc = subprocess.run([sys.executable, "-m", "lora_sft", "push", str(run_dir / "adapter"), "--repo-id", repo, *flags],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert hub.repos[repo]["visibility"] == visibility, hub.repos[repo]

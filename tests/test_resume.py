@@ -5,7 +5,8 @@
   bitwise: on CPU every kernel here is deterministic, Trainer restores the optimizer, scheduler and
   RNG states (dropout is on, so the RNG matters), and skips the batches already trained.
 - A run directory that holds a run is not overwritten without --resume or --overwrite; a changed
-  recipe that matters is refused on --resume, naming what changed.
+  recipe that matters is refused on --resume, naming what changed; a checkpoint of another recipe
+  (its recipe hash, its adapter's modules and rank) is refused and the run stays byte for byte.
 - SIGINT / SIGTERM finish the step, save a checkpoint, print how to resume and exit 130 / 143.
 - Half-written checkpoints (a staging folder, a folder without its state file) are never resumed from.
 """
@@ -164,10 +165,13 @@ def test_overwrite_replaces_a_run(unbroken, tiny_llama, tmp_path, write_recipe):
 
     run = tmp_path / "run"
     shutil.copytree(unbroken, run)
-    (run / "stale.txt").write_text("from the old run")
+    (run / "notes.txt").write_text("the user's, not the run's")
+    (run / "eval.md").write_text("the old adapter's eval")
     recipe = write_recipe(recipe_dict(tiny_llama, run, max_steps=1))
     assert main(["train", str(recipe), "--overwrite"]) == 0
-    assert not (run / "stale.txt").exists() and json.loads((run / "summary.json").read_text())["steps"] == 1
+    assert json.loads((run / "summary.json").read_text())["steps"] == 1
+    assert (run / "notes.txt").read_text() == "the user's, not the run's"  # --overwrite removes only what a run wrote
+    assert not (run / "eval.md").exists() and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-1"]
 
 
 def copy_of(unbroken: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -230,6 +234,93 @@ def test_signals_save_and_exit_130_or_143(tiny_llama, tmp_path):
         saved = sorted((run / "checkpoints").glob("checkpoint-*"))
         assert len(saved) == 1, saved  # save_steps is 1000: this one was written because of the signal
         step = int(saved[0].name.split("-")[1])
-        last = err.strip().splitlines()[-1]
+        last = err.rstrip("\n").split("\n")[-1]  # a line of its own, not the progress bar's (`grep ^error:` finds it)
         assert last == f"error: {sig.name}: stopped after step {step}, checkpoint {saved[0]}; continue with: python -m lora_sft train {recipe} --resume"
         assert step < 500 and [s for s, _ in losses(run)][-1] == step
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def _foreign_checkpoint(unbroken: Path, where: Path, rank: int | None = None, drop: str | None = None, recipe: dict | None = None) -> Path:
+    """A copy of the unbroken run's last checkpoint at `where`, its adapter rewritten to LoRA rank `rank` and/or
+    without the modules whose name holds `drop`; the counts file without the recipe (as an older lora_sft wrote it)
+    or, with `recipe`, carrying that recipe's identity."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lora_sft.checkpoint import COUNTS, identity, recipe_hash
+
+    shutil.copytree(unbroken / "checkpoints" / f"checkpoint-{STEPS}", where)
+    tensors = load_file(where / "adapter_model.safetensors")
+    if drop:
+        tensors = {k: v for k, v in tensors.items() if drop not in k}
+    if rank:
+        tensors = {k: torch.zeros((rank, v.shape[1]) if ".lora_A." in k else (v.shape[0], rank)) for k, v in tensors.items()}
+    save_file(tensors, str(where / "adapter_model.safetensors"))
+    counts = json.loads((where / COUNTS).read_text())
+    counts = {k: counts[k] for k in ("tokens_seen", "tokens_trained")}
+    if recipe is not None:
+        counts |= {"recipe": identity(recipe), "recipe_hash": recipe_hash(identity(recipe))}
+    (where / COUNTS).write_text(json.dumps(counts))
+    return where
+
+
+def test_checkpoints_carry_the_recipe_hash(unbroken):
+    from lora_sft.checkpoint import COUNTS, identity, recipe_hash
+
+    saved = yaml_load(unbroken / "recipe.yaml")
+    for checkpoint in checkpoints(unbroken / "checkpoints"):
+        counts = json.loads((checkpoint / COUNTS).read_text())
+        assert counts["recipe"] == json.loads(json.dumps(identity(saved))) and counts["recipe_hash"] == recipe_hash(identity(saved))
+        assert counts["recipe"]["lora"]["rank"] == 4 and counts["recipe"]["effective_batch"] == 8
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_and_the_run_stays_byte_for_byte(unbroken, tmp_path, capsys):
+    run, recipe = copy_of(unbroken, tmp_path)
+    saved = yaml_load(run / "recipe.yaml")
+    other = {**saved, "lora": {**saved["lora"], "rank": 8}, "train": {**saved["train"], "grad_accum": 4}}
+    cases = {
+        # written by a run with another recipe: its counts file says so, the line names the differences
+        "hash": (_foreign_checkpoint(unbroken, tmp_path / "a" / "checkpoint-6", recipe=other),
+                 "the checkpoint was written by a run with another recipe: lora.rank 8 -> 4; effective batch (micro_batch_size * grad_accum) 16 -> 8"),
+        # an older checkpoint without the hash, in another run directory: that run's recipe.yaml tells
+        "other run dir": (_foreign_checkpoint(unbroken, tmp_path / "b" / "run" / "checkpoints" / "checkpoint-6"),
+                          "the checkpoint was written by a run with another recipe: lora.rank 8 -> 4"),
+        # no hash, no run around it: the adapter's shapes in the safetensors header
+        "rank": (_foreign_checkpoint(unbroken, tmp_path / "c" / "checkpoint-6", rank=8), "the checkpoint's LoRA rank is 8 (model.layers.0.self_attn.q_proj), this recipe's lora.rank is 4"),
+        "modules": (_foreign_checkpoint(unbroken, tmp_path / "d" / "checkpoint-6", drop="v_proj"),
+                    "the checkpoint adapts 12 modules, this recipe 14: not model.layers.0.self_attn.v_proj, model.layers.1.self_attn.v_proj"),
+    }
+    b = tmp_path / "b" / "run"
+    b.joinpath(".lora_sft-run").write_text("{}")
+    b.joinpath("recipe.yaml").write_text(__import__("yaml").safe_dump({**saved, "lora": {**saved["lora"], "rank": 8}}))
+    with (run / "eval.md").open("w") as f:
+        f.write("an eval of the finished run")
+    before = snapshot(run)
+    for name, (checkpoint, why) in cases.items():
+        assert main(["train", str(recipe), "--resume", str(checkpoint)]) == 2, name
+        err = capsys.readouterr().err.strip().split("\n")
+        assert err == [f"error: --resume refused: {checkpoint} does not belong to this recipe: {why}; resume from a checkpoint of this run ({run / 'checkpoints'})"], name
+        assert snapshot(run) == before, name  # recipe.yaml, metrics.jsonl, summary.json, eval.md: all as they were
+
+
+def test_a_resumed_run_drops_what_described_the_old_adapter(unbroken, tmp_path, capsys):
+    run, recipe = copy_of(unbroken, tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "evaluation": {"rows": 3}}))
+    (run / "eval.md").write_text("the old adapter's eval")
+    (run / "export" / "adapter").mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", str(recipe), "--resume", str(run / "checkpoints" / f"checkpoint-{STEPS - 1}")]) == 0
+    assert not (run / "eval.md").exists() and not (run / "export").exists()
+    assert "evaluation" not in json.loads((run / "summary.json").read_text())
+    assert (run / "notes.txt").read_text() == "mine" and (run / ".lora_sft-run").is_file()
