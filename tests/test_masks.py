@@ -114,7 +114,7 @@ def test_prompt_completion_strings_and_messages(masks):
 def test_column_mapping(masks):
     rows = [{"question": "2+2=", "answer": "4"}]
     assert masks(rows, format="prompt_completion", source={"columns": {"prompt": "question", "completion": "answer"}}) == ["2+2=[[4<|im_end|>]]"]
-    with pytest.raises(UserError, match=r"train\.jsonl:1: missing field 'answer' \(format alpaca needs instruction, answer"):
+    with pytest.raises(UserError, match=r"recipe\.yaml:9: data\.train\.columns\.output: no row of .*train\.jsonl has the column 'answer' \(its rows have: instruction, output\); fix the mapping$"):
         masks([{"instruction": "x", "output": "y"}], format="alpaca", source={"columns": {"output": "answer"}})
 
 
