@@ -325,3 +325,29 @@ def test_deeply_nested_json_is_one_line(tmp_path, recipe_for):
         f"{tmp_path / 'a.jsonl'}:2: JSON nested too deeply to read; flatten the row",
         f"{tmp_path / 'b.json'}:1: JSON nested too deeply to read; flatten the data",
     ]
+
+
+def test_an_unreadable_file_is_reported_with_the_other_problems(tmp_path, recipe_for, monkeypatch):
+    from pathlib import Path
+
+    write_rows(tmp_path / "d" / "a.jsonl", [{"prompt": "p"}])
+    write_rows(tmp_path / "d" / "b.jsonl", rows(1))
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "b.jsonl":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)  # the tests run as root, who can read any file
+    with pytest.raises(UserError) as err:
+        check(recipe_for(str(tmp_path / "d"), format="prompt_completion"))
+    assert messages(err) == [
+        f"{tmp_path / 'd' / 'a.jsonl'}:1: missing field 'completion' (format prompt_completion needs prompt, completion; map other column names with columns:)",
+        f"{tmp_path / 'd' / 'b.jsonl'}: cannot read the file (Permission denied); fix its permissions or remove it from data.train",
+    ]
+
+
+def test_a_long_csv_field_is_read_whole(tmp_path, recipe_for):
+    (tmp_path / "t.csv").write_text("text\n" + "x" * 200_000 + "\n")
+    assert [len(e.text) for e in check(recipe_for(str(tmp_path / "t.csv"), format="text")).train] == [200_000]

@@ -80,7 +80,10 @@ class _Part:
 
 def _unknown_column(recipe: Recipe, split: str, i: int, source: Source, rows: list) -> str | None:
     """A `columns` entry naming a column that no row has would drop that field everywhere."""
-    present = set().union(*(r.value for r in rows if r.value is not None))
+    good = [r.value for r in rows if r.value is not None]
+    if not good:  # every row is bad: those lines say more than the mapping
+        return None
+    present = set().union(*good)
     for ours, theirs in source.columns.items():
         if theirs not in present:
             shown = sorted(present)

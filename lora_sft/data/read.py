@@ -197,6 +197,7 @@ def _json(path: Path) -> list[Row]:
 
 def _csv(path: Path) -> list[Row]:
     """CSV read as a whole (a newline inside a quoted field is kept); a row's place is the line it starts on."""
+    csv.field_size_limit(2**31 - 1)  # the default (128 KiB) would refuse a long document in a `text` column
     reader = csv.reader(io.StringIO(_decode(path), newline=""))
     rows, header = [], None
     while True:
