@@ -2,7 +2,8 @@
 
 `check` needs no tokenizer (`validate` runs it); `build` tokenizes, applies the gate on samples
 left with nothing to train, packs, and caches the result by a fingerprint of the data, the data
-options and the tokenizer. Every row is checked before anything is written.
+options and the tokenizer. Every row is checked before anything is written, and every problem is
+reported at once, in file order (at most MAX_PROBLEMS lines, then a count of the rest).
 """
 
 from __future__ import annotations

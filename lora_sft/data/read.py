@@ -1,7 +1,9 @@
 """Sources -> rows, each row remembering where it came from (`file:line`) for error messages.
 
-A source is a file, a folder of files, a glob, or a hub dataset. `fingerprint` hashes a source's
-bytes without parsing them, so a cache hit costs one read.
+A source is a file, a folder of files (hidden files and folders left out), a glob, or a hub dataset.
+Text is UTF-8 (a byte order mark is dropped); .jsonl and .txt lines end at \n only, and CSV is read
+as a whole so quoted fields keep their newlines. `fingerprint` hashes a source's bytes without
+parsing them, so a cache hit costs one read.
 """
 
 from __future__ import annotations
