@@ -122,3 +122,63 @@ def test_invalid_utf8_and_unknown_role(tmp_path, write_recipe):
     write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
     with pytest.raises(UserError, match=r"train\.jsonl:1: messages\[0\]\.role: unknown role 'human'"):
         check(recipe)
+
+
+def test_labels_come_from_the_train_rows_only(tmp_path, make):
+    rows = [{"text": "apple", "label": "food"}, {"text": "four", "label": "math"}]
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"text": "a", "label": "food"}, {"text": "b", "label": "sport"}, {"text": "c", "label": "art"}])
+    with pytest.raises(UserError) as err:
+        check(make("classification", rows, task="classification", eval=str(evals)))
+    assert err.value.problems == [
+        f"{evals}:2: label 'sport' is seen only in eval rows (train rows have food, math); add it to the train data or list every label in data.labels",
+        f"{evals}:3: label 'art' is seen only in eval rows (train rows have food, math); add it to the train data or list every label in data.labels",
+    ]
+    listed = check(make("classification", rows, task="classification", eval=str(evals), labels=["food", "math", "sport", "art"], shuffle=False))
+    assert listed.labels == ["food", "math", "sport", "art"] and [e.label for e in listed.eval] == ["food", "sport", "art"]
+    write_jsonl(tmp_path / "eval.jsonl", [{"text": "a", "label": 2}])
+    with pytest.raises(UserError, match=r"eval\.jsonl:1: label id 2 is seen only in eval rows \(train rows have ids 0\.\.1\)"):
+        check(make("classification", [{"text": "a", "label": 0}, {"text": "b", "label": 1}], task="classification", eval=str(evals)))
+
+
+@pytest.mark.parametrize("label", [3_000_000_000, 4096])
+def test_huge_label_ids_are_refused_before_anything_is_allocated(make, label):
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": label}]
+    with pytest.raises(UserError) as err:
+        check(make("classification", rows, task="classification", shuffle=False))
+    assert len(err.value.problems) == 1 and err.value.problems[0].endswith(
+        f"train.jsonl:2: label id {label} would make {label + 1} classes (more than 4096); list the labels in data.labels"
+    )
+    with pytest.raises(UserError, match=rf"train\.jsonl:2: label id {label} is out of range \(0\.\.1\)"):
+        check(make("classification", rows, task="classification", labels=["neg", "pos"]))
+
+
+CHAT_OK = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+def test_tool_calls_must_be_a_list_of_objects_and_a_trained_turn_must_not_be_empty(tmp_path, make):
+    rows = [
+        CHAT_OK,
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": "wx()"}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": ["wx"]}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}, {"role": "user", "content": "?"}, {"role": "assistant", "content": "ok"}]},
+        {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": ""}]},
+    ]
+    with pytest.raises(UserError) as err:
+        check(make("messages", rows[:5]))
+    path = tmp_path / "train.jsonl"
+    assert err.value.problems == [
+        f"{path}:2: messages[1].tool_calls must be a list of objects, not str",
+        f"{path}:3: messages[1].tool_calls must be a list of objects, not list",
+        f"{path}:4: messages[1]: the assistant turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row",
+        f"{path}:5: messages[1]: the assistant turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row",
+    ]
+    assert len(check(make("messages", [rows[0], rows[4]], train_turns="last")).train) == 2  # the empty turn is not trained
+    with pytest.raises(UserError, match=r"train\.jsonl:1: completion\[0\]: the assistant turn is empty"):
+        check(make("prompt_completion", rows[5:]))
+
+
+def test_no_trained_turn_is_found_by_check_without_a_tokenizer(tmp_path, make):
+    with pytest.raises(UserError) as err:
+        check(make("messages", [CHAT_OK, {"messages": [{"role": "user", "content": "Hi"}]}]))
+    assert err.value.problems == [f"{tmp_path / 'train.jsonl'}:2: no turn of the trained roles (assistant), so nothing would be trained; add one or change data.train_roles"]

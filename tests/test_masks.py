@@ -114,7 +114,7 @@ def test_prompt_completion_strings_and_messages(masks):
 def test_column_mapping(masks):
     rows = [{"question": "2+2=", "answer": "4"}]
     assert masks(rows, format="prompt_completion", source={"columns": {"prompt": "question", "completion": "answer"}}) == ["2+2=[[4<|im_end|>]]"]
-    with pytest.raises(UserError, match=r"train\.jsonl:1: missing field 'answer' \(format alpaca needs instruction, answer"):
+    with pytest.raises(UserError, match=r"recipe\.yaml:9: data\.train\.columns\.output: no row of .*train\.jsonl has the column 'answer' \(its rows have: instruction, output\); fix the mapping$"):
         masks([{"instruction": "x", "output": "y"}], format="alpaca", source={"columns": {"output": "answer"}})
 
 
@@ -170,3 +170,66 @@ def test_template_is_saved_with_the_tokenizer(tmp_path):
     apply(tok, "chatml", "data.chat_template")
     tok.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path).chat_template == NAMED["chatml"]
+
+
+ASSISTANT_FIRST = [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ciao"}]
+
+
+@pytest.mark.parametrize("template", [None, "chatml"])  # the incremental path (no generation markers) and the marked one
+def test_a_chat_that_starts_with_an_assistant_turn_does_not_train_the_header(masks, template):
+    assert masks([{"messages": ASSISTANT_FIRST}], chat_template=template) == [
+        "<|im_start|>assistant\n[[Hello<|im_end|>\n]]<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n[[Ciao<|im_end|>\n]]"
+    ]
+    assert masks([{"messages": [{"role": "system", "content": "S"}, *ASSISTANT_FIRST]}], chat_template=template)[0].startswith(
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>assistant\n[[Hello<|im_end|>\n]]<|im_start|>user\n"
+    )
+
+
+def test_assistant_first_under_llama3_without_markers_keeps_bos_and_header_untrained(masks, tmp_path):
+    template = tmp_path / "llama3.jinja"
+    template.write_text(NAMED["llama3"].replace("{% generation %}", "").replace("{% endgeneration %}", ""))
+    tok = build_tokenizer(["x"], vocab_size=0, specials=LLAMA3, eos="<|eot_id|>", pad="<|eot_id|>", bos="<|begin_of_text|>", template=None)
+    assert masks([{"messages": ASSISTANT_FIRST[:1] + CHAT[1:3]}], tokenizer=tok, chat_template=str(template)) == [
+        "<|begin_of_text|><|start_header_id|>assistant<|end_header_id|>\n\n[[Hello<|eot_id|>]]"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n[[Hello<|eot_id|>]]"
+    ]
+
+
+def test_assistant_first_is_refused_when_the_template_has_no_generation_prompt(masks, tmp_path):
+    template = tmp_path / "bare.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</>{% endfor %}")
+    with pytest.raises(UserError) as err:
+        masks([{"messages": CHAT[1:3]}, {"messages": ASSISTANT_FIRST}], chat_template=str(template))
+    assert err.value.problems == [
+        f"{tmp_path / 'train.jsonl'}:2: the chat starts with an assistant turn and chat template '{template}' does not show where that turn's header ends, "
+        "so the header would be trained; start the chat with a user (or system) turn, or set data.chat_template (chatml, llama3, mistral)"
+    ]
+
+
+def test_rows_a_template_raises_on_are_all_reported_in_file_order(masks, tmp_path):
+    template = tmp_path / "strict.jinja"
+    template.write_text(
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "<{{ m['role'] }}>{{ m['content'] }}</>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    bad = {"messages": [CHAT[1], CHAT[1], CHAT[2]]}
+    rows = [{"messages": CHAT[1:3]}] * 3 + [bad] + [{"messages": CHAT[1:5]}] * 20 + [bad] * 2
+    with pytest.raises(UserError) as err:
+        masks(rows, chat_template=str(template), shuffle=True, source={"weight": 2})
+    line = f"chat template '{template}' cannot render this chat (TemplateError: Conversation roles must alternate user/assistant/user/assistant/...); fix the row or set data.chat_template"
+    assert err.value.problems == [f"{tmp_path / 'train.jsonl'}:{n}: {line}" for n in (4, 25, 26)]
+
+
+def test_tool_calls_with_null_content_under_chatml_name_the_row_not_a_crash(masks, tmp_path):
+    row = {"messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "wx", "arguments": "{}"}}]},
+        {"role": "tool", "content": "sun"},
+        {"role": "assistant", "content": "Sunny."},
+    ]}
+    with pytest.raises(UserError) as err:
+        masks([{"messages": CHAT}, row], chat_template="chatml")
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith(f"{tmp_path / 'train.jsonl'}:2: chat template 'chatml' cannot render this chat (")
+    assert err.value.problems[0].endswith("); fix the row or set data.chat_template")

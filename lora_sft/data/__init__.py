@@ -2,7 +2,8 @@
 
 `check` needs no tokenizer (`validate` runs it); `build` tokenizes, applies the gate on samples
 left with nothing to train, packs, and caches the result by a fingerprint of the data, the data
-options and the tokenizer. Every row is checked before anything is written.
+options and the tokenizer. Every row is checked before anything is written, and every problem is
+reported at once, in file order (at most MAX_PROBLEMS lines, then a count of the rest).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from multiprocessing import get_context
 import torch
 
 from ..errors import UserError
-from ..recipe import Recipe
+from ..recipe import Recipe, Source
 from . import cache
-from .formats import IGNORE, Example, Options, label_id, label_names, tokenize, tokenize_classification
+from .formats import IGNORE, Example, Options, Tokenized, label_id, label_names, tokenize, tokenize_classification
 from .formats import check as check_row
 from .packing import PackedCollator, pack
 from .read import fingerprint as source_fingerprint
@@ -45,6 +46,16 @@ class DataBundle:
     stats: dict = field(default_factory=dict)
 
 
+MAX_PROBLEMS = 20  # problem lines a data check prints; the rest are counted in one more line
+
+
+def _capped(problems: list[str]) -> list[str]:
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    rest = len(problems) - MAX_PROBLEMS
+    return problems[:MAX_PROBLEMS] + [f"{rest} more problem{'s' if rest > 1 else ''} in the data not shown; fix these and run again"]
+
+
 def _weighted(rows: list, weight: float | None, rng: random.Random) -> list:
     if weight is None:
         return rows
@@ -52,43 +63,124 @@ def _weighted(rows: list, weight: float | None, rng: random.Random) -> list:
     return rows * whole + rng.sample(rows, round(len(rows) * part))
 
 
-def _where(recipe: Recipe, split: str, i: int) -> str:
+def _where(recipe: Recipe, split: str, i: int, *key: str) -> str:
     """The recipe place of a split's i-th source: `data.train.2` in a list, plain `data.train` otherwise."""
-    return recipe.where("data", split, i) if isinstance(getattr(recipe.data, split), list) else recipe.where("data", split)
+    return recipe.where("data", split, i, *key) if isinstance(getattr(recipe.data, split), list) else recipe.where("data", split, *key)
 
 
-def _read_split(recipe: Recipe, split: str) -> list[Example]:
-    examples = []
-    for i, source in enumerate(recipe.data.sources(split)):
-        rows = read_source(source, _where(recipe, split, i))
-        rng = random.Random(f"{recipe.seed}:{split}:{i}")
-        if recipe.data.shuffle:
-            rng.shuffle(rows)
-        rows = _weighted(rows[: source.limit], source.weight, rng)
-        examples += [check_row(r, source.format, source.columns) for r in rows]
-    return examples
+@dataclass
+class _Part:
+    """One source's checked rows, with the seeded generator that shuffles, limits and weights them."""
+
+    split: str
+    index: int
+    source: Source
+    rows: list[Example]
+    rng: random.Random
+
+
+def _unknown_column(recipe: Recipe, split: str, i: int, source: Source, rows: list) -> str | None:
+    """A `columns` entry naming a column that no row has would drop that field everywhere."""
+    good = [r.value for r in rows if r.value is not None]
+    if not good:  # every row is bad: those lines say more than the mapping
+        return None
+    present = set().union(*good)
+    for ours, theirs in source.columns.items():
+        if theirs not in present:
+            shown = sorted(present)
+            have = ", ".join(shown[:20]) + (f", ... ({len(shown)} in all)" if len(shown) > 20 else "")
+            return f"{_where(recipe, split, i, 'columns', ours)}: no row of {source.path} has the column '{theirs}' (its rows have: {have}); fix the mapping"
+    return None
+
+
+def _read_all(recipe: Recipe) -> tuple[list[_Part], list[str]]:
+    """Every row of every source, checked, and every problem, in file order: sources in recipe order,
+    files in path order, rows in line order. Nothing is shuffled yet, so the problems come in the
+    order a person fixes them."""
+    opts, parts, problems, seq = options(recipe), [], [], 0
+    for split in ("train", "eval"):
+        for i, source in enumerate(recipe.data.sources(split)):
+            try:
+                rows = read_source(source, _where(recipe, split, i))
+            except UserError as e:
+                problems += e.problems
+                continue
+            if (line := _unknown_column(recipe, split, i, source, rows)) is not None:
+                problems.append(line)  # every row would report the missing field: one line says it
+                continue
+            examples = []
+            for row in rows:
+                if row.problem is not None:
+                    problems.append(row.problem)
+                    continue
+                try:
+                    example = check_row(row, source.format, source.columns, opts)
+                except UserError as e:
+                    problems += e.problems
+                    continue
+                example.seq, seq = seq, seq + 1
+                examples.append(example)
+            parts.append(_Part(split, i, source, examples, random.Random(f"{recipe.seed}:{split}:{i}")))
+    return parts, problems
+
+
+def _hold_out(recipe: Recipe, parts: list[_Part]) -> list[Example]:
+    """data.eval_fraction: the eval rows, taken from the train sources (seeded) before any weight repeats a row."""
+    pool = [e for p in parts for e in p.rows]
+    order = list(range(len(pool)))
+    random.Random(recipe.seed).shuffle(order)
+    n_eval = max(1, round(len(pool) * recipe.data.eval_fraction))
+    if n_eval >= len(pool):
+        raise UserError(f"{recipe.where('data', 'eval_fraction')}: {len(pool)} rows leave none to train on; lower it")
+    held = {pool[j].seq for j in order[:n_eval]}
+    for p in parts:
+        p.rows = [e for e in p.rows if e.seq not in held]
+    return [e for e in pool if e.seq in held]
+
+
+def _labels(recipe: Recipe, train: list[Example], evals: list[Example]) -> list[str]:
+    """Classification labels: data.labels, else those of the train rows (an eval-only label is an error)."""
+    d = recipe.data
+    labels = label_names(train, d.labels)
+    if len(labels) < 2:
+        raise UserError(f"{recipe.where('data', 'train')}: classification needs at least 2 labels, found {labels}")
+    bad: dict[int, list[str]] = {}
+    for e in train + evals:
+        try:
+            label_id(e, labels, derived=d.labels is None)
+        except UserError as x:
+            bad.setdefault(e.seq, x.problems)
+    if bad:
+        raise UserError(_capped([line for seq in sorted(bad) for line in bad[seq]]))
+    return labels
 
 
 def check(recipe: Recipe) -> Checked:
-    """Read and check every row of every source; split off the eval rows."""
-    train, evals = _read_split(recipe, "train"), _read_split(recipe, "eval")
+    """Read and check every row of every source (all problems at once, in file order); then, per
+    source, shuffle (seeded) and limit; split off the eval rows; then apply the weights."""
     d = recipe.data
-    if d.eval_fraction > 0:
-        order = list(range(len(train)))
-        random.Random(recipe.seed).shuffle(order)
-        n_eval = max(1, round(len(train) * d.eval_fraction))
-        if n_eval >= len(train):
-            raise UserError(f"{recipe.where('data', 'eval_fraction')}: {len(train)} rows leave none to train on; lower it")
-        held = set(order[:n_eval])
-        evals = [train[i] for i in sorted(held)]
-        train = [e for i, e in enumerate(train) if i not in held]
-    labels = None
-    if d.formats() == {"classification"}:
-        labels = label_names(train + evals, d.labels)
-        if len(labels) < 2:
-            raise UserError(f"{recipe.where('data', 'train')}: classification needs at least 2 labels, found {labels}")
-        for e in train + evals:
-            label_id(e, labels)  # raises on an unknown label, naming the row
+    parts, problems = _read_all(recipe)
+    if problems:
+        raise UserError(_capped(problems))
+    for p in parts:
+        if d.shuffle:
+            p.rng.shuffle(p.rows)
+        p.rows = p.rows[: p.source.limit]
+    train_parts = [p for p in parts if p.split == "train"]
+    evals = _hold_out(recipe, train_parts) if d.eval_fraction > 0 else None
+    for p in parts:
+        if p.split == "eval" and evals is not None:
+            continue
+        n = len(p.rows)
+        p.rows = _weighted(p.rows, p.source.weight, p.rng)
+        if n and not p.rows:
+            problems.append(f"{_where(recipe, p.split, p.index, 'weight')}: weight {p.source.weight} keeps none of the {n} rows of {p.source.path}; raise it or remove the source")
+    if problems:
+        raise UserError(_capped(problems))
+    train = [e for p in train_parts for e in p.rows]
+    if evals is None:
+        evals = [e for p in parts if p.split == "eval" for e in p.rows]
+    labels = _labels(recipe, train, evals) if d.formats() == {"classification"} else None
     return Checked(train, evals, labels)
 
 
@@ -109,11 +201,18 @@ def cache_key(recipe: Recipe, tokenizer) -> str:
 _WORKER: tuple = ()  # (tokenizer, options, labels), inherited by forked tokenizer processes
 
 
+def _tokenize_one(example: Example, tokenizer, opts: Options, labels) -> Tokenized:
+    try:
+        if labels is not None:
+            return tokenize_classification(example, tokenizer, opts, labels)
+        return tokenize(example, tokenizer, opts)
+    except UserError as e:  # a row the template cannot render or mask: collected, reported with the others
+        return Tokenized([], problems=e.problems)
+
+
 def _tokenize_chunk(examples: list[Example]) -> list:
     tokenizer, opts, labels = _WORKER
-    if labels is not None:
-        return [tokenize_classification(e, tokenizer, opts, labels) for e in examples]
-    return [tokenize(e, tokenizer, opts) for e in examples]
+    return [_tokenize_one(e, tokenizer, opts, labels) for e in examples]
 
 
 def _tokenize_all(examples: list[Example], tokenizer, opts: Options, labels, num_proc: int) -> list:
@@ -127,9 +226,8 @@ def _tokenize_all(examples: list[Example], tokenizer, opts: Options, labels, num
         return [t for part in pool.map(_tokenize_chunk, chunks) for t in part]
 
 
-def _split(examples: list[Example], recipe: Recipe, tokenizer, labels, name: str) -> tuple[list[dict], dict]:
-    d, opts = recipe.data, options(recipe)
-    results = _tokenize_all(examples, tokenizer, opts, labels, d.num_proc)
+def _split(examples: list[Example], results: list[Tokenized], recipe: Recipe, labels, name: str) -> tuple[list[dict], dict]:
+    d = recipe.data
     samples = [s for r in results for s in r.samples]
     untrained = [e for e, r in zip(examples, results) if r.untrained]
     stats = {
@@ -156,15 +254,25 @@ def _split(examples: list[Example], recipe: Recipe, tokenizer, labels, name: str
 
 
 def build(recipe: Recipe, tokenizer, checked: Checked | None = None) -> DataBundle:
-    """Tokenized train and eval data (from the cache when nothing it depends on changed)."""
+    """Tokenized train and eval data (from the cache when nothing it depends on changed). Rows the
+    template cannot render or mask are all reported at once, in file order."""
     from datasets import Dataset
 
     key = cache_key(recipe, tokenizer)
     if recipe.data.cache and (hit := cache.load(key)) is not None:
         return DataBundle(hit.train, hit.eval, hit.meta["labels"], key, hit.meta["stats"] | {"cached": True})
     checked = checked or check(recipe)
-    train, train_stats = _split(checked.train, recipe, tokenizer, checked.labels, "train")
-    evals, eval_stats = _split(checked.eval, recipe, tokenizer, checked.labels, "eval")
+    opts = options(recipe)
+    train_results = _tokenize_all(checked.train, tokenizer, opts, checked.labels, recipe.data.num_proc)
+    eval_results = _tokenize_all(checked.eval, tokenizer, opts, checked.labels, recipe.data.num_proc)
+    bad: dict[int, list[str]] = {}
+    for e, r in zip(checked.train + checked.eval, train_results + eval_results):
+        if r.problems:
+            bad.setdefault(e.seq, r.problems)  # a weighted row repeats: report it once
+    if bad:
+        raise UserError(_capped([line for seq in sorted(bad) for line in bad[seq]]))
+    train, train_stats = _split(checked.train, train_results, recipe, checked.labels, "train")
+    evals, eval_stats = _split(checked.eval, eval_results, recipe, checked.labels, "eval")
     if not train:
         raise UserError(f"{recipe.where('data', 'max_length')}: no train sample is left after truncation to {recipe.data.max_length} tokens; raise it")
     stats = {"train": train_stats, "eval": eval_stats}

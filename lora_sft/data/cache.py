@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-VERSION = "lora_sft-data-1"
+VERSION = "lora_sft-data-2"  # 2: assistant-first chats mask the header; rows split before weights
 
 
 def root() -> Path:

@@ -42,6 +42,7 @@ class Example:
     text: str | None = None
     text_pair: str | None = None
     label: str | int | None = None
+    seq: int = 0  # the row's position in the recipe's data (sources, files, lines in order): problems are reported in this order
 
 
 @dataclass(frozen=True)
@@ -95,24 +96,37 @@ def _message_list(f: Fields, key: str, value) -> list[dict]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise UserError(f"{place}: {key}[{i}].role: unknown role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
+        calls = m.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+            raise UserError(f"{place}: {key}[{i}].tool_calls must be a list of objects, not {type(calls).__name__}")
+        if not isinstance(content, str) and not (content is None and calls):
             raise UserError(f"{place}: {key}[{i}].content must be a string (or null with tool_calls)")
         out.append(dict(m))
     return out
 
 
-def _messages(f: Fields) -> list[dict]:
+def _messages(f: Fields) -> tuple[str, list[dict]]:
     key = f.name("messages")
     value = f.row.value.get(key)
     if value is None and "messages" not in f.columns and "conversations" in f.row.value:
         key, value = "conversations", f.row.value["conversations"]  # ShareGPT's name for the list
     if value is None:
         raise UserError(f"{f.row.place}: missing field '{key}' (format messages needs a list of {{role, content}}, or ShareGPT conversations)")
-    return _message_list(f, key, value)
+    return key, _message_list(f, key, value)
 
 
-def check(row: Row, fmt: str, columns: dict[str, str] | None = None) -> Example:
-    """Validate one row's fields for `fmt`; UserError names the row and the fix."""
+def _check_trained(example: Example, names: list[str], opts: Options) -> None:
+    """A chat must have a turn to train, and no trained turn may be empty (it would teach the model to say nothing)."""
+    turns = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"] if opts.train_on_inputs else _trained_turns(example, opts)
+    for t in turns:
+        m = example.messages[t]
+        if not (m.get("content") or "").strip() and not m.get("tool_calls"):
+            raise UserError(f"{example.place}: {names[t]}: the {m['role']} turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row")
+
+
+def check(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: Options | None = None) -> Example:
+    """Validate one row's fields for `fmt`; UserError names the row and the fix. With the data
+    options, a chat is also checked to have a non-empty turn to train."""
     f = Fields(row, fmt, columns or {})
     if fmt == "alpaca":
         instruction, output = f.string("instruction"), f.string("output")
@@ -133,11 +147,17 @@ def check(row: Row, fmt: str, columns: dict[str, str] | None = None) -> Example:
             if prompt is None or completion is None:
                 f.string("prompt" if prompt is None else "completion")  # raises "missing field"
             head, tail = _message_list(f, f.name("prompt"), prompt), _message_list(f, f.name("completion"), completion)
-            return Example(row.place, messages=head + tail, trained=list(range(len(head), len(head) + len(tail))))
+            example = Example(row.place, messages=head + tail, trained=list(range(len(head), len(head) + len(tail))))
+            if opts is not None:
+                _check_trained(example, [f"{f.name('prompt')}[{i}]" for i in range(len(head))] + [f"{f.name('completion')}[{i}]" for i in range(len(tail))], opts)
+            return example
         return Example(row.place, prompt=f.string("prompt"), response=f.string("completion"))
     if fmt == "messages":
-        msgs = _messages(f)
-        return Example(row.place, messages=msgs)
+        key, msgs = _messages(f)
+        example = Example(row.place, messages=msgs)
+        if opts is not None:
+            _check_trained(example, [f"{key}[{i}]" for i in range(len(msgs))], opts)
+        return example
     if fmt == "text":
         return Example(row.place, text=f.string("text"))
     if fmt == "classification":
@@ -150,23 +170,36 @@ def check(row: Row, fmt: str, columns: dict[str, str] | None = None) -> Example:
     raise AssertionError(fmt)
 
 
+MAX_DERIVED_LABELS = 4096  # label ids above this need data.labels: numbering up to them would allocate a class per id
+
+
 def label_names(examples: list[Example], given: list[str] | None) -> list[str]:
-    """The label names in id order: the recipe's list, else derived from the rows."""
+    """The label names in id order: the recipe's list, else derived from the (train) rows."""
     if given is not None:
         return given
     names = {e.label for e in examples if isinstance(e.label, str)}
     ids = {e.label for e in examples if isinstance(e.label, int)}
     if names and ids:
         raise UserError(f"{examples[0].place}: labels mix names and ids; use one kind, or list the names in data.labels")
-    return sorted(names) if names else [str(i) for i in range(max(ids) + 1)]
+    if not ids:
+        return sorted(names)
+    top = max(examples, key=lambda e: e.label if isinstance(e.label, int) else -1)
+    if top.label >= MAX_DERIVED_LABELS:
+        raise UserError(f"{top.place}: label id {top.label} would make {top.label + 1} classes (more than {MAX_DERIVED_LABELS}); list the labels in data.labels")
+    return [str(i) for i in range(top.label + 1)]
 
 
-def label_id(example: Example, labels: list[str]) -> int:
+def label_id(example: Example, labels: list[str], derived: bool = False) -> int:
+    """The label's id; `derived`: the labels come from the train rows, so a label not among them is seen only in eval."""
     if isinstance(example.label, int):
         if not 0 <= example.label < len(labels):
+            if derived and example.label >= 0:
+                raise UserError(f"{example.place}: label id {example.label} is seen only in eval rows (train rows have ids 0..{len(labels) - 1}); add it to the train data or list every label in data.labels")
             raise UserError(f"{example.place}: label id {example.label} is out of range (0..{len(labels) - 1})")
         return example.label
     if example.label not in labels:
+        if derived:
+            raise UserError(f"{example.place}: label {example.label!r} is seen only in eval rows (train rows have {', '.join(labels)}); add it to the train data or list every label in data.labels")
         raise UserError(f"{example.place}: label {example.label!r} is not in data.labels ({', '.join(labels)})")
     return labels.index(example.label)
 
@@ -187,6 +220,27 @@ def _render(tokenizer, msgs: list[dict], gen: bool = False) -> str:
     if not msgs:
         return ""
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+
+def _first_turn_header(tokenizer, example: Example, upto: str) -> str:
+    """The text before a chat's first turn when that turn is the assistant's: whatever the template
+    writes first (a BOS, a default system prompt) up to the end of the assistant header. The header is
+    the generation prompt, as the template appends it after a probe user turn; it ends where its first
+    occurrence in the rendered turn ends. A template without a generation prompt gives no exact mask,
+    so the row is refused."""
+    probe = [{"role": "user", "content": "x"}]
+    try:
+        plain, prompted = _render(tokenizer, probe), _render(tokenizer, probe, gen=True)
+    except Exception:  # a template that cannot render the probe cannot tell us the header either
+        plain = prompted = ""
+    header = prompted[len(plain) :] if prompted.startswith(plain) else ""
+    at = upto.find(header) if header else -1
+    if at < 0:
+        raise UserError(
+            f"{example.place}: the chat starts with an assistant turn and {template_name(tokenizer)} does not show where that turn's header ends, "
+            "so the header would be trained; start the chat with a user (or system) turn, or set data.chat_template (chatml, llama3, mistral)"
+        )
+    return upto[: at + len(header)]
 
 
 def template_name(tokenizer) -> str:
@@ -227,6 +281,8 @@ def _chat_incremental(tokenizer, example: Example, turns: list[int]) -> tuple[li
     spans = []
     for i in turns:
         before, upto = _render(tokenizer, msgs[:i], gen=msgs[i]["role"] == "assistant"), _render(tokenizer, msgs[: i + 1])
+        if i == 0 and msgs[0]["role"] == "assistant":
+            before = _first_turn_header(tokenizer, example, upto)
         if not (upto.startswith(before) and full.startswith(upto)):
             raise UserError(
                 f"{example.place}: {template_name(tokenizer)} renders earlier turns differently once later turns follow, so the trained tokens "
@@ -242,6 +298,16 @@ def _chat_incremental(tokenizer, example: Example, turns: list[int]) -> tuple[li
 def _chat(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[int]]:
     if not tokenizer.chat_template:
         raise UserError(f"{example.place}: chat rows need a chat template and {tokenizer.name_or_path} has none; set data.chat_template (chatml, llama3, mistral or a .jinja file)")
+    try:
+        return _chat_masked(tokenizer, example, opts)
+    except UserError:
+        raise
+    except Exception as e:  # the template raised on this row: jinja's TemplateError (raise_exception), TypeError (content None), ...
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{example.place}: {template_name(tokenizer)} cannot render this chat ({type(e).__name__}: {first}); fix the row or set data.chat_template") from None
+
+
+def _chat_masked(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[int]]:
     if opts.train_on_inputs:
         ids = tokenizer(_render(tokenizer, example.messages), add_special_tokens=False)["input_ids"]
         return ids, list(ids)
@@ -260,6 +326,7 @@ class Tokenized:
     truncated: bool = False
     too_long: bool = False  # left out under truncation: drop
     untrained: bool = False  # no token carries loss after truncation
+    problems: list[str] | None = None  # the row cannot be rendered or masked: its error lines
 
 
 def tokenize(example: Example, tokenizer, opts: Options) -> Tokenized:

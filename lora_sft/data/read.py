@@ -1,7 +1,9 @@
 """Sources -> rows, each row remembering where it came from (`file:line`) for error messages.
 
-A source is a file, a folder of files, a glob, or a hub dataset. `fingerprint` hashes a source's
-bytes without parsing them, so a cache hit costs one read.
+A source is a file, a folder of files (hidden files and folders left out), a glob, or a hub dataset.
+Text is UTF-8 (a byte order mark is dropped); .jsonl and .txt lines end at \n only, and CSV is read
+as a whole so quoted fields keep their newlines. `fingerprint` hashes a source's bytes without
+parsing them, so a cache hit costs one read.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +23,15 @@ from ..recipe import Source
 
 @dataclass(frozen=True)
 class Row:
+    """A row of a source; a row that could not be read carries the `problem` line instead of a value."""
+
     place: str  # "data/train.jsonl:12", for messages
-    value: dict
+    value: dict | None
+    problem: str | None = None
+
+
+def _bad(place: str, message: str) -> Row:
+    return Row(place, None, f"{place}: {message}")
 
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -30,17 +41,39 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or spec.lower().endswith(SUFFIXES) or spec.count("/") > 1 or "\\" in spec
 
 
+def _folder_files(folder: Path, where: str) -> list[Path]:
+    """The data files under a folder, hidden files and folders (.git, .ipynb_checkpoints) left out;
+    a subfolder that cannot be listed is an error, not silently skipped."""
+
+    def refuse(e: OSError):
+        raise UserError(f"{where}: cannot read the folder {e.filename} ({e.strerror}); fix its permissions or remove it")
+
+    found = []
+    for top, dirs, files in os.walk(folder, onerror=refuse):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(top) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in SUFFIXES]
+    return sorted(found)
+
+
+def _not_found(spec: str, where: str) -> UserError:
+    near = [f"{spec}{s}" for s in SUFFIXES if Path(f"{spec}{s}").expanduser().is_file()]
+    hint = f"; did you mean {' or '.join(near)}?" if near else f" (paths resolve against the working directory {Path.cwd()})"
+    return UserError(f"{where}: file not found: {spec}{hint}")
+
+
 def files_of(source: Source, where: str) -> list[Path] | None:
     """The files a source names, in a stable order; None for a hub dataset."""
     spec = source.path
+    if not spec.strip():
+        raise UserError(f"{where}: the path is empty; name a data file, a folder, a glob or a hub dataset id")
     if any(ch in spec for ch in "*?["):
-        found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if f.lower().endswith(SUFFIXES))
+        found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if f.lower().endswith(SUFFIXES))  # glob skips hidden names
         if not found:
             raise UserError(f"{where}: no data file matches {spec!r} ({', '.join(SUFFIXES)}; paths resolve against {Path.cwd()})")
         return found
     path = Path(spec).expanduser()
     if path.is_dir():
-        found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+        found = _folder_files(path, where)
         if not found:
             raise UserError(f"{where}: the folder {path} holds no data files ({', '.join(SUFFIXES)})")
         return found
@@ -48,8 +81,9 @@ def files_of(source: Source, where: str) -> list[Path] | None:
         if path.suffix.lower() not in SUFFIXES:
             raise UserError(f"{where}: {spec}: unsupported file type '{path.suffix}'; use {', '.join(SUFFIXES)}")
         return [path]
-    if _looks_local(spec):
-        raise UserError(f"{where}: file not found: {spec} (paths resolve against the working directory {Path.cwd()})")
+    # `data/alpaca` is a hub id only when `data/` is not a local folder
+    if _looks_local(spec) or ("/" in spec and Path(spec.split("/")[0]).is_dir()):
+        raise _not_found(spec, where)
     return None
 
 
@@ -78,47 +112,116 @@ def fingerprint(source: Source, where: str) -> str:
 
 
 def _decode(path: Path) -> str:
+    """The file's text; a UTF-8 byte order mark (Excel's "CSV UTF-8") is dropped."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: invalid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split on \n only: U+2028, form feeds and the like inside a JSON string are text, not line breaks."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+class _Duplicated(dict):
+    """A parsed JSON object that holds (or contains) a duplicate key, which JSON would let the last one win."""
+
+    key: str = ""
+
+
+def _contains_duplicate(value) -> str | None:
+    if isinstance(value, _Duplicated):
+        return value.key
+    if isinstance(value, list):  # lists are not hooked: look inside them for objects already marked
+        for item in value:
+            if (key := _contains_duplicate(item)) is not None:
+                return key
+    return None
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    seen: set[str] = set()
+    repeated = next((k for k, _ in pairs if k in seen or seen.add(k)), None)
+    if repeated is None:
+        repeated = next((key for _, v in pairs if (key := _contains_duplicate(v)) is not None), None)
+    if repeated is None:
+        return dict(pairs)
+    marked = _Duplicated(pairs)
+    marked.key = repeated
+    return marked
+
+
+def _parse(text: str):
+    return json.loads(text, object_pairs_hook=_object)
+
+
+def _row(place: str, value) -> Row:
+    """A parsed row, or a bad one: not an object, or an object with a duplicate key."""
+    if not isinstance(value, dict):
+        return _bad(place, f"a row must be a JSON object, not {type(value).__name__}")
+    if (key := _contains_duplicate(value)) is not None:
+        return _bad(place, f"duplicate key '{key}' in a JSON object (JSON keeps only the last); keep one")
+    return Row(place, value)
 
 
 def _jsonl(path: Path) -> list[Row]:
     rows = []
-    for n, line in enumerate(_decode(path).splitlines(), 1):
+    for n, line in enumerate(_lines(_decode(path)), 1):
         if not line.strip():
             continue
+        place = f"{path}:{n}"
         try:
-            value = json.loads(line)
+            rows.append(_row(place, _parse(line)))
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-        rows.append(Row(f"{path}:{n}", value))
+            rows.append(_bad(place, f"invalid JSON ({e.msg} at column {e.colno})"))
+        except RecursionError:
+            rows.append(_bad(place, "JSON nested too deeply to read; flatten the row"))
     return rows
 
 
 def _json(path: Path) -> list[Row]:
     try:
-        value = json.loads(_decode(path))
+        value = _parse(_decode(path))
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        return [_bad(f"{path}:{e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})")]
+    except RecursionError:
+        return [_bad(f"{path}:1", "JSON nested too deeply to read; flatten the data")]
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
         value = next(iter(value.values()))  # {"data": [...]} as some exports write it
     if not isinstance(value, list):
-        raise UserError(f"{path}:1: a .json data file holds a list of row objects; use .jsonl for one object per line")
-    return [Row(f"{path}: row {i + 1}", v) for i, v in enumerate(value)]
+        return [_bad(f"{path}:1", "a .json data file holds a list of row objects; use .jsonl for one object per line")]
+    return [_row(f"{path}: row {i + 1}", v) for i, v in enumerate(value)]
 
 
 def _csv(path: Path) -> list[Row]:
-    reader = csv.DictReader(_decode(path).splitlines())
-    rows = []
-    for record in reader:
-        if None in record:
-            raise UserError(f"{path}:{reader.line_num}: more fields than the header has ({len(reader.fieldnames)})")
-        rows.append(Row(f"{path}:{reader.line_num}", dict(record)))
-    return rows
+    """CSV read as a whole (a newline inside a quoted field is kept); a row's place is the line it starts on."""
+    csv.field_size_limit(2**31 - 1)  # the default (128 KiB) would refuse a long document in a `text` column
+    reader = csv.reader(io.StringIO(_decode(path), newline=""))
+    rows, header = [], None
+    while True:
+        start = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as e:
+            return [*rows, _bad(f"{path}:{start}", f"cannot read it as CSV ({e})")]
+        if not record:  # a blank line
+            continue
+        if header is None:
+            header = record
+            repeated = [c for i, c in enumerate(header) if c in header[:i]]
+            if repeated:
+                return [_bad(f"{path}:{start}", f"duplicate column '{repeated[0]}' in the header; rename one")]
+            continue
+        if len(record) > len(header):
+            rows.append(_bad(f"{path}:{start}", f"more fields than the header has ({len(header)})"))
+            continue
+        rows.append(Row(f"{path}:{start}", dict(zip(header, record))))
 
 
 def _parquet(path: Path) -> list[Row]:
@@ -127,22 +230,24 @@ def _parquet(path: Path) -> list[Row]:
     try:
         records = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not a readable parquet file"
-        raise UserError(f"{path}: cannot read it as parquet ({e})") from None
-    return [Row(f"{path}: row {i + 1}", r) for i, r in enumerate(records)]
+        return [_bad(str(path), f"cannot read it as parquet ({e})")]
+    return [_row(f"{path}: row {i + 1}", r) for i, r in enumerate(records)]
 
 
 def _txt(path: Path) -> list[Row]:
-    return [Row(f"{path}:{n}", {"text": line}) for n, line in enumerate(_decode(path).splitlines(), 1) if line.strip()]
+    return [Row(f"{path}:{n}", {"text": line}) for n, line in enumerate(_lines(_decode(path)), 1) if line.strip()]
 
 
 READERS = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet, ".txt": _txt}
 
 
 def read_source(source: Source, where: str) -> list[Row]:
-    """Every row of a source, each a dict, with its place."""
+    """Every row of a source, in file order, each a dict with its place; a row (or a file) that cannot
+    be read is a Row with its `problem`, so the caller reports them all at once. UserError for a
+    source that cannot be found or loaded at all."""
     files = files_of(source, where)
     if files is None:
-        rows = [Row(f"{source.path}[{source.split}] row {i + 1}", r) for i, r in enumerate(_hub(source, where))]
+        rows = [_row(f"{source.path}[{source.split}] row {i + 1}", r) for i, r in enumerate(_hub(source, where))]
         if not rows:
             raise UserError(f"{where}: hub dataset {source.path!r} split {source.split!r} has no rows")
         return rows
@@ -151,11 +256,10 @@ def read_source(source: Source, where: str) -> list[Row]:
         try:
             found = READERS[path.suffix.lower()](path)
         except OSError as e:
-            raise UserError(f"{where}: cannot read {path} ({e.strerror})") from None
+            found = [_bad(str(path), f"cannot read the file ({e.strerror}); fix its permissions or remove it from {where.split(': ')[-1]}")]
+        except UserError as e:  # the file as a whole (invalid UTF-8)
+            found = [Row(str(path), None, p) for p in e.problems]
         if not found:
-            raise UserError(f"{path}:1: the file holds no rows; add data or remove it from {where.split(': ')[-1]}")
-        for row in found:
-            if not isinstance(row.value, dict):
-                raise UserError(f"{row.place}: a row must be a JSON object, not {type(row.value).__name__}")
+            found = [_bad(f"{path}:1", f"the file holds no rows; add data or remove it from {where.split(': ')[-1]}")]
         rows.extend(found)
     return rows
