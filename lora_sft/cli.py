@@ -43,24 +43,14 @@ def _validate(args) -> int:
     from .recipe import explain, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from . import data, model, plan
+    from . import plan
+    from .train import prepare
 
-    checked = data.check(recipe)
-    try:
-        model_plan = model.describe(recipe, model.resolve_source(recipe), checked.labels)
-        note = None
-    except model.ModelUnreachable as e:
-        model_plan, note = None, f"note: schema and data checked; the model checks need the hub: {e.problems[0]}"
-    from .train import check_hardware
-
-    try:
-        check_hardware(recipe)
-    except UserError as e:
-        note = "\n".join(filter(None, [note, *(f"note: on this machine: {p}" for p in e.problems)]))
+    prepared = prepare(recipe, hub_may_be_unreachable=True)  # what train checks first, every problem at once
     print(f"{args.recipe}: ok")
-    print("\n".join(f"  {line}" for line in plan.describe_run(recipe, checked, model_plan)))
-    if note:
-        print(note)
+    print("\n".join(f"  {line}" for line in plan.describe_run(recipe, prepared.checked, prepared.plan, prepared.bundle)))
+    if prepared.note:
+        print(prepared.note)
     if args.explain:
         print("\nrecipe keys:\n" + explain())
     return 0
@@ -88,10 +78,9 @@ def _train(args) -> int:
         # `--resume train.lr=1e-4`: argparse took an override for --resume's optional PATH
         args.overrides, args.resume = [*args.overrides, args.resume], True
     recipe = load_recipe(args.recipe, args.overrides)
-    from .commands import after_training, before_training
+    from .commands import after_training
     from .train import run
 
-    before_training(recipe)
     after_training(recipe, run(recipe, resume=args.resume, overwrite=args.overwrite).run_dir.root)
     return 0
 
