@@ -80,6 +80,8 @@ def _read(recipe: Recipe, source: ModelSource, what: str, load):
             raise ConfigUnusable(f"{recipe.where('model', 'path')}: {source.path} needs to run Python code it ships; read it, then set model.trust_remote_code: true if you trust it") from None
         if source.origin == "hub":
             raise ModelUnreachable(f"{recipe.where('model', 'path')}: cannot read the {what} of {source.path!r} from the hub ({first}); check the id and the network, or use a local folder") from None
+        if what == "config" and isinstance(e, ValueError) and (Path(source.path) / "config.json").is_file():
+            raise _unbuildable(recipe, source, e) from None  # it is there but says something impossible
         hint = "; save one there with tokenizer.save_pretrained" if what == "tokenizer" else ""
         raise (ConfigUnusable if what == "config" else UserError)(f"{recipe.where('model', 'path')}: cannot read the {what} in {source.path} ({first}){hint}") from None
 
@@ -91,7 +93,10 @@ def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None):
     if labels is not None:
         extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
     m = recipe.model
-    return _read(recipe, source, "config", lambda: AutoConfig.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code, **extra))
+    try:
+        return _read(recipe, source, "config", lambda: AutoConfig.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code, **extra))
+    except BUILD_ERRORS as e:  # a config class that checks itself on load (Llama divides by num_attention_heads)
+        raise _unbuildable(recipe, source, e) from None
 
 
 def compute_dtype(quant: QuantSection) -> torch.dtype:
@@ -202,10 +207,18 @@ def _build_empty(recipe: Recipe, source: ModelSource, config) -> nn.Module:
     try:
         with init_empty_weights():
             return task_class(recipe.task).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    except (ArithmeticError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as e:
-        # impossible sizes (zero attention heads: ZeroDivisionError), a missing or mistyped field, an unknown activation
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigUnusable(f"{recipe.where('model', 'path')}: {_config_place(recipe, source)} does not describe a model that can be built ({type(e).__name__}{': ' + first if first else ''}); fix the config") from None
+    except (ValueError, *BUILD_ERRORS) as e:
+        raise _unbuildable(recipe, source, e) from None
+
+
+# What building a model from a bad config.json raises: impossible sizes (zero attention heads:
+# ZeroDivisionError), a missing or mistyped field, an unknown activation name.
+BUILD_ERRORS = (ArithmeticError, TypeError, KeyError, IndexError, AttributeError, RuntimeError)
+
+
+def _unbuildable(recipe: Recipe, source: ModelSource, e: Exception) -> ConfigUnusable:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ConfigUnusable(f"{recipe.where('model', 'path')}: {_config_place(recipe, source)} does not describe a model that can be built ({type(e).__name__}{': ' + first if first else ''}); fix the config")
 
 
 def _weight_names(recipe: Recipe, model: nn.Module, heads: list[str]) -> WeightNames | None:
