@@ -372,11 +372,27 @@ def load_tokenizer(recipe: Recipe, source: ModelSource):
     from .data import templates
 
     templates.apply(tokenizer, recipe.data.chat_template, recipe.where("data", "chat_template"))
+    _check_template_syntax(recipe, tokenizer)
     if tokenizer.pad_token is None:
         # Padding is masked out of attention and loss, so reusing EOS is safe: EOS in the text keeps its label.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _check_template_syntax(recipe: Recipe, tokenizer) -> None:
+    """A chat template that does not compile fails on every row: say so once, naming where it came from."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    if not tokenizer.chat_template:
+        return
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)  # compiles the template
+    except TemplateSyntaxError as e:
+        where = recipe.where("data", "chat_template") if recipe.data.chat_template else f"{recipe.where('model', 'path')}: the tokenizer's chat template"
+        raise UserError(f"{where}: template syntax error at line {e.lineno}: {e.message}") from None
+    except TemplateError:
+        pass  # the template refuses this one-message chat: rows are rendered (and checked) one by one later
 
 
 def load_base(recipe: Recipe, plan: ModelPlan) -> nn.Module:

@@ -63,7 +63,7 @@ def _tokenizer_problems(recipe: Recipe, tokenizer, plan: model_stage.ModelPlan |
     elif tokenizer.pad_token is None:
         problems.append(f"{where}: the tokenizer has neither a padding nor an EOS token to pad batches with; set pad_token in its tokenizer_config.json")
     vocab = getattr(plan.config, "vocab_size", None) if plan else None
-    if vocab and len(tokenizer) > vocab:  # only then can an id fall outside the embedding
+    if vocab and len(tokenizer) > vocab and not problems:  # only then can an id fall outside the embedding (and rows hold no None for EOS)
         ids = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None]
         for split in (bundle.train, bundle.eval) if bundle else ():
             if split is not None and len(split):
