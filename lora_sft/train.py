@@ -98,9 +98,11 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
         try:
             plan = model_stage.describe(recipe, source, checked.labels if checked else recipe.data.labels)
         except model_stage.ModelUnreachable as e:
-            if not hub_may_be_unreachable:
-                raise UserError([*problems, *e.problems]) from None
-            note, source = f"note: schema and data checked; the model checks need the hub: {e.problems[0]}", None
+            if hub_may_be_unreachable:
+                note = f"note: schema and data checked; the model checks need the hub: {e.problems[0]}"
+            else:
+                problems.extend(e.problems)
+            source = None  # no tokenizer either
         except model_stage.ConfigUnusable as e:
             problems.extend(e.problems)
             source = None  # the tokenizer and the weights are read through the config
