@@ -78,37 +78,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _check_output_dir(recipe, model_plan) -> None:
-    """What train refuses about output_dir whatever its flags (validate checks it too)."""
-    from .checkpoint import check_output_dir
-
-    source = model_plan.source if model_plan is not None else None
-    check_output_dir(recipe, source.path if source is not None and source.origin != "hub" else None)
-
-
 def _validate(args) -> int:
     from .recipe import explain, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from . import data, model, plan
+    from . import plan
+    from .train import prepare
 
-    checked = data.check(recipe)
-    try:
-        model_plan = model.describe(recipe, model.resolve_source(recipe), checked.labels)
-        note = None
-    except model.ModelUnreachable as e:
-        model_plan, note = None, f"note: schema and data checked; the model checks need the hub: {e.problems[0]}"
-    from .train import check_hardware
-
-    try:
-        check_hardware(recipe)
-    except UserError as e:
-        note = "\n".join(filter(None, [note, *(f"note: on this machine: {p}" for p in e.problems)]))
-    _check_output_dir(recipe, model_plan)
+    prepared = prepare(recipe, hub_may_be_unreachable=True)  # what train checks first, every problem at once
     print(f"{args.recipe}: ok")
-    print("\n".join(f"  {line}" for line in plan.describe_run(recipe, checked, model_plan)))
-    if note:
-        print(note)
+    print("\n".join(f"  {line}" for line in plan.describe_run(recipe, prepared.checked, prepared.plan, prepared.bundle)))
+    if prepared.note:
+        print(prepared.note)
     if args.explain:
         print("\nrecipe keys:\n" + explain())
     return 0
@@ -136,10 +117,9 @@ def _train(args) -> int:
         # `--resume train.lr=1e-4`: argparse took an override for --resume's optional PATH
         args.overrides, args.resume = [*args.overrides, args.resume], True
     recipe = load_recipe(args.recipe, args.overrides)
-    from .commands import after_training, before_training
+    from .commands import after_training
     from .train import run
 
-    before_training(recipe)
     after_training(recipe, run(recipe, resume=args.resume, overwrite=args.overwrite).run_dir.root)
     return 0
 

@@ -10,12 +10,26 @@ import sys
 from .errors import UserError
 
 
-def before_training(recipe) -> None:
-    """What the recipe's after-training steps need, checked before hours of training rather than after."""
+def before_training(recipe, checked) -> list[str]:
+    """What the recipe's after-training steps need, checked before hours of training rather than after:
+    problem lines for `train.prepare`'s preflight. `checked` is the checked data (None if it had errors)."""
+    problems = []
+    if recipe.eval.after_train and checked is not None and not checked.eval:
+        problems.append(f"{recipe.where('eval', 'after_train')}: there is no eval split to evaluate after training; set data.eval or data.eval_fraction, or remove after_train")
+    if recipe.task == "causal_lm":  # generation metrics; a classifier is scored with accuracy and F1
+        from .evaluation import metric_problem
+
+        for i, name in enumerate(recipe.eval.metrics):
+            if problem := metric_problem(name, recipe.where("eval", "metrics", i)):
+                problems.append(problem)
     if recipe.hub.repo_id:
         from .hub import check_ready
 
-        check_ready(recipe.hub.repo_id, recipe.where("hub", "repo_id"))
+        try:
+            check_ready(recipe.hub.repo_id, recipe.where("hub", "repo_id"))
+        except UserError as e:
+            problems += e.problems
+    return problems
 
 
 def after_training(recipe, run_dir) -> None:

@@ -33,6 +33,14 @@ def _size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def offline_variable() -> str | None:
+    """The environment variable that switches the hub off, read as huggingface_hub does (constants.py:
+    HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE when HF_HUB_OFFLINE is unset or empty), or None.
+    Read now, not at import time, so a variable set after huggingface_hub was imported counts too."""
+    name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    return name if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") else None
+
+
 def check_ready(repo_id: str, where: str, upload: bool = True) -> None:
     """A well-formed repository id and, to upload, the hub not switched off and a token to push with."""
     from huggingface_hub import get_token
@@ -41,8 +49,8 @@ def check_ready(repo_id: str, where: str, upload: bool = True) -> None:
         raise UserError(f"{where}: {repo_id!r} is not a repository id; use NAME or USER/NAME (letters, digits, '-', '_', '.')")
     if not upload:
         return
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise UserError(f"{where}: HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (or use push --dry-run)")
+    if variable := offline_variable():
+        raise UserError(f"{where}: {variable}={os.environ[variable]} turns the hub off, so nothing can be pushed; unset it (or use push --dry-run)")
     if not get_token():
         raise UserError(f"{where}: no hub token; set HF_TOKEN or run `hf auth login`")
 

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,10 @@ LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|block|blocks)\.(\d+)\.")
 
 class ModelUnreachable(UserError):
     """The model's config could not be read: a hub id without a network, or a wrong id."""
+
+
+class ConfigUnusable(UserError):
+    """The model's config.json cannot be read or built into a model (nothing else about the model can be checked)."""
 
 
 @dataclass
@@ -71,11 +77,13 @@ def _read(recipe: Recipe, source: ModelSource, what: str, load):
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "trust_remote_code" in str(e) or "custom code" in str(e):
-            raise UserError(f"{recipe.where('model', 'path')}: {source.path} needs to run Python code it ships; read it, then set model.trust_remote_code: true if you trust it") from None
+            raise ConfigUnusable(f"{recipe.where('model', 'path')}: {source.path} needs to run Python code it ships; read it, then set model.trust_remote_code: true if you trust it") from None
         if source.origin == "hub":
             raise ModelUnreachable(f"{recipe.where('model', 'path')}: cannot read the {what} of {source.path!r} from the hub ({first}); check the id and the network, or use a local folder") from None
+        if what == "config" and isinstance(e, ValueError) and (Path(source.path) / "config.json").is_file():
+            raise _unbuildable(recipe, source, e) from None  # it is there but says something impossible
         hint = "; save one there with tokenizer.save_pretrained" if what == "tokenizer" else ""
-        raise UserError(f"{recipe.where('model', 'path')}: cannot read the {what} in {source.path} ({first}){hint}") from None
+        raise (ConfigUnusable if what == "config" else UserError)(f"{recipe.where('model', 'path')}: cannot read the {what} in {source.path} ({first}){hint}") from None
 
 
 def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None):
@@ -85,7 +93,10 @@ def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None):
     if labels is not None:
         extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
     m = recipe.model
-    return _read(recipe, source, "config", lambda: AutoConfig.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code, **extra))
+    try:
+        return _read(recipe, source, "config", lambda: AutoConfig.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code, **extra))
+    except BUILD_ERRORS as e:  # a config class that checks itself on load (Llama divides by num_attention_heads)
+        raise _unbuildable(recipe, source, e) from None
 
 
 def compute_dtype(quant: QuantSection) -> torch.dtype:
@@ -166,15 +177,68 @@ class ModelPlan:
     modules_to_save: list[str]
     total_params: int
     trainable_params: int
+    weights: WeightNames | None = None  # what the weight files must hold; None: not checkable by name
+
+
+@dataclass
+class WeightNames:
+    """The tensors the model built from config.json expects, as a checkpoint may name them."""
+
+    shapes: dict[str, tuple[int, ...]]  # model key -> shape
+    prefix: str  # base_model_prefix: checkpoints of the bare model omit it, task checkpoints have it
+    optional: set[str]  # keys a checkpoint may lack: tied copies, a classification task's new head, declared ignores
+    head: list[str]  # module names of a new head (classification), which from_pretrained initializes
+
+    def normalize(self, key: str) -> str:
+        key = key.removeprefix(f"{self.prefix}.") if self.prefix else key
+        return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")  # legacy names transformers renames
+
+    def is_new_head(self, key: str) -> bool:
+        return any(key == h or key.startswith(f"{h}.") for h in self.head)
+
+
+def _config_place(recipe: Recipe, source: ModelSource) -> str:
+    return f"{source.path}/config.json" if source.origin != "hub" else f"config.json of {source.path}"
+
+
+def _build_empty(recipe: Recipe, source: ModelSource, config) -> nn.Module:
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():
+            return task_class(recipe.task).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    except (ValueError, *BUILD_ERRORS) as e:
+        raise _unbuildable(recipe, source, e) from None
+
+
+# What building a model from a bad config.json raises: impossible sizes (zero attention heads:
+# ZeroDivisionError), a missing or mistyped field, an unknown activation name.
+BUILD_ERRORS = (ArithmeticError, TypeError, KeyError, IndexError, AttributeError, RuntimeError)
+
+
+def _unbuildable(recipe: Recipe, source: ModelSource, e: Exception) -> ConfigUnusable:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ConfigUnusable(f"{recipe.where('model', 'path')}: {_config_place(recipe, source)} does not describe a model that can be built ({type(e).__name__}{': ' + first if first else ''}); fix the config")
+
+
+def _weight_names(recipe: Recipe, model: nn.Module, heads: list[str]) -> WeightNames | None:
+    from transformers.conversion_mapping import extract_weight_conversions_for_model
+
+    if extract_weight_conversions_for_model(model) or getattr(model.config, "quantization_config", None):
+        return None  # checkpoints of this architecture are renamed or fused on load, or stored quantized
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # target -> source: the target need not be stored
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
+    head = heads if recipe.task == "classification" else []
+    names = WeightNames(shapes, getattr(model, "base_model_prefix", "") or "", set(), head)
+    names.optional = {k for k in shapes if k in tied or names.is_new_head(k) or any(p.search(k) for p in ignore)}
+    return names
 
 
 def describe(recipe: Recipe, source: ModelSource, labels: list[str] | None) -> ModelPlan:
     """Build the model with empty weights from its config and resolve the LoRA targets."""
-    from accelerate import init_empty_weights
-
     config = load_config(recipe, source, labels)
-    with init_empty_weights():
-        model = task_class(recipe.task).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    model = _build_empty(recipe, source, config)
     heads = head_names(model)
     targets = resolve_targets(recipe.lora, model, heads, recipe.where)
     saved = list(dict.fromkeys(recipe.lora.modules_to_save + (heads if recipe.task == "classification" else [])))
@@ -184,7 +248,104 @@ def describe(recipe: Recipe, source: ModelSource, labels: list[str] | None) -> M
             raise UserError(f"{recipe.where('lora', 'modules_to_save')}: no module named '{name}' (top level: {', '.join(n for n, _ in model.named_children())})")
     total = sum(p.numel() for p in model.parameters())
     trainable = expected_trainable(recipe.lora, model, targets, saved)
-    return ModelPlan(source, config, heads, targets, saved, total, trainable)
+    return ModelPlan(source, config, heads, targets, saved, total, trainable, _weight_names(recipe, model, heads))
+
+
+# safetensors dtype names -> bytes per element
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+def _read_header(file: Path) -> tuple[dict, str | None]:
+    """A safetensors file's tensor table (name -> dtype, shape, data_offsets), or why it cannot be read.
+    Only the header is read: the 8-byte little-endian length, then that much JSON."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return {}, f"truncated ({size} bytes, not even a header)"
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_HEADER):
+            return {}, f"truncated or not safetensors (the header claims {n:,} bytes, the file has {size:,})"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            return {}, f"unreadable: its header is not valid JSON ({e})"
+    if not isinstance(header, dict):
+        return {}, "unreadable: its header is not a table of tensors"
+    tensors, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, stop) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            return {}, f"unreadable: tensor {name!r} has no dtype, shape and data_offsets"
+        width = DTYPE_BYTES.get(dtype)
+        if width is not None and stop - begin != math.prod(shape) * width:
+            return {}, f"unreadable: tensor {name} has {stop - begin:,} bytes for a {dtype} tensor of shape {shape}"
+        tensors[name], end = tuple(shape), max(end, stop)
+    if 8 + n + end > size:
+        return {}, f"truncated: its tensors end at byte {8 + n + end:,}, the file has {size:,} (an interrupted download or copy?)"
+    return tensors, None
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """The safetensors files from_pretrained would read: the index's shards, else model.safetensors (or any)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return [], [f"{index}: unreadable index ({type(e).__name__}: {e})"]
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            return [], [f"{index} names shards that are not there: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"]
+        return [folder / n for n in names], []
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"], []
+    return sorted(folder.glob("*.safetensors")), []
+
+
+def check_weights(recipe: Recipe, plan: ModelPlan) -> list[str]:
+    """The weight files of a local model, checked without loading them: each safetensors header parses
+    and fits its file, and together they hold every tensor the model built from config.json expects, in
+    its shape (a classification task's new head and tied copies excepted). Hub models are not checked."""
+    if plan.source.origin == "hub":
+        return []
+    folder, where = Path(plan.source.path), recipe.where("model", "path")
+    files, problems = _weight_files(folder)
+    if problems:
+        return [f"{where}: {p}" for p in problems]
+    if not files:
+        if recipe.model.allow_pickle and any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+            return []  # pickle weights cannot be read without running them
+        return [f"{where}: {folder} has no weight files (*.safetensors); save the model there with save_pretrained"]
+    stored: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        tensors, problem = _read_header(file)
+        if problem:
+            problems.append(f"{where}: {file}: {problem}")
+        stored.update(tensors)
+    if problems or plan.weights is None:
+        return problems
+    names = plan.weights
+    by_name = {names.normalize(k): shape for k, shape in stored.items()}
+    missing, wrong = [], []
+    for key, shape in names.shapes.items():
+        found = by_name.get(names.normalize(key))
+        if found is None:
+            if key not in names.optional:
+                missing.append(key)
+        elif found != shape and not names.is_new_head(key):
+            wrong.append(f"{key} is {list(found)} in the files, {list(shape)} in the model config.json describes")
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        problems.append(f"{where}: the weights do not fit {_config_place(recipe, plan.source)}: {'; '.join(wrong[:3])}{more}; the config (vocab_size, hidden_size, ...) and the weights come from different models")
+    if missing:
+        problems.append(f"{where}: {folder}: {len(missing)} of the model's {len(names.shapes)} weights are missing from the weight files ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); they would train from random values")
+    return problems
 
 
 def quantization_config(quant: QuantSection, skip: list[str]):
@@ -211,6 +372,7 @@ def load_tokenizer(recipe: Recipe, source: ModelSource):
     from .data import templates
 
     templates.apply(tokenizer, recipe.data.chat_template, recipe.where("data", "chat_template"))
+    _check_template_syntax(recipe, tokenizer)
     if tokenizer.pad_token is None:
         # Padding is masked out of attention and loss, so reusing EOS is safe: EOS in the text keeps its label.
         tokenizer.pad_token = tokenizer.eos_token
@@ -218,12 +380,27 @@ def load_tokenizer(recipe: Recipe, source: ModelSource):
     return tokenizer
 
 
+def _check_template_syntax(recipe: Recipe, tokenizer) -> None:
+    """A chat template that does not compile fails on every row: say so once, naming where it came from."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    if not tokenizer.chat_template:
+        return
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)  # compiles the template
+    except TemplateSyntaxError as e:
+        where = recipe.where("data", "chat_template") if recipe.data.chat_template else f"{recipe.where('model', 'path')}: the tokenizer's chat template"
+        raise UserError(f"{where}: template syntax error at line {e.lineno}: {e.message}") from None
+    except TemplateError:
+        pass  # the template refuses this one-message chat: rows are rendered (and checked) one by one later
+
+
 def load_base(recipe: Recipe, plan: ModelPlan) -> nn.Module:
     """The frozen base, quantized as the recipe says; heads stay unquantized."""
     import bitsandbytes as bnb
 
     device = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model = task_class(recipe.task).from_pretrained(
+    model, info = task_class(recipe.task).from_pretrained(
         plan.source.path,
         config=plan.config,
         revision=recipe.model.revision,
@@ -232,7 +409,13 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> nn.Module:
         dtype=compute_dtype(recipe.quant),
         device_map=device,
         use_safetensors=None if recipe.model.allow_pickle else True,  # True: refuse pickle weight files
+        output_loading_info=True,
     )
+    # transformers initializes missing weights at random and only logs it; a classification task's head is new by design
+    new_head = plan.heads if recipe.task == "classification" else []
+    missing = sorted(k for k in info.get("missing_keys", ()) if not any(k == h or k.startswith(f"{h}.") for h in new_head))
+    if missing:
+        raise UserError(f"{recipe.where('model', 'path')}: {plan.source.path}: {len(missing)} weights are missing from the weight files ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); they would train from random values")
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):

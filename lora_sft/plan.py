@@ -7,12 +7,23 @@ import math
 from .recipe import Recipe
 
 
-def describe_run(recipe: Recipe, checked, plan) -> list[str]:
-    """Lines saying what `train` would do with this recipe; `plan` is None when the model is unreachable."""
+def train_steps(recipe: Recipe, rows: int) -> int:
+    """Optimizer steps over `rows` training rows (samples, or packed rows), counted as the Trainer does."""
+    t = recipe.train
+    if t.max_steps:
+        return t.max_steps
+    per_epoch = max(math.ceil(math.ceil(rows / t.micro_batch_size) / t.grad_accum), 1)
+    return math.ceil(t.epochs * per_epoch)
+
+
+def describe_run(recipe: Recipe, checked, plan, bundle=None) -> list[str]:
+    """Lines saying what `train` would do with this recipe; `plan` and `bundle` (the tokenized data) are
+    None when the model is unreachable, and the step count then comes from the rows before tokenizing."""
     d, t, q, lo = recipe.data, recipe.train, recipe.quant, recipe.lora
     eval_from = f"from {', '.join(s.path for s in d.sources('eval'))}" if d.eval else f"{d.eval_fraction:.0%} of train, seed {recipe.seed}" if d.eval_fraction else "none"
     batch = t.micro_batch_size * t.grad_accum
-    steps = t.max_steps or math.ceil(math.ceil(len(checked.train) / t.micro_batch_size) / t.grad_accum * t.epochs)
+    # the Trainer steps through what was tokenized: packed rows, text chunks, samples left after dropping
+    steps = train_steps(recipe, len(bundle.train) if bundle is not None else len(checked.train))
     quant = "unquantized" if q.mode == "none" else q.mode + (" + double quant" if q.double_quant and q.mode != "int8" else "")
     lines = [f"task: {recipe.task}"]
     if plan is not None:
@@ -25,6 +36,8 @@ def describe_run(recipe: Recipe, checked, plan) -> list[str]:
         lines.append(f"trainable params: {plan.trainable_params:,} of {plan.total_params:,} ({100 * plan.trainable_params / plan.total_params:.2f}%)")
     formats = ", ".join(sorted(d.formats()))
     data_line = f"data: {formats}{', packed' if d.packing else ''}, {len(checked.train)} train rows, {len(checked.eval)} eval rows ({eval_from}), max_length {d.max_length}"
+    if bundle is not None and d.packing and "packed_rows" in bundle.stats.get("train", {}):
+        data_line += f", packed into {bundle.stats['train']['packed_rows']} rows"
     if checked.labels:
         data_line += f", labels: {', '.join(checked.labels)}"
     lines.append(data_line)

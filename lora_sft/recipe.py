@@ -11,16 +11,28 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
 
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"input should be a number, not a yes/no value (got {str(value).lower()})")
+    return value
+
+
+# Strict types: YAML's `yes` is not rank 1 and `1` is not true. Floats alone stay lax, because YAML reads
+# `2e-4` (no dot) as a string; they still refuse booleans, and every section refuses infinity and NaN.
+Float = Annotated[float, Strict(False), BeforeValidator(_not_a_bool)]
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random take it too
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -52,9 +64,9 @@ class QuantSection(Section):
 class LoraSection(Section):
     rank: int = Field(16, ge=1, le=4096)
     """Rank r of the update B @ A."""
-    alpha: float = Field(32, gt=0)
+    alpha: Float = Field(32, gt=0)
     """Scale: the update is multiplied by alpha / rank (alpha / sqrt(rank) with rslora)."""
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: Float = Field(0.05, ge=0, lt=1)
     """Dropout on the adapter's input during training."""
     target_modules: str | list[str] = "all-linear"
     """`all-linear` (every linear layer of the base model but its output layer), a list of module names (`q_proj`, matched as a name suffix), or one regex matched against full module names."""
@@ -103,7 +115,7 @@ class Source(Section):
     """Hub datasets: branch, tag or commit."""
     limit: int | None = Field(None, ge=1)
     """Use at most this many rows of this source (after the seeded shuffle)."""
-    weight: float | None = Field(None, gt=0)
+    weight: Float | None = Field(None, gt=0)
     """Sampling weight: 2 repeats every row twice, 0.5 keeps a seeded half."""
 
 
@@ -117,13 +129,13 @@ class DataSection(Section):
     """Training data: a path, a source ({path, format, columns, split, subset, revision, limit, weight}), or a list of them."""
     eval: Sources | None = None
     """Held-out data for evaluation, same forms as train; never trained on."""
-    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    eval_fraction: Float = Field(0.0, ge=0, lt=1)
     """Fraction of the train rows held out for evaluation (seeded by `seed`) when there is no eval data."""
     max_length: int = Field(1024, ge=8)
     """Longest sample in tokens (and the row length when packing)."""
     truncation: Literal["truncate", "drop"] = "truncate"
     """What happens to a longer sample: cut to max_length, or left out (counted). `text` rows are split into chunks instead."""
-    max_dropped: float = Field(0.0, ge=0, le=1)
+    max_dropped: Float = Field(0.0, ge=0, le=1)
     """Fraction of samples that may be left with no trained token (after truncation) before the run refuses to start."""
     train_on_inputs: bool = False
     """Train on every token, prompts included. By default only completion / assistant tokens carry loss."""
@@ -170,9 +182,9 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    lr: float = Field(2e-4, gt=0, lt=1)
+    lr: Float = Field(2e-4, gt=0, lt=1)
     """Peak learning rate."""
-    epochs: float = Field(1.0, gt=0)
+    epochs: Float = Field(1.0, gt=0)
     """Passes over the train split (ignored when max_steps is set)."""
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps."""
@@ -180,15 +192,15 @@ class TrainSection(Section):
     """Samples per forward pass."""
     grad_accum: int = Field(1, ge=1)
     """Micro batches per optimizer step: effective batch = micro_batch_size * grad_accum."""
-    warmup: float = Field(0.03, ge=0)
+    warmup: Float = Field(0.03, ge=0)
     """Learning-rate warmup: a fraction of all steps when < 1, else a number of steps."""
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = "cosine"
     """Learning-rate schedule after warmup."""
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: Float = Field(0.0, ge=0)
     """Decoupled weight decay on the adapter parameters."""
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"] = "adamw_torch"
     """Optimizer; the 8-bit and paged ones come from bitsandbytes, paged ones need CUDA."""
-    max_grad_norm: float = Field(1.0, ge=0)
+    max_grad_norm: Float = Field(1.0, ge=0)
     """Gradient clipping norm (0 turns clipping off)."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: much less memory, about a third slower."""
@@ -249,6 +261,13 @@ class Recipe(Section):
 
     _source: RecipeSource | None = PrivateAttr(None)
 
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int) -> int:
+        if not 0 <= seed <= SEED_MAX:
+            raise ValueError(f"must be between 0 and {SEED_MAX} (got {seed})")
+        return seed
+
     @model_validator(mode="after")
     def _task_matches_format(self) -> Recipe:
         formats = self.data.formats()
@@ -279,13 +298,17 @@ class RecipeSource:
         dotted = ".".join(str(p) for p in path)
         for key, text in self.overrides.items():
             if path and key[: len(path)] == path:  # `seed.x=1` made a section of `seed`: the override is to blame
-                return f"override '{text}': {dotted}"
+                return f"override '{_short(text)}': {dotted}"
         for n in range(len(path), -1, -1):
             if path[:n] in self.overrides:
-                return f"override '{self.overrides[path[:n]]}': {dotted}"
+                return f"override '{_short(self.overrides[path[:n]])}': {dotted}"
             if path[:n] in self.lines:
                 return f"{self.file}:{self.lines[path[:n]]}: {dotted}"
         return f"{self.file}: {dotted}"
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _line_map(node: yaml.Node, file: str, prefix: tuple = ()) -> dict[tuple, int]:
@@ -314,7 +337,7 @@ def _apply_override(raw: dict, text: str, overrides: dict[tuple, str]) -> None:
         raise UserError(f"override '{text}': empty key name in '{key}'")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int of more than 4300 digits
         parsed = value
     node = raw
     for i, part in enumerate(path[:-1]):
@@ -340,6 +363,30 @@ ALIASES = {
     "base_model": "path", "model_name_or_path": "path", "val_set_size": "eval_fraction",
     "bnb_4bit_quant_type": "mode", "bnb_4bit_use_double_quant": "double_quant", "bnb_4bit_compute_dtype": "compute_dtype",
     "datasets": "train", "test_datasets": "eval"
+}
+
+# axolotl / TRL / transformers keys as they sit at the top of a flat file: our key in its section, or
+# (a sentence) what to write instead where we have no such key. Our own key names at the top level
+# (`lr:`) are pointed to their section without a table entry.
+FLAT_KEYS = {
+    "learning_rate": "train.lr", "num_epochs": "train.epochs", "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.micro_batch_size", "batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "warmup_steps": "train.warmup", "warmup_ratio": "train.warmup",
+    "lr_scheduler": "train.scheduler", "lr_scheduler_type": "train.scheduler", "optim": "train.optimizer",
+    "lora_r": "lora.rank", "r": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules", "lora_modules_to_save": "lora.modules_to_save",
+    "layers_to_transform": "lora.layers", "use_rslora": "lora.rslora", "peft_use_rslora": "lora.rslora", "use_dora": "lora.dora", "peft_use_dora": "lora.dora",
+    "sequence_len": "data.max_length", "max_seq_length": "data.max_length", "max_seq_len": "data.max_length",
+    "sample_packing": "data.packing", "val_set_size": "data.eval_fraction", "datasets": "data.train",
+    "test_datasets": "data.eval", "dataset": "data.train", "dataset_num_proc": "data.num_proc",
+    "base_model": "model.path", "model_name_or_path": "model.path", "base_model_config": "model.path", "trust_remote_code": "model.trust_remote_code",
+    "bnb_4bit_quant_type": "quant.mode", "bnb_4bit_use_double_quant": "quant.double_quant", "bnb_4bit_compute_dtype": "quant.compute_dtype",
+    "hub_model_id": "hub.repo_id", "push_to_hub": "hub.repo_id",
+    "bf16": "no such switch; set quant.compute_dtype: bf16", "fp16": "no such switch; set quant.compute_dtype: fp16",
+    "tf32": "no such switch; quant.compute_dtype: auto picks the dtype", "load_in_4bit": "no such switch; set quant.mode: nf4 (the default)",
+    "load_in_8bit": "no such switch; set quant.mode: int8", "adapter": "no such switch; lora_sft always trains a LoRA adapter (lora section)",
+    "lora_target_linear": "no such switch; set lora.target_modules: all-linear (the default)",
+    "model_type": "not needed; the model class comes from the model's config.json", "tokenizer_type": "not needed; the tokenizer comes from model.path",
 }
 
 
@@ -382,6 +429,8 @@ def _describe(err: dict, raw: dict) -> tuple[tuple, str]:
         # the one rule that spans sections (task vs data.format) is reported on `task`
         path = ["task"]
     kind = err["type"]
+    if kind == "extra_forbidden" and len(path) == 1 and _flat_key_hint(str(path[0])):
+        return tuple(path), f"unknown key ({_flat_key_hint(str(path[0]))})"
     if kind == "extra_forbidden":
         owner = _section_class(tuple(path[:-1]))
         known = list(owner.model_fields) if owner else []
@@ -395,8 +444,19 @@ def _describe(err: dict, raw: dict) -> tuple[tuple, str]:
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
     else:
-        msg = f"{msg[0].lower()}{msg[1:]} (got {err['input']!r})"
+        got = repr(err["input"])
+        got = got if len(got) <= 60 else f"{got[:40]}... ({len(got)} characters)"
+        msg = f"{msg[0].lower()}{msg[1:]} (got {got})"
     return tuple(path), msg
+
+
+def _flat_key_hint(key: str) -> str | None:
+    """For a key at the top of the file that belongs in a section (axolotl and TRL files are flat)."""
+    if key in FLAT_KEYS:
+        target = FLAT_KEYS[key]
+        return f"ours is {target}" if " " not in target else target
+    owners = [name for name in Recipe.model_fields if (cls := _section_class((name,))) and key in cls.model_fields]
+    return f"ours is {owners[0]}.{key}" if len(owners) == 1 else None
 
 
 # A Hugging Face access token (user or fine-grained): it would land in recipe.yaml, the model card, logs.
@@ -415,6 +475,33 @@ def _refuse_secrets(node: Any, source: RecipeSource, path: tuple = ()) -> None:
         raise UserError(f"{where}: looks like a Hugging Face token; never write tokens into a recipe (it is copied into the run directory): export HF_TOKEN=... instead")
 
 
+# A recipe has a few hundred values at most; YAML anchors can make a short file expand without bound
+# ("billion laughs"), and everything that walks the result would hang.
+MAX_VALUES = 100_000
+MAX_DIGITS = 100  # Python refuses to read ints of over 4300 digits; no recipe value needs more than a few
+
+
+def _refuse_blowups(root: yaml.Node | None, file: str) -> None:
+    """Refuse a document whose aliases expand beyond MAX_VALUES values, or a number too long to be meant."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:  # an alias is the same node object again: counted in full, walked once
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a recursive alias counts once
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag.endswith((":int", ":float")) and len(node.value) > MAX_DIGITS:
+                raise UserError(f"{file}:{node.start_mark.line + 1}: a number of {len(node.value)} digits; no recipe value needs more than a few")
+            return 1
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+        total = 1 + sum(size(c) for c in children)
+        sizes[id(node)] = total
+        return total
+
+    if root is not None and size(root) > MAX_VALUES:
+        raise UserError(f"{file}: YAML anchors and aliases expand to more than {MAX_VALUES:,} values (an alias bomb?); write the recipe without them")
+
+
 def load_recipe(file: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, patch and validate a recipe; raises UserError with every problem found."""
     file = str(file)
@@ -426,12 +513,15 @@ def load_recipe(file: str | Path, overrides: list[str] = ()) -> Recipe:
         raise UserError(f"{file}: cannot read the recipe ({e})") from None
     try:
         node = yaml.compose(text)
+        _refuse_blowups(node, file)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise UserError(f"{file}{line}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{file}: nested too deeply to be a recipe (sections hold keys, a few levels deep)") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

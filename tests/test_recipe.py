@@ -143,3 +143,91 @@ def test_version_and_help():
     for command in ("train", "validate"):
         out = cli(command, "--help")
         assert out.returncode == 0 and "KEY=VALUE" in out.stdout
+
+
+# ---------------------------------------------------------------- issue 15: values read as meant, hostile YAML
+
+
+def _problems(path, overrides=()) -> list[str]:
+    with pytest.raises(UserError) as e:
+        load_recipe(path, list(overrides))
+    return e.value.problems
+
+
+def test_no_infinite_or_nan_number_anywhere(tmp_path, good):
+    path = write(tmp_path, good.replace("  rank: 8", "  rank: 8\n  alpha: .inf\n  dropout: .nan") + "train:\n  warmup: .inf\n  lr: -.inf\n")
+    assert _problems(path) == [
+        f"{path}:7: lora.alpha: input should be a finite number (got inf)",
+        f"{path}:8: lora.dropout: input should be a finite number (got nan)",
+        f"{path}:14: train.lr: input should be a finite number (got -inf)",
+        f"{path}:13: train.warmup: input should be a finite number (got inf)",
+    ]
+    assert _problems(write(tmp_path, good), ["data.eval_fraction=.nan"]) == ["override 'data.eval_fraction=.nan': data.eval_fraction: input should be a finite number (got nan)"]
+
+
+def test_booleans_are_not_integers_and_integers_are_not_booleans(tmp_path, good):
+    path = write(tmp_path, good.replace("  rank: 8", "  rank: yes\n  rslora: 1\n  layers: [0, no]") + "train:\n  epochs: true\n  max_steps: 10.0\n")
+    assert _problems(path) == [
+        f"{path}:6: lora.rank: input should be a valid integer (got True)",
+        f"{path}:8: lora.layers.1: input should be a valid integer (got False)",
+        f"{path}:7: lora.rslora: input should be a valid boolean (got 1)",
+        f"{path}:13: train.epochs: input should be a number, not a yes/no value (got true)",
+        f"{path}:14: train.max_steps: input should be a valid integer (got 10.0)",
+    ]
+    # floats stay lax where YAML gives a string: `2e-4` has no dot, so YAML reads it as text
+    recipe = load_recipe(write(tmp_path, good + "train:\n  lr: 2e-4\n  epochs: 2\n"), ["lora.dropout=0", "train.warmup=1e-2"])
+    assert (recipe.train.lr, recipe.train.epochs, recipe.lora.dropout, recipe.train.warmup) == (2e-4, 2.0, 0.0, 0.01)
+    assert load_recipe(write(tmp_path, good), ["lora.dora=yes", "lora.rank=4"]).lora.model_dump(include={"dora", "rank"}) == {"dora": True, "rank": 4}
+
+
+def test_seed_range(tmp_path, good):
+    for seed in (-1, 2**32):
+        assert _problems(write(tmp_path, good + f"seed: {seed}\n")) == [f"{tmp_path / 'r.yaml'}:10: seed: must be between 0 and 4294967295 (got {seed})"]
+    for seed in (0, 2**32 - 1):
+        assert load_recipe(write(tmp_path, good + f"seed: {seed}\n")).seed == seed
+
+
+def test_huge_numbers_are_one_line(tmp_path, good):
+    path = write(tmp_path, good + "seed: " + "9" * 5000 + "\n")
+    assert _problems(path) == [f"{path}:10: a number of 5000 digits; no recipe value needs more than a few"]
+    # an override's value is parsed on its own: too long for an int, it stays text, which the schema refuses
+    [line] = _problems(write(tmp_path, good), ["lora.rank=" + "7" * 5000])
+    assert line == f"override 'lora.rank={'7' * 50}... (5010 characters)': lora.rank: input should be a valid integer (got '{'7' * 39}... (5002 characters))"
+
+
+def test_alias_bomb_is_refused_quickly_but_anchors_still_work(tmp_path, good):
+    bomb = good + 'x0: &x0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    bomb += "".join(f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}"] * 10) + "]\n" for i in range(1, 10))  # 10**10 values
+    path = write(tmp_path, bomb)
+    assert _problems(path) == [f"{path}: YAML anchors and aliases expand to more than 100,000 values (an alias bomb?); write the recipe without them"]
+    shared = good.replace("  rank: 8", "  rank: &r 8\n  alpha: *r").replace("data:\n", "data: &d\n")
+    recipe = load_recipe(write(tmp_path, shared))
+    assert (recipe.lora.rank, recipe.lora.alpha) == (8, 8.0)
+
+
+def test_deep_nesting_is_one_line(tmp_path, good):
+    for deep in ("[" * 5000 + "]" * 5000, "{a: " * 5000 + "1" + "}" * 5000):
+        path = write(tmp_path, good + f"lora_extra: {deep}\n")
+        assert _problems(path) == [f"{path}: nested too deeply to be a recipe (sections hold keys, a few levels deep)"]
+    proc = cli("validate", path)
+    assert proc.returncode == 2 and proc.stderr == f"error: {path}: nested too deeply to be a recipe (sections hold keys, a few levels deep)\n"
+
+
+def test_flat_axolotl_and_trl_keys_point_to_ours(tmp_path, good):
+    flat = good + "learning_rate: 2.0e-4\nlora_r: 16\nlora_alpha: 32\nlora_dropout: 0.05\nlora_target_modules: [q_proj]\nsequence_len: 2048\n"
+    flat += "micro_batch_size: 2\ngradient_accumulation_steps: 4\nnum_epochs: 3\nbase_model: x\nbf16: auto\nload_in_4bit: true\n"
+    flat += "sample_packing: true\nval_set_size: 0.05\ndatasets: []\nwarmup_steps: 10\nlr_scheduler: cosine\noptimizer: adamw_torch\nrevision: main\n"
+    path = write(tmp_path, flat)
+    hints = [p.split(": ", 2)[2] for p in _problems(path)]
+    assert hints == [
+        "unknown key (ours is train.lr)", "unknown key (ours is lora.rank)", "unknown key (ours is lora.alpha)", "unknown key (ours is lora.dropout)",
+        "unknown key (ours is lora.target_modules)", "unknown key (ours is data.max_length)", "unknown key (ours is train.micro_batch_size)",
+        "unknown key (ours is train.grad_accum)", "unknown key (ours is train.epochs)", "unknown key (ours is model.path)",
+        "unknown key (no such switch; set quant.compute_dtype: bf16)", "unknown key (no such switch; set quant.mode: nf4 (the default))",
+        "unknown key (ours is data.packing)", "unknown key (ours is data.eval_fraction)", "unknown key (ours is data.train)",
+        "unknown key (ours is train.warmup)", "unknown key (ours is train.scheduler)", "unknown key (ours is train.optimizer)",
+        # in two sections (model, hub): no single pointer, so the section names
+        "unknown key (known keys: task, output_dir, seed, model, quant, lora, data, train, eval, hub)",
+    ]
+    # inside a section the did-you-mean stays
+    assert _problems(write(tmp_path, good.replace("  rank: 8", "  lora_r: 8"))) == [f"{tmp_path / 'r.yaml'}:6: lora.lora_r: unknown key (did you mean 'rank'?)"]

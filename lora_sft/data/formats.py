@@ -337,7 +337,12 @@ def tokenize(example: Example, tokenizer, opts: Options) -> Tokenized:
         chunks = [ids[i : i + opts.max_length] for i in range(0, len(ids), opts.max_length)]
         return Tokenized([{"input_ids": c, "labels": list(c)} for c in chunks if len(c) > 1])
     if example.messages is not None and (tokenizer.chat_template or example.prompt is None):
-        ids, labels = _chat(tokenizer, example, opts)
+        from jinja2 import TemplateError
+
+        try:
+            ids, labels = _chat(tokenizer, example, opts)
+        except TemplateError as e:  # a syntax error, or the template's own raise_exception on this row
+            raise UserError(f"{example.place}: {template_name(tokenizer)} fails on this row ({type(e).__name__}: {e})") from None
     else:
         prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
         response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [eos]
