@@ -178,7 +178,7 @@ def start(recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprin
         if not held:
             raise UserError(f"{where}: --resume {resume}: {run_dir.root} holds no run; resume into the run directory the checkpoint came from")
     saved = yaml.safe_load((run_dir.root / "recipe.yaml").read_text())
-    changed = changes(saved, recipe.resolved_dict())
+    changed = changes(saved, recipe.saved_dict())
     manifest = json.loads((run_dir.root / "manifest.json").read_text())
     if not changed and manifest.get("data_fingerprint") != fingerprint:
         changed.append("the contents of the data files")

@@ -185,13 +185,13 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
     run_dir = RunDir(recipe.output_dir)
     resume_from = start.resume_from if start else None
     if resume_from:
-        info = checkpoint.reopen(run_dir, resume_from, recipe.resolved_dict())
+        info = checkpoint.reopen(run_dir, resume_from, recipe.saved_dict())
         log(f"resuming from {resume_from}")
     else:
         if start and start.replace:
             shutil.rmtree(run_dir.root)  # --overwrite, and only now that the new run is ready to go
         info = manifest(recipe.seed, bundle.fingerprint, bundle.stats, f"{plan.source.path} ({plan.source.origin})")
-        run_dir.create(recipe.resolved_dict(), info)
+        run_dir.create(recipe.saved_dict(), info)
     log(f"run directory: {run_dir.root}")
     trainer = _trainer(recipe, model, tokenizer, bundle, run_dir, log)
 
@@ -233,7 +233,7 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
-    resolved = recipe.resolved_dict()
+    resolved = recipe.saved_dict()
     (run_dir.adapter / "README.md").write_text(model_card(resolved, recipe.model.path, bundle.stats, summary, bundle.labels))
     info["ended"] = now()
     run_dir.finish(info, summary)
