@@ -166,9 +166,11 @@ def load_plain(run: TrainedRun, batch: dict, loads: dict[str, tuple[str, str | N
         head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
         prompts = []
         if run.recipe.task == "causal_lm":
-            for ids, targets in zip(batch["input_ids"][:n_prompts].tolist(), batch["labels"][:n_prompts].tolist()):
-                first = next((i for i, t in enumerate(targets) if t != -100), len(ids))
-                prompts.append(ids[:first])  # the prompt, up to the first trained token
+            for ids, targets, mask in zip(batch["input_ids"][:n_prompts].tolist(), batch["labels"][:n_prompts].tolist(), batch["attention_mask"][:n_prompts].tolist()):
+                # the prompt: up to the first trained token (label 0 is never a target), or the first half of
+                # the sample when every token is trained (text rows, train_on_inputs); never empty
+                first = next((i for i, t in enumerate(targets) if i > 0 and t != -100), len(ids))
+                prompts.append(ids[:first] if first > 1 else ids[: max(1, sum(mask) // 2)])
         job = {"kind": run.recipe.task, "dtype": dtype, "inputs": str(tmp / "inputs.safetensors"), "prompts": prompts, "max_new_tokens": max_new_tokens,
                # a plain base must be told its new head's labels; a merged folder's config has them
                "loads": [{"model": m, "adapter": a, "config_overrides": head if a else {}, "out": str(tmp / name)} for name, (m, a) in loads.items()]}
@@ -203,9 +205,13 @@ def _card_sections(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _merged_card(adapter_card: str, base: str, task: str, sections: str) -> str:
+def _merged_card(adapter_card: str, task: str, sections: str) -> str:
+    """The merged model's card from the adapter's: its base_model metadata (absent for a local base) and body."""
     auto = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
-    body = adapter_card.split("\n---\n", 1)[1].replace(f"# LoRA adapter for {base}", f"# {base} with a LoRA adapter merged in", 1)
+    header, body = adapter_card.removeprefix("---\n").split("\n---\n", 1)
+    base_line = next((line + "\n" for line in header.splitlines() if line.startswith("base_model: ")), "")
+    title = next(line for line in body.splitlines() if line.startswith("# LoRA adapter for "))
+    body = body.replace(title, f"# {title.removeprefix('# LoRA adapter for ')} with a LoRA adapter merged in", 1)
     body = body.split("## Use it")[0] + f"""## Use it
 
 ```python
@@ -217,12 +223,12 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/merged")
 
 """ + "## Recipe" + body.split("## Recipe", 1)[1]
     tags = ["lora_sft", "merged-lora", "text-classification" if task == "classification" else "text-generation"]
-    return f"---\nbase_model: {base}\nlibrary_name: transformers\ntags: {json.dumps(tags)}\n---\n{body}\n{sections}"
+    return f"---\n{base_line}library_name: transformers\ntags: {json.dumps(tags)}\n---\n{body}\n{sections}"
 
 
 def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: str | Path | None = None,
            samples: int = 8, tolerance: float | None = None, max_shard_size: str = "2GB", log=print) -> dict:
-    run = open_run(run_dir)
+    run = open_run(run_dir).unpacked()  # the fidelity samples one per row, as plain transformers gets them
     out = Path(out).resolve() if out else run.root / "export"
     merged_dir, adapter_dir = out / "merged", out / "adapter"
     atol, rtol = TOLERANCE[dtype]
@@ -293,7 +299,7 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
         if problems:
             shutil.rmtree(merged_dir)  # a merged model that failed its check must not be shipped by mistake
         else:
-            (merged_dir / "README.md").write_text(_merged_card(card, run.recipe.model.path, run.recipe.task, sections))
+            (merged_dir / "README.md").write_text(_merged_card(card, run.recipe.task, sections))
 
     log(format_report(report))
     for w in report["serving_warnings"]:
