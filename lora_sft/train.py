@@ -102,20 +102,39 @@ def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir, log=prin
 
     class CountingTrainer(checkpoint.AtomicSaves, Trainer):
         """Counts the tokens each training step sees and trains on (eval batches are not counted);
-        hands each loss to the guard; writes checkpoints atomically."""
+        hands each loss to the guard; writes checkpoints atomically; reports a token-weighted eval loss."""
 
         tokens_seen = 0
         tokens_trained = 0
         counted = ("tokens_seen", "tokens_trained")  # kept in checkpoints, so a resumed run's totals are whole
+        eval_loss_sum = 0.0  # summed over the scored tokens (classification: samples) of the evaluation running now
+        eval_loss_count = 0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop("num_real_tokens", None)  # packed rows: see data.packing
+            labels = inputs["labels"]
+            # causal LM: tokens that are targets (a label is never the target of nothing, so skip column 0)
+            targets = int((labels[:, 1:] != data_stage.IGNORE).sum()) if labels.dim() > 1 else labels.numel()
             if model.training:
-                labels, seen = inputs["labels"], int(real.sum() if real is not None else inputs["attention_mask"].sum())
+                seen = int(real.sum() if real is not None else inputs["attention_mask"].sum())
                 self.tokens_seen += seen
-                # causal LM: tokens that are targets (a label is never the target of nothing, so skip column 0)
-                self.tokens_trained += int((labels[:, 1:] != data_stage.IGNORE).sum()) if labels.dim() > 1 else seen
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+                self.tokens_trained += targets if labels.dim() > 1 else seen
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if not model.training and targets:
+                # the batch's loss is its mean over its targets: weigh it by their count, so the eval loss is the
+                # mean over every scored token (what `eval` reports), whatever the batching or packing
+                self.eval_loss_sum += float((out[0] if return_outputs else out).detach().float()) * targets
+                self.eval_loss_count += targets
+            return out
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+            """Trainer's loop reports the mean of per-batch mean losses; replace it with the token-weighted mean
+            before `evaluate` logs it (metrics.jsonl, summary.json and `eval` then agree)."""
+            self.eval_loss_sum, self.eval_loss_count = 0.0, 0
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            if self.eval_loss_count:
+                output.metrics[f"{metric_key_prefix}_loss"] = self.eval_loss_sum / self.eval_loss_count
+            return output
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
