@@ -71,6 +71,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool
     import torch
 
     ids = tokenizer(prompt, add_special_tokens=not (chat and tokenizer.chat_template), return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        from .errors import UserError
+
+        raise UserError(f"prompt {prompt!r} is empty: this run continues raw text (it was trained on text rows); give it some text to continue")
     device = next(model.parameters()).device
     ids = ids.to(device)
     with torch.no_grad():

@@ -81,6 +81,9 @@ def open_run(path: str | Path, eval_file: str | None = None) -> TrainedRun:
     recipe = load_recipe(root / "recipe.yaml", ["train.gradient_checkpointing=false"])
     checked = data_stage.check(recipe)
     if eval_file is not None:
+        if not Path(eval_file).expanduser().exists():  # named by its flag: the run's recipe.yaml has no such path
+            raise UserError(f"--data {eval_file}: file not found (paths resolve against the working directory {Path.cwd()})")
+        eval_file = str(Path(eval_file).expanduser().resolve())
         # The labels stay those the head was trained with; a label the file adds is an error naming its row.
         data = recipe.data.model_copy(update={"eval": eval_file, "eval_fraction": 0.0, "labels": checked.labels})
         recipe = recipe.model_copy(update={"data": data})
