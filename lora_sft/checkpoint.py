@@ -276,7 +276,7 @@ def _plural(items: list[str], n: int = 3) -> str:
 def belongs(checkpoint: Path, recipe: Recipe, targets: list[str]) -> str | None:
     """Why `checkpoint` cannot continue a run of `recipe` (a different recipe identity, other adapted modules or
     another LoRA rank), or None when it can."""
-    now = identity(recipe.resolved_dict())
+    now = identity(recipe.saved_dict())
     saved = _checkpoint_identity(checkpoint)
     if saved is not None and recipe_hash(saved) != recipe_hash(now):
         diff = _identity_changes(saved, now) or ["the recipe hash differs"]
@@ -334,7 +334,7 @@ def start(recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprin
             raise UserError(f"{where}: --resume {resume}: {run_dir.root} holds no run; resume into the run directory the checkpoint came from")
     try:
         saved, manifest = run_dir.read_recipe(), run_dir.read_manifest()
-        changed = changes(saved, recipe.resolved_dict())
+        changed = changes(saved, recipe.saved_dict())
     except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as e:
         raise UserError(f"{where}: --resume: cannot read the run's {RECIPE} or manifest.json in {run_dir.root} ({type(e).__name__}); start over with --overwrite") from None
     if not changed and manifest.get("data_fingerprint") != fingerprint:

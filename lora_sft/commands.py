@@ -66,7 +66,7 @@ def _push(args) -> int:
 
 
 def _generate(args) -> int:
-    from .evaluation import generate_text, user_prompt
+    from .evaluation import generate_text, prompt_for
     from .trained import open_run
 
     run = open_run(args.run_dir)
@@ -74,7 +74,8 @@ def _generate(args) -> int:
         raise UserError(f"{args.run_dir}: generate needs a causal_lm run (this one is {run.recipe.task}); use `eval` to measure a classifier")
     model = run.model()
     if args.prompt is not None:
-        print(generate_text(model, run.tokenizer, user_prompt(run.tokenizer, [{"role": "user", "content": args.prompt}]), args.max_new_tokens))
+        prompt, chat = prompt_for(run.recipe, run.tokenizer, [{"role": "user", "content": args.prompt}])
+        print(generate_text(model, run.tokenizer, prompt, args.max_new_tokens, chat))
         return 0
     # A chat: every turn is rendered with the saved chat template, the whole history each time.
     history: list[dict] = []
@@ -87,7 +88,8 @@ def _generate(args) -> int:
         if not text:
             break
         history.append({"role": "user", "content": text})
-        reply = generate_text(model, run.tokenizer, user_prompt(run.tokenizer, history), args.max_new_tokens)
+        prompt, chat = prompt_for(run.recipe, run.tokenizer, history)  # a text-only run continues the last line as raw text
+        reply = generate_text(model, run.tokenizer, prompt, args.max_new_tokens, chat)
         history.append({"role": "assistant", "content": reply})
         print(f"model> {reply}", flush=True)
     return 0

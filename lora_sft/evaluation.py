@@ -64,19 +64,40 @@ def user_prompt(tokenizer, messages: list[dict]) -> str:
     return ALPACA_PROMPT.format(ctx="", instruction=messages[-1]["content"], input="")
 
 
-def prompt_and_reference(tokenizer, example) -> tuple[str, str | None]:
-    """An eval example split as in training: the prompt text the model sees, and the response it should give."""
+def text_only(recipe) -> bool:
+    """A run trained on `text` rows only (continued pretraining): its prompts are raw text, never a chat."""
+    return recipe.data.formats() == {"text"}
+
+
+def prompt_for(recipe, tokenizer, messages: list[dict]) -> tuple[str, bool]:
+    """What the model is given for a user's messages, and whether it is chat-rendered: a text-only run
+    continues the last message as raw text, as it was trained; any other run gets the chat (`user_prompt`)."""
+    if text_only(recipe):
+        return messages[-1]["content"], False
+    return user_prompt(tokenizer, messages), True
+
+
+def prompt_and_reference(tokenizer, example) -> tuple[str, str, bool] | None:
+    """An eval example split as in training: the prompt text the model sees, the response it should give, and
+    whether the prompt is chat-rendered. None for a `text` row: it has no prompt/response split to score."""
     if example.messages is not None and (tokenizer.chat_template or example.prompt is None):
         last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
-        return user_prompt(tokenizer, example.messages[:last]), example.messages[last]["content"]
-    return example.prompt, example.response
+        return user_prompt(tokenizer, example.messages[:last]), example.messages[last]["content"], True
+    if example.prompt is None or example.response is None:
+        return None
+    return example.prompt, example.response, False
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of `prompt`, special tokens dropped. A chat-rendered prompt already holds its special tokens."""
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool = True) -> str:
+    """Greedy continuation of `prompt`, special tokens dropped. A chat-rendered prompt already holds its special
+    tokens; a raw one (chat False, or no chat template) gets them as training tokenized it."""
     import torch
 
-    ids = tokenizer(prompt, add_special_tokens=not tokenizer.chat_template, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=not (chat and tokenizer.chat_template), return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        from .errors import UserError
+
+        raise UserError(f"prompt {prompt!r} is empty: this run continues raw text (it was trained on text rows); give it some text to continue")
     device = next(model.parameters()).device
     ids = ids.to(device)
     with torch.no_grad():
@@ -113,13 +134,13 @@ def score(run, model, items: list[dict]) -> dict:
     return out | {"perplexity": math.exp(min(out["loss"], 50)), "token_accuracy": correct / n_loss}
 
 
-def generation_scores(run, model, pairs: list[tuple[str, str]]) -> tuple[dict, list[str]]:
-    """Generate a response for each (prompt, reference) and score them with the recipe's eval.metrics."""
+def generation_scores(run, model, pairs: list[tuple[str, str, bool]]) -> tuple[dict, list[str]]:
+    """Generate a response for each (prompt, reference, chat) and score them with the recipe's eval.metrics."""
     e = run.recipe.eval
-    generated = [generate_text(model, run.tokenizer, prompt, e.max_new_tokens) for prompt, _ in pairs]
+    generated = [generate_text(model, run.tokenizer, prompt, e.max_new_tokens, chat) for prompt, _, chat in pairs]
     scores = {}
     for name in e.metrics:
-        scores |= load_metric(name).compute(predictions=generated, references=[ref for _, ref in pairs])
+        scores |= load_metric(name).compute(predictions=generated, references=[ref for _, ref, _ in pairs])
     return scores, generated
 
 
@@ -135,8 +156,8 @@ def evaluate_run(run_dir, data_file: str | None = None, base: bool = False, log=
     if not items:
         raise UserError(f"{run.root / 'recipe.yaml'}: data: the run has no eval split (data.eval / data.eval_fraction); pass --data FILE")
     e, causal = run.recipe.eval, run.recipe.task == "causal_lm"
-    pairs = [prompt_and_reference(run.tokenizer, ex) for ex in run.checked.eval[: e.generate]] if causal else []
-    prompts = [user_prompt(run.tokenizer, [{"role": "user", "content": p}]) for p in e.prompts] if causal else []
+    pairs = [p for ex in run.checked.eval if (p := prompt_and_reference(run.tokenizer, ex)) is not None][: e.generate] if causal else []
+    prompts = [prompt_for(run.recipe, run.tokenizer, [{"role": "user", "content": p}]) for p in e.prompts] if causal else []
     results, samples = {}, {}
     for name in ("base", "fine_tuned") if base else ("fine_tuned",):
         model = run.model() if name == "fine_tuned" else run.base()
@@ -147,14 +168,16 @@ def evaluate_run(run_dir, data_file: str | None = None, base: bool = False, log=
             metrics |= generation
             samples[name] = generated[:3]
         if prompts:
-            samples[name] = [generate_text(model, run.tokenizer, p, e.max_new_tokens) for p in prompts]
+            samples[name] = [generate_text(model, run.tokenizer, p, e.max_new_tokens, chat) for p, chat in prompts]
         results[name] = metrics
         log(f"eval {name.replace('_', '-')}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float)))
         del model
-    shown = prompts if prompts else [p for p, _ in pairs[:3]]
-    references = [None] * len(shown) if prompts else [r for _, r in pairs[:3]]
+    shown = [p for p, _ in prompts] if prompts else [p for p, _, _ in pairs[:3]]
+    references = [None] * len(shown) if prompts else [r for _, r, _ in pairs[:3]]
     evaluation = {"data": str(Path(data_file).resolve()) if data_file else "eval split", "rows": len(items), **results,
                   "samples": [{"prompt": p, "reference": r, **{n: s[i] for n, s in samples.items()}} for i, (p, r) in enumerate(zip(shown, references))]}
+    if causal and e.generate and not pairs:
+        evaluation["generation_skipped"] = "the eval rows are `text` rows: no prompt/response pairs to score generations against"
     (run.root / "eval.md").write_text(eval_markdown(run.recipe.model.path, evaluation))
     summary = run.saved("summary.json")
     summary["evaluation"] = evaluation
@@ -171,6 +194,8 @@ def eval_markdown(base_name: str, evaluation: dict) -> str:
         lines += [f"| {k} | {before[k]:.4f} | {v:.4f} | {v - before[k]:+.4f} |" for k, v in after.items() if isinstance(v, int | float)]
     else:
         lines += ["| metric | fine-tuned |", "| --- | --- |"] + [f"| {k} | {v:.4f} |" for k, v in after.items() if isinstance(v, int | float)]
+    if evaluation.get("generation_skipped"):
+        lines += ["", f"Generation metrics skipped: {evaluation['generation_skipped']}."]
     if evaluation["samples"]:
         lines += ["", "## Sample generations"]
         for i, s in enumerate(evaluation["samples"], 1):

@@ -173,9 +173,11 @@ def load_plain(run: TrainedRun, batch: dict, loads: dict[str, tuple[str, str | N
         head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
         prompts = []
         if run.recipe.task == "causal_lm":
-            for ids, targets in zip(batch["input_ids"][:n_prompts].tolist(), batch["labels"][:n_prompts].tolist()):
-                first = next((i for i, t in enumerate(targets) if t != -100), len(ids))
-                prompts.append(ids[:first])  # the prompt, up to the first trained token
+            for ids, targets, mask in zip(batch["input_ids"][:n_prompts].tolist(), batch["labels"][:n_prompts].tolist(), batch["attention_mask"][:n_prompts].tolist()):
+                # the prompt: up to the first trained token (label 0 is never a target), or the first half of
+                # the sample when every token is trained (text rows, train_on_inputs); never empty
+                first = next((i for i, t in enumerate(targets) if i > 0 and t != -100), len(ids))
+                prompts.append(ids[:first] if first > 1 else ids[: max(1, sum(mask) // 2)])
         job = {"kind": run.recipe.task, "dtype": dtype, "inputs": str(tmp / "inputs.safetensors"), "prompts": prompts, "max_new_tokens": max_new_tokens,
                # a plain base must be told its new head's labels; a merged folder's config has them
                "loads": [{"model": m, "adapter": a, "config_overrides": head if a else {}, "out": str(tmp / name)} for name, (m, a) in loads.items()]}
@@ -210,9 +212,13 @@ def _card_sections(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _merged_card(adapter_card: str, base: str, task: str, sections: str) -> str:
+def _merged_card(adapter_card: str, task: str, sections: str) -> str:
+    """The merged model's card from the adapter's: its base_model metadata (absent for a local base) and body."""
     auto = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
-    body = adapter_card.split("\n---\n", 1)[1].replace(f"# LoRA adapter for {base}", f"# {base} with a LoRA adapter merged in", 1)
+    header, body = adapter_card.removeprefix("---\n").split("\n---\n", 1)
+    base_line = next((line + "\n" for line in header.splitlines() if line.startswith("base_model: ")), "")
+    title = next(line for line in body.splitlines() if line.startswith("# LoRA adapter for "))
+    body = body.replace(title, f"# {title.removeprefix('# LoRA adapter for ')} with a LoRA adapter merged in", 1)
     body = body.split("## Use it")[0] + f"""## Use it
 
 ```python
@@ -224,7 +230,7 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/merged")
 
 """ + "## Recipe" + body.split("## Recipe", 1)[1]
     tags = ["lora_sft", "merged-lora", "text-classification" if task == "classification" else "text-generation"]
-    return f"---\nbase_model: {base}\nlibrary_name: transformers\ntags: {json.dumps(tags)}\n---\n{body}\n{sections}"
+    return f"---\n{base_line}library_name: transformers\ntags: {json.dumps(tags)}\n---\n{body}\n{sections}"
 
 
 def shard_bytes(size: int | str) -> int:
@@ -303,7 +309,7 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
         raise UserError(f"--samples: {samples} is too small; give 1 or more")
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
         raise UserError(f"--tolerance: {tolerance} is not a tolerance; give a finite number of 0 or more, e.g. 1e-4")
-    run = open_run(run_dir)
+    run = open_run(run_dir).unpacked()  # the fidelity samples one per row, as plain transformers gets them
     out = Path(out).expanduser().resolve() if out else run.root / EXPORT
     check_out(run.root, out)
     with staged(out) as staging:
@@ -390,7 +396,7 @@ def _write(run: TrainedRun, staging: Path, out: Path, merged: bool, dtype: str, 
     sections = _card_sections(report)
     (adapter_dir / "README.md").write_text(card + "\n" + sections)
     if merged:
-        (merged_dir / "README.md").write_text(_merged_card(card, run.recipe.model.path, run.recipe.task, sections))
+        (merged_dir / "README.md").write_text(_merged_card(card, run.recipe.task, sections))
     return report
 
 

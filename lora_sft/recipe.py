@@ -49,15 +49,19 @@ class ModelSection(Section):
 class QuantSection(Section):
     mode: Literal["nf4", "fp4", "int8", "none"] = "nf4"
     """How the frozen base is stored: 4-bit NF4 (QLoRA), 4-bit FP4, 8-bit (LLM.int8) or unquantized."""
-    double_quant: bool = True
-    """Quantize the 4-bit quantization constants too (saves about 0.4 bits per parameter)."""
+    double_quant: bool | None = None
+    """Quantize the 4-bit quantization constants too (saves about 0.4 bits per parameter). Default: on for nf4 and fp4, off for int8 and none (resolved when the recipe loads)."""
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """dtype of the matmuls and the unquantized weights; `auto` picks bf16 on a GPU that runs it fast, else fp32."""
 
     @model_validator(mode="after")
     def _double_quant_needs_4bit(self) -> QuantSection:
-        if "double_quant" in self.model_fields_set and self.double_quant and self.mode not in ("nf4", "fp4"):
+        given = "double_quant" in self.model_fields_set and self.double_quant is not None
+        if given and self.double_quant and self.mode not in ("nf4", "fp4"):
             raise ValueError(f"double_quant applies to 4-bit modes only; remove it or set mode: nf4 (mode is {self.mode})")
+        if not given:
+            # the default, resolved by mode, so the saved recipe.yaml says what was used and loads back in every mode
+            self.__dict__["double_quant"] = self.mode in ("nf4", "fp4")
         return self
 
 
@@ -283,6 +287,43 @@ class Recipe(Section):
     def resolved_dict(self) -> dict[str, Any]:
         """The fully resolved recipe, defaults filled in (what the run directory stores)."""
         return self.model_dump(mode="json")
+
+    def saved_dict(self) -> dict[str, Any]:
+        """`resolved_dict` with every local path made absolute (against the working directory, as they were read):
+        output_dir, a local model folder, a .jinja chat template, data sources that are local files, folders or
+        globs. Hub ids stay as written. What the run directory stores, so `eval`, `export` and `generate` work
+        on it from any directory."""
+        out = self.resolved_dict()
+
+        def absolute(path: str) -> str:
+            return str(Path(path).expanduser().resolve())
+
+        def local(path: str) -> bool:
+            return bool(path) and (any(ch in path for ch in "*?[") or Path(path).expanduser().exists())
+
+        out["output_dir"] = absolute(self.output_dir)
+        if Path(self.model.path).expanduser().exists():  # the rule model.resolve_source applies: a folder that exists
+            out["model"]["path"] = absolute(self.model.path)
+        template = self.data.chat_template
+        if template and Path(template).expanduser().is_file():
+            out["data"]["chat_template"] = absolute(template)
+        for split in ("train", "eval"):
+            value = out["data"][split]
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                path = item if isinstance(item, str) else None if item is None else item["path"]
+                if path is None or not local(path):
+                    continue
+                if any(ch in path for ch in "*?["):  # a glob: anchor it, keep the pattern
+                    fixed = path if Path(path).expanduser().is_absolute() else str(Path.cwd() / Path(path).expanduser())
+                else:
+                    fixed = absolute(path)
+                if isinstance(item, str):
+                    items[i] = fixed
+                else:
+                    item["path"] = fixed
+            out["data"][split] = items if isinstance(value, list) else items[0]
+        return out
 
 
 # ---------------------------------------------------------------- loading, with line numbers

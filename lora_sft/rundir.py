@@ -202,15 +202,23 @@ def model_card(recipe: dict, base: str, data_stats: dict, summary: dict, labels:
     results = {k: summary.get(k) for k in ("eval_before", "eval", "train_loss", "eval_loss")}
     if summary.get("evaluation"):  # what `eval` measured, without its sample generations
         results["evaluation"] = {k: v for k, v in summary["evaluation"].items() if k != "samples"}
+    from . import __version__
+
+    # `base_model` is hub metadata: a hub id, never a path that exists only on the training machine.
+    # A local folder (the rule model.resolve_source applies: the path exists) is named in the text instead.
+    local = Path(base).expanduser().exists()
+    name = Path(base).name if local else base
+    metadata = "" if local else f"base_model: {base}\n"
+    origin = f" The base model is a local folder, `{name}`, not a hub model." if local else ""
+    load_from = f"path/to/{name}" if local else base
     return f"""---
-base_model: {base}
-library_name: peft
+{metadata}library_name: peft
 tags: {json.dumps(tags)}
 ---
 
-# LoRA adapter for {base}
+# LoRA adapter for {name}
 
-Trained with [lora_sft](https://github.com/) ({recipe['quant']['mode']} base, LoRA rank {recipe['lora']['rank']}, task `{task}`).
+Trained with lora_sft {__version__} ({recipe['quant']['mode']} base, LoRA rank {recipe['lora']['rank']}, task `{task}`).{origin}
 
 ## Data
 
@@ -228,7 +236,7 @@ Trained with [lora_sft](https://github.com/) ({recipe['quant']['mode']} base, Lo
 from peft import PeftModel
 from transformers import {auto}, AutoTokenizer
 
-base = {auto}.from_pretrained("{base}"{label_args})
+base = {auto}.from_pretrained("{load_from}"{label_args})
 model = PeftModel.from_pretrained(base, "path/to/adapter")
 tokenizer = AutoTokenizer.from_pretrained("path/to/adapter")
 ```

@@ -169,20 +169,39 @@ def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir, log=prin
 
     class CountingTrainer(checkpoint.AtomicSaves, Trainer):
         """Counts the tokens each training step sees and trains on (eval batches are not counted);
-        hands each loss to the guard; writes checkpoints atomically."""
+        hands each loss to the guard; writes checkpoints atomically; reports a token-weighted eval loss."""
 
         tokens_seen = 0
         tokens_trained = 0
         counted = ("tokens_seen", "tokens_trained")  # kept in checkpoints, so a resumed run's totals are whole
+        eval_loss_sum = 0.0  # summed over the scored tokens (classification: samples) of the evaluation running now
+        eval_loss_count = 0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop("num_real_tokens", None)  # packed rows: see data.packing
+            labels = inputs["labels"]
+            # causal LM: tokens that are targets (a label is never the target of nothing, so skip column 0)
+            targets = int((labels[:, 1:] != data_stage.IGNORE).sum()) if labels.dim() > 1 else labels.numel()
             if model.training:
-                labels, seen = inputs["labels"], int(real.sum() if real is not None else inputs["attention_mask"].sum())
+                seen = int(real.sum() if real is not None else inputs["attention_mask"].sum())
                 self.tokens_seen += seen
-                # causal LM: tokens that are targets (a label is never the target of nothing, so skip column 0)
-                self.tokens_trained += int((labels[:, 1:] != data_stage.IGNORE).sum()) if labels.dim() > 1 else seen
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+                self.tokens_trained += targets if labels.dim() > 1 else seen
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if not model.training and targets:
+                # the batch's loss is its mean over its targets: weigh it by their count, so the eval loss is the
+                # mean over every scored token (what `eval` reports), whatever the batching or packing
+                self.eval_loss_sum += float((out[0] if return_outputs else out).detach().float()) * targets
+                self.eval_loss_count += targets
+            return out
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+            """Trainer's loop reports the mean of per-batch mean losses; replace it with the token-weighted mean
+            before `evaluate` logs it (metrics.jsonl, summary.json and `eval` then agree)."""
+            self.eval_loss_sum, self.eval_loss_count = 0.0, 0
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            if self.eval_loss_count:
+                output.metrics[f"{metric_key_prefix}_loss"] = self.eval_loss_sum / self.eval_loss_count
+            return output
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -242,7 +261,7 @@ def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir, log=prin
         callbacks=[RunLog(), guard],
     )
     trainer.guard = guard
-    trainer.recipe_identity = checkpoint.identity(recipe.resolved_dict())  # saved with each checkpoint, checked on resume
+    trainer.recipe_identity = checkpoint.identity(recipe.saved_dict())  # saved with each checkpoint, checked on resume
     return trainer
 
 
@@ -253,13 +272,13 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
     run_dir = RunDir(recipe.output_dir)
     resume_from = start.resume_from if start else None
     if resume_from:
-        info = checkpoint.reopen(run_dir, resume_from, recipe.resolved_dict())
+        info = checkpoint.reopen(run_dir, resume_from, recipe.saved_dict())
         log(f"resuming from {resume_from}")
     else:
         if start and start.replace:
             run_dir.remove_run()  # --overwrite, and only now that the new run is ready to go; the user's own files stay
         info = manifest(recipe.seed, bundle.fingerprint, bundle.stats, f"{plan.source.path} ({plan.source.origin})")
-        run_dir.create(recipe.resolved_dict(), info)
+        run_dir.create(recipe.saved_dict(), info)
     log(f"run directory: {run_dir.root}")
     trainer = _trainer(recipe, model, tokenizer, bundle, run_dir, log)
 
@@ -302,7 +321,7 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
-    resolved = recipe.resolved_dict()
+    resolved = recipe.saved_dict()
     (run_dir.adapter / "README.md").write_text(model_card(resolved, recipe.model.path, bundle.stats, summary, bundle.labels))
     info["ended"] = now()
     run_dir.finish(info, summary)

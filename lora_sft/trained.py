@@ -9,7 +9,7 @@ trained, or unquantized in a chosen dtype) and the adapter comes from `adapter/`
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,13 @@ class TrainedRun:
         if not path.is_file():
             return {}
         return yaml.safe_load(path.read_text()) if name.endswith(".yaml") else json.loads(path.read_text())
+
+    def unpacked(self) -> TrainedRun:
+        """The same run with data.packing off: one sample per row, with an attention mask (what a plain load
+        or a generation is given). The model is the same; packing changes only how samples share rows."""
+        if not self.recipe.data.packing:
+            return self
+        return replace(self, recipe=self.recipe.model_copy(update={"data": self.recipe.data.model_copy(update={"packing": False})}))
 
     def bundle(self) -> data_stage.DataBundle:
         return data_stage.build(self.recipe, self.tokenizer, self.checked)
@@ -74,6 +81,9 @@ def open_run(path: str | Path, eval_file: str | None = None) -> TrainedRun:
     recipe = load_recipe(root / "recipe.yaml", ["train.gradient_checkpointing=false"])
     checked = data_stage.check(recipe)
     if eval_file is not None:
+        if not Path(eval_file).expanduser().exists():  # named by its flag: the run's recipe.yaml has no such path
+            raise UserError(f"--data {eval_file}: file not found (paths resolve against the working directory {Path.cwd()})")
+        eval_file = str(Path(eval_file).expanduser().resolve())
         # The labels stay those the head was trained with; a label the file adds is an error naming its row.
         data = recipe.data.model_copy(update={"eval": eval_file, "eval_fraction": 0.0, "labels": checked.labels})
         recipe = recipe.model_copy(update={"data": data})

@@ -79,3 +79,33 @@ def test_generate_renders_the_saved_chat_template(tiny_run, capsys, monkeypatch)
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\nand again\n\n"))
     assert main(["generate", str(run_dir), "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.count("model> ") == 2
+
+
+def test_one_eval_loss_token_weighted_whatever_the_batching_or_packing(tiny_llama, tmp_path, monkeypatch, capsys):
+    """The Trainer's eval loss (summary.json, metrics.jsonl) is the mean over every scored token, as `eval` reports it:
+    micro batches of 3 samples of uneven lengths (the last batch holds one) and packed rows give the same number."""
+    import yaml
+
+    losses = {}
+    for packing in (False, True):
+        out = tmp_path / f"run-packed-{packing}"
+        recipe = {
+            "task": "causal_lm", "output_dir": str(out), "model": {"path": str(tiny_llama)}, "quant": {"mode": "none"},
+            "lora": {"rank": 2, "alpha": 4, "dropout": 0.0},
+            "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "eval_fraction": 0.125, "max_length": 128, "packing": packing},
+            "train": {"max_steps": 1, "micro_batch_size": 3, "warmup": 0, "logging_steps": 1, "save_steps": 1},
+            "eval": {"generate": 0},
+        }
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+        assert main(["train", str(tmp_path / "r.yaml")]) == 0, capsys.readouterr().err
+        assert main(["eval", str(out), "--base"]) == 0, capsys.readouterr().err
+        summary = json.loads((out / "summary.json").read_text())
+        evaluation = summary["evaluation"]
+        assert evaluation["rows"] == (json.loads((out / "manifest.json").read_text())["data"]["eval"].get("packed_rows") if packing else 8)
+        assert summary["eval_loss"] == pytest.approx(evaluation["fine_tuned"]["loss"], rel=1e-5)
+        assert summary["eval_before"]["loss"] == pytest.approx(evaluation["base"]["loss"], rel=1e-5)
+        logged = [r["eval_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+        assert logged == [summary["eval_before"]["loss"], summary["eval_loss"]]
+        losses[packing] = summary["eval_before"]["loss"]
+    # the same base on the same eval samples: packing changes the rows, not the loss
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

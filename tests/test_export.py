@@ -56,7 +56,10 @@ def test_merged_export_equals_unmerged_and_reports_the_quantization_gap(exported
     for folder in (merged, out / "adapter"):
         assert (folder / "chat_template.jinja").read_text().startswith("{% for message in messages %}")
         card = (folder / "README.md").read_text()
-        assert card.startswith("---\nbase_model: ") and "## Fidelity" in card and "| b_vs_c |" in card and "## Serving" in card
+        # the base is a local folder: no base_model metadata (it takes a hub id), its name in the text, no placeholder link
+        assert card.startswith("---\nlibrary_name: ") and "base_model:" not in card and "https://github.com/" not in card
+        assert "The base model is a local folder, `tiny-llama" in card
+        assert "## Fidelity" in card and "| b_vs_c |" in card and "## Serving" in card
         assert '"evaluation": {' in card and "## Recipe" in card  # the eval section's results, and the recipe as trained
     assert (out / ".lora_sft-export").is_file() and not list(out.parent.glob(f".{out.name}.*"))  # marked; no staging left
     assert "library_name: peft" in (out / "adapter/README.md").read_text()
