@@ -173,7 +173,10 @@ GLOB = "*?["
 
 def _data_place(spec: str) -> tuple[Path, str, bool] | None:
     """A data source's local file or folder (a glob: the folder it searches), what it is, and whether files in
-    folders below it are read (a folder source, or a `**` glob); None for a hub dataset."""
+    folders below it are read (a folder source, or a `**` glob); None for a hub dataset or an empty path (the
+    data stage refuses that one)."""
+    if not spec.strip():
+        return None
     if any(ch in spec for ch in GLOB):
         parts = Path(spec).expanduser().parts
         first = next(i for i, part in enumerate(parts) if any(ch in part for ch in GLOB))
