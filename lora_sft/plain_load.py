@@ -11,6 +11,7 @@ num_labels, id2label, label2id), out (folder for logits.safetensors and result.j
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,15 +20,17 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def load_and_run(job: dict, load: dict, inputs: dict, device: str) -> None:
+def load_and_run(job: dict[str, Any], load: dict[str, Any], inputs: dict[str, torch.Tensor], device: str) -> None:
     cls = AutoModelForSequenceClassification if job["kind"] == "classification" else AutoModelForCausalLM
-    model = cls.from_pretrained(load["model"], dtype=DTYPES[job["dtype"]], **load.get("config_overrides", {})).to(device)
+    model = cls.from_pretrained(load["model"], dtype=DTYPES[job["dtype"]], **load.get("config_overrides", {}))
+    # PreTrainedModel.to is wrapped with functools.wraps, which type checkers do not bind as a method
+    model = model.to(device)  # type: ignore[arg-type]
     if load.get("adapter"):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, load["adapter"])
     model.eval()
-    result = {"model_class": type(model).__name__}
+    result: dict[str, Any] = {"model_class": type(model).__name__}
     with torch.no_grad():
         logits = model(**inputs).logits.float().cpu()
         if job["kind"] == "classification":

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import UserError
 
@@ -182,7 +193,8 @@ class DataSection(Section):
         return self
 
     def formats(self) -> set[str]:
-        return {s.format for split in ("train", "eval") for s in self.sources(split)}
+        # every source has a format once validated (`_consistent`)
+        return {s.format for split in ("train", "eval") for s in self.sources(split) if s.format is not None}
 
 
 class TrainSection(Section):
@@ -364,8 +376,9 @@ def _line_map(node: yaml.Node, file: str, prefix: tuple = ()) -> dict[tuple, int
             lines.update(_line_map(value, file, path))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            lines[(*prefix, i)] = item.start_mark.line + 1
-            lines.update(_line_map(item, file, (*prefix, i)))
+            item_path = (*prefix, i)
+            lines[item_path] = item.start_mark.line + 1
+            lines.update(_line_map(item, file, item_path))
     return lines
 
 
@@ -431,7 +444,7 @@ FLAT_KEYS = {
 }
 
 
-def _models_in(annotation) -> list[type[BaseModel]]:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
     """The schema classes inside a field's type (`Source` in `str | Source | list[str | Source]`)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
@@ -452,14 +465,11 @@ def _section_class(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def _describe(err: dict, raw: dict) -> tuple[tuple, str]:
+def _describe(err: dict[str, Any], raw: dict) -> tuple[tuple, str]:
     """A pydantic error as (key path in the user's terms, message)."""
     loc, node, path = err["loc"], raw, []
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            path.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
             path.append(part)
             node = node[part]
         elif err["type"] == "missing" and part == loc[-1]:
@@ -543,7 +553,7 @@ def _refuse_blowups(root: yaml.Node | None, file: str) -> None:
         raise UserError(f"{file}: YAML anchors and aliases expand to more than {MAX_VALUES:,} values (an alias bomb?); write the recipe without them")
 
 
-def load_recipe(file: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(file: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, patch and validate a recipe; raises UserError with every problem found."""
     file = str(file)
     try:
@@ -576,8 +586,9 @@ def load_recipe(file: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        problems, alternatives = {}, set()
-        for err in e.errors():
+        problems: dict[tuple, list[str]] = {}
+        alternatives: set[tuple] = set()
+        for err in map(dict, e.errors()):  # plain dicts: `_describe` marks union alternatives on them
             path, msg = _describe(err, raw)
             problems.setdefault(path, []).append(msg)
             if err.get("_union_alternative"):

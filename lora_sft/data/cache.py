@@ -12,6 +12,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 VERSION = "lora_sft-data-2"  # 2: assistant-first chats mask the header; rows split before weights
 
@@ -21,7 +26,7 @@ def root() -> Path:
     return Path(base) / "tokenized"
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Everything about a tokenizer that changes its output: vocabulary and rules, specials, template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -36,8 +41,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 @dataclass
 class Cached:
-    train: object
-    eval: object | None
+    train: Dataset
+    eval: Dataset | None
     meta: dict
 
 
@@ -48,11 +53,12 @@ def load(key: str) -> Cached | None:
     if not (folder / "meta.json").is_file():
         return None
     meta = json.loads((folder / "meta.json").read_text())
-    evals = load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
-    return Cached(load_from_disk(str(folder / "train")), evals, meta)
+    # `save` wrote each split as one Dataset (load_from_disk's annotation also covers a DatasetDict)
+    evals = cast("Dataset", load_from_disk(str(folder / "eval"))) if (folder / "eval").is_dir() else None
+    return Cached(cast("Dataset", load_from_disk(str(folder / "train"))), evals, meta)
 
 
-def save(key: str, train, evals, meta: dict) -> None:
+def save(key: str, train: Dataset, evals: Dataset | None, meta: dict) -> None:
     final = root() / key
     tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -14,11 +14,16 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from ..recipe import Source
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,10 @@ def _folder_files(folder: Path, where: str) -> list[Path]:
     """The data files under a folder, hidden files and folders (.git, .ipynb_checkpoints) left out;
     a subfolder that cannot be listed is an error, not silently skipped."""
 
-    def refuse(e: OSError):
+    def refuse(e: OSError) -> None:
         raise UserError(f"{where}: cannot read the folder {e.filename} ({e.strerror}); fix its permissions or remove it")
 
-    found = []
+    found: list[Path] = []
     for top, dirs, files in os.walk(folder, onerror=refuse):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(top) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in SUFFIXES]
@@ -87,7 +92,7 @@ def files_of(source: Source, where: str) -> list[Path] | None:
     return None
 
 
-def _hub(source: Source, where: str):
+def _hub(source: Source, where: str) -> Dataset:
     import datasets
 
     try:
@@ -133,7 +138,7 @@ class _Duplicated(dict):
     key: str = ""
 
 
-def _contains_duplicate(value) -> str | None:
+def _contains_duplicate(value: Any) -> str | None:
     if isinstance(value, _Duplicated):
         return value.key
     if isinstance(value, list):  # lists are not hooked: look inside them for objects already marked
@@ -143,9 +148,17 @@ def _contains_duplicate(value) -> str | None:
     return None
 
 
-def _object(pairs: list[tuple[str, object]]) -> dict:
+def _first_repeat(keys: Iterable[str]) -> str | None:
     seen: set[str] = set()
-    repeated = next((k for k, _ in pairs if k in seen or seen.add(k)), None)
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    repeated = _first_repeat(k for k, _ in pairs)
     if repeated is None:
         repeated = next((key for _, v in pairs if (key := _contains_duplicate(v)) is not None), None)
     if repeated is None:
@@ -155,11 +168,11 @@ def _object(pairs: list[tuple[str, object]]) -> dict:
     return marked
 
 
-def _parse(text: str):
+def _parse(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_object)
 
 
-def _row(place: str, value) -> Row:
+def _row(place: str, value: Any) -> Row:
     """A parsed row, or a bad one: not an object, or an object with a duplicate key."""
     if not isinstance(value, dict):
         return _bad(place, f"a row must be a JSON object, not {type(value).__name__}")
@@ -169,7 +182,7 @@ def _row(place: str, value) -> Row:
 
 
 def _jsonl(path: Path) -> list[Row]:
-    rows = []
+    rows: list[Row] = []
     for n, line in enumerate(_lines(_decode(path)), 1):
         if not line.strip():
             continue
@@ -201,7 +214,8 @@ def _csv(path: Path) -> list[Row]:
     """CSV read as a whole (a newline inside a quoted field is kept); a row's place is the line it starts on."""
     csv.field_size_limit(2**31 - 1)  # the default (128 KiB) would refuse a long document in a `text` column
     reader = csv.reader(io.StringIO(_decode(path), newline=""))
-    rows, header = [], None
+    rows: list[Row] = []
+    header: list[str] | None = None
     while True:
         start = reader.line_num + 1
         try:
@@ -238,7 +252,7 @@ def _txt(path: Path) -> list[Row]:
     return [Row(f"{path}:{n}", {"text": line}) for n, line in enumerate(_lines(_decode(path)), 1) if line.strip()]
 
 
-READERS = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet, ".txt": _txt}
+READERS: dict[str, Callable[[Path], list[Row]]] = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet, ".txt": _txt}
 
 
 def read_source(source: Source, where: str) -> list[Row]:

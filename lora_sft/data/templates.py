@@ -8,8 +8,12 @@ inference renders what training saw.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 NAMED = {
     "chatml": (
@@ -35,7 +39,7 @@ NAMED = {
 }
 
 
-def apply(tokenizer, name: str | None, where: str) -> None:
+def apply(tokenizer: PreTrainedTokenizerBase, name: str | None, where: str) -> None:
     """Set the recipe's chat template on the tokenizer (a name or a .jinja file); None keeps its own."""
     if name is None:
         return

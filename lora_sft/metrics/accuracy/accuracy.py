@@ -11,7 +11,7 @@ class Accuracy(evaluate.Metric):
             description="Fraction of predictions equal to the references.",
             citation="",
             inputs_description="predictions, references: lists of class ids",
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+            features=datasets.Features(predictions=datasets.Value("int64"), references=datasets.Value("int64")),
         )
 
     def _compute(self, predictions, references):

@@ -15,7 +15,7 @@ class ExactMatch(evaluate.Metric):
             description="Fraction of predictions that equal their reference (whitespace-normalized).",
             citation="",
             inputs_description="predictions, references: lists of strings; ignore_case: bool",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(predictions=datasets.Value("string"), references=datasets.Value("string")),
         )
 
     def _compute(self, predictions, references, ignore_case=False):

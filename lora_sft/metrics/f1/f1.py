@@ -15,7 +15,7 @@ class F1(evaluate.Metric):
             description="F1 per class, macro-averaged by default.",
             citation="",
             inputs_description="predictions, references: lists of class ids; average: 'macro' or None",
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+            features=datasets.Features(predictions=datasets.Value("int64"), references=datasets.Value("int64")),
         )
 
     def _compute(self, predictions, references, average="macro"):

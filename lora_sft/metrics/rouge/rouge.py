@@ -40,7 +40,7 @@ class Rouge(evaluate.Metric):
             description="ROUGE-1 and ROUGE-L F-measures (LCS-based), averaged over prediction/reference pairs.",
             citation="Lin, ROUGE: A Package for Automatic Evaluation of Summaries, 2004.",
             inputs_description="predictions, references: lists of strings",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(predictions=datasets.Value("string"), references=datasets.Value("string")),
         )
 
     def _compute(self, predictions, references):
