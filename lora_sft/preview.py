@@ -10,7 +10,8 @@ import json
 import sys
 from collections import Counter
 
-from .data import IGNORE, DataBundle
+from .data import DataBundle
+from .tokens import IGNORE_INDEX as IGNORE
 
 GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
 

@@ -6,7 +6,6 @@ input fails before anything is written), `run` loads and trains, `fit` owns the 
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from . import model as model_stage
 from .errors import UserError
 from .recipe import Recipe
 from .rundir import RunDir, manifest, model_card, now
+from .tokens import count_trained, perplexity
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _eval_metrics(raw: dict, task: str) -> dict:
     skip = ("runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time")
     out = {k.removeprefix("eval_"): v for k, v in raw.items() if not k.removeprefix("eval_").startswith(skip)}
     if task == "causal_lm" and "loss" in out:
-        out["perplexity"] = math.exp(min(out["loss"], 50))
+        out["perplexity"] = perplexity(out["loss"])
     return out
 
 
@@ -181,7 +181,7 @@ def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir, log=prin
             real = inputs.pop("num_real_tokens", None)  # packed rows: see data.packing
             labels = inputs["labels"]
             # causal LM: tokens that are targets (a label is never the target of nothing, so skip column 0)
-            targets = int((labels[:, 1:] != data_stage.IGNORE).sum()) if labels.dim() > 1 else labels.numel()
+            targets = count_trained(labels) if labels.dim() > 1 else labels.numel()
             if model.training:
                 seen = int(real.sum() if real is not None else inputs["attention_mask"].sum())
                 self.tokens_seen += seen

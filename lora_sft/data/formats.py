@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..tokens import IGNORE_INDEX as IGNORE
+from ..tokens import has_target
 from .read import Row
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system", "tool": "tool", "function_call": "assistant", "observation": "tool"}
 FIELDS = {
@@ -352,7 +353,7 @@ def tokenize(example: Example, tokenizer, opts: Options) -> Tokenized:
         if opts.truncation == "drop":
             return Tokenized([], too_long=True)
         ids, labels = ids[: opts.max_length], labels[: opts.max_length]
-        if all(t == IGNORE for t in labels[1:]):  # labels[0] is never a target: nothing precedes it
+        if not has_target(labels):
             return Tokenized([], truncated=True, untrained=True)
         return Tokenized([{"input_ids": ids, "labels": labels}], truncated=True)
     return Tokenized([{"input_ids": ids, "labels": labels}])
