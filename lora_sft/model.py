@@ -1,6 +1,6 @@
 """The model stage: a frozen (4-bit by default) base with LoRA adapters on the layers the recipe picks.
 
-`describe` works on a weightless copy of the model built from its config (what `validate` uses);
+`plan_model` works on a weightless copy of the model built from its config (what `validate` uses);
 `load_base` + `add_lora` build the real thing. Both resolve the LoRA targets with the same
 `resolve_targets`, and `add_lora` checks that peft adapted exactly those modules.
 """
@@ -236,7 +236,7 @@ def _weight_names(recipe: Recipe, model: nn.Module, heads: list[str]) -> WeightN
     return names
 
 
-def describe(recipe: Recipe, source: ModelSource, labels: list[str] | None) -> ModelPlan:
+def plan_model(recipe: Recipe, source: ModelSource, labels: list[str] | None) -> ModelPlan:
     """Build the model with empty weights from its config and resolve the LoRA targets."""
     config = load_config(recipe, source, labels)
     model = _build_empty(recipe, source, config)

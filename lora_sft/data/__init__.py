@@ -24,7 +24,7 @@ from . import cache
 from ..tokens import IGNORE_INDEX as IGNORE
 from ..tokens import count_trained
 from .formats import Example, Options, Tokenized, label_id, label_names, tokenize, tokenize_classification
-from .formats import check as check_row
+from .formats import check_row
 from .packing import PackedCollator, pack
 from .read import fingerprint as source_fingerprint
 from .read import read_source

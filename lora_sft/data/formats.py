@@ -125,7 +125,7 @@ def _check_trained(example: Example, names: list[str], opts: Options) -> None:
             raise UserError(f"{example.place}: {names[t]}: the {m['role']} turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row")
 
 
-def check(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: Options | None = None) -> Example:
+def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: Options | None = None) -> Example:
     """Validate one row's fields for `fmt`; UserError names the row and the fix. With the data
     options, a chat is also checked to have a non-empty turn to train."""
     f = Fields(row, fmt, columns or {})
