@@ -15,7 +15,7 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from safetensors import safe_open
 
 from lora_sft import data as data_stage

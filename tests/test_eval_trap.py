@@ -11,7 +11,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
-from conftest import REPO
+from helpers import REPO
 
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage

@@ -14,7 +14,7 @@ import signal
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from safetensors.torch import load_file
 
 from lora_sft import data as data_stage

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import OFFLINE_VARIABLES, REPO, TOKEN
+from helpers import OFFLINE_VARIABLES, REPO, TOKEN
 
 from lora_sft.cli import main
 

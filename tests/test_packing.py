@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage

@@ -10,7 +10,7 @@ import string
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from lora_sft import model as model_stage
 from lora_sft import preflight

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import build_tokenizer, write_jsonl
+from helpers import build_tokenizer, write_jsonl
 
 from lora_sft.cli import main
 from lora_sft.data import build, check

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from lora_sft.cli import main
 from lora_sft.errors import UserError
