@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -434,6 +436,25 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _peft_wrap():
+    """Around the two calls that build a PeftModel (get_peft_model, PeftModel.from_pretrained): peft 0.21's
+    PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecated for
+    `is_activation_checkpointing`, so every wrap printed a FutureWarning that is peft's, not ours. Only that
+    warning is silenced, only here; drop this once peft reads the new name."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def load_adapter(base: nn.Module, adapter: Path | str):
+    """A saved adapter on its base, with peft's own loader (the adapter as a user loads it)."""
+    from peft import PeftModel
+
+    with _peft_wrap():
+        return PeftModel.from_pretrained(base, str(adapter))
+
+
 def add_lora(model: nn.Module, recipe: Recipe, plan: ModelPlan):
     """Wrap the base in a peft model and check that exactly the planned modules got adapters."""
     from peft import LoraConfig, TaskType, get_peft_model
@@ -454,7 +475,8 @@ def add_lora(model: nn.Module, recipe: Recipe, plan: ModelPlan):
         modules_to_save=plan.modules_to_save or None,
         task_type=TaskType.SEQ_CLS if recipe.task == "classification" else TaskType.CAUSAL_LM,
     )
-    peft_model = get_peft_model(model, config)
+    with _peft_wrap():
+        peft_model = get_peft_model(model, config)
     # The adapter names its base as the user did (a hub id), not a path that exists only on this machine.
     if plan.source.origin != "local folder":
         peft_model.peft_config["default"].base_model_name_or_path = recipe.model.path

@@ -203,7 +203,9 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
     after = _eval_metrics(trainer.evaluate(), recipe.task) if bundle.eval else None
 
     run_dir.drop_derived()  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
-    model.save_pretrained(run_dir.adapter)
+    # lora_sft never resizes or adapts an embedding: saying so spares peft's "auto" check, which looks the base
+    # up on the hub (a request, or a warning offline) on every save
+    model.save_pretrained(run_dir.adapter, save_embedding_layers=False)
     tokenizer.save_pretrained(run_dir.adapter)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     peak, peak_kind = _peak_memory_mb()

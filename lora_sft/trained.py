@@ -59,9 +59,7 @@ class TrainedRun:
 
     def model(self, dtype: str | None = None):
         """Base + the saved adapter, in eval mode (peft's own loader: the adapter as a user loads it)."""
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(self.base(dtype), str(self.adapter))
+        model = model_stage.load_adapter(self.base(dtype), self.adapter)
         model.eval()
         return model
 

@@ -8,10 +8,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import OFFLINE_VARIABLES, REPO, TOKEN, build_tokenizer
+from helpers import REPO, build_tokenizer, hub_env
 
-# Tests never touch the hub: a missing local file must fail fast, not wait on a network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never touch the hub: a missing local file must fail fast, not wait on a network. Set, not defaulted, so
+# the caller's value (HF_HUB_OFFLINE=yes, or 0) changes no message a test expects; pushes to the fake hub run in
+# subprocesses without the offline variables (helpers.hub_env).
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tokenized data is cached per test session, never in the user's cache.
 os.environ.setdefault("LORA_SFT_CACHE", tempfile.mkdtemp(prefix="lora_sft-cache-"))
@@ -96,7 +98,7 @@ def tiny_run(tiny_llama, tmp_path_factory):
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     hub = FakeHub().__enter__()
     # the push must reach the fake hub whatever offline variables the caller set (huggingface_hub reads all three)
-    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES} | {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(root / "hf-home")}
+    env = hub_env(hub.url, root / "hf-home")
     proc = subprocess.run([sys.executable, "-m", "lora_sft", "train", str(root / "recipe.yaml")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     yield root / "run", hub, proc

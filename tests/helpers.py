@@ -4,6 +4,7 @@ JSONL writer and the constants shared with the fixtures in conftest.py."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +44,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 TOKEN = "hf_fakeTOKEN4lorasftTests0123456789"
+
+
+def hub_env(hub_url: str, home: Path) -> dict[str, str]:
+    """The environment of a `python -m lora_sft` subprocess that pushes to the fake hub: this one's, without the
+    offline variables the caller may have set (huggingface_hub reads HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE
+    alike and would refuse the push), with the fake hub's address, a fake token and an HF_HOME of its own."""
+    kept = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}
+    return kept | {"HF_ENDPOINT": hub_url, "HF_TOKEN": TOKEN, "HF_HOME": str(home), "PYTHONPATH": str(REPO)}
