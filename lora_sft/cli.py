@@ -1,4 +1,6 @@
-"""Command line: `python -m lora_sft {train,validate} RECIPE [KEY=VALUE ...]`; the commands on a finished run are in commands.py.
+"""Command line: `python -m lora_sft {train,validate,preview} RECIPE [KEY=VALUE ...]`; the commands on a finished run are in commands.py.
+
+Every sub-command sets its `handler` (set_defaults); `main` calls it.
 
 Bad input exits 2 with one line per problem, a failed run exits 1; tracebacks only with --debug.
 """
@@ -53,12 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", parents=[recipe_args], help="train an adapter", description="Train a LoRA adapter as the recipe says; writes the run directory (output_dir).")
     t.add_argument("--resume", nargs="?", const=True, metavar="PATH", help="continue the run in output_dir from its latest checkpoint, or from PATH (a run directory or a checkpoint folder)")
     t.add_argument("--overwrite", action="store_true", help="replace the run in output_dir: removes only the files a run writes, never other files")
+    t.set_defaults(handler=_train)
     v = sub.add_parser("validate", parents=[recipe_args], help="check a recipe and print what the run would do", description="Check the recipe, its data files and its LoRA targets (model built from its config, no weights loaded), then print what train would do.")
     v.add_argument("--explain", action="store_true", help="also print every recipe key with its default and meaning")
+    v.set_defaults(handler=_validate)
     p = sub.add_parser("preview", parents=[recipe_args], help="show the tokens a run would train on", description="Tokenize the recipe's data (no model weights) and show samples with the trained tokens marked, and the data stats.")
     p.add_argument("-n", type=count(0), default=3, help="samples to show (default 3)")
     p.add_argument("--split", choices=["train", "eval"], default="train")
     p.add_argument("--json", action="store_true", help="one JSON object per sample: input_ids, labels (-100 = not trained), position_ids when packed")
+    p.set_defaults(handler=_preview)
     from .commands import add_run_commands
 
     add_run_commands(sub, common)
@@ -82,12 +87,11 @@ def _validate(args) -> int:
     from .recipe import explain, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from . import plan
-    from .train import prepare
+    from .preflight import describe_plan, prepare
 
     prepared = prepare(recipe, hub_may_be_unreachable=True)  # what train checks first, every problem at once
     print(f"{args.recipe}: ok")
-    print("\n".join(f"  {line}" for line in plan.describe_run(recipe, prepared.checked, prepared.plan, prepared.bundle)))
+    print("\n".join(f"  {line}" for line in describe_plan(recipe, prepared.checked, prepared.plan, prepared.bundle)))
     if prepared.note:
         print(prepared.note)
     if args.explain:
@@ -154,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # cache writes are quick; bars only add noise
     try:
-        if hasattr(args, "handler"):
-            return args.handler(args)
-        return {"train": _train, "validate": _validate, "preview": _preview}[args.command](args)
+        return args.handler(args)
     except BrokenPipeError:
         _quiet_stdout()
         if args.command in ("preview", "validate"):  # `preview ... | head`: the reader has what it wanted

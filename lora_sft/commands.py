@@ -12,7 +12,7 @@ from .errors import UserError
 
 def before_training(recipe, checked) -> list[str]:
     """What the recipe's after-training steps need, checked before hours of training rather than after:
-    problem lines for `train.prepare`'s preflight. `checked` is the checked data (None if it had errors)."""
+    problem lines for `preflight.prepare`. `checked` is the checked data (None if it had errors)."""
     problems = []
     if recipe.eval.after_train and checked is not None and not checked.eval:
         problems.append(f"{recipe.where('eval', 'after_train')}: there is no eval split to evaluate after training; set data.eval or data.eval_fraction, or remove after_train")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
+
+from .tokens import is_target, next_token_targets, perplexity
 
 SHIPPED = Path(__file__).parent / "metrics"
 
@@ -123,15 +124,15 @@ def score(run, model, items: list[dict]) -> dict:
                 guesses += logits.argmax(-1).tolist()
                 refs += batch["labels"].tolist()
             else:
-                logits, labels = logits[:, :-1], batch["labels"][:, 1:]  # position t predicts token t + 1
-                keep = labels != -100
+                labels = next_token_targets(batch["labels"])  # the logits at t predict the token at t + 1
+                keep = is_target(labels)
                 loss_sum += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
                 n_loss += int(keep.sum())
                 correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
     out = {"loss": loss_sum / n_loss}
     if run.recipe.task == "classification":
         return out | load_metric("accuracy").compute(predictions=guesses, references=refs) | load_metric("f1").compute(predictions=guesses, references=refs, average="macro")
-    return out | {"perplexity": math.exp(min(out["loss"], 50)), "token_accuracy": correct / n_loss}
+    return out | {"perplexity": perplexity(out["loss"]), "token_accuracy": correct / n_loss}
 
 
 def generation_scores(run, model, pairs: list[tuple[str, str, bool]]) -> tuple[dict, list[str]]:

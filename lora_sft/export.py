@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from . import tokens
 from .errors import RunError, UserError
 from .rundir import ARTIFACTS, EXPORT, EXPORT_MARKER, MARKER_VERSION, check_writable, entries, model_card, now, write_json
 from .trained import TrainedRun, open_run
@@ -64,7 +65,7 @@ class Outputs:
     """One model's logits on the fidelity samples, flattened to the scored positions."""
 
     logits: torch.Tensor  # (positions, vocab or classes), fp32
-    targets: torch.Tensor  # (positions,), the next token / label, -100 where none
+    targets: torch.Tensor  # (positions,), the next token / label, IGNORE_INDEX where none
 
 
 def positions(run: TrainedRun, batch: dict, logits: torch.Tensor) -> Outputs:
@@ -73,15 +74,13 @@ def positions(run: TrainedRun, batch: dict, logits: torch.Tensor) -> Outputs:
         return Outputs(logits, batch["labels"].cpu())
     mask = batch["attention_mask"].bool().cpu()
     labels = batch["labels"].cpu()
-    targets = torch.full_like(labels, -100)
-    targets[:, :-1] = labels[:, 1:]  # the logits at t predict the token at t + 1
-    return Outputs(logits[mask], targets[mask])
+    return Outputs(logits[mask], tokens.next_token_targets(labels)[mask])
 
 
 def perplexity(out: Outputs) -> float:
-    keep = out.targets != -100
+    keep = tokens.is_target(out.targets)
     loss = torch.nn.functional.cross_entropy(out.logits[keep], out.targets[keep])
-    return math.exp(min(loss.item(), 50))
+    return tokens.perplexity(loss.item())
 
 
 def compare(ref: Outputs, other: Outputs) -> dict:
@@ -170,13 +169,13 @@ def load_plain(run: TrainedRun, batch: dict, loads: dict[str, tuple[str, str | N
         tmp = Path(tmp)
         save_file({k: batch[k].contiguous() for k in ("input_ids", "attention_mask")}, str(tmp / "inputs.safetensors"))
         labels = run.checked.labels
-        head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
+        head = tokens.label_config(labels) if labels else {}
         prompts = []
         if run.recipe.task == "causal_lm":
             for ids, targets, mask in zip(batch["input_ids"][:n_prompts].tolist(), batch["labels"][:n_prompts].tolist(), batch["attention_mask"][:n_prompts].tolist()):
                 # the prompt: up to the first trained token (label 0 is never a target), or the first half of
                 # the sample when every token is trained (text rows, train_on_inputs); never empty
-                first = next((i for i, t in enumerate(targets) if i > 0 and t != -100), len(ids))
+                first = tokens.first_target(targets)
                 prompts.append(ids[:first] if first > 1 else ids[: max(1, sum(mask) // 2)])
         job = {"kind": run.recipe.task, "dtype": dtype, "inputs": str(tmp / "inputs.safetensors"), "prompts": prompts, "max_new_tokens": max_new_tokens,
                # a plain base must be told its new head's labels; a merged folder's config has them

@@ -1,16 +1,18 @@
 """The model stage: a frozen (4-bit by default) base with LoRA adapters on the layers the recipe picks.
 
-`describe` works on a weightless copy of the model built from its config (what `validate` uses);
+`plan_model` works on a weightless copy of the model built from its config (what `validate` uses);
 `load_base` + `add_lora` build the real thing. Both resolve the LoRA targets with the same
 `resolve_targets`, and `add_lora` checks that peft adapted exactly those modules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from torch import nn
 
 from .errors import UserError
 from .recipe import LoraSection, QuantSection, Recipe
+from .tokens import label_config
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -109,7 +112,7 @@ def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None) -
 
     extra = {}
     if labels is not None:
-        extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+        extra = label_config(labels)
     m = recipe.model
     try:
         return _read(recipe, source, "config", lambda: AutoConfig.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code, **extra))
@@ -253,7 +256,7 @@ def _weight_names(recipe: Recipe, model: PreTrainedModel, heads: list[str]) -> W
     return names
 
 
-def describe(recipe: Recipe, source: ModelSource, labels: list[str] | None) -> ModelPlan:
+def plan_model(recipe: Recipe, source: ModelSource, labels: list[str] | None) -> ModelPlan:
     """Build the model with empty weights from its config and resolve the LoRA targets."""
     config = load_config(recipe, source, labels)
     model = _build_empty(recipe, source, config)
@@ -452,6 +455,25 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
     return model
 
 
+@contextlib.contextmanager
+def _peft_wrap():
+    """Around the two calls that build a PeftModel (get_peft_model, PeftModel.from_pretrained): peft 0.21's
+    PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecated for
+    `is_activation_checkpointing`, so every wrap printed a FutureWarning that is peft's, not ours. Only that
+    warning is silenced, only here; drop this once peft reads the new name."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def load_adapter(base: nn.Module, adapter: Path | str) -> PeftModel:
+    """A saved adapter on its base, with peft's own loader (the adapter as a user loads it)."""
+    from peft import PeftModel
+
+    with _peft_wrap():
+        return PeftModel.from_pretrained(base, str(adapter))
+
+
 def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftModel:
     """Wrap the base in a peft model and check that exactly the planned modules got adapters."""
     from peft import LoraConfig, TaskType, get_peft_model
@@ -472,7 +494,8 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftMod
         modules_to_save=plan.modules_to_save or None,
         task_type=TaskType.SEQ_CLS if recipe.task == "classification" else TaskType.CAUSAL_LM,
     )
-    peft_model = get_peft_model(model, config)
+    with _peft_wrap():
+        peft_model = get_peft_model(model, config)
     # The adapter names its base as the user did (a hub id), not a path that exists only on this machine.
     if plan.source.origin != "local folder":
         peft_model.peft_config["default"].base_model_name_or_path = recipe.model.path

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import Counter
 
-from .data import IGNORE, DataBundle
+from .data import DataBundle
+from .data.stats import stats_lines
+from .tokens import IGNORE_INDEX as IGNORE
 
 GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
 
@@ -44,31 +45,6 @@ def _samples_of(row: dict) -> list[tuple[int, int]]:
         return [(0, len(row["input_ids"]))]
     starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
     return list(zip(starts, starts[1:]))
-
-
-def histogram(lengths: list[int], width: int = 40, buckets: int = 8) -> list[str]:
-    if not lengths:
-        return []
-    top = max(lengths)
-    step = max(1, -(-top // buckets))
-    counts = Counter(min(n // step, buckets - 1) for n in lengths)
-    most = max(counts.values())
-    return [f"  {b * step:>6}-{(b + 1) * step - 1:<6} {'#' * max(1, round(width * counts[b] / most)) if counts[b] else '':<{width}} {counts[b]}" for b in range(buckets)]
-
-
-def stats_lines(bundle: DataBundle, split: str, lengths_histogram: bool = True) -> list[str]:
-    s = bundle.stats[split]
-    data = bundle.train if split == "train" else bundle.eval
-    lines = [
-        f"{split}: {s['rows']} rows -> {s['samples']} samples, {s['tokens']} tokens, {s['trained_tokens']} trained ({s['trained_tokens'] / max(s['tokens'], 1):.1%})",
-        f"  truncated {s['truncated']}, dropped with no trained token {s['dropped_no_trained_token']}, dropped as too long {s['dropped_too_long']}",
-    ]
-    if "packing_efficiency" in s:
-        lines.append(f"  packed into {s['packed_rows']} rows, packing efficiency {s['packing_efficiency']:.1%}")
-    if not lengths_histogram:
-        return lines
-    lengths = [len(r["input_ids"]) for r in data] if data is not None else []
-    return lines + ["  lengths (tokens per row):"] + histogram(lengths)
 
 
 def show(bundle: DataBundle, tokenizer, split: str, n: int, as_json: bool, out=None) -> None:

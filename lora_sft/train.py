@@ -1,12 +1,11 @@
 """The training entry: recipe -> checked data and model plan -> 4-bit base + LoRA -> Trainer -> run directory.
 
-Reads top to bottom: `prepare` checks everything that can be checked without training (so bad
-input fails before anything is written), `run` loads and trains, `fit` owns the run directory.
+Reads top to bottom: `run` calls the preflight (preflight.prepare: bad input fails before anything is
+written), loads and trains; `fit` owns the run directory.
 """
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from dataclasses import dataclass
@@ -16,20 +15,10 @@ import torch
 from . import checkpoint
 from . import data as data_stage
 from . import model as model_stage
-from .errors import UserError
+from .preflight import prepare
 from .recipe import Recipe
 from .rundir import RunDir, manifest, model_card, now
-
-
-@dataclass
-class Prepared:
-    """What the preflight found good: checked rows, the model plan, the tokenizer and the tokenized data."""
-
-    checked: data_stage.Checked
-    plan: model_stage.ModelPlan | None  # None only when validate could not reach a hub model
-    tokenizer: object | None
-    bundle: data_stage.DataBundle | None
-    note: str | None = None  # what validate could not check, and why
+from .tokens import count_trained, perplexity
 
 
 @dataclass
@@ -38,90 +27,6 @@ class Result:
     summary: dict
     model: torch.nn.Module
     trainer: object
-
-
-def check_hardware(recipe: Recipe) -> None:
-    """Options the recipe allows but this machine cannot run."""
-    problems = []
-    cuda = torch.cuda.is_available()
-    if recipe.train.optimizer.startswith("paged_") and not cuda:
-        problems.append(f"{recipe.where('train', 'optimizer')}: {recipe.train.optimizer} needs a CUDA GPU, and there is none on this machine; use adamw_torch here")
-    if recipe.quant.compute_dtype in ("bf16", "fp16") and not cuda:
-        problems.append(f"{recipe.where('quant', 'compute_dtype')}: {recipe.quant.compute_dtype} training needs a CUDA GPU, and there is none on this machine; use auto or fp32 here")
-    elif recipe.quant.compute_dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        problems.append(f"{recipe.where('quant', 'compute_dtype')}: the GPU on this machine does not run bf16; use auto (fp32 here) or fp16")
-    if problems:
-        raise UserError(problems)
-
-
-def _tokenizer_problems(recipe: Recipe, tokenizer, plan: model_stage.ModelPlan | None, bundle: data_stage.DataBundle | None) -> list[str]:
-    """A tokenizer that cannot end a response, pad a batch, or whose ids the model has no embedding for."""
-    where, problems = recipe.where("model", "path"), []
-    if recipe.task == "causal_lm" and tokenizer.eos_token is None:
-        problems.append(f"{where}: the tokenizer has no EOS token, so the model never learns to stop; set eos_token in its tokenizer_config.json")
-    elif tokenizer.pad_token is None:
-        problems.append(f"{where}: the tokenizer has neither a padding nor an EOS token to pad batches with; set pad_token in its tokenizer_config.json")
-    vocab = getattr(plan.config, "vocab_size", None) if plan else None
-    if vocab and len(tokenizer) > vocab and not problems:  # only then can an id fall outside the embedding (and rows hold no None for EOS)
-        ids = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None]
-        for split in (bundle.train, bundle.eval) if bundle else ():
-            if split is not None and len(split):
-                ids.append(max(max(row) for row in split["input_ids"]))
-        if ids and max(ids) >= vocab:
-            problems.append(f"{where}: the tokenizer gives token id {max(ids)} but config.json has vocab_size {vocab} (the embedding has no row for it): the tokenizer ({len(tokenizer)} tokens) and the model do not belong together")
-    return problems
-
-
-def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
-    """The preflight, run by `validate` and first thing in `train` (before the run directory exists):
-    everything that can be checked without training. Data rows; model config, LoRA targets and weight
-    files; the tokenizer with the chat template; the data tokenized (templates, the max_dropped gate;
-    the cache is reused); tokenizer vs model; the hardware; what the after-training steps need. Every
-    independent problem is reported at once. `hub_may_be_unreachable`: a hub model that cannot be read
-    becomes a note (validate) instead of an error (train)."""
-    from .commands import before_training
-
-    problems: list[str] = []
-
-    def attempt(step, *args):
-        try:
-            return step(*args)
-        except UserError as e:
-            problems.extend(e.problems)
-            return None
-
-    checked = attempt(data_stage.check, recipe)
-    source = attempt(model_stage.resolve_source, recipe)
-    plan = tokenizer = bundle = note = None
-    if source is not None:
-        try:
-            plan = model_stage.describe(recipe, source, checked.labels if checked else recipe.data.labels)
-        except model_stage.ModelUnreachable as e:
-            if hub_may_be_unreachable:
-                note = f"note: schema and data checked; the model checks need the hub: {e.problems[0]}"
-            else:
-                problems.extend(e.problems)
-            source = None  # no tokenizer either
-        except model_stage.ConfigUnusable as e:
-            problems.extend(e.problems)
-            source = None  # the tokenizer and the weights are read through the config
-        except UserError as e:
-            problems.extend(e.problems)
-    if source is not None:
-        tokenizer = attempt(model_stage.load_tokenizer, recipe, source)
-    if tokenizer is not None and checked is not None:
-        bundle = attempt(data_stage.build, recipe, tokenizer, checked)
-    if tokenizer is not None:
-        problems += _tokenizer_problems(recipe, tokenizer, plan, bundle)
-    if plan is not None:
-        problems += model_stage.check_weights(recipe, plan)
-    attempt(check_hardware, recipe)
-    # output_dir must be a folder of its own (not the working directory, the data's, a folder of other files)
-    attempt(checkpoint.check_output_dir, recipe, source.path if source is not None and source.origin != "hub" else None)
-    problems += before_training(recipe, checked)
-    if problems:
-        raise UserError(list(dict.fromkeys(problems)))
-    return Prepared(checked, plan, tokenizer, bundle, note)
 
 
 def run(recipe: Recipe, log=print, resume: str | bool | None = None, overwrite: bool = False) -> Result:
@@ -134,7 +39,7 @@ def run(recipe: Recipe, log=print, resume: str | bool | None = None, overwrite: 
     from transformers import set_seed
 
     set_seed(recipe.seed)  # adapter init and dropout draw from here
-    from .preview import stats_lines
+    from .data.stats import stats_lines
 
     for split in ("train", "eval") if bundle.eval is not None else ("train",):
         log("\n".join(stats_lines(bundle, split, lengths_histogram=False)))
@@ -155,7 +60,7 @@ def _eval_metrics(raw: dict, task: str) -> dict:
     skip = ("runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time")
     out = {k.removeprefix("eval_"): v for k, v in raw.items() if not k.removeprefix("eval_").startswith(skip)}
     if task == "causal_lm" and "loss" in out:
-        out["perplexity"] = math.exp(min(out["loss"], 50))
+        out["perplexity"] = perplexity(out["loss"])
     return out
 
 
@@ -181,7 +86,7 @@ def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir, log=prin
             real = inputs.pop("num_real_tokens", None)  # packed rows: see data.packing
             labels = inputs["labels"]
             # causal LM: tokens that are targets (a label is never the target of nothing, so skip column 0)
-            targets = int((labels[:, 1:] != data_stage.IGNORE).sum()) if labels.dim() > 1 else labels.numel()
+            targets = count_trained(labels) if labels.dim() > 1 else labels.numel()
             if model.training:
                 seen = int(real.sum() if real is not None else inputs["attention_mask"].sum())
                 self.tokens_seen += seen
@@ -298,7 +203,9 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
     after = _eval_metrics(trainer.evaluate(), recipe.task) if bundle.eval else None
 
     run_dir.drop_derived()  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
-    model.save_pretrained(run_dir.adapter)
+    # lora_sft never resizes or adapts an embedding: saying so spares peft's "auto" check, which looks the base
+    # up on the hub (a request, or a warning offline) on every save
+    model.save_pretrained(run_dir.adapter, save_embedding_layers=False)
     tokenizer.save_pretrained(run_dir.adapter)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     peak, peak_kind = _peak_memory_mb()

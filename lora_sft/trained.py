@@ -59,9 +59,7 @@ class TrainedRun:
 
     def model(self, dtype: str | None = None):
         """Base + the saved adapter, in eval mode (peft's own loader: the adapter as a user loads it)."""
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(self.base(dtype), str(self.adapter))
+        model = model_stage.load_adapter(self.base(dtype), self.adapter)
         model.eval()
         return model
 
@@ -89,6 +87,6 @@ def open_run(path: str | Path, eval_file: str | None = None) -> TrainedRun:
         recipe = recipe.model_copy(update={"data": data})
         checked = data_stage.check(recipe)
     source = model_stage.resolve_source(recipe)
-    plan = model_stage.describe(recipe, source, checked.labels)
+    plan = model_stage.plan_model(recipe, source, checked.labels)
     tokenizer = model_stage.load_tokenizer(recipe, model_stage.ModelSource(str(root / "adapter"), "run directory"))
     return TrainedRun(root, recipe, plan, checked, tokenizer)

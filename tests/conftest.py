@@ -1,48 +1,38 @@
-"""Fixtures: tiny random models built in a temp folder (nothing is downloaded) and recipe helpers."""
+"""Fixtures: tiny random models built in a temp folder (nothing is downloaded), recipe helpers and a finished
+tiny run. Plain helpers and constants live in helpers.py (tests import them from there, never from conftest)."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import REPO, build_tokenizer, hub_env
 
-# Tests never touch the hub: a missing local file must fail fast, not wait on a network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never touch the hub: a missing local file must fail fast, not wait on a network. Set, not defaulted, so
+# the caller's value (HF_HUB_OFFLINE=yes, or 0) changes no message a test expects; pushes to the fake hub run in
+# subprocesses without the offline variables (helpers.hub_env).
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tokenized data is cached per test session, never in the user's cache.
 os.environ.setdefault("LORA_SFT_CACHE", tempfile.mkdtemp(prefix="lora_sft-cache-"))
 
-REPO = Path(__file__).resolve().parents[1]
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+KINDS = ("unit", "e2e", "gpu")  # what a test does: see [tool.pytest.ini_options] markers in pyproject.toml
 
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+def pytest_collection_modifyitems(config, items):
+    """Every test says what it does with exactly one of the markers unit / e2e / gpu; gpu tests skip without CUDA."""
+    wrong = [f"{item.nodeid} ({', '.join(kinds) or 'none'})" for item in items if len(kinds := [k for k in KINDS if item.get_closest_marker(k)]) != 1]
+    if wrong:
+        raise pytest.UsageError(f"each test needs exactly one of the markers {', '.join(KINDS)}: {'; '.join(wrong)}")
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
 
-
-def build_tokenizer(corpus: list[str], vocab_size: int = 400, specials=SPECIALS, eos="<|im_end|>", pad="<|endoftext|>", bos=None, template=CHATML):
-    """A byte-level BPE tokenizer with special tokens and a chat template.
-
-    With vocab_size 0 it learns no merges: every ASCII character is one token, so a test can write
-    the expected label mask of a text by hand, character by character.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    size = vocab_size or len(alphabet) + len(specials)
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=size, special_tokens=specials, initial_alphabet=alphabet))
-    named = {"eos_token": eos, "pad_token": pad} | ({"bos_token": bos} if bos else {})
-    others = [t for t in specials if t not in named.values()]
-    return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=others, chat_template=template, **named)
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @pytest.fixture(scope="session")
@@ -80,15 +70,6 @@ def write_recipe(tmp_path):
     return write
 
 
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-TOKEN = "hf_fakeTOKEN4lorasftTests0123456789"
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tiny_llama, tmp_path_factory):
     """A finished tiny-Llama run, trained through the CLI as a user would, with the recipe's eval and hub
@@ -117,7 +98,7 @@ def tiny_run(tiny_llama, tmp_path_factory):
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     hub = FakeHub().__enter__()
     # the push must reach the fake hub whatever offline variables the caller set (huggingface_hub reads all three)
-    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES} | {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(root / "hf-home")}
+    env = hub_env(hub.url, root / "hf-home")
     proc = subprocess.run([sys.executable, "-m", "lora_sft", "train", str(root / "recipe.yaml")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     yield root / "run", hub, proc

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import build_tokenizer, write_jsonl
+from helpers import build_tokenizer, write_jsonl
 
 from lora_sft.data import build, check
-from lora_sft.data.formats import IGNORE
+from lora_sft.tokens import IGNORE_INDEX as IGNORE
 from lora_sft.errors import UserError
 from lora_sft.recipe import load_recipe
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from safetensors import safe_open
 
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage
+from lora_sft import preflight
 from lora_sft import train as train_stage
 from lora_sft.recipe import load_recipe
 
@@ -83,7 +84,7 @@ def _fresh_4bit(recipe, plan):
 
 def test_lora_contract(case):
     recipe, expected_trainable, heads = case
-    prepared = train_stage.prepare(recipe)
+    prepared = preflight.prepare(recipe)
     torch.manual_seed(recipe.seed)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     bundle = data_stage.build(recipe, tokenizer, prepared.checked)
@@ -147,7 +148,7 @@ def test_quant_modes_and_lora_options(tiny_llama, tmp_path, write_recipe, quant,
         "quant": quant, "lora": {"rank": RANK, "alpha": 8, **lora},
         "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
     }))
-    prepared = train_stage.prepare(recipe)
+    prepared = preflight.prepare(recipe)
     model = model_stage.add_lora(model_stage.load_base(recipe, prepared.plan), recipe, prepared.plan)
     adapted = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     assert len(adapted) == n_adapted and all(type(m.base_layer) is layer_type for m in adapted)

@@ -10,15 +10,13 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from lora_sft.cli import main
 from lora_sft.evaluation import load_metric, user_prompt
 from lora_sft.trained import open_run
 
-pytestmark = pytest.mark.e2e
-
-
+@pytest.mark.e2e
 def test_eval_section_after_training(tiny_run):
     run_dir, _, proc = tiny_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -39,6 +37,7 @@ def test_eval_section_after_training(tiny_run):
     assert {"base", "fine_tuned"} <= set(sample) and "## Sample generations" in table
 
 
+@pytest.mark.e2e
 def test_eval_with_a_data_file_offline(tiny_run, tmp_path):
     """The shipped metric modules load with the hub switched off and an empty cache."""
     run_dir = tmp_path / "run"  # a copy: the other tests read the original's eval section results
@@ -64,6 +63,7 @@ def test_shipped_generation_metrics():
     assert rouge["rougeL"] == pytest.approx((5 / 6 + 1 / 4) / 2) and rouge["rouge1"] == pytest.approx((5 / 6 + 1) / 2)
 
 
+@pytest.mark.e2e
 def test_generate_renders_the_saved_chat_template(tiny_run, capsys, monkeypatch):
     run_dir, _, _ = tiny_run
     assert main(["generate", str(run_dir), "--prompt", "Count the words.\n\nriver stone", "--max-new-tokens", "5"]) == 0
@@ -81,6 +81,7 @@ def test_generate_renders_the_saved_chat_template(tiny_run, capsys, monkeypatch)
     assert capsys.readouterr().out.count("model> ") == 2
 
 
+@pytest.mark.e2e
 def test_one_eval_loss_token_weighted_whatever_the_batching_or_packing(tiny_llama, tmp_path, monkeypatch, capsys):
     """The Trainer's eval loss (summary.json, metrics.jsonl) is the mean over every scored token, as `eval` reports it:
     micro batches of 3 samples of uneven lengths (the last batch holds one) and packed rows give the same number."""

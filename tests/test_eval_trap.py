@@ -11,11 +11,11 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
-from conftest import REPO
+from helpers import REPO
 
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage
-from lora_sft import train as train_stage
+from lora_sft import preflight
 from lora_sft.recipe import load_recipe
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +30,7 @@ def staged(tiny_llama, tmp_path, write_recipe):
         "lora": {"rank": 4, "dropout": 0.0},
         "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "max_length": 64},
     }))
-    prepared = train_stage.prepare(recipe)
+    prepared = preflight.prepare(recipe)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     bundle = data_stage.build(recipe, tokenizer, prepared.checked)
     batch = data_stage.CausalCollator(tokenizer.pad_token_id)(list(bundle.train.select(range(4))))

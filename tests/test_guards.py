@@ -14,11 +14,12 @@ import signal
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from safetensors.torch import load_file
 
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage
+from lora_sft import preflight
 from lora_sft import train as train_stage
 from lora_sft.cli import main
 from lora_sft.errors import RunError
@@ -40,7 +41,7 @@ def make_recipe(tiny_llama, tmp_path, write_recipe, **train):
 def train_with_fault(path, fault_at: int, fault):
     """Train the recipe; `fault(output, model)` runs in the embedding forward of training step `fault_at`."""
     recipe = load_recipe(path)
-    prepared = train_stage.prepare(recipe)
+    prepared = preflight.prepare(recipe)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     bundle = data_stage.build(recipe, tokenizer, prepared.checked)
     model = model_stage.add_lora(model_stage.load_base(recipe, prepared.plan), recipe, prepared.plan)

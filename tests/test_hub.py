@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import OFFLINE_VARIABLES, REPO, TOKEN
+from helpers import TOKEN, hub_env
 
 from lora_sft.cli import main
 
@@ -58,8 +57,7 @@ def test_push_refuses_a_bad_repo_id(tiny_run, capsys):
 
 def test_push_creates_private_repositories_unless_public_is_asked(tiny_run, tmp_path):
     run_dir, hub, _ = tiny_run
-    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES} | {
-        "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(REPO)}
+    env = hub_env(hub.url, tmp_path / "hf-home")
     for flags, repo, visibility in (([], "me/private-by-default", "private"), (["--public"], "me/opted-public", "public")):
         proc = subprocess.run([sys.executable, "-m", "lora_sft", "push", str(run_dir / "adapter"), "--repo-id", repo, *flags],
                               env=env, capture_output=True, text=True, timeout=300)

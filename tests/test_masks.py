@@ -7,7 +7,7 @@ the text with its trained characters in [[ ]]: the comparison pins the label of 
 from __future__ import annotations
 
 import pytest
-from conftest import build_tokenizer, write_jsonl
+from helpers import build_tokenizer, write_jsonl
 
 from lora_sft.data import CausalCollator, build
 from lora_sft.data.templates import NAMED, apply

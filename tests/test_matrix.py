@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CHATML, REPO, write_jsonl
+from helpers import CHATML, REPO, write_jsonl
 
 from lora_sft.cli import main
 from lora_sft.recipe import QuantSection, load_recipe

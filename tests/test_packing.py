@@ -6,10 +6,11 @@ import random
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage
+from lora_sft import preflight
 from lora_sft import train as train_stage
 from lora_sft.data.packing import PackedCollator, best_fit_decreasing, pack
 from lora_sft.recipe import load_recipe
@@ -43,7 +44,7 @@ def fp32_llama(tiny_llama, tmp_path, write_recipe):
         "quant": {"mode": "none", "compute_dtype": "fp32"},
         "data": {"format": "messages", "train": str(REPO / "data/examples/chat.jsonl"), "max_length": 256, "cache": False},
     }))
-    prepared = train_stage.prepare(recipe)
+    prepared = preflight.prepare(recipe)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     samples = list(data_stage.build(recipe, tokenizer, prepared.checked).train.select(range(6)))
     model = model_stage.load_base(recipe, prepared.plan).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, build_tokenizer
+from helpers import REPO
 
 from lora_sft.cli import main
 

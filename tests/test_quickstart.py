@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.e2e
 CONTRACT = [

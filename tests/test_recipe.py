@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from lora_sft.errors import UserError
 from lora_sft.recipe import Recipe, explain, load_recipe

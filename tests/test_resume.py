@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from safetensors.torch import load_file
 
 from lora_sft.checkpoint import checkpoints

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from lora_sft.checkpoint import check_output_dir
 from lora_sft.cli import main

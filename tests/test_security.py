@@ -10,10 +10,10 @@ import string
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from lora_sft import model as model_stage
-from lora_sft import train as train_stage
+from lora_sft import preflight
 from lora_sft.cli import main
 from lora_sft.recipe import load_recipe
 
@@ -84,6 +84,6 @@ def test_pickle_weights_only_when_allowed(tiny_llama, tmp_path, write_recipe, ca
     assert "has pickle weights only (pytorch_model.bin)" in capsys.readouterr().err
 
     recipe = load_recipe(path, ["model.allow_pickle=true"])
-    prepared = train_stage.prepare(recipe)
+    prepared = preflight.prepare(recipe)
     model = model_stage.load_base(recipe, prepared.plan)
     assert model.model.layers[0].self_attn.q_proj.weight.shape[0] > 0

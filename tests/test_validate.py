@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from lora_sft.cli import main
 from lora_sft.errors import UserError
@@ -109,7 +109,7 @@ def _check_weights(recipe_dict, write_recipe):
     from lora_sft.recipe import load_recipe
 
     recipe = load_recipe(write_recipe(recipe_dict))
-    plan = model.describe(recipe, model.resolve_source(recipe), ["neg", "pos"] if recipe.task == "classification" else None)
+    plan = model.plan_model(recipe, model.resolve_source(recipe), ["neg", "pos"] if recipe.task == "classification" else None)
     return recipe, plan, model.check_weights(recipe, plan)
 
 

@@ -21,8 +21,10 @@ import torch
 from ..errors import UserError
 from ..recipe import Recipe, Source
 from . import cache
-from .formats import IGNORE, Example, Options, Tokenized, label_id, label_names, tokenize, tokenize_classification
-from .formats import check as check_row
+from ..tokens import IGNORE_INDEX as IGNORE
+from ..tokens import count_trained
+from .formats import Example, Options, Tokenized, label_id, label_names, tokenize, tokenize_classification
+from .formats import check_row
 from .packing import PackedCollator, pack
 from .read import fingerprint as source_fingerprint
 from .read import read_source
@@ -238,7 +240,7 @@ def _split(examples: list[Example], results: list[Tokenized], recipe: Recipe, la
         "dropped_too_long": sum(r.too_long for r in results),
         "tokens": sum(len(s["input_ids"]) for s in samples),
     }
-    stats["trained_tokens"] = stats["tokens"] if labels is not None else sum(sum(t != IGNORE for t in s["labels"][1:]) for s in samples)
+    stats["trained_tokens"] = stats["tokens"] if labels is not None else sum(count_trained(s["labels"]) for s in samples)
     if name == "train" and examples and len(untrained) == len(examples):
         raise UserError(f"{recipe.where('data', 'max_length')}: every train sample lost its response to truncation at {d.max_length} tokens; raise it")
     if name == "train" and examples and len(untrained) / len(examples) > d.max_dropped:

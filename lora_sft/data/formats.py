@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..tokens import IGNORE_INDEX as IGNORE
+from ..tokens import has_target
 from .read import Row
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system", "tool": "tool", "function_call": "assistant", "observation": "tool"}
 FIELDS = {
@@ -124,7 +125,7 @@ def _check_trained(example: Example, names: list[str], opts: Options) -> None:
             raise UserError(f"{example.place}: {names[t]}: the {m['role']} turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row")
 
 
-def check(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: Options | None = None) -> Example:
+def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: Options | None = None) -> Example:
     """Validate one row's fields for `fmt`; UserError names the row and the fix. With the data
     options, a chat is also checked to have a non-empty turn to train."""
     f = Fields(row, fmt, columns or {})
@@ -352,7 +353,7 @@ def tokenize(example: Example, tokenizer, opts: Options) -> Tokenized:
         if opts.truncation == "drop":
             return Tokenized([], too_long=True)
         ids, labels = ids[: opts.max_length], labels[: opts.max_length]
-        if all(t == IGNORE for t in labels[1:]):  # labels[0] is never a target: nothing precedes it
+        if not has_target(labels):
             return Tokenized([], truncated=True, untrained=True)
         return Tokenized([{"input_ids": ids, "labels": labels}], truncated=True)
     return Tokenized([{"input_ids": ids, "labels": labels}])

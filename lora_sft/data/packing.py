@@ -12,7 +12,8 @@ import bisect
 
 import torch
 
-from .formats import IGNORE
+from ..tokens import IGNORE_INDEX as IGNORE
+from ..tokens import mask_first
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -41,7 +42,7 @@ def pack(samples: list[dict], max_length: int) -> tuple[list[dict], float]:
         for i in sorted(members):  # keep the data order inside a row
             s = samples[i]
             ids += s["input_ids"]
-            labels += [IGNORE] + s["labels"][1:]
+            labels += mask_first(s["labels"])
             positions += list(range(len(s["input_ids"])))
         rows.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     tokens = sum(len(s["input_ids"]) for s in samples)

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
-from conftest import build_tokenizer  # noqa: E402
+from helpers import build_tokenizer  # noqa: E402
 
 
 def llama(path: Path, vocab: int, tokenizer, **config) -> Path:

@@ -1,0 +1,155 @@
+"""The preflight: everything that can be checked without training, run by `validate` and first thing in
+`train` (before the run directory exists), and the plan `validate` prints.
+
+`prepare` collects every independent problem (data rows, model config and weights, tokenizer, the
+tokenized data, hardware, output_dir, what the after-training steps need) and raises them together;
+`describe_plan` says what `train` would do with the recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import checkpoint
+from . import data as data_stage
+from . import model as model_stage
+from .errors import UserError
+from .recipe import Recipe
+
+
+@dataclass
+class Prepared:
+    """What the preflight found good: checked rows, the model plan, the tokenizer and the tokenized data."""
+
+    checked: data_stage.Checked
+    plan: model_stage.ModelPlan | None  # None only when validate could not reach a hub model
+    tokenizer: object | None
+    bundle: data_stage.DataBundle | None
+    note: str | None = None  # what validate could not check, and why
+
+
+def check_hardware(recipe: Recipe) -> None:
+    """Options the recipe allows but this machine cannot run."""
+    problems = []
+    cuda = torch.cuda.is_available()
+    if recipe.train.optimizer.startswith("paged_") and not cuda:
+        problems.append(f"{recipe.where('train', 'optimizer')}: {recipe.train.optimizer} needs a CUDA GPU, and there is none on this machine; use adamw_torch here")
+    if recipe.quant.compute_dtype in ("bf16", "fp16") and not cuda:
+        problems.append(f"{recipe.where('quant', 'compute_dtype')}: {recipe.quant.compute_dtype} training needs a CUDA GPU, and there is none on this machine; use auto or fp32 here")
+    elif recipe.quant.compute_dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        problems.append(f"{recipe.where('quant', 'compute_dtype')}: the GPU on this machine does not run bf16; use auto (fp32 here) or fp16")
+    if problems:
+        raise UserError(problems)
+
+
+def _tokenizer_problems(recipe: Recipe, tokenizer, plan: model_stage.ModelPlan | None, bundle: data_stage.DataBundle | None) -> list[str]:
+    """A tokenizer that cannot end a response, pad a batch, or whose ids the model has no embedding for."""
+    where, problems = recipe.where("model", "path"), []
+    if recipe.task == "causal_lm" and tokenizer.eos_token is None:
+        problems.append(f"{where}: the tokenizer has no EOS token, so the model never learns to stop; set eos_token in its tokenizer_config.json")
+    elif tokenizer.pad_token is None:
+        problems.append(f"{where}: the tokenizer has neither a padding nor an EOS token to pad batches with; set pad_token in its tokenizer_config.json")
+    vocab = getattr(plan.config, "vocab_size", None) if plan else None
+    if vocab and len(tokenizer) > vocab and not problems:  # only then can an id fall outside the embedding (and rows hold no None for EOS)
+        ids = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None]
+        for split in (bundle.train, bundle.eval) if bundle else ():
+            if split is not None and len(split):
+                ids.append(max(max(row) for row in split["input_ids"]))
+        if ids and max(ids) >= vocab:
+            problems.append(f"{where}: the tokenizer gives token id {max(ids)} but config.json has vocab_size {vocab} (the embedding has no row for it): the tokenizer ({len(tokenizer)} tokens) and the model do not belong together")
+    return problems
+
+
+def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
+    """The preflight, run by `validate` and first thing in `train` (before the run directory exists):
+    everything that can be checked without training. Data rows; model config, LoRA targets and weight
+    files; the tokenizer with the chat template; the data tokenized (templates, the max_dropped gate;
+    the cache is reused); tokenizer vs model; the hardware; what the after-training steps need. Every
+    independent problem is reported at once. `hub_may_be_unreachable`: a hub model that cannot be read
+    becomes a note (validate) instead of an error (train)."""
+    from .commands import before_training
+
+    problems: list[str] = []
+
+    def attempt(step, *args):
+        try:
+            return step(*args)
+        except UserError as e:
+            problems.extend(e.problems)
+            return None
+
+    checked = attempt(data_stage.check, recipe)
+    source = attempt(model_stage.resolve_source, recipe)
+    plan = tokenizer = bundle = note = None
+    if source is not None:
+        try:
+            plan = model_stage.plan_model(recipe, source, checked.labels if checked else recipe.data.labels)
+        except model_stage.ModelUnreachable as e:
+            if hub_may_be_unreachable:
+                note = f"note: schema and data checked; the model checks need the hub: {e.problems[0]}"
+            else:
+                problems.extend(e.problems)
+            source = None  # no tokenizer either
+        except model_stage.ConfigUnusable as e:
+            problems.extend(e.problems)
+            source = None  # the tokenizer and the weights are read through the config
+        except UserError as e:
+            problems.extend(e.problems)
+    if source is not None:
+        tokenizer = attempt(model_stage.load_tokenizer, recipe, source)
+    if tokenizer is not None and checked is not None:
+        bundle = attempt(data_stage.build, recipe, tokenizer, checked)
+    if tokenizer is not None:
+        problems += _tokenizer_problems(recipe, tokenizer, plan, bundle)
+    if plan is not None:
+        problems += model_stage.check_weights(recipe, plan)
+    attempt(check_hardware, recipe)
+    # output_dir must be a folder of its own (not the working directory, the data's, a folder of other files)
+    attempt(checkpoint.check_output_dir, recipe, source.path if source is not None and source.origin != "hub" else None)
+    problems += before_training(recipe, checked)
+    if problems:
+        raise UserError(list(dict.fromkeys(problems)))
+    return Prepared(checked, plan, tokenizer, bundle, note)
+
+
+
+def train_steps(recipe: Recipe, rows: int) -> int:
+    """Optimizer steps over `rows` training rows (samples, or packed rows), counted as the Trainer does."""
+    t = recipe.train
+    if t.max_steps:
+        return t.max_steps
+    per_epoch = max(math.ceil(math.ceil(rows / t.micro_batch_size) / t.grad_accum), 1)
+    return math.ceil(t.epochs * per_epoch)
+
+
+def describe_plan(recipe: Recipe, checked, plan, bundle=None) -> list[str]:
+    """Lines saying what `train` would do with this recipe; `plan` and `bundle` (the tokenized data) are
+    None when the model is unreachable, and the step count then comes from the rows before tokenizing."""
+    d, t, q, lo = recipe.data, recipe.train, recipe.quant, recipe.lora
+    eval_from = f"from {', '.join(s.path for s in d.sources('eval'))}" if d.eval else f"{d.eval_fraction:.0%} of train, seed {recipe.seed}" if d.eval_fraction else "none"
+    batch = t.micro_batch_size * t.grad_accum
+    # the Trainer steps through what was tokenized: packed rows, text chunks, samples left after dropping
+    steps = train_steps(recipe, len(bundle.train) if bundle is not None else len(checked.train))
+    quant = "unquantized" if q.mode == "none" else q.mode + (" + double quant" if q.double_quant and q.mode != "int8" else "")
+    lines = [f"task: {recipe.task}"]
+    if plan is not None:
+        lines.append(f"model: {recipe.model.path} ({plan.source.origin}: {plan.source.path})")
+        lines.append(f"quantization: {quant}, compute dtype {q.compute_dtype}; kept unquantized: {', '.join(plan.heads) or 'nothing'}")
+        leaves = sorted({n.rsplit('.', 1)[-1] for n in plan.targets})
+        lines.append(f"lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}{', rslora' if lo.rslora else ''}{', dora' if lo.dora else ''} on {len(plan.targets)} modules ({', '.join(leaves)})")
+        if plan.modules_to_save:
+            lines.append(f"trained in full: {', '.join(plan.modules_to_save)}")
+        lines.append(f"trainable params: {plan.trainable_params:,} of {plan.total_params:,} ({100 * plan.trainable_params / plan.total_params:.2f}%)")
+    formats = ", ".join(sorted(d.formats()))
+    data_line = f"data: {formats}{', packed' if d.packing else ''}, {len(checked.train)} train rows, {len(checked.eval)} eval rows ({eval_from}), max_length {d.max_length}"
+    if bundle is not None and d.packing and "packed_rows" in bundle.stats.get("train", {}):
+        data_line += f", packed into {bundle.stats['train']['packed_rows']} rows"
+    if checked.labels:
+        data_line += f", labels: {', '.join(checked.labels)}"
+    lines.append(data_line)
+    lines.append(f"training: {steps} steps ({'max_steps' if t.max_steps else f'{t.epochs:g} epochs'}), batch {batch} ({t.micro_batch_size} x {t.grad_accum} accumulated), lr {t.lr:g} {t.scheduler}, {t.optimizer}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}")
+    lines.append(f"output: {recipe.output_dir}")
+    return lines

@@ -1,0 +1,54 @@
+"""Helpers the tests import (`from helpers import ...`): the repository root, a tokenizer builder, a
+JSONL writer and the constants shared with the fixtures in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 400, specials=SPECIALS, eos="<|im_end|>", pad="<|endoftext|>", bos=None, template=CHATML):
+    """A byte-level BPE tokenizer with special tokens and a chat template.
+
+    With vocab_size 0 it learns no merges: every ASCII character is one token, so a test can write
+    the expected label mask of a text by hand, character by character.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    size = vocab_size or len(alphabet) + len(specials)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=size, special_tokens=specials, initial_alphabet=alphabet))
+    named = {"eos_token": eos, "pad_token": pad} | ({"bos_token": bos} if bos else {})
+    others = [t for t in specials if t not in named.values()]
+    return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=others, chat_template=template, **named)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+TOKEN = "hf_fakeTOKEN4lorasftTests0123456789"
+
+
+def hub_env(hub_url: str, home: Path) -> dict[str, str]:
+    """The environment of a `python -m lora_sft` subprocess that pushes to the fake hub: this one's, without the
+    offline variables the caller may have set (huggingface_hub reads HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE
+    alike and would refuse the push), with the fake hub's address, a fake token and an HF_HOME of its own."""
+    kept = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}
+    return kept | {"HF_ENDPOINT": hub_url, "HF_TOKEN": TOKEN, "HF_HOME": str(home), "PYTHONPATH": str(REPO)}

@@ -1,0 +1,40 @@
+"""Our own deprecation warnings are fixed at the source, not filtered: a training run through the CLI prints none."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from helpers import REPO
+
+from lora_sft import model as model_stage
+from lora_sft import preflight
+from lora_sft.recipe import load_recipe
+
+
+@pytest.mark.e2e
+def test_a_training_run_prints_no_future_or_deprecation_warning(tiny_run):
+    _, _, proc = tiny_run  # trained through `python -m lora_sft train`, then evaluated from the saved adapter
+    assert "is_gradient_checkpointing" not in proc.stderr
+    for kind in ("FutureWarning", "DeprecationWarning", "PendingDeprecationWarning"):
+        assert kind not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.unit
+def test_wrapping_and_reloading_an_adapter_warns_nothing(tiny_llama, tmp_path, write_recipe):
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` whenever it builds a PeftModel;
+    model.add_lora and model.load_adapter keep that FutureWarning from reaching the user, and nothing else."""
+    recipe = load_recipe(write_recipe({"task": "causal_lm", "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_llama)},
+                                       "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")}}))
+    plan = preflight.prepare(recipe).plan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = model_stage.add_lora(model_stage.load_base(recipe, plan), recipe, plan)
+        model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+        model_stage.load_adapter(model_stage.load_base(recipe, plan), tmp_path / "adapter")
+    deprecations = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, FutureWarning | DeprecationWarning)]
+    assert deprecations == []
+    with warnings.catch_warnings(record=True) as caught:  # the silencing is scoped: the same warning elsewhere still shows
+        warnings.simplefilter("always")
+        assert model.get_base_model().is_gradient_checkpointing is True  # train.gradient_checkpointing defaults to true
+    assert [str(w.message) for w in caught if w.category is FutureWarning] == ["`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` instead."]
