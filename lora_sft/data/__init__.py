@@ -15,19 +15,22 @@ import random
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import UserError
 from ..recipe import Recipe, Source
-from . import cache
 from ..tokens import IGNORE_INDEX as IGNORE
 from ..tokens import count_trained
-from .formats import Example, Options, Tokenized, label_id, label_names, tokenize, tokenize_classification
-from .formats import check_row
+from . import cache
+from .formats import Example, Options, Tokenized, check_row, label_id, label_names, tokenize, tokenize_classification
 from .packing import PackedCollator, pack
 from .read import fingerprint as source_fingerprint
 from .read import read_source
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 @dataclass
@@ -41,11 +44,11 @@ class Checked:
 
 @dataclass
 class DataBundle:
-    train: object  # a datasets.Dataset of {input_ids, labels, ...}
-    eval: object | None
+    train: Dataset  # rows of {input_ids, labels, ...}
+    eval: Dataset | None
     labels: list[str] | None
     fingerprint: str  # data bytes + data options + tokenizer: the cache key
-    stats: dict = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 MAX_PROBLEMS = 20  # problem lines a data check prints; the rest are counted in one more line
@@ -115,6 +118,7 @@ def _read_all(recipe: Recipe) -> tuple[list[_Part], list[str]]:
                 if row.problem is not None:
                     problems.append(row.problem)
                     continue
+                assert source.format is not None  # DataSection's validator gives every source a format
                 try:
                     example = check_row(row, source.format, source.columns, opts)
                 except UserError as e:
@@ -232,7 +236,7 @@ def _split(examples: list[Example], results: list[Tokenized], recipe: Recipe, la
     d = recipe.data
     samples = [s for r in results for s in r.samples]
     untrained = [e for e, r in zip(examples, results) if r.untrained]
-    stats = {
+    stats: dict[str, Any] = {
         "rows": len(examples),
         "samples": len(samples),
         "truncated": sum(r.truncated for r in results),

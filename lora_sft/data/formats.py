@@ -45,6 +45,12 @@ class Example:
     label: str | int | None = None
     seq: int = 0  # the row's position in the recipe's data (sources, files, lines in order): problems are reported in this order
 
+    @property
+    def chat(self) -> list[dict]:
+        """The messages of a chat example (callers have checked that it is one)."""
+        assert self.messages is not None, f"{self.place} is not a chat"
+        return self.messages
+
 
 @dataclass(frozen=True)
 class Options:
@@ -61,13 +67,15 @@ class Fields:
     """A row seen through the source's column mapping: `get('output')` reads the user's column."""
 
     def __init__(self, row: Row, fmt: str, columns: dict[str, str]):
+        assert row.value is not None, "rows that could not be read are reported, never checked"
         self.row, self.fmt, self.columns = row, fmt, columns
+        self.value: dict = row.value
 
     def name(self, key: str) -> str:
         return self.columns.get(key, key)
 
     def get(self, key: str):
-        return self.row.value.get(self.name(key))
+        return self.value.get(self.name(key))
 
     def string(self, key: str, required: bool = True) -> str | None:
         value = self.get(key)
@@ -108,9 +116,9 @@ def _message_list(f: Fields, key: str, value) -> list[dict]:
 
 def _messages(f: Fields) -> tuple[str, list[dict]]:
     key = f.name("messages")
-    value = f.row.value.get(key)
-    if value is None and "messages" not in f.columns and "conversations" in f.row.value:
-        key, value = "conversations", f.row.value["conversations"]  # ShareGPT's name for the list
+    value = f.value.get(key)
+    if value is None and "messages" not in f.columns and "conversations" in f.value:
+        key, value = "conversations", f.value["conversations"]  # ShareGPT's name for the list
     if value is None:
         raise UserError(f"{f.row.place}: missing field '{key}' (format messages needs a list of {{role, content}}, or ShareGPT conversations)")
     return key, _message_list(f, key, value)
@@ -118,9 +126,9 @@ def _messages(f: Fields) -> tuple[str, list[dict]]:
 
 def _check_trained(example: Example, names: list[str], opts: Options) -> None:
     """A chat must have a turn to train, and no trained turn may be empty (it would teach the model to say nothing)."""
-    turns = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"] if opts.train_on_inputs else _trained_turns(example, opts)
+    turns = [i for i, m in enumerate(example.chat) if m["role"] == "assistant"] if opts.train_on_inputs else _trained_turns(example, opts)
     for t in turns:
-        m = example.messages[t]
+        m = example.chat[t]
         if not (m.get("content") or "").strip() and not m.get("tool_calls"):
             raise UserError(f"{example.place}: {names[t]}: the {m['role']} turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row")
 
@@ -184,10 +192,10 @@ def label_names(examples: list[Example], given: list[str] | None) -> list[str]:
         raise UserError(f"{examples[0].place}: labels mix names and ids; use one kind, or list the names in data.labels")
     if not ids:
         return sorted(names)
-    top = max(examples, key=lambda e: e.label if isinstance(e.label, int) else -1)
-    if top.label >= MAX_DERIVED_LABELS:
-        raise UserError(f"{top.place}: label id {top.label} would make {top.label + 1} classes (more than {MAX_DERIVED_LABELS}); list the labels in data.labels")
-    return [str(i) for i in range(top.label + 1)]
+    top_id, top = max(((e.label, e) for e in examples if isinstance(e.label, int)), key=lambda pair: pair[0])
+    if top_id >= MAX_DERIVED_LABELS:
+        raise UserError(f"{top.place}: label id {top_id} would make {top_id + 1} classes (more than {MAX_DERIVED_LABELS}); list the labels in data.labels")
+    return [str(i) for i in range(top_id + 1)]
 
 
 def label_id(example: Example, labels: list[str], derived: bool = False) -> int:
@@ -211,7 +219,7 @@ def label_id(example: Example, labels: list[str], derived: bool = False) -> int:
 def _trained_turns(example: Example, opts: Options) -> list[int]:
     if example.trained is not None:  # alpaca and prompt_completion: the completion, whatever the options
         return example.trained
-    chosen = [i for i, m in enumerate(example.messages) if m["role"] in opts.train_roles]
+    chosen = [i for i, m in enumerate(example.chat) if m["role"] in opts.train_roles]
     if not chosen:
         raise UserError(f"{example.place}: no turn of the trained roles ({', '.join(opts.train_roles)}), so nothing would be trained; add one or change data.train_roles")
     return chosen[-1:] if opts.train_turns == "last" else chosen
@@ -250,7 +258,7 @@ def template_name(tokenizer) -> str:
 
 def _chat_with_markers(tokenizer, example: Example, turns: list[int]) -> tuple[list[int], list[int]]:
     """Templates with {% generation %} markers say which tokens are the assistant's."""
-    out = tokenizer.apply_chat_template(example.messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = tokenizer.apply_chat_template(example.chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     runs, start = [], None
     for i, m in enumerate(mask + [0]):
@@ -259,10 +267,10 @@ def _chat_with_markers(tokenizer, example: Example, turns: list[int]) -> tuple[l
         elif not m and start is not None:
             runs.append((start, i))
             start = None
-    n_assistant = sum(1 for m in example.messages if m["role"] == "assistant")
+    n_assistant = sum(m["role"] == "assistant" for m in example.chat)
     if len(runs) != n_assistant:
         raise UserError(f"{example.place}: {template_name(tokenizer)} marks {len(runs)} generation blocks for {n_assistant} assistant turns; fix its {{% generation %}} markers")
-    assistant_turns = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"]
+    assistant_turns = [i for i, m in enumerate(example.chat) if m["role"] == "assistant"]
     keep = [runs[assistant_turns.index(t)] for t in turns]
     labels = [IGNORE] * len(ids)
     for a, b in keep:
@@ -277,7 +285,7 @@ def _chat_incremental(tokenizer, example: Example, turns: list[int]) -> tuple[li
     an assistant turn, so the 'assistant' header itself is not trained). A template for which these
     prefixes do not hold would give wrong masks, so it is refused.
     """
-    msgs = example.messages
+    msgs = example.chat
     full = _render(tokenizer, msgs)
     spans = []
     for i in turns:
@@ -310,10 +318,10 @@ def _chat(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[i
 
 def _chat_masked(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[int]]:
     if opts.train_on_inputs:
-        ids = tokenizer(_render(tokenizer, example.messages), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(_render(tokenizer, example.chat), add_special_tokens=False)["input_ids"]
         return ids, list(ids)
     turns = _trained_turns(example, opts)
-    if "{% generation %}" in tokenizer.chat_template and all(example.messages[t]["role"] == "assistant" for t in turns):
+    if "{% generation %}" in tokenizer.chat_template and all(example.chat[t]["role"] == "assistant" for t in turns):
         return _chat_with_markers(tokenizer, example, turns)
     return _chat_incremental(tokenizer, example, turns)
 

@@ -57,7 +57,7 @@ class PackedCollator:
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(b["input_ids"]) for b in batch)
-        out = {"input_ids": [], "labels": [], "position_ids": []}
+        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
         real = [len(b["input_ids"]) for b in batch]
         for b in batch:
             extra = width - len(b["input_ids"])
