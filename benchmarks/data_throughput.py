@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = "apple river stone cloud tiger piano lemon rocket garden silver window forest candle ocean pepper violet marble thunder pillow harbor".split()
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "rocket", "garden", "silver", "window", "forest", "candle", "ocean", "pepper", "violet", "marble", "thunder", "pillow", "harbor"]
 
 
 def write_rows(path: Path, n: int, fmt: str) -> None:
@@ -65,7 +65,7 @@ def main() -> None:
             start = time.perf_counter()
             bundle = data.build(recipe, tokenizer)
             timings.append((label, time.perf_counter() - start, bundle))
-        (l1, t1, b1), (l2, t2, b2) = timings
+        (_, t1, b1), (_, t2, b2) = timings
         assert b2.stats.get("cached") and len(b2.train) == len(b1.train)
         print(f"| {args.rows:,} {args.format} rows, num_proc {args.num_proc} | seconds | rows/s |")
         print("| --- | --- | --- |")

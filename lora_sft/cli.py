@@ -8,6 +8,7 @@ Bad input exits 2 with one line per problem, a failed run exits 1; tracebacks on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -133,18 +134,14 @@ def _end_progress_line() -> None:
     starts a line of its own (`grep ^error:` finds it) and no bar is redrawn after it."""
     tqdm = sys.modules.get("tqdm.std")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
-        try:
+        with contextlib.suppress(Exception):  # a bar on a closed stream: nothing to end
             bar.close()
-        except Exception:  # a bar on a closed stream: nothing to end
-            pass
 
 
 def _quiet_stdout() -> None:
     """The reader of our output went away (`preview ... | head`): send what is left to /dev/null, say nothing."""
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

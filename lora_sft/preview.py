@@ -6,6 +6,7 @@ object per sample with input_ids, labels (-100 where not trained) and, when pack
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
@@ -44,7 +45,7 @@ def _samples_of(row: dict) -> list[tuple[int, int]]:
     if positions is None:
         return [(0, len(row["input_ids"]))]
     starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
-    return list(zip(starts, starts[1:]))
+    return list(itertools.pairwise(starts))
 
 
 def show(bundle: DataBundle, tokenizer, split: str, n: int, as_json: bool, out=None) -> None:

