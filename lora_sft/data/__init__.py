@@ -9,7 +9,6 @@ reported at once, in file order (at most MAX_PROBLEMS lines, then a count of the
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 from concurrent.futures import ProcessPoolExecutor
