@@ -117,10 +117,9 @@ def _train(args) -> int:
         # `--resume train.lr=1e-4`: argparse took an override for --resume's optional PATH
         args.overrides, args.resume = [*args.overrides, args.resume], True
     recipe = load_recipe(args.recipe, args.overrides)
-    from .commands import after_training
     from .train import run
 
-    after_training(recipe, run(recipe, resume=args.resume, overwrite=args.overwrite).run_dir.root)
+    run(recipe, resume=args.resume, overwrite=args.overwrite)  # training, then the recipe's eval and hub sections
     return 0
 
 

@@ -32,18 +32,6 @@ def before_training(recipe, checked) -> list[str]:
     return problems
 
 
-def after_training(recipe, run_dir) -> None:
-    """The recipe's `eval` and `hub` sections, once `train` has written the run directory."""
-    if recipe.eval.after_train:
-        from .evaluation import evaluate_run
-
-        evaluate_run(run_dir, base=recipe.eval.base)
-    if recipe.hub.repo_id and recipe.hub.after == "train":
-        from .hub import push
-
-        push(run_dir / "adapter", recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
-
-
 def _export(args) -> int:
     from .export import export
 
@@ -67,7 +55,7 @@ def _push(args) -> int:
 
 def _generate(args) -> int:
     from .evaluation import generate_text, prompt_for
-    from .trained import open_run
+    from .rundir import open_run
 
     run = open_run(args.run_dir)
     if run.recipe.task != "causal_lm":

@@ -147,14 +147,13 @@ def generation_scores(run, model, pairs: list[tuple[str, str, bool]]) -> tuple[d
 def evaluate_run(run_dir, data_file: str | None = None, base: bool = False, log=print) -> dict:
     """Measure the fine-tuned model (and the base, with `base`) on the eval split or `data_file`; eval.md and summary.json."""
     from .errors import UserError
-    from .rundir import write_json
-    from .trained import open_run
+    from .rundir import Evaluation, open_run
 
     run = open_run(run_dir, data_file)
     held = run.bundle().eval
     items = list(held) if held is not None else []
     if not items:
-        raise UserError(f"{run.root / 'recipe.yaml'}: data: the run has no eval split (data.eval / data.eval_fraction); pass --data FILE")
+        raise UserError(f"{run.dir.recipe}: data: the run has no eval split (data.eval / data.eval_fraction); pass --data FILE")
     e, causal = run.recipe.eval, run.recipe.task == "causal_lm"
     pairs = [p for ex in run.checked.eval if (p := prompt_and_reference(run.tokenizer, ex)) is not None][: e.generate] if causal else []
     prompts = [prompt_for(run.recipe, run.tokenizer, [{"role": "user", "content": p}]) for p in e.prompts] if causal else []
@@ -174,26 +173,21 @@ def evaluate_run(run_dir, data_file: str | None = None, base: bool = False, log=
         del model
     shown = [p for p, _ in prompts] if prompts else [p for p, _, _ in pairs[:3]]
     references = [None] * len(shown) if prompts else [r for _, r, _ in pairs[:3]]
-    evaluation = {"data": str(Path(data_file).resolve()) if data_file else "eval split", "rows": len(items), **results,
-                  "samples": [{"prompt": p, "reference": r, **{n: s[i] for n, s in samples.items()}} for i, (p, r) in enumerate(zip(shown, references))]}
-    if causal and e.generate and not pairs:
-        evaluation["generation_skipped"] = "the eval rows are `text` rows: no prompt/response pairs to score generations against"
-    (run.root / "eval.md").write_text(eval_markdown(run.recipe.model.path, evaluation))
-    summary = run.saved("summary.json")
-    summary["evaluation"] = evaluation
-    write_json(run.root / "summary.json", summary)
-    log(f"wrote {run.root / 'eval.md'}")
-    return evaluation
+    evaluation = Evaluation(
+        data=str(Path(data_file).resolve()) if data_file else "eval split", rows=len(items), base=results.get("base"), fine_tuned=results["fine_tuned"],
+        samples=[{"prompt": p, "reference": r, **{n: s[i] for n, s in samples.items()}} for i, (p, r) in enumerate(zip(shown, references))],
+        generation_skipped="the eval rows are `text` rows: no prompt/response pairs to score generations against" if causal and e.generate and not pairs else None,
+    )
+    run.dir.write_evaluation(evaluation, eval_markdown(run.recipe.model.path, evaluation.to_json()))
+    log(f"wrote {run.dir.eval_report}")
+    return evaluation.to_json()
 
 
 def eval_markdown(base_name: str, evaluation: dict) -> str:
-    after, before = evaluation["fine_tuned"], evaluation.get("base")
+    from .rundir import Evaluation
+
     lines = [f"# Evaluation of the adapter on {base_name}", "", f"{evaluation['rows']} samples ({evaluation['data']}).", ""]
-    if before:
-        lines += ["| metric | base | fine-tuned | change |", "| --- | --- | --- | --- |"]
-        lines += [f"| {k} | {before[k]:.4f} | {v:.4f} | {v - before[k]:+.4f} |" for k, v in after.items() if isinstance(v, int | float)]
-    else:
-        lines += ["| metric | fine-tuned |", "| --- | --- |"] + [f"| {k} | {v:.4f} |" for k, v in after.items() if isinstance(v, int | float)]
+    lines += Evaluation.from_json(evaluation).table()  # the same table as the model card's
     if evaluation.get("generation_skipped"):
         lines += ["", f"Generation metrics skipped: {evaluation['generation_skipped']}."]
     if evaluation["samples"]:

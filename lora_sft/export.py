@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from .errors import RunError, UserError
-from .rundir import ARTIFACTS, EXPORT, EXPORT_MARKER, MARKER_VERSION, check_writable, entries, model_card, now, write_json
-from .trained import TrainedRun, open_run
+from .rundir import ADAPTER_CONFIG, ARTIFACTS, EXPORT, ExportDir, FidelityReport, check_writable, entries, open_run
+from .rundir import FinishedRun as TrainedRun
 
 # (atol, rtol) on max |logit difference| for merged vs unmerged, by export dtype: rounding the merged
 # weight to the dtype is the only legitimate difference, and it grows as the dtype narrows.
@@ -249,13 +249,7 @@ def shard_bytes(size: int | str) -> int:
 
 def is_export(folder: Path) -> bool:
     """An earlier lora_sft export: marked, or (from before the marker) a fidelity.json that export wrote."""
-    if (folder / EXPORT_MARKER).is_file():
-        return True
-    try:
-        report = json.loads((folder / "fidelity.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and "pairs" in report and "run_dir" in report
+    return ExportDir(folder).is_export()
 
 
 def check_out(run_root: Path, out: Path) -> None:
@@ -325,8 +319,9 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
 
 def _write(run: TrainedRun, staging: Path, out: Path, merged: bool, dtype: str, samples: int, tolerance: float | None, max_shard_size: int, log) -> dict:
     """Write the export into `staging`; raises FidelityError (nothing is then kept) when a check fails."""
-    write_json(staging / EXPORT_MARKER, {"version": MARKER_VERSION, "created": now(), "run_dir": str(run.root)})  # first
-    merged_dir, adapter_dir = staging / "merged", staging / "adapter"
+    folder = ExportDir(staging)
+    folder.mark(run.root)  # first
+    merged_dir, adapter_dir = folder.merged, folder.adapter
     atol, rtol = TOLERANCE[dtype]
     bundle = run.bundle()
     held_out = bundle.eval is not None
@@ -380,7 +375,7 @@ def _write(run: TrainedRun, staging: Path, out: Path, merged: bool, dtype: str, 
         if report["pairs"]["b_vs_c"]["max_abs_logit_diff"] > tol:
             problems.append(f"the merged model differs from the unmerged one (b vs c) by max |logit diff| {report['pairs']['b_vs_c']['max_abs_logit_diff']:.3g}, tolerance {tol:.3g}")
 
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     report["serving_warnings"] = serving_warnings(adapter_config)
     report["passed"] = not problems
     report["problems"] = problems
@@ -390,13 +385,11 @@ def _write(run: TrainedRun, staging: Path, out: Path, merged: bool, dtype: str, 
     if problems:  # an export that failed its check is not written at all, so it cannot be shipped by mistake
         kept = "the earlier export there is unchanged" if out.exists() else "nothing was written"
         raise FidelityError("; ".join(problems) + f"; {kept} ({out}); the report is printed above")
-    write_json(staging / "fidelity.json", report)
+    folder.write_fidelity(FidelityReport.from_json(report))
 
-    card = model_card(run.saved("recipe.yaml"), run.recipe.model.path, run.saved("manifest.json")["data"], run.saved("summary.json"), run.checked.labels)
+    card = run.dir.render_card(run.checked.labels)  # the run's own card (adapter/README.md), with the export's sections
     sections = _card_sections(report)
-    (adapter_dir / "README.md").write_text(card + "\n" + sections)
-    if merged:
-        (merged_dir / "README.md").write_text(_merged_card(card, run.recipe.task, sections))
+    folder.write_cards(card + "\n" + sections, _merged_card(card, run.recipe.task, sections) if merged else None)
     return report
 
 

@@ -14,7 +14,7 @@ from conftest import REPO
 
 from lora_sft.cli import main
 from lora_sft.evaluation import load_metric, user_prompt
-from lora_sft.trained import open_run
+from lora_sft.rundir import open_run
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ import torch
 
 from lora_sft.cli import main
 from lora_sft.export import Outputs, compare, serving_warnings
-from lora_sft.trained import open_run
+from lora_sft.rundir import open_run
 
 
 @pytest.fixture(scope="module")
