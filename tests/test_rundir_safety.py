@@ -20,7 +20,7 @@ from lora_sft.checkpoint import check_output_dir
 from lora_sft.cli import main
 from lora_sft.errors import UserError
 from lora_sft.recipe import load_recipe
-from lora_sft.rundir import ARTIFACTS, MARKER, RunDir
+from lora_sft.rundir import ARTIFACTS, MARKER, Manifest, RunDir
 
 ROWS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()[:16]
 
@@ -157,7 +157,7 @@ def test_every_protected_place_and_its_ancestors_are_refused(tiny_llama, tmp_pat
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     check_output_dir(load_recipe(recipe), str(tiny_llama))
     run = RunDir(project / "runs" / "a")
-    run.create(raw, {"data_fingerprint": "x"})
+    run.create(raw, Manifest.new(0, "x", {}, "test"))
     check_output_dir(load_recipe(run.recipe), str(tiny_llama))
 
 
@@ -176,7 +176,7 @@ def test_a_run_is_recognised_by_its_marker_or_a_lora_sft_manifest(tmp_path):
     assert not legacy.holds_run()
 
     run = RunDir(tmp_path / "run")
-    run.create({"task": "causal_lm"}, {"data_fingerprint": "abc"})
+    run.create({"task": "causal_lm"}, Manifest.new(0, "abc", {}, "test"))
     assert run.holds_run() and run.marker.is_file()
     (run.root / "mine.txt").write_text("keep")
     (run.root / "summary.json.tmp").write_text("{")
@@ -188,8 +188,8 @@ def test_a_run_is_recognised_by_its_marker_or_a_lora_sft_manifest(tmp_path):
 @pytest.mark.unit
 def test_drop_derived_removes_what_described_the_old_adapter(tmp_path):
     run = RunDir(tmp_path / "run")
-    run.create({"task": "causal_lm"}, {})
-    run.finish({}, {"steps": 3, "evaluation": {"rows": 2}})
+    run.create({"task": "causal_lm"}, Manifest.new(0, "", {}, "test"))
+    run.summary.write_text(json.dumps({"steps": 3, "evaluation": {"rows": 2}}))  # a summary with an evaluation of the old adapter
     run.eval_report.write_text("old")
     (run.export / "adapter").mkdir(parents=True)
     run.drop_derived()
