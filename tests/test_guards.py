@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage
 from lora_sft import train as train_stage
+from lora_sft.checkpoint import checkpoints
 from lora_sft.cli import main
 from lora_sft.errors import RunError
 from lora_sft.recipe import load_recipe
@@ -167,3 +168,71 @@ def test_an_error_during_training_starts_a_line_of_its_own(tiny_llama, tmp_path,
     assert len(errors) == 1 and errors[0].startswith("error: cannot write the step 2 checkpoint"), proc.stderr[-2000:]
     assert errors[0].endswith("no earlier checkpoint exists; free disk space (or fix the folder's permissions) and start again with --overwrite")
     assert lines[lines.index(errors[0]) + 1:] == [""], "nothing (a progress bar) is drawn after the error"
+
+
+def fit_with_eval_fault(path, fault):
+    """Train the recipe; `fault(output, calls)` runs in each embedding forward of an evaluation (`calls` counts them)."""
+    recipe = load_recipe(path)
+    prepared = train_stage.prepare(recipe)
+    model = model_stage.add_lora(model_stage.load_base(recipe, prepared.plan), recipe, prepared.plan)
+    calls = []
+
+    def hook(module, args, output):
+        if not module.training:
+            calls.append(1)
+            return fault(output, calls)
+        return output
+
+    model.get_input_embeddings().register_forward_hook(hook)
+    return recipe, calls, lambda: train_stage.fit(recipe, model, prepared.tokenizer, prepared.bundle, prepared.plan, log=lambda *_: None)
+
+
+def eval_recipe(tiny_llama, tmp_path, write_recipe, **train):
+    """Two steps, then the evaluation after training (none before it) on half of the rows."""
+    import yaml
+
+    path = make_recipe(tiny_llama, tmp_path, write_recipe, max_steps=2, eval_before=False, **train)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["eval_fraction"] = 0.5
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_sigint_during_the_final_evaluation_stops_at_once_and_the_checkpoint_resumes(tiny_llama, tmp_path, write_recipe):
+    import os
+
+    path = eval_recipe(tiny_llama, tmp_path, write_recipe, micro_batch_size=1, grad_accum=1)
+
+    def interrupt(out, calls):
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    recipe, calls, fit = fit_with_eval_fault(path, interrupt)
+    with pytest.raises(RunError) as stopped:
+        fit()
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    assert stopped.value.code == 130 and len(calls) == 1  # stopped in the first eval batch, not after the evaluation
+    assert str(stopped.value) == f"SIGINT: stopped during the evaluation after training, checkpoint {checkpoint}; continue with: python -m lora_sft train {path} --resume"
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    # the last step's checkpoint is complete (its marker written): --resume picks it and the run finishes
+    # (Trainer, resumed at its last step, trains one more step before it stops: a known limit, see the README)
+    assert checkpoints(checkpoint.parent)[-1] == checkpoint
+    assert main(["train", str(path), "--resume"]) == 0
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cuda_out_of_memory_in_the_final_evaluation_names_the_options(tiny_llama, tmp_path, write_recipe):
+    def oom(out, calls):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    path = eval_recipe(tiny_llama, tmp_path, write_recipe)
+    recipe, calls, fit = fit_with_eval_fault(path, oom)
+    with pytest.raises(RunError) as stopped:
+        fit()
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    assert str(stopped.value) == (
+        "out of GPU memory during the evaluation after training (after step 2); try train.micro_batch_size=2 train.grad_accum=2 (same effective batch); "
+        f"data.max_length=24 (now 48); last good checkpoint: {checkpoint}; continue with: python -m lora_sft train {path} --resume"
+    )
