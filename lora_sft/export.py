@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from .errors import RunError, UserError
-from .rundir import ADAPTER_CONFIG, ARTIFACTS, EXPORT, ExportDir, FidelityReport, check_writable, entries, open_run
-from .rundir import FinishedRun as TrainedRun
+from .rundir import ADAPTER_CONFIG, ARTIFACTS, EXPORT, ExportDir, FidelityReport, FinishedRun, check_writable, entries, open_run
+
 
 # (atol, rtol) on max |logit difference| for merged vs unmerged, by export dtype: rounding the merged
 # weight to the dtype is the only legitimate difference, and it grows as the dtype narrows.
@@ -67,7 +67,7 @@ class Outputs:
     targets: torch.Tensor  # (positions,), the next token / label, -100 where none
 
 
-def positions(run: TrainedRun, batch: dict, logits: torch.Tensor) -> Outputs:
+def positions(run: FinishedRun, batch: dict, logits: torch.Tensor) -> Outputs:
     logits = logits.float().cpu()
     if run.recipe.task == "classification":
         return Outputs(logits, batch["labels"].cpu())
@@ -98,7 +98,7 @@ def compare(ref: Outputs, other: Outputs) -> dict:
     }
 
 
-def forward(run: TrainedRun, model, batch: dict) -> Outputs:
+def forward(run: FinishedRun, model, batch: dict) -> Outputs:
     device = next(model.parameters()).device
     with torch.no_grad():
         logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
@@ -161,7 +161,7 @@ def peak_memory(record: dict):
 # ---------------------------------------------------------------- loading an export with plain libraries
 
 
-def load_plain(run: TrainedRun, batch: dict, loads: dict[str, tuple[str, str | None]], dtype: str, max_new_tokens: int = 8, n_prompts: int = 2) -> dict[str, tuple[Outputs, dict]]:
+def load_plain(run: FinishedRun, batch: dict, loads: dict[str, tuple[str, str | None]], dtype: str, max_new_tokens: int = 8, n_prompts: int = 2) -> dict[str, tuple[Outputs, dict]]:
     """Run plain_load.py in one fresh interpreter on exported folders, {name: (model, adapter or None)};
     per name, the logits and what it generated or predicted."""
     from safetensors.torch import load_file, save_file
@@ -317,7 +317,7 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
     return report
 
 
-def _write(run: TrainedRun, staging: Path, out: Path, merged: bool, dtype: str, samples: int, tolerance: float | None, max_shard_size: int, log) -> dict:
+def _write(run: FinishedRun, staging: Path, out: Path, merged: bool, dtype: str, samples: int, tolerance: float | None, max_shard_size: int, log) -> dict:
     """Write the export into `staging`; raises FidelityError (nothing is then kept) when a check fails."""
     folder = ExportDir(staging)
     folder.mark(run.root)  # first

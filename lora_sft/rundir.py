@@ -29,11 +29,10 @@ import platform
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-
-from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch

@@ -24,8 +24,8 @@ from . import checkpoint
 from . import data as data_stage
 from . import model as model_stage
 from .errors import UserError
-from .recipe import Recipe
 from .guard import Guard, guarded
+from .recipe import Recipe
 from .rundir import Manifest, RunDir, Summary
 
 
