@@ -167,8 +167,8 @@ def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: m
     run_dir, manifest = open_run_dir(recipe, bundle, plan, start, log)
     trainer = build_trainer(recipe, model, tokenizer, bundle, run_dir, log)
     before = evaluate_before(recipe, trainer, run_dir, resume_from)
-    output, seen_before, train_time = train(recipe, trainer, run_dir, resume_from)
-    after = evaluate_after(recipe, trainer, run_dir)
+    output, seen_before, train_time = train(recipe, trainer, resume_from)
+    after = evaluate_after(recipe, trainer)
     summary = summarize(trainer, plan, output, before, after, seen_before, train_time, started)
     run_dir.save_adapter(model, tokenizer)  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
     run_dir.finish(manifest, summary)
@@ -337,7 +337,7 @@ def evaluate_before(recipe: Recipe, trainer: CountingTrainer, run_dir: RunDir, r
     return _eval_metrics({k: v for k, v in (logged or {}).items() if k.startswith("eval_")}, recipe.task) or None
 
 
-def train(recipe: Recipe, trainer: CountingTrainer, run_dir: RunDir, resume_from: Path | None):
+def train(recipe: Recipe, trainer: CountingTrainer, resume_from: Path | None):
     """The training loop under its guards. Returns Trainer's output, the tokens seen before it, its seconds."""
     if resume_from:
         checkpoint.restore_counts(trainer, resume_from)
@@ -350,7 +350,8 @@ def train(recipe: Recipe, trainer: CountingTrainer, run_dir: RunDir, resume_from
     return output, seen_before, time.perf_counter() - train_start
 
 
-def evaluate_after(recipe: Recipe, trainer: CountingTrainer, run_dir: RunDir) -> dict | None:
+def evaluate_after(recipe: Recipe, trainer: CountingTrainer) -> dict | None:
+    """The trained model on the eval split (what summary.json `eval` reports)."""
     if not trainer.eval_dataset:
         return None
     with guarded(recipe, trainer, "the evaluation after training"):
@@ -383,13 +384,16 @@ def summarize(trainer: CountingTrainer, plan: model_stage.ModelPlan, output, bef
 
 def after_training(recipe: Recipe, run_dir: RunDir, trainer: CountingTrainer, labels: list[str] | None, log=print) -> None:
     """The last steps: the recipe's eval section (under the guards), then the model card (so it reports the
-    eval results), then the hub push of adapter/ (hub.after: train)."""
-    if recipe.eval.after_train:
-        from .evaluation import evaluate_run
+    eval results; written even if the eval section fails, with what exists), then the hub push of adapter/
+    (hub.after: train)."""
+    try:
+        if recipe.eval.after_train:
+            from .evaluation import evaluate_run
 
-        with guarded(recipe, trainer, "the recipe's eval section (eval.after_train)"):
-            evaluate_run(run_dir.root, base=recipe.eval.base, log=log)
-    run_dir.write_card(labels)
+            with guarded(recipe, trainer, "the recipe's eval section (eval.after_train)"):
+                evaluate_run(run_dir.root, base=recipe.eval.base, log=log)
+    finally:
+        run_dir.write_card(labels)
     if recipe.hub.repo_id and recipe.hub.after == "train":
         from .hub import push
 
