@@ -324,3 +324,38 @@ def test_a_resumed_run_drops_what_described_the_old_adapter(unbroken, tmp_path, 
     assert not (run / "eval.md").exists() and not (run / "export").exists()
     assert "evaluation" not in json.loads((run / "summary.json").read_text())
     assert (run / "notes.txt").read_text() == "mine" and (run / ".lora_sft-run").is_file()
+
+
+@pytest.mark.unit
+def test_on_save_marks_renames_and_rotates_and_only_marked_checkpoints_count(tmp_path):
+    """AtomicCheckpoints, driven as Trainer drives it: Trainer writes `.staging/checkpoint-N`, then `on_save` writes
+    the marker (the counts file) last, renames the folder into place, keeps the last K complete ones."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from lora_sft.checkpoint import COUNTS, STATE, AtomicCheckpoints, staging
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    totals = {"tokens_seen": 0, "tokens_trained": 0}
+    saves = AtomicCheckpoints(folder, keep=2, counts=lambda: dict(totals), identity={"lora": {"rank": 4}})
+    for step in (1, 2, 3):
+        state, control = SimpleNamespace(global_step=step), TrainerControl(should_save=True)
+        saves.on_step_end(None, state, control)
+        written = staging(folder) / f"checkpoint-{step}"  # what Trainer writes (its output_dir is the staging folder)
+        written.mkdir(parents=True)
+        (written / STATE).write_text(json.dumps({"global_step": step}))
+        totals = {"tokens_seen": 10 * step, "tokens_trained": 4 * step}
+        saves.on_save(None, state, control)
+    assert [p.name for p in checkpoints(folder)] == ["checkpoint-2", "checkpoint-3"] == sorted(p.name for p in folder.iterdir())
+    counts = json.loads((folder / "checkpoint-3" / COUNTS).read_text())
+    assert (counts["tokens_seen"], counts["tokens_trained"], counts["recipe"]) == (30, 12, {"lora": {"rank": 4}}) and counts["recipe_hash"]
+    # a checkpoint folder without the marker (its save cut short) is never a checkpoint to resume from
+    torn = folder / "checkpoint-4"
+    torn.mkdir()
+    (torn / STATE).write_text(json.dumps({"global_step": 4}))
+    assert [p.name for p in checkpoints(folder)] == ["checkpoint-2", "checkpoint-3"]
+    # saving a step again (resumed from an earlier checkpoint): the old folder stops counting before Trainer rewrites it
+    saves.on_step_end(None, SimpleNamespace(global_step=3), TrainerControl(should_save=True))
+    assert [p.name for p in checkpoints(folder)] == ["checkpoint-2"]
