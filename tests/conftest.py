@@ -12,6 +12,7 @@ import pytest
 # Tests never touch the hub: a missing local file must fail fast, not wait on a network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # as cli.main sets it; datasets reads it once, when a test module first imports it
 # Tokenized data is cached per test session, never in the user's cache.
 os.environ.setdefault("LORA_SFT_CACHE", tempfile.mkdtemp(prefix="lora_sft-cache-"))
 
