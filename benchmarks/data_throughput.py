@@ -17,7 +17,28 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "rocket", "garden", "silver", "window", "forest", "candle", "ocean", "pepper", "violet", "marble", "thunder", "pillow", "harbor"]
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "piano",
+    "lemon",
+    "rocket",
+    "garden",
+    "silver",
+    "window",
+    "forest",
+    "candle",
+    "ocean",
+    "pepper",
+    "violet",
+    "marble",
+    "thunder",
+    "pillow",
+    "harbor",
+]
 
 
 def write_rows(path: Path, n: int, fmt: str) -> None:
@@ -29,7 +50,13 @@ def write_rows(path: Path, n: int, fmt: str) -> None:
             if fmt == "alpaca":
                 row = {"instruction": f"Rewrite row {i}.", "input": q, "output": a}
             else:
-                row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                row = {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": a},
+                    ]
+                }
             f.write(json.dumps(row) + "\n")
 
 
@@ -52,11 +79,22 @@ def main() -> None:
         rows = Path(tmp) / "rows.jsonl"
         write_rows(rows, args.rows, args.format)
         recipe_path = Path(tmp) / "r.yaml"
-        recipe_path.write_text(yaml.safe_dump({
-            "task": "causal_lm", "output_dir": str(Path(tmp) / "run"), "model": {"path": "sentence-transformers/all-MiniLM-L6-v2"},
-            "data": {"format": args.format, "train": str(rows), "max_length": 256, "num_proc": args.num_proc,
-                     "chat_template": "chatml" if args.format == "messages" else None},
-        }))
+        recipe_path.write_text(
+            yaml.safe_dump(
+                {
+                    "task": "causal_lm",
+                    "output_dir": str(Path(tmp) / "run"),
+                    "model": {"path": "sentence-transformers/all-MiniLM-L6-v2"},
+                    "data": {
+                        "format": args.format,
+                        "train": str(rows),
+                        "max_length": 256,
+                        "num_proc": args.num_proc,
+                        "chat_template": "chatml" if args.format == "messages" else None,
+                    },
+                }
+            )
+        )
         recipe = load_recipe(recipe_path)
         tokenizer = model.load_tokenizer(recipe, model.resolve_source(recipe))
 
@@ -74,7 +112,9 @@ def main() -> None:
         print(f"| speed-up of the cached run | {t1 / t2:.1f}x | |")
         if t1 / t2 < 10:
             sys.exit(f"the cached run is only {t1 / t2:.1f}x faster; the cache should make it at least 10x")
-        print(f"\n{b1.stats['train']['tokens']:,} tokens, {b1.stats['train']['trained_tokens']:,} trained; python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+        print(
+            f"\n{b1.stats['train']['tokens']:,} tokens, {b1.stats['train']['trained_tokens']:,} trained; python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
+        )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Checkpoints that survive a crash, and the rules for starting, resuming or overwriting a run directory.
 
 Trainer writes a checkpoint (adapter, optimizer, scheduler, RNG states, trainer_state.json with the
-step, which is the data position) straight into `checkpoint-N`; a kill halfway leaves a folder that
-looks complete and is not. `AtomicSaves` makes Trainer write into `checkpoints/.staging/`, fsyncs
-every file, renames the folder into place and fsyncs the parent, then keeps the last K. Only
-`checkpoint-N` folders are ever resumed from, so a half-written one is never picked up.
+step, which is the data position) into the folder its `output_dir` names. lora_sft points that at
+`checkpoints/.staging/`, so a checkpoint is first written where nothing is resumed from; `AtomicCheckpoints`
+(a `TrainerCallback`, public hooks only) then, in `on_save`, writes the counts file (tokens counted, the
+recipe identity: it is the completion marker, written last), fsyncs every file, renames the folder to
+`checkpoints/checkpoint-N`, fsyncs the parent and keeps the last K. Only `checkpoint-N` folders holding
+the marker are ever resumed from, so a save cut short (a kill, a full disk) is never picked up. A save
+that fails is reported by `save_errors`: the previous checkpoint is intact and says so.
 
 `check_output_dir` refuses an output_dir that is not safe to write a run into (the working directory,
 the recipe's or the data's folder, a folder of someone else's files, ...), for `train` and `validate`.
@@ -21,14 +24,18 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
+from safetensors import SafetensorError
+from transformers import TrainerCallback
 
 from .errors import RunError, UserError
 from .recipe import Recipe
-from .rundir import RECIPE, RunDir, check_writable, entries
+from .rundir import MANIFEST, RECIPE, Manifest, RunDir, check_writable, entries
 
 STAGING = ".staging"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -56,11 +63,16 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def complete(checkpoint: Path) -> bool:
+    """A checkpoint whose save finished: Trainer's state file and, written after everything else, the marker."""
+    return (checkpoint / STATE).is_file() and (checkpoint / COUNTS).is_file()
+
+
 def checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints in `folder`, oldest step first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name)) and (p / STATE).is_file()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name)) and complete(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -68,53 +80,79 @@ def step_of(checkpoint: Path) -> int:
     return json.loads((checkpoint / STATE).read_text())["global_step"]
 
 
-class AtomicSaves:
-    """Trainer mixin: a checkpoint appears under its final name only once every byte is on disk.
+def staging(folder: Path) -> Path:
+    """Where Trainer writes a checkpoint (its `output_dir`) before `AtomicCheckpoints` moves it into `folder`."""
+    return folder / STAGING
 
-    Trainer has no hook around its checkpoint writer, so this overrides the two methods that name the
-    folder (`_get_output_dir`) and write it (`_save_checkpoint`) and calls the originals unchanged.
-    """
 
-    _staging: Path | None = None
-    counted: tuple[str, ...] = ()  # attributes of the trainer saved with each checkpoint and restored on resume
-    recipe_identity: dict | None = None  # what a resumed run must share with this one (see `identity`), saved with each checkpoint
+# What a checkpoint save can raise: the OS refusing a write (a full disk, EFBIG, permissions), torch.save's
+# RuntimeError, safetensors' own error. Anything else (a Trainer API change) is not a disk problem.
+SAVE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, SafetensorError)
 
-    def _get_output_dir(self, trial):
-        return str(self._staging) if self._staging else super()._get_output_dir(trial)
 
-    def _save_checkpoint(self, model, trial):
-        root = Path(super()._get_output_dir(trial))
-        name = f"checkpoint-{self.state.global_step}"
-        staging = root / STAGING
-        shutil.rmtree(staging, ignore_errors=True)
-        self._staging = staging
-        try:
-            super()._save_checkpoint(model, trial)
-            counts = {k: getattr(self, k) for k in self.counted}
-            if self.recipe_identity is not None:
-                counts |= {"recipe": self.recipe_identity, "recipe_hash": recipe_hash(self.recipe_identity)}
-            (staging / name / COUNTS).write_text(json.dumps(counts))
-            fsync_tree(staging / name)
-            target = root / name
-            if target.exists():  # the same step saved again (resumed from an earlier checkpoint)
-                os.replace(target, staging / "replaced")
-            os.replace(staging / name, target)
-            fsync_dir(root)
-        except Exception as e:  # a full disk, a write error, a permission problem
-            previous = checkpoints(root)
-            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-            detail = (str(e).strip().splitlines() or [""])[0]
-            again = "run again with --resume" if previous else "start again with --overwrite"  # --resume needs a checkpoint
-            raise RunError(
-                f"cannot write the step {self.state.global_step} checkpoint in {getattr(e, 'filename', None) or staging / name} ({type(e).__name__}: {detail}); "
-                f"{kept}; free disk space (or fix the folder's permissions) and {again}"
-            ) from e
-        finally:
-            self._staging = None
-            shutil.rmtree(staging, ignore_errors=True)
-        for old in checkpoints(root)[: -self.args.save_total_limit]:
-            (old / STATE).unlink()  # first, so a kill halfway through the removal leaves no resumable-looking folder
+class AtomicCheckpoints(TrainerCallback):
+    """One job: a checkpoint appears as `checkpoints/checkpoint-N`, with its completion marker, only once every
+    byte is on disk; the last `keep` complete checkpoints are kept.
+
+    `counts` returns the trainer's running totals (tokens seen and trained), saved in the marker so a resumed
+    run's totals are whole; `identity` is what a resumed run must share with this one (see `identity`)."""
+
+    def __init__(self, folder: Path, keep: int, counts, identity: dict | None = None):
+        self.folder, self.keep, self.counts, self.identity = folder, keep, counts, identity
+        self.saving: int | None = None  # the step whose checkpoint Trainer is writing now
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # called after the callbacks that ask for a save (the guard, the run log): Trainer saves next
+        if not control.should_save:
+            return
+        self.saving = state.global_step
+        shutil.rmtree(staging(self.folder), ignore_errors=True)  # a save cut short earlier
+        target = self.folder / f"checkpoint-{state.global_step}"
+        if target.exists():  # the same step saved again (resumed from an earlier checkpoint): not resumable meanwhile
+            (target / COUNTS).unlink(missing_ok=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        name = f"checkpoint-{state.global_step}"
+        written, target = staging(self.folder) / name, self.folder / name
+        counts = dict(self.counts())
+        if self.identity is not None:
+            counts |= {"recipe": self.identity, "recipe_hash": recipe_hash(self.identity)}
+        fsync_tree(written)
+        (written / COUNTS).write_text(json.dumps(counts))  # the completion marker, after every other file is on disk
+        fsync_tree(written)
+        if target.exists():
+            os.replace(target, staging(self.folder) / "replaced")
+        os.replace(written, target)
+        fsync_dir(self.folder)
+        shutil.rmtree(staging(self.folder), ignore_errors=True)
+        self.saving = None
+        for old in checkpoints(self.folder)[: -self.keep]:
+            (old / COUNTS).unlink()  # first, so a kill halfway through the removal leaves no resumable-looking folder
             shutil.rmtree(old)
+
+
+@contextmanager
+def save_errors(saves: AtomicCheckpoints):
+    """Around `trainer.train()`: an error while a checkpoint was being written becomes one line that says the
+    previous checkpoint is intact (nothing half-written is left); any other error passes through."""
+    import torch
+
+    try:
+        yield
+    except SAVE_ERRORS as e:
+        step = saves.saving
+        written = staging(saves.folder) / f"checkpoint-{step}"
+        if isinstance(e, torch.OutOfMemoryError) or step is None or not written.exists():
+            raise
+        shutil.rmtree(staging(saves.folder), ignore_errors=True)
+        previous = checkpoints(saves.folder)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        detail = (str(e).strip().splitlines() or [""])[0]
+        again = "run again with --resume" if previous else "start again with --overwrite"  # --resume needs a checkpoint
+        raise RunError(
+            f"cannot write the step {step} checkpoint in {getattr(e, 'filename', None) or written} ({type(e).__name__}: {detail}); "
+            f"{kept}; free disk space (or fix the folder's permissions) and {again}"
+        ) from e
 
 
 # ---------------------------------------------------------------- what a resumed run must share
@@ -128,7 +166,8 @@ def identity(recipe_dict: dict) -> dict:
     """The parts of a resolved recipe that a resumed run cannot change: MATTERS and the effective batch."""
     out: dict = {}
     for path in MATTERS:
-        value, into = recipe_dict, out
+        value: Any = recipe_dict
+        into = out
         for part in path:
             value = (value or {}).get(part)
         for part in path[:-1]:
@@ -189,10 +228,16 @@ def _data_place(spec: str) -> tuple[Path, str, bool] | None:
 
 def _protected(recipe: Recipe, model_folder: str | None, root: Path) -> list[tuple[Path, str, bool]]:
     """(path, what it is, whether a run may not sit below it either) for everything a run must never hold or replace."""
-    places = [(Path("/"), "the root folder", False), (Path.home(), "your home folder", False), (Path.cwd(), "the working directory", False)]
+    places = [
+        (Path("/"), "the root folder", False),
+        (Path.home(), "your home folder", False),
+        (Path.cwd(), "the working directory", False),
+    ]
     if recipe._source is not None:
         file = Path(recipe._source.file).expanduser().resolve()
-        if not (file == root / RECIPE and RunDir(root).holds_run()):  # a run's own saved recipe, used to resume it, is the run's
+        if not (
+            file == root / RECIPE and RunDir(root).holds_run()
+        ):  # a run's own saved recipe, used to resume it, is the run's
             places.append((file.parent, f"the folder holding the recipe {recipe._source.file}", False))
     for split in ("train", "eval"):
         for source in recipe.data.sources(split):
@@ -223,12 +268,18 @@ def check_output_dir(recipe: Recipe, model_folder: str | None = None) -> None:
         if root == path:
             raise UserError(f"{where}: {recipe.output_dir} is {what}; a run must have a folder of its own: {fix}")
         if root in path.parents:
-            raise UserError(f"{where}: {recipe.output_dir} ({root}) holds {what}; a run must have a folder of its own: {fix}")
+            raise UserError(
+                f"{where}: {recipe.output_dir} ({root}) holds {what}; a run must have a folder of its own: {fix}"
+            )
         if below and path in root.parents:
-            raise UserError(f"{where}: {recipe.output_dir} is inside {what}, so the run's files (metrics.jsonl) would be read as data next time; set output_dir to a folder outside it")
+            raise UserError(
+                f"{where}: {recipe.output_dir} is inside {what}, so the run's files (metrics.jsonl) would be read as data next time; set output_dir to a folder outside it"
+            )
     check_writable(root, where, "output_dir")
     if root.is_dir() and not run_dir.is_empty() and not run_dir.holds_run():
-        raise UserError(f"{where}: {root} is not empty ({entries(root)}) and holds no lora_sft run; lora_sft writes only into a new or empty folder or a run of its own: set another output_dir")
+        raise UserError(
+            f"{where}: {root} is not empty ({entries(root)}) and holds no lora_sft run; lora_sft writes only into a new or empty folder or a run of its own: set another output_dir"
+        )
 
 
 # ---------------------------------------------------------------- starting or resuming a run
@@ -249,7 +300,7 @@ def adapter_shapes(checkpoint: Path) -> dict[str, dict[str, tuple[int, ...]]]:
 
     out: dict[str, dict[str, tuple[int, ...]]] = {}
     with safe_open(str(checkpoint / "adapter_model.safetensors"), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
             if m := LORA_KEY.match(key):
                 out.setdefault(m.group("module"), {})[m.group("ab")] = tuple(f.get_slice(key).get_shape())
     return out
@@ -303,7 +354,9 @@ def belongs(checkpoint: Path, recipe: Recipe, targets: list[str]) -> str | None:
     return None
 
 
-def start(recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprint: str, targets: list[str] | None = None) -> Start:
+def start(
+    recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprint: str, targets: list[str] | None = None
+) -> Start:
     """Decide what to do with output_dir; raises UserError before anything is written.
     `targets` are the modules the plan adapts (plan.targets), checked against a checkpoint's adapter."""
     run_dir = RunDir(recipe.output_dir)
@@ -314,7 +367,9 @@ def start(recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprin
     if not resume:
         if held and not overwrite:
             what = "a finished run" if run_dir.finished() else "an unfinished run"
-            raise UserError(f"{where}: {run_dir.root} already holds {what}; continue it with --resume, replace it with --overwrite, or set another output_dir")
+            raise UserError(
+                f"{where}: {run_dir.root} already holds {what}; continue it with --resume, replace it with --overwrite, or set another output_dir"
+            )
         return Start(replace=held)
 
     if resume is True:
@@ -322,54 +377,53 @@ def start(recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprin
             raise UserError(f"{where}: --resume: {run_dir.root} holds no run to resume; drop --resume to start one")
         found = checkpoints(run_dir.checkpoints)
         if not found:
-            raise UserError(f"{where}: --resume: {run_dir.checkpoints} holds no complete checkpoint (the run stopped before its first save); start over with --overwrite")
+            raise UserError(
+                f"{where}: --resume: {run_dir.checkpoints} holds no complete checkpoint (the run stopped before its first save); start over with --overwrite"
+            )
         checkpoint = found[-1]
     else:
         checkpoint = Path(resume).expanduser().resolve()
-        if (checkpoint / "checkpoints").is_dir():  # a run directory: its latest checkpoint
-            found = checkpoints(checkpoint / "checkpoints")
+        if (named := RunDir(checkpoint)).checkpoints.is_dir():  # a run directory: its latest checkpoint
+            found = checkpoints(named.checkpoints)
             if not found:
-                raise UserError(f"--resume {resume}: no complete checkpoint in {checkpoint / 'checkpoints'}")
+                raise UserError(f"--resume {resume}: no complete checkpoint in {named.checkpoints}")
             checkpoint = found[-1]
         elif not (checkpoint / STATE).is_file():
-            raise UserError(f"--resume {resume}: not a checkpoint folder (no {STATE}); give a run directory or one of its checkpoints/checkpoint-N")
+            raise UserError(
+                f"--resume {resume}: not a checkpoint folder (no {STATE}); give a run directory or one of its checkpoints/checkpoint-N"
+            )
+        elif not complete(checkpoint):
+            raise UserError(
+                f"--resume {resume}: the checkpoint is incomplete (no {COUNTS}, written last: its save was cut short); give a complete one of {checkpoint.parent}"
+            )
         if not held:
-            raise UserError(f"{where}: --resume {resume}: {run_dir.root} holds no run; resume into the run directory the checkpoint came from")
+            raise UserError(
+                f"{where}: --resume {resume}: {run_dir.root} holds no run; resume into the run directory the checkpoint came from"
+            )
     try:
         saved, manifest = run_dir.read_recipe(), run_dir.read_manifest()
         changed = changes(saved, recipe.saved_dict())
     except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as e:
-        raise UserError(f"{where}: --resume: cannot read the run's {RECIPE} or manifest.json in {run_dir.root} ({type(e).__name__}); start over with --overwrite") from None
+        raise UserError(
+            f"{where}: --resume: cannot read the run's {RECIPE} or {MANIFEST} in {run_dir.root} ({type(e).__name__}); start over with --overwrite"
+        ) from None
     if not changed and manifest.get("data_fingerprint") != fingerprint:
         changed.append("the contents of the data files")
     if changed:
-        raise UserError(f"--resume refused, the recipe changed since {run_dir.recipe}: {'; '.join(changed)}; undo the change or start a new run (another output_dir or --overwrite)")
+        raise UserError(
+            f"--resume refused, the recipe changed since {run_dir.recipe}: {'; '.join(changed)}; undo the change or start a new run (another output_dir or --overwrite)"
+        )
     if targets is not None and (why := belongs(checkpoint, recipe, targets)):
-        raise UserError(f"--resume refused: {checkpoint} does not belong to this recipe: {why}; resume from a checkpoint of this run ({run_dir.checkpoints})")
+        raise UserError(
+            f"--resume refused: {checkpoint} does not belong to this recipe: {why}; resume from a checkpoint of this run ({run_dir.checkpoints})"
+        )
     return Start(resume_from=checkpoint)
 
 
-def _record(line: str) -> dict | None:
-    """One metrics.jsonl record; None for a line that a killed process left half-written."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
-def reopen(run_dir: RunDir, checkpoint: Path, recipe_dict: dict) -> dict:
-    """Continue a run directory from `checkpoint`: drop log records of the steps about to be redone."""
-    step = step_of(checkpoint)
-    shutil.rmtree(run_dir.checkpoints / STAGING, ignore_errors=True)
-    kept = [line for line in run_dir.metrics.read_text().splitlines() if (record := _record(line)) and record.get("step", 0) <= step]
-    run_dir.metrics.write_text("".join(f"{line}\n" for line in kept))
-    run_dir.mark()  # a run from before the marker gets one
-    run_dir.write_recipe(recipe_dict)  # the options that may change did
-    run_dir.summary.unlink(missing_ok=True)
-    info = run_dir.read_manifest()
-    info["ended"] = None
-    info.setdefault("resumed", []).append({"from_step": step, "checkpoint": str(checkpoint)})
-    return info
+def reopen(run_dir: RunDir, checkpoint: Path, recipe_dict: dict) -> Manifest:
+    """Continue a run directory from `checkpoint`: a save cut short is cleared, the run directory reopened."""
+    shutil.rmtree(staging(run_dir.checkpoints), ignore_errors=True)
+    return run_dir.reopen(step_of(checkpoint), checkpoint, recipe_dict)
 
 
 def restore_counts(trainer, checkpoint: Path) -> None:
@@ -379,12 +433,3 @@ def restore_counts(trainer, checkpoint: Path) -> None:
         for key in trainer.counted:
             if key in saved:
                 setattr(trainer, key, saved[key])
-
-
-def logged_eval_before(run_dir: RunDir) -> dict | None:
-    """The eval of the untrained model that the first part of a resumed run logged at step 0."""
-    for line in run_dir.metrics.read_text().splitlines():
-        record = _record(line) or {}
-        if record.get("step") == 0 and any(k.startswith("eval_") for k in record):
-            return record
-    return None

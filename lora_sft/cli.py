@@ -47,23 +47,58 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     recipe_args = Parser(add_help=False, parents=[common])
     recipe_args.add_argument("recipe", help="path to a YAML recipe")
-    recipe_args.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="patch the recipe, e.g. train.lr=1e-4 lora.rank=8 (anywhere after the recipe)")
+    recipe_args.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="patch the recipe, e.g. train.lr=1e-4 lora.rank=8 (anywhere after the recipe)",
+    )
 
     parser = Parser(prog="python -m lora_sft", description="QLoRA fine-tuning from a YAML recipe.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"lora_sft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", parents=[recipe_args], help="train an adapter", description="Train a LoRA adapter as the recipe says; writes the run directory (output_dir).")
-    t.add_argument("--resume", nargs="?", const=True, metavar="PATH", help="continue the run in output_dir from its latest checkpoint, or from PATH (a run directory or a checkpoint folder)")
-    t.add_argument("--overwrite", action="store_true", help="replace the run in output_dir: removes only the files a run writes, never other files")
+    t = sub.add_parser(
+        "train",
+        parents=[recipe_args],
+        help="train an adapter",
+        description="Train a LoRA adapter as the recipe says; writes the run directory (output_dir).",
+    )
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="PATH",
+        help="continue the run in output_dir from its latest checkpoint, or from PATH (a run directory or a checkpoint folder)",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in output_dir: removes only the files a run writes, never other files",
+    )
     t.set_defaults(handler=_train)
-    v = sub.add_parser("validate", parents=[recipe_args], help="check a recipe and print what the run would do", description="Check the recipe, its data files and its LoRA targets (model built from its config, no weights loaded), then print what train would do.")
+    v = sub.add_parser(
+        "validate",
+        parents=[recipe_args],
+        help="check a recipe and print what the run would do",
+        description="Check the recipe, its data files and its LoRA targets (model built from its config, no weights loaded), then print what train would do.",
+    )
     v.add_argument("--explain", action="store_true", help="also print every recipe key with its default and meaning")
     v.set_defaults(handler=_validate)
-    p = sub.add_parser("preview", parents=[recipe_args], help="show the tokens a run would train on", description="Tokenize the recipe's data (no model weights) and show samples with the trained tokens marked, and the data stats.")
+    p = sub.add_parser(
+        "preview",
+        parents=[recipe_args],
+        help="show the tokens a run would train on",
+        description="Tokenize the recipe's data (no model weights) and show samples with the trained tokens marked, and the data stats.",
+    )
     p.add_argument("-n", type=count(0), default=3, help="samples to show (default 3)")
     p.add_argument("--split", choices=["train", "eval"], default="train")
-    p.add_argument("--json", action="store_true", help="one JSON object per sample: input_ids, labels (-100 = not trained), position_ids when packed")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per sample: input_ids, labels (-100 = not trained), position_ids when packed",
+    )
     p.set_defaults(handler=_preview)
     from .commands import add_run_commands
 
@@ -122,10 +157,9 @@ def _train(args) -> int:
         # `--resume train.lr=1e-4`: argparse took an override for --resume's optional PATH
         args.overrides, args.resume = [*args.overrides, args.resume], True
     recipe = load_recipe(args.recipe, args.overrides)
-    from .commands import after_training
     from .train import run
 
-    after_training(recipe, run(recipe, resume=args.resume, overwrite=args.overwrite).run_dir.root)
+    run(recipe, resume=args.resume, overwrite=args.overwrite)  # training, then the recipe's eval and hub sections
     return 0
 
 
@@ -161,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("preview", "validate"):  # `preview ... | head`: the reader has what it wanted
             return 0
         _end_progress_line()
-        print(f"error: {args.command} stopped: its output was closed (BrokenPipeError); send it to a file instead of a pipe that closes", file=sys.stderr)
+        print(
+            f"error: {args.command} stopped: its output was closed (BrokenPipeError); send it to a file instead of a pipe that closes",
+            file=sys.stderr,
+        )
         return 1
     except UserError as e:
         if args.debug:

@@ -15,7 +15,9 @@ def before_training(recipe, checked) -> list[str]:
     problem lines for `preflight.prepare`. `checked` is the checked data (None if it had errors)."""
     problems = []
     if recipe.eval.after_train and checked is not None and not checked.eval:
-        problems.append(f"{recipe.where('eval', 'after_train')}: there is no eval split to evaluate after training; set data.eval or data.eval_fraction, or remove after_train")
+        problems.append(
+            f"{recipe.where('eval', 'after_train')}: there is no eval split to evaluate after training; set data.eval or data.eval_fraction, or remove after_train"
+        )
     if recipe.task == "causal_lm":  # generation metrics; a classifier is scored with accuracy and F1
         from .evaluation import metric_problem
 
@@ -32,22 +34,18 @@ def before_training(recipe, checked) -> list[str]:
     return problems
 
 
-def after_training(recipe, run_dir) -> None:
-    """The recipe's `eval` and `hub` sections, once `train` has written the run directory."""
-    if recipe.eval.after_train:
-        from .evaluation import evaluate_run
-
-        evaluate_run(run_dir, base=recipe.eval.base)
-    if recipe.hub.repo_id and recipe.hub.after == "train":
-        from .hub import push
-
-        push(run_dir / "adapter", recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
-
-
 def _export(args) -> int:
     from .export import export
 
-    export(args.run_dir, merged=args.merged, dtype=args.dtype, out=args.out, samples=args.samples, tolerance=args.tolerance, max_shard_size=args.max_shard_size)
+    export(
+        args.run_dir,
+        merged=args.merged,
+        dtype=args.dtype,
+        out=args.out,
+        samples=args.samples,
+        tolerance=args.tolerance,
+        max_shard_size=args.max_shard_size,
+    )
     return 0
 
 
@@ -67,11 +65,13 @@ def _push(args) -> int:
 
 def _generate(args) -> int:
     from .evaluation import generate_text, prompt_for
-    from .trained import open_run
+    from .rundir import open_run
 
     run = open_run(args.run_dir)
     if run.recipe.task != "causal_lm":
-        raise UserError(f"{args.run_dir}: generate needs a causal_lm run (this one is {run.recipe.task}); use `eval` to measure a classifier")
+        raise UserError(
+            f"{args.run_dir}: generate needs a causal_lm run (this one is {run.recipe.task}); use `eval` to measure a classifier"
+        )
     model = run.model()
     if args.prompt is not None:
         prompt, chat = prompt_for(run.recipe, run.tokenizer, [{"role": "user", "content": args.prompt}])
@@ -88,7 +88,9 @@ def _generate(args) -> int:
         if not text:
             break
         history.append({"role": "user", "content": text})
-        prompt, chat = prompt_for(run.recipe, run.tokenizer, history)  # a text-only run continues the last line as raw text
+        prompt, chat = prompt_for(
+            run.recipe, run.tokenizer, history
+        )  # a text-only run continues the last line as raw text
         reply = generate_text(model, run.tokenizer, prompt, args.max_new_tokens, chat)
         history.append({"role": "assistant", "content": reply})
         print(f"model> {reply}", flush=True)
@@ -126,32 +128,73 @@ def add_run_commands(sub, common) -> None:
 
     def command(name: str, handler, help: str, description: str, target: str = "run_dir"):
         parser = sub.add_parser(name, parents=[common], help=help, description=description)
-        parser.add_argument(target, help="a run directory that `train` completed" if target == "run_dir" else "the folder to upload")
+        parser.add_argument(
+            target, help="a run directory that `train` completed" if target == "run_dir" else "the folder to upload"
+        )
         parser.set_defaults(handler=handler)
         return parser
 
-    e = command("export", _export, "export the adapter (and the merged model) with a fidelity report",
-                "Export a finished run: the adapter in PEFT format with its tokenizer and model card, with --merged also the base (unquantized, --dtype) with the adapter merged in; writes fidelity.json comparing the 4-bit model as trained, the unquantized unmerged model and the merged one, and fails (exit 1) if the merge changed the model beyond the tolerance.")
+    e = command(
+        "export",
+        _export,
+        "export the adapter (and the merged model) with a fidelity report",
+        "Export a finished run: the adapter in PEFT format with its tokenizer and model card, with --merged also the base (unquantized, --dtype) with the adapter merged in; writes fidelity.json comparing the 4-bit model as trained, the unquantized unmerged model and the merged one, and fails (exit 1) if the merge changed the model beyond the tolerance.",
+    )
     e.add_argument("--merged", action="store_true", help="also write the merged model (sharded safetensors)")
-    e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32", help="dtype of the unquantized base and the merged weights (default fp32)")
+    e.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default="fp32",
+        help="dtype of the unquantized base and the merged weights (default fp32)",
+    )
     e.add_argument("--out", help="export folder (default RUN_DIR/export)")
     e.add_argument("--samples", type=count(1), default=8, help="held-out samples for the fidelity report (default 8)")
-    e.add_argument("--tolerance", type=tolerance, help="max |logit diff| allowed between merged and unmerged (default by dtype: fp32 1e-4 + 1e-5 * max |logit|)")
-    e.add_argument("--max-shard-size", type=shard_size, default="2GB", help="largest safetensors shard of the merged model (default 2GB)")
+    e.add_argument(
+        "--tolerance",
+        type=tolerance,
+        help="max |logit diff| allowed between merged and unmerged (default by dtype: fp32 1e-4 + 1e-5 * max |logit|)",
+    )
+    e.add_argument(
+        "--max-shard-size",
+        type=shard_size,
+        default="2GB",
+        help="largest safetensors shard of the merged model (default 2GB)",
+    )
 
-    v = command("eval", _eval, "measure a finished run (and its base) on held-out data",
-                "Evaluate a finished run on its eval split or --data FILE: loss, perplexity, token accuracy and generation metrics (causal_lm) or accuracy and macro F1 (classification); writes eval.md and adds `evaluation` to summary.json. Works offline.")
+    v = command(
+        "eval",
+        _eval,
+        "measure a finished run (and its base) on held-out data",
+        "Evaluate a finished run on its eval split or --data FILE: loss, perplexity, token accuracy and generation metrics (causal_lm) or accuracy and macro F1 (classification); writes eval.md and adds `evaluation` to summary.json. Works offline.",
+    )
     v.add_argument("--data", help="a data file in the run's format to evaluate on, instead of the eval split")
-    v.add_argument("--base", action="store_true", help="also measure the base model without the adapter (before/after table)")
+    v.add_argument(
+        "--base", action="store_true", help="also measure the base model without the adapter (before/after table)"
+    )
 
-    g = command("generate", _generate, "try a fine-tuned causal LM: one prompt, or a chat",
-                "Generate with a finished causal_lm run (4-bit base + adapter, as trained), the prompt rendered with the saved chat template. Without --prompt: an interactive chat.")
+    g = command(
+        "generate",
+        _generate,
+        "try a fine-tuned causal LM: one prompt, or a chat",
+        "Generate with a finished causal_lm run (4-bit base + adapter, as trained), the prompt rendered with the saved chat template. Without --prompt: an interactive chat.",
+    )
     g.add_argument("--prompt", help="one user message; omit for an interactive chat")
     g.add_argument("--max-new-tokens", type=count(1), default=128, help="longest reply in tokens (default 128)")
 
-    p = command("push", _push, "upload a folder to the model hub",
-                "Upload a folder (a run's adapter/, an export, a run directory without its checkpoints) to a hub model repository, creating it if needed. The token comes from HF_TOKEN or the saved login and is never written anywhere; HF_ENDPOINT selects another hub.", target="folder")
+    p = command(
+        "push",
+        _push,
+        "upload a folder to the model hub",
+        "Upload a folder (a run's adapter/, an export, a run directory without its checkpoints) to a hub model repository, creating it if needed. The token comes from HF_TOKEN or the saved login and is never written anywhere; HF_ENDPOINT selects another hub.",
+        target="folder",
+    )
     p.add_argument("--repo-id", required=True, help="USER/NAME (or NAME in your namespace)")
-    p.add_argument("--public", action="store_true", help="create the repository public (it is created private by default; an existing repository keeps its visibility)")
+    p.add_argument(
+        "--public",
+        action="store_true",
+        help="create the repository public (it is created private by default; an existing repository keeps its visibility)",
+    )
     p.add_argument("--revision", help="branch to push to (created if missing)")
-    p.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded, upload nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="list the files and sizes that would be uploaded, upload nothing"
+    )

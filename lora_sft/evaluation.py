@@ -33,7 +33,11 @@ def metric_problem(name: str, where: str) -> str | None:
     shipped = sorted(p.name for p in SHIPPED.iterdir() if (p / f"{p.name}.py").is_file())
     if name in shipped:
         return None
-    variable = offline_variable() or ("HF_EVALUATE_OFFLINE" if os.environ.get("HF_EVALUATE_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") else None)
+    variable = offline_variable() or (
+        "HF_EVALUATE_OFFLINE"
+        if os.environ.get("HF_EVALUATE_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        else None
+    )
     if variable is None:
         return None  # evaluate fetches it from the hub when it is used
     close = difflib.get_close_matches(name, shipped, n=1)
@@ -48,7 +52,9 @@ def classification_metrics():
     def compute(pred) -> dict[str, float]:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         guesses = np.argmax(logits, axis=-1)
-        return accuracy.compute(predictions=guesses, references=pred.label_ids) | f1.compute(predictions=guesses, references=pred.label_ids, average="macro")
+        return accuracy.compute(predictions=guesses, references=pred.label_ids) | f1.compute(
+            predictions=guesses, references=pred.label_ids, average="macro"
+        )
 
     return compute
 
@@ -98,13 +104,21 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool
     if ids.shape[1] == 0:
         from .errors import UserError
 
-        raise UserError(f"prompt {prompt!r} is empty: this run continues raw text (it was trained on text rows); give it some text to continue")
+        raise UserError(
+            f"prompt {prompt!r} is empty: this run continues raw text (it was trained on text rows); give it some text to continue"
+        )
     device = next(model.parameters()).device
     ids = ids.to(device)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def score(run, model, items: list[dict]) -> dict:
@@ -116,7 +130,7 @@ def score(run, model, items: list[dict]) -> dict:
     loss_sum, n_loss, correct, guesses, refs = 0.0, 0, 0, [], []
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
-            batch = {k: v.to(device) for k, v in run.collate(items[start:start + batch_size]).items()}
+            batch = {k: v.to(device) for k, v in run.collate(items[start : start + batch_size]).items()}
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             if run.recipe.task == "classification":
                 loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
@@ -131,7 +145,11 @@ def score(run, model, items: list[dict]) -> dict:
                 correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
     out = {"loss": loss_sum / n_loss}
     if run.recipe.task == "classification":
-        return out | load_metric("accuracy").compute(predictions=guesses, references=refs) | load_metric("f1").compute(predictions=guesses, references=refs, average="macro")
+        return (
+            out
+            | load_metric("accuracy").compute(predictions=guesses, references=refs)
+            | load_metric("f1").compute(predictions=guesses, references=refs, average="macro")
+        )
     return out | {"perplexity": perplexity(out["loss"]), "token_accuracy": correct / n_loss}
 
 
@@ -139,7 +157,7 @@ def generation_scores(run, model, pairs: list[tuple[str, str, bool]]) -> tuple[d
     """Generate a response for each (prompt, reference, chat) and score them with the recipe's eval.metrics."""
     e = run.recipe.eval
     generated = [generate_text(model, run.tokenizer, prompt, e.max_new_tokens, chat) for prompt, _, chat in pairs]
-    scores = {}
+    scores: dict[str, float] = {}
     for name in e.metrics:
         scores |= load_metric(name).compute(predictions=generated, references=[ref for _, ref, _ in pairs])
     return scores, generated
@@ -148,17 +166,24 @@ def generation_scores(run, model, pairs: list[tuple[str, str, bool]]) -> tuple[d
 def evaluate_run(run_dir, data_file: str | None = None, base: bool = False, log=print) -> dict:
     """Measure the fine-tuned model (and the base, with `base`) on the eval split or `data_file`; eval.md and summary.json."""
     from .errors import UserError
-    from .rundir import write_json
-    from .trained import open_run
+    from .rundir import Evaluation, open_run
 
     run = open_run(run_dir, data_file)
     held = run.bundle().eval
     items = list(held) if held is not None else []
     if not items:
-        raise UserError(f"{run.root / 'recipe.yaml'}: data: the run has no eval split (data.eval / data.eval_fraction); pass --data FILE")
+        raise UserError(
+            f"{run.dir.recipe}: data: the run has no eval split (data.eval / data.eval_fraction); pass --data FILE"
+        )
     e, causal = run.recipe.eval, run.recipe.task == "causal_lm"
-    pairs = [p for ex in run.checked.eval if (p := prompt_and_reference(run.tokenizer, ex)) is not None][: e.generate] if causal else []
-    prompts = [prompt_for(run.recipe, run.tokenizer, [{"role": "user", "content": p}]) for p in e.prompts] if causal else []
+    pairs = (
+        [p for ex in run.checked.eval if (p := prompt_and_reference(run.tokenizer, ex)) is not None][: e.generate]
+        if causal
+        else []
+    )
+    prompts = (
+        [prompt_for(run.recipe, run.tokenizer, [{"role": "user", "content": p}]) for p in e.prompts] if causal else []
+    )
     results, samples = {}, {}
     for name in ("base", "fine_tuned") if base else ("fine_tuned",):
         model = run.model() if name == "fine_tuned" else run.base()
@@ -171,30 +196,41 @@ def evaluate_run(run_dir, data_file: str | None = None, base: bool = False, log=
         if prompts:
             samples[name] = [generate_text(model, run.tokenizer, p, e.max_new_tokens, chat) for p, chat in prompts]
         results[name] = metrics
-        log(f"eval {name.replace('_', '-')}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float)))
+        log(
+            f"eval {name.replace('_', '-')}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float))
+        )
         del model
     shown = [p for p, _ in prompts] if prompts else [p for p, _, _ in pairs[:3]]
     references = [None] * len(shown) if prompts else [r for _, r, _ in pairs[:3]]
-    evaluation = {"data": str(Path(data_file).resolve()) if data_file else "eval split", "rows": len(items), **results,
-                  "samples": [{"prompt": p, "reference": r, **{n: s[i] for n, s in samples.items()}} for i, (p, r) in enumerate(zip(shown, references))]}
-    if causal and e.generate and not pairs:
-        evaluation["generation_skipped"] = "the eval rows are `text` rows: no prompt/response pairs to score generations against"
-    (run.root / "eval.md").write_text(eval_markdown(run.recipe.model.path, evaluation))
-    summary = run.saved("summary.json")
-    summary["evaluation"] = evaluation
-    write_json(run.root / "summary.json", summary)
-    log(f"wrote {run.root / 'eval.md'}")
-    return evaluation
+    evaluation = Evaluation(
+        data=str(Path(data_file).resolve()) if data_file else "eval split",
+        rows=len(items),
+        base=results.get("base"),
+        fine_tuned=results["fine_tuned"],
+        samples=[
+            {"prompt": p, "reference": r, **{n: s[i] for n, s in samples.items()}}
+            for i, (p, r) in enumerate(zip(shown, references))
+        ],
+        generation_skipped="the eval rows are `text` rows: no prompt/response pairs to score generations against"
+        if causal and e.generate and not pairs
+        else None,
+    )
+    run.dir.write_evaluation(evaluation, eval_markdown(run.recipe.model.path, evaluation.to_json()))
+    log(f"wrote {run.dir.eval_report}")
+    return evaluation.to_json()
 
 
 def eval_markdown(base_name: str, evaluation: dict) -> str:
-    after, before = evaluation["fine_tuned"], evaluation.get("base")
-    lines = [f"# Evaluation of the adapter on {base_name}", "", f"{evaluation['rows']} samples ({evaluation['data']}).", ""]
-    if before:
-        lines += ["| metric | base | fine-tuned | change |", "| --- | --- | --- | --- |"]
-        lines += [f"| {k} | {before[k]:.4f} | {v:.4f} | {v - before[k]:+.4f} |" for k, v in after.items() if isinstance(v, int | float)]
-    else:
-        lines += ["| metric | fine-tuned |", "| --- | --- |"] + [f"| {k} | {v:.4f} |" for k, v in after.items() if isinstance(v, int | float)]
+    from .rundir import Evaluation
+
+    lines = [
+        f"# Evaluation of the adapter on {base_name}",
+        "",
+        f"{evaluation['rows']} samples ({evaluation['data']}).",
+        "",
+    ]
+    lines += Evaluation.from_json(evaluation).table()  # the same table as the model card's
     if evaluation.get("generation_skipped"):
         lines += ["", f"Generation metrics skipped: {evaluation['generation_skipped']}."]
     if evaluation["samples"]:

@@ -32,24 +32,58 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from . import tokens
 from .errors import RunError, UserError
-from .rundir import ARTIFACTS, EXPORT, EXPORT_MARKER, MARKER_VERSION, check_writable, entries, model_card, now, write_json
-from .trained import TrainedRun, open_run
+from .rundir import (
+    ADAPTER_CONFIG,
+    ARTIFACTS,
+    EXPORT,
+    ExportDir,
+    FidelityReport,
+    FinishedRun,
+    check_writable,
+    entries,
+    open_run,
+)
 
 # (atol, rtol) on max |logit difference| for merged vs unmerged, by export dtype: rounding the merged
 # weight to the dtype is the only legitimate difference, and it grows as the dtype narrows.
+ExportDtype = Literal["bf16", "fp16", "fp32"]
 TOLERANCE = {"fp32": (1e-4, 1e-5), "fp16": (1e-2, 1e-2), "bf16": (5e-2, 5e-2)}
 # Ranks vLLM's --max-lora-rank accepts (its default is 16).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Linear layers of decoder blocks that vLLM's LoRA layers cover across the common architectures.
 VLLM_TARGETS = {
-    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
-    "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
-    "fc1", "fc2", "out_proj", "w1", "w2", "w3", "wqkv", "wo", "Wqkv", "in_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
+    "c_attn",
+    "c_proj",
+    "c_fc",
+    "query_key_value",
+    "dense",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "fc1",
+    "fc2",
+    "out_proj",
+    "w1",
+    "w2",
+    "w3",
+    "wqkv",
+    "wo",
+    "Wqkv",
+    "in_proj",
 }
 
 
@@ -68,7 +102,7 @@ class Outputs:
     targets: torch.Tensor  # (positions,), the next token / label, IGNORE_INDEX where none
 
 
-def positions(run: TrainedRun, batch: dict, logits: torch.Tensor) -> Outputs:
+def positions(run: FinishedRun, batch: dict, logits: torch.Tensor) -> Outputs:
     logits = logits.float().cpu()
     if run.recipe.task == "classification":
         return Outputs(logits, batch["labels"].cpu())
@@ -97,7 +131,7 @@ def compare(ref: Outputs, other: Outputs) -> dict:
     }
 
 
-def forward(run: TrainedRun, model, batch: dict) -> Outputs:
+def forward(run: FinishedRun, model, batch: dict) -> Outputs:
     device = next(model.parameters()).device
     with torch.no_grad():
         logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
@@ -111,22 +145,34 @@ def serving_warnings(config: dict) -> list[str]:
     """Why common adapter servers (vLLM-style) would refuse or mis-serve this adapter; empty if none."""
     warnings = []
     if config.get("modules_to_save"):
-        warnings.append(f"modules_to_save ({', '.join(dict.fromkeys(config['modules_to_save']))}): vLLM loads only lora_A/lora_B weights and refuses adapters that carry fully trained modules; serve the merged export instead")
+        warnings.append(
+            f"modules_to_save ({', '.join(dict.fromkeys(config['modules_to_save']))}): vLLM loads only lora_A/lora_B weights and refuses adapters that carry fully trained modules; serve the merged export instead"
+        )
     if config.get("use_dora"):
-        warnings.append("DoRA: vLLM and TGI/LoRAX implement plain LoRA only (no magnitude vector); serve the merged export instead")
+        warnings.append(
+            "DoRA: vLLM and TGI/LoRAX implement plain LoRA only (no magnitude vector); serve the merged export instead"
+        )
     rank = max([config.get("r", 0), *(config.get("rank_pattern") or {}).values()])
     if rank > VLLM_RANKS[-1]:
-        warnings.append(f"rank {rank}: vLLM's --max-lora-rank stops at {VLLM_RANKS[-1]}; lower lora.rank or serve the merged export")
+        warnings.append(
+            f"rank {rank}: vLLM's --max-lora-rank stops at {VLLM_RANKS[-1]}; lower lora.rank or serve the merged export"
+        )
     elif rank > 16:
         need = next(r for r in VLLM_RANKS if r >= rank)
-        warnings.append(f"rank {rank}: above vLLM's default --max-lora-rank 16; start it with --max-lora-rank {need} (more memory per adapter slot)")
+        warnings.append(
+            f"rank {rank}: above vLLM's default --max-lora-rank 16; start it with --max-lora-rank {need} (more memory per adapter slot)"
+        )
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
     odd = sorted(t for t in targets if t.rsplit(".", 1)[-1] not in VLLM_TARGETS)
     if odd:
-        warnings.append(f"target modules {', '.join(odd)}: outside the decoder linear layers vLLM's LoRA covers ({', '.join(sorted(VLLM_TARGETS)[:9])}, ...); it would refuse or ignore them")
+        warnings.append(
+            f"target modules {', '.join(odd)}: outside the decoder linear layers vLLM's LoRA covers ({', '.join(sorted(VLLM_TARGETS)[:9])}, ...); it would refuse or ignore them"
+        )
     if config.get("bias", "none") != "none":
-        warnings.append(f"bias={config['bias']}: vLLM serves bias terms only with --enable-lora-bias, other servers not at all")
+        warnings.append(
+            f"bias={config['bias']}: vLLM serves bias terms only with --enable-lora-bias, other servers not at all"
+        )
     return warnings
 
 
@@ -139,7 +185,9 @@ def peak_memory(record: dict):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         yield
-        record.update(peak_memory_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1), peak_memory_kind="cuda_allocated")
+        record.update(
+            peak_memory_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1), peak_memory_kind="cuda_allocated"
+        )
         return
     status = Path("/proc/self/status")
     try:
@@ -154,35 +202,60 @@ def peak_memory(record: dict):
     else:
         import resource
 
-        record.update(peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), peak_memory_kind="cpu_peak_rss_since_process_start")
+        record.update(
+            peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            peak_memory_kind="cpu_peak_rss_since_process_start",
+        )
 
 
 # ---------------------------------------------------------------- loading an export with plain libraries
 
 
-def load_plain(run: TrainedRun, batch: dict, loads: dict[str, tuple[str, str | None]], dtype: str, max_new_tokens: int = 8, n_prompts: int = 2) -> dict[str, tuple[Outputs, dict]]:
+def load_plain(
+    run: FinishedRun,
+    batch: dict,
+    loads: dict[str, tuple[str, str | None]],
+    dtype: str,
+    max_new_tokens: int = 8,
+    n_prompts: int = 2,
+) -> dict[str, tuple[Outputs, dict]]:
     """Run plain_load.py in one fresh interpreter on exported folders, {name: (model, adapter or None)};
     per name, the logits and what it generated or predicted."""
     from safetensors.torch import load_file, save_file
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         save_file({k: batch[k].contiguous() for k in ("input_ids", "attention_mask")}, str(tmp / "inputs.safetensors"))
         labels = run.checked.labels
         head = tokens.label_config(labels) if labels else {}
         prompts = []
         if run.recipe.task == "causal_lm":
-            for ids, targets, mask in zip(batch["input_ids"][:n_prompts].tolist(), batch["labels"][:n_prompts].tolist(), batch["attention_mask"][:n_prompts].tolist()):
+            for ids, targets, mask in zip(
+                batch["input_ids"][:n_prompts].tolist(),
+                batch["labels"][:n_prompts].tolist(),
+                batch["attention_mask"][:n_prompts].tolist(),
+            ):
                 # the prompt: up to the first trained token (label 0 is never a target), or the first half of
                 # the sample when every token is trained (text rows, train_on_inputs); never empty
                 first = tokens.first_target(targets)
                 prompts.append(ids[:first] if first > 1 else ids[: max(1, sum(mask) // 2)])
-        job = {"kind": run.recipe.task, "dtype": dtype, "inputs": str(tmp / "inputs.safetensors"), "prompts": prompts, "max_new_tokens": max_new_tokens,
-               # a plain base must be told its new head's labels; a merged folder's config has them
-               "loads": [{"model": m, "adapter": a, "config_overrides": head if a else {}, "out": str(tmp / name)} for name, (m, a) in loads.items()]}
+        job = {
+            "kind": run.recipe.task,
+            "dtype": dtype,
+            "inputs": str(tmp / "inputs.safetensors"),
+            "prompts": prompts,
+            "max_new_tokens": max_new_tokens,
+            # a plain base must be told its new head's labels; a merged folder's config has them
+            "loads": [
+                {"model": m, "adapter": a, "config_overrides": head if a else {}, "out": str(tmp / name)}
+                for name, (m, a) in loads.items()
+            ],
+        }
         (tmp / "job.json").write_text(json.dumps(job))
         script = Path(__file__).with_name("plain_load.py")
-        proc = subprocess.run([sys.executable, "-I", str(script), str(tmp / "job.json")], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-I", str(script), str(tmp / "job.json")], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
             raise FidelityError(f"an export does not load with plain transformers/peft ({', '.join(loads)}): {last}")
@@ -190,9 +263,13 @@ def load_plain(run: TrainedRun, batch: dict, loads: dict[str, tuple[str, str | N
         for name in loads:
             result = json.loads((tmp / name / "result.json").read_text())
             if result["lora_sft_imported"]:
-                raise FidelityError("the plain load check imported lora_sft; it must run with plain transformers/peft only")
+                raise FidelityError(
+                    "the plain load check imported lora_sft; it must run with plain transformers/peft only"
+                )
             if "generated" in result:
-                result["generated_text"] = [run.tokenizer.decode(g, skip_special_tokens=False) for g in result.pop("generated")]
+                result["generated_text"] = [
+                    run.tokenizer.decode(g, skip_special_tokens=False) for g in result.pop("generated")
+                ]
             results[name] = (positions(run, batch, load_file(str(tmp / name / "logits.safetensors"))["logits"]), result)
     return results
 
@@ -201,13 +278,25 @@ def load_plain(run: TrainedRun, batch: dict, loads: dict[str, tuple[str, str | N
 
 
 def _card_sections(report: dict) -> str:
-    lines = ["## Fidelity", "", f"{report['samples']} {'held-out' if report['held_out'] else 'train (no eval split)'} samples, {report['positions']} scored positions; "
-             f"(a) {report['models']['a']}, (b) {report['models']['b']}" + (f", (c) {report['models']['c']}" if "c" in report["models"] else "") + ".", "",
-             "| pair | max abs logit diff | mean KL | perplexity change | greedy agreement |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "## Fidelity",
+        "",
+        f"{report['samples']} {'held-out' if report['held_out'] else 'train (no eval split)'} samples, {report['positions']} scored positions; "
+        f"(a) {report['models']['a']}, (b) {report['models']['b']}"
+        + (f", (c) {report['models']['c']}" if "c" in report["models"] else "")
+        + ".",
+        "",
+        "| pair | max abs logit diff | mean KL | perplexity change | greedy agreement |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for pair, m in report["pairs"].items():
-        lines.append(f"| {pair} | {m['max_abs_logit_diff']:.3g} | {m['mean_kl']:.3g} | {m['perplexity_change']:+.4g} | {m['greedy_agreement']:.4f} |")
+        lines.append(
+            f"| {pair} | {m['max_abs_logit_diff']:.3g} | {m['mean_kl']:.3g} | {m['perplexity_change']:+.4g} | {m['greedy_agreement']:.4f} |"
+        )
     lines += ["", "## Serving", ""]
-    lines += [f"- warning: {w}" for w in report["serving_warnings"]] or ["No known refusal by vLLM-style adapter servers."]
+    lines += [f"- warning: {w}" for w in report["serving_warnings"]] or [
+        "No known refusal by vLLM-style adapter servers."
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -218,7 +307,9 @@ def _merged_card(adapter_card: str, task: str, sections: str) -> str:
     base_line = next((line + "\n" for line in header.splitlines() if line.startswith("base_model: ")), "")
     title = next(line for line in body.splitlines() if line.startswith("# LoRA adapter for "))
     body = body.replace(title, f"# {title.removeprefix('# LoRA adapter for ')} with a LoRA adapter merged in", 1)
-    body = body.split("## Use it")[0] + f"""## Use it
+    body = (
+        body.split("## Use it")[0]
+        + f"""## Use it
 
 ```python
 from transformers import {auto}, AutoTokenizer
@@ -227,7 +318,10 @@ model = {auto}.from_pretrained("path/to/merged")
 tokenizer = AutoTokenizer.from_pretrained("path/to/merged")
 ```
 
-""" + "## Recipe" + body.split("## Recipe", 1)[1]
+"""
+        + "## Recipe"
+        + body.split("## Recipe", 1)[1]
+    )
     tags = ["lora_sft", "merged-lora", "text-classification" if task == "classification" else "text-generation"]
     return f"---\n{base_line}library_name: transformers\ntags: {json.dumps(tags)}\n---\n{body}\n{sections}"
 
@@ -242,19 +336,15 @@ def shard_bytes(size: int | str) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise UserError(f"--max-shard-size: {size!r} is not a size; give bytes or a number with a unit, e.g. 2GB, 500MB, 200KB, 1GiB")
+        raise UserError(
+            f"--max-shard-size: {size!r} is not a size; give bytes or a number with a unit, e.g. 2GB, 500MB, 200KB, 1GiB"
+        )
     return value
 
 
 def is_export(folder: Path) -> bool:
     """An earlier lora_sft export: marked, or (from before the marker) a fidelity.json that export wrote."""
-    if (folder / EXPORT_MARKER).is_file():
-        return True
-    try:
-        report = json.loads((folder / "fidelity.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and "pairs" in report and "run_dir" in report
+    return ExportDir(folder).is_export()
 
 
 def check_out(run_root: Path, out: Path) -> None:
@@ -264,16 +354,26 @@ def check_out(run_root: Path, out: Path) -> None:
         check_writable(out, "--out", "--out")
         return  # the run's own export folder
     if out == run_root or out in run_root.parents:
-        raise UserError(f"--out {out}: {'is' if out == run_root else 'holds'} the run directory {run_root}; an export never replaces the run it reads: {fix}")
+        raise UserError(
+            f"--out {out}: {'is' if out == run_root else 'holds'} the run directory {run_root}; an export never replaces the run it reads: {fix}"
+        )
     for name in ARTIFACTS:
         if name != EXPORT and (out == run_root / name or run_root / name in out.parents):
-            raise UserError(f"--out {out}: {'is' if out == run_root / name else 'is inside'} the run's {name}; an export never writes into the run it reads: {fix}")
-    for place, what in ((Path("/"), "the root folder"), (Path.home(), "your home folder"), (Path.cwd(), "the working directory")):
+            raise UserError(
+                f"--out {out}: {'is' if out == run_root / name else 'is inside'} the run's {name}; an export never writes into the run it reads: {fix}"
+            )
+    for place, what in (
+        (Path("/"), "the root folder"),
+        (Path.home(), "your home folder"),
+        (Path.cwd(), "the working directory"),
+    ):
         if out == place.resolve() or out in place.resolve().parents:
             raise UserError(f"--out {out}: {'is' if out == place.resolve() else 'holds'} {what}; {fix}")
     check_writable(out, "--out", "--out")
     if out.is_dir() and any(out.iterdir()) and not is_export(out):
-        raise UserError(f"--out {out}: the folder is not empty ({entries(out)}) and holds no lora_sft export; an export replaces only an earlier export: {fix}")
+        raise UserError(
+            f"--out {out}: the folder is not empty ({entries(out)}) and holds no lora_sft export; an export replaces only an earlier export: {fix}"
+        )
 
 
 @contextlib.contextmanager
@@ -301,8 +401,16 @@ def staged(out: Path):
                     folder.rmdir()
 
 
-def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: str | Path | None = None,
-           samples: int = 8, tolerance: float | None = None, max_shard_size: int | str = "2GB", log=print) -> dict:
+def export(
+    run_dir: str | Path,
+    merged: bool = False,
+    dtype: ExportDtype = "fp32",
+    out: str | Path | None = None,
+    samples: int = 8,
+    tolerance: float | None = None,
+    max_shard_size: int | str = "2GB",
+    log=print,
+) -> dict:
     shard_size = shard_bytes(max_shard_size)
     if samples < 1:
         raise UserError(f"--samples: {samples} is too small; give 1 or more")
@@ -322,19 +430,38 @@ def export(run_dir: str | Path, merged: bool = False, dtype: str = "fp32", out: 
     return report
 
 
-def _write(run: TrainedRun, staging: Path, out: Path, merged: bool, dtype: str, samples: int, tolerance: float | None, max_shard_size: int, log) -> dict:
+def _write(
+    run: FinishedRun,
+    staging: Path,
+    out: Path,
+    merged: bool,
+    dtype: ExportDtype,
+    samples: int,
+    tolerance: float | None,
+    max_shard_size: int,
+    log,
+) -> dict:
     """Write the export into `staging`; raises FidelityError (nothing is then kept) when a check fails."""
-    write_json(staging / EXPORT_MARKER, {"version": MARKER_VERSION, "created": now(), "run_dir": str(run.root)})  # first
-    merged_dir, adapter_dir = staging / "merged", staging / "adapter"
+    folder = ExportDir(staging)
+    folder.mark(run.root)  # first
+    merged_dir, adapter_dir = folder.merged, folder.adapter
     atol, rtol = TOLERANCE[dtype]
     bundle = run.bundle()
     held_out = bundle.eval is not None
-    data = bundle.eval if held_out else bundle.train
+    data = bundle.eval if bundle.eval is not None else bundle.train
     items = [data[i] for i in range(min(samples, len(data)))]
     batch = run.collate(items)
 
-    report: dict = {"run_dir": str(run.root), "dtype": dtype, "samples": len(items), "held_out": held_out,
-                    "models": {"a": f"{run.recipe.quant.mode} base + adapter, as trained", "b": f"unquantized {dtype} base + adapter, unmerged"}}
+    report: dict = {
+        "run_dir": str(run.root),
+        "dtype": dtype,
+        "samples": len(items),
+        "held_out": held_out,
+        "models": {
+            "a": f"{run.recipe.quant.mode} base + adapter, as trained",
+            "b": f"unquantized {dtype} base + adapter, unmerged",
+        },
+    }
     outputs = {"a": forward(run, run.model(), batch)}
     report["positions"] = int(outputs["a"].targets.numel())
 
@@ -359,13 +486,17 @@ def _write(run: TrainedRun, staging: Path, out: Path, merged: bool, dtype: str, 
     report["perplexity"] = {k: perplexity(v) for k, v in outputs.items()}
 
     shutil.copytree(run.adapter, adapter_dir)
-    loads = {"adapter": (run.plan.source.path, str(adapter_dir))} | ({"merged": (str(merged_dir), None)} if merged else {})
+    loads: dict[str, tuple[str, str | None]] = {"adapter": (run.plan.source.path, str(adapter_dir))}
+    if merged:
+        loads["merged"] = (str(merged_dir), None)
     plain = load_plain(run, batch, loads, dtype)
     reload, result = plain["adapter"]
     report["loaded_plain"] = {"adapter": {"vs_b": compare(outputs["b"], reload), **result}}
     problems = []
     if report["loaded_plain"]["adapter"]["vs_b"]["max_abs_logit_diff"] > tol:
-        problems.append(f"the exported adapter loaded with plain peft differs from (b) by {report['loaded_plain']['adapter']['vs_b']['max_abs_logit_diff']:.3g} (tolerance {tol:.3g})")
+        problems.append(
+            f"the exported adapter loaded with plain peft differs from (b) by {report['loaded_plain']['adapter']['vs_b']['max_abs_logit_diff']:.3g} (tolerance {tol:.3g})"
+        )
 
     if merged:
         report["models"]["c"] = f"merged {dtype}, loaded from {merged_dir.name}/ with plain transformers"
@@ -377,9 +508,11 @@ def _write(run: TrainedRun, staging: Path, out: Path, merged: bool, dtype: str, 
         memory["shards"] = len(list(merged_dir.glob("*.safetensors")))
         report["merged_export"] = memory
         if report["pairs"]["b_vs_c"]["max_abs_logit_diff"] > tol:
-            problems.append(f"the merged model differs from the unmerged one (b vs c) by max |logit diff| {report['pairs']['b_vs_c']['max_abs_logit_diff']:.3g}, tolerance {tol:.3g}")
+            problems.append(
+                f"the merged model differs from the unmerged one (b vs c) by max |logit diff| {report['pairs']['b_vs_c']['max_abs_logit_diff']:.3g}, tolerance {tol:.3g}"
+            )
 
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     report["serving_warnings"] = serving_warnings(adapter_config)
     report["passed"] = not problems
     report["problems"] = problems
@@ -389,26 +522,30 @@ def _write(run: TrainedRun, staging: Path, out: Path, merged: bool, dtype: str, 
     if problems:  # an export that failed its check is not written at all, so it cannot be shipped by mistake
         kept = "the earlier export there is unchanged" if out.exists() else "nothing was written"
         raise FidelityError("; ".join(problems) + f"; {kept} ({out}); the report is printed above")
-    write_json(staging / "fidelity.json", report)
+    folder.write_fidelity(FidelityReport.from_json(report))
 
-    card = model_card(run.saved("recipe.yaml"), run.recipe.model.path, run.saved("manifest.json")["data"], run.saved("summary.json"), run.checked.labels)
+    card = run.dir.render_card(run.checked.labels)  # the run's own card (adapter/README.md), with the export's sections
     sections = _card_sections(report)
-    (adapter_dir / "README.md").write_text(card + "\n" + sections)
-    if merged:
-        (merged_dir / "README.md").write_text(_merged_card(card, run.recipe.task, sections))
+    folder.write_cards(card + "\n" + sections, _merged_card(card, run.recipe.task, sections) if merged else None)
     return report
 
 
 def format_report(report: dict) -> str:
-    lines = [f"fidelity on {report['samples']} {'held-out' if report['held_out'] else 'train'} samples ({report['positions']} positions), tolerance {report['tolerance']:.3g}:"]
+    lines = [
+        f"fidelity on {report['samples']} {'held-out' if report['held_out'] else 'train'} samples ({report['positions']} positions), tolerance {report['tolerance']:.3g}:"
+    ]
     for key, desc in report["models"].items():
         lines.append(f"  ({key}) {desc}: perplexity {report['perplexity'][key]:.4f}")
     for pair, m in report["pairs"].items():
         note = "  <- quantization gap" if pair == "a_vs_c" or (pair == "a_vs_b" and "c" not in report["models"]) else ""
-        lines.append(f"  {pair}: max |logit diff| {m['max_abs_logit_diff']:.3g}, mean KL {m['mean_kl']:.3g}, perplexity change {m['perplexity_change']:+.4g}, greedy agreement {m['greedy_agreement']:.4f}{note}")
+        lines.append(
+            f"  {pair}: max |logit diff| {m['max_abs_logit_diff']:.3g}, mean KL {m['mean_kl']:.3g}, perplexity change {m['perplexity_change']:+.4g}, greedy agreement {m['greedy_agreement']:.4f}{note}"
+        )
     adapter = report["loaded_plain"]["adapter"]["vs_b"]
     lines.append(f"  adapter loaded with plain peft vs (b): max |logit diff| {adapter['max_abs_logit_diff']:.3g}")
     if "merged_export" in report:
         m = report["merged_export"]
-        lines.append(f"  merged export: {m['weights_mb']} MB of weights in {m['shards']} shard(s), peak memory {m['peak_memory_mb']} MB ({m['peak_memory_kind']})")
+        lines.append(
+            f"  merged export: {m['weights_mb']} MB of weights in {m['shards']} shard(s), peak memory {m['peak_memory_mb']} MB ({m['peak_memory_kind']})"
+        )
     return "\n".join(lines)

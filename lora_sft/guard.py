@@ -1,7 +1,10 @@
-"""Guards around the training loop: Ctrl-C / SIGTERM, a non-finite loss or gradient, CUDA out of memory.
+"""Guards around the training loop and the evaluations before and after it: Ctrl-C / SIGTERM, a
+non-finite loss or gradient, CUDA out of memory.
 
 Each ends the run with a `RunError` (one line, no traceback) that says what happened, at which step,
 where the last good checkpoint is and what to do next. Nothing here changes what a healthy step does.
+In training a signal is acted on at the end of the step (a checkpoint is saved first); in an evaluation,
+which saves nothing, it stops the run at once.
 """
 
 from __future__ import annotations
@@ -38,33 +41,60 @@ def _next(recipe: Recipe, folder: Path, then: str = "") -> str:
     return f"no checkpoint was saved yet, so start again with: {_command(recipe, '--overwrite')}"
 
 
+class _Stopped(BaseException):
+    """Raised by the signal handler during an evaluation (a BaseException: no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class Guard(TrainerCallback):
     """Stops (or skips a step) on a non-finite loss or gradient; saves and stops after a signal."""
 
     def __init__(self, recipe: Recipe, checkpoint_dir: Path, log=print):
         self.recipe, self.folder, self.log = recipe, checkpoint_dir, log
         self.signal: int | None = None  # set by the handler, acted on at the end of the step
+        self.during: str | None = (
+            None  # an evaluation running now ("the evaluation after training"): a signal stops it at once
+        )
         self.bad: str | None = None  # what was non-finite in the current step
         self.skipped: list[int] = []  # steps skipped under on_nonfinite: skip
 
     # -- signals: the handler only records; the step finishes, then on_step_end saves and stops
     @contextmanager
-    def signals(self):
+    def signals(self, during: str | None = None):
+        """Handle SIGINT / SIGTERM in the block: in training (`during` None) at the end of the step; in an
+        evaluation (`during` names it) at once, with the RunError that says where the run stands."""
         if threading.current_thread() is not threading.main_thread():
             yield  # only the main thread may install handlers
             return
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.during = during
         try:
             yield
+        except _Stopped as e:
+            raise RunError(
+                f"{signal.Signals(e.signum).name}: stopped during {during}, checkpoint {_last_good(self.folder)}; {_next(self.recipe, self.folder)}",
+                code=128 + e.signum,
+            ) from None
         finally:
+            self.during = None
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
     def _on_signal(self, signum, frame):
+        if self.during is not None:
+            print(f"{signal.Signals(signum).name}: stopping {self.during}", file=sys.stderr, flush=True)
+            raise _Stopped(signum)  # an evaluation saves nothing: nothing to finish first
         if self.signal is not None:
             raise KeyboardInterrupt  # a second Ctrl-C: stop at once
         self.signal = signum
-        print(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint (again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint (again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.signal is not None:
@@ -97,7 +127,9 @@ class Guard(TrainerCallback):
             for p in model.parameters():
                 p.grad = None  # the optimizer leaves parameters without a gradient untouched
             self.skipped.append(step)
-            self.log(f"warning: step {step}: {bad}; step skipped ({self.recipe.where('train', 'on_nonfinite')} is skip)")
+            self.log(
+                f"warning: step {step}: {bad}; step skipped ({self.recipe.where('train', 'on_nonfinite')} is skip)"
+            )
             return
         raise RunError(
             f"step {step}: {bad}; stopped before the optimizer step, last good checkpoint: {_last_good(self.folder)}; "
@@ -107,24 +139,40 @@ class Guard(TrainerCallback):
 
 
 @contextmanager
-def out_of_memory(recipe: Recipe, trainer, folder: Path):
+def out_of_memory(recipe: Recipe, trainer, folder: Path, during: str | None = None):
     """Turn CUDA's out-of-memory error into the options that lower memory, with their values."""
     try:
         yield
     except torch.OutOfMemoryError as e:  # torch.cuda.OutOfMemoryError is the same class
-        raise RunError(oom_message(recipe, trainer.state.global_step, _last_good(folder), _next(recipe, folder))) from e
+        raise RunError(
+            oom_message(recipe, trainer.state.global_step, _last_good(folder), _next(recipe, folder), during)
+        ) from e
 
 
-def oom_message(recipe: Recipe, step: int, last_good: str, next_step: str | None = None) -> str:
+@contextmanager
+def guarded(recipe: Recipe, trainer, during: str | None = None):
+    """The guards around a stretch of the run: the training loop (`during` None), or an evaluation (`during`
+    names it, for the messages): signals and CUDA out of memory. The trainer carries its `Guard`."""
+    guard = trainer.guard
+    with guard.signals(during), out_of_memory(recipe, trainer, guard.folder, during):
+        yield
+
+
+def oom_message(
+    recipe: Recipe, step: int, last_good: str, next_step: str | None = None, during: str | None = None
+) -> str:
     t, d = recipe.train, recipe.data
     options = []
     if t.micro_batch_size > 1:
         half = t.micro_batch_size // 2
-        options.append(f"train.micro_batch_size={half} train.grad_accum={t.grad_accum * t.micro_batch_size // half} (same effective batch)")
-    if not t.gradient_checkpointing:
+        options.append(
+            f"train.micro_batch_size={half} train.grad_accum={t.grad_accum * t.micro_batch_size // half} (same effective batch)"
+        )
+    if not t.gradient_checkpointing and during is None:  # an evaluation keeps no activations for a backward pass
         options.append("train.gradient_checkpointing=true")
     options.append(f"data.max_length={max(8, d.max_length // 2)} (now {d.max_length})")
     if recipe.quant.mode not in ("nf4", "fp4"):
         options.append("quant.mode=nf4")
     next_step = next_step or f"continue with: {_command(recipe, '--resume')}"
-    return f"out of GPU memory at step {step + 1}; try {'; '.join(options)}; last good checkpoint: {last_good}; {next_step}"
+    where = f"at step {step + 1}" if during is None else f"during {during}" + (f" (after step {step})" if step else "")
+    return f"out of GPU memory {where}; try {'; '.join(options)}; last good checkpoint: {last_good}; {next_step}"

@@ -47,16 +47,27 @@ def check_ready(repo_id: str, where: str, upload: bool = True) -> None:
     from huggingface_hub import get_token
 
     if not REPO_ID.match(repo_id):
-        raise UserError(f"{where}: {repo_id!r} is not a repository id; use NAME or USER/NAME (letters, digits, '-', '_', '.')")
+        raise UserError(
+            f"{where}: {repo_id!r} is not a repository id; use NAME or USER/NAME (letters, digits, '-', '_', '.')"
+        )
     if not upload:
         return
     if variable := offline_variable():
-        raise UserError(f"{where}: {variable}={os.environ[variable]} turns the hub off, so nothing can be pushed; unset it (or use push --dry-run)")
+        raise UserError(
+            f"{where}: {variable}={os.environ[variable]} turns the hub off, so nothing can be pushed; unset it (or use push --dry-run)"
+        )
     if not get_token():
         raise UserError(f"{where}: no hub token; set HF_TOKEN or run `hf auth login`")
 
 
-def push(folder: str | Path, repo_id: str, private: bool = True, revision: str | None = None, dry_run: bool = False, log: Callable[[str], object] = print) -> list[Path]:
+def push(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = True,
+    revision: str | None = None,
+    dry_run: bool = False,
+    log: Callable[[str], object] = print,
+) -> list[Path]:
     """Upload every file of `folder` (Trainer checkpoints and hidden files excepted) in one commit."""
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
@@ -69,7 +80,9 @@ def push(folder: str | Path, repo_id: str, private: bool = True, revision: str |
     if dry_run:
         for f in files:
             log(f"{f.stat().st_size:>14,}  {f.relative_to(root).as_posix()}")
-        log(f"dry run: would push {len(files)} files ({_size(total)}) to {repo_id}{'@' + revision if revision else ''} ({'private' if private else 'public'})")
+        log(
+            f"dry run: would push {len(files)} files ({_size(total)}) to {repo_id}{'@' + revision if revision else ''} ({'private' if private else 'public'})"
+        )
         return files
 
     from huggingface_hub import HfApi
@@ -79,7 +92,10 @@ def push(folder: str | Path, repo_id: str, private: bool = True, revision: str |
     if revision:
         api.create_branch(repo.repo_id, branch=revision, exist_ok=True)
     commit = api.upload_folder(
-        folder_path=root, repo_id=repo.repo_id, revision=revision, allow_patterns=[f.relative_to(root).as_posix() for f in files],
+        folder_path=root,
+        repo_id=repo.repo_id,
+        revision=revision,
+        allow_patterns=[f.relative_to(root).as_posix() for f in files],
         commit_message=f"Upload {root.name} with lora_sft",
     )
     log(f"pushed {len(files)} files ({_size(total)}) to {repo}: {commit.commit_url}")

@@ -65,10 +65,14 @@ def resolve_source(recipe: Recipe) -> ModelSource:
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
-            raise UserError(f"{recipe.where('model', 'path')}: {local} has no config.json; point to a model folder saved with save_pretrained")
+            raise UserError(
+                f"{recipe.where('model', 'path')}: {local} has no config.json; point to a model folder saved with save_pretrained"
+            )
         pickles = sorted(p.name for p in local.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles and not any(local.glob("*.safetensors")) and not recipe.model.allow_pickle:
-            raise UserError(f"{recipe.where('model', 'path')}: {local} has pickle weights only ({', '.join(pickles)}), which can run code when loaded; convert them to safetensors, or set model.allow_pickle: true if you trust the files")
+            raise UserError(
+                f"{recipe.where('model', 'path')}: {local} has pickle weights only ({', '.join(pickles)}), which can run code when loaded; convert them to safetensors, or set model.allow_pickle: true if you trust the files"
+            )
         return ModelSource(str(local.resolve()), "local folder")
     if name in PACKAGED:
         module, folder = PACKAGED[name]
@@ -81,14 +85,20 @@ def resolve_source(recipe: Recipe) -> ModelSource:
         except ImportError:
             pass  # not installed: fall back to the hub
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        raise UserError(f"{recipe.where('model', 'path')}: model folder not found: {local} (relative paths resolve against {Path.cwd()})")
+        raise UserError(
+            f"{recipe.where('model', 'path')}: model folder not found: {local} (relative paths resolve against {Path.cwd()})"
+        )
     return ModelSource(name, "hub")
 
 
 def task_class(task: str) -> type[AutoModelForCausalLM | AutoModelForSequenceClassification]:
     import transformers
 
-    return transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
+    return (
+        transformers.AutoModelForSequenceClassification
+        if task == "classification"
+        else transformers.AutoModelForCausalLM
+    )
 
 
 def _read(recipe: Recipe, source: ModelSource, what: str, load: Callable[[], T]) -> T:
@@ -98,13 +108,19 @@ def _read(recipe: Recipe, source: ModelSource, what: str, load: Callable[[], T])
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "trust_remote_code" in str(e) or "custom code" in str(e):
-            raise ConfigUnusable(f"{recipe.where('model', 'path')}: {source.path} needs to run Python code it ships; read it, then set model.trust_remote_code: true if you trust it") from None
+            raise ConfigUnusable(
+                f"{recipe.where('model', 'path')}: {source.path} needs to run Python code it ships; read it, then set model.trust_remote_code: true if you trust it"
+            ) from None
         if source.origin == "hub":
-            raise ModelUnreachable(f"{recipe.where('model', 'path')}: cannot read the {what} of {source.path!r} from the hub ({first}); check the id and the network, or use a local folder") from None
+            raise ModelUnreachable(
+                f"{recipe.where('model', 'path')}: cannot read the {what} of {source.path!r} from the hub ({first}); check the id and the network, or use a local folder"
+            ) from None
         if what == "config" and isinstance(e, ValueError) and (Path(source.path) / "config.json").is_file():
             raise _unbuildable(recipe, source, e) from None  # it is there but says something impossible
         hint = "; save one there with tokenizer.save_pretrained" if what == "tokenizer" else ""
-        raise (ConfigUnusable if what == "config" else UserError)(f"{recipe.where('model', 'path')}: cannot read the {what} in {source.path} ({first}){hint}") from None
+        raise (ConfigUnusable if what == "config" else UserError)(
+            f"{recipe.where('model', 'path')}: cannot read the {what} in {source.path} ({first}){hint}"
+        ) from None
 
 
 def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None) -> PretrainedConfig:
@@ -115,7 +131,14 @@ def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None) -
         extra = label_config(labels)
     m = recipe.model
     try:
-        return _read(recipe, source, "config", lambda: AutoConfig.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code, **extra))
+        return _read(
+            recipe,
+            source,
+            "config",
+            lambda: AutoConfig.from_pretrained(
+                source.path, revision=m.revision, trust_remote_code=m.trust_remote_code, **extra
+            ),
+        )
     except BUILD_ERRORS as e:  # a config class that checks itself on load (Llama divides by num_attention_heads)
         raise _unbuildable(recipe, source, e) from None
 
@@ -136,7 +159,9 @@ def head_names(model: nn.Module) -> list[str]:
 def _linear_names(model: nn.Module, heads: list[str]) -> dict[str, nn.Module]:
     from transformers.pytorch_utils import Conv1D
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) and n.split(".")[0] not in heads}
+    return {
+        n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) and n.split(".")[0] not in heads
+    }
 
 
 def resolve_targets(lora: LoraSection, model: nn.Module, heads: list[str], where: Callable[..., str]) -> list[str]:
@@ -149,7 +174,9 @@ def resolve_targets(lora: LoraSection, model: nn.Module, heads: list[str], where
     elif isinstance(spec, str):
         chosen = [n for n in linear if re.fullmatch(spec, n)]
         if not chosen:
-            raise UserError(f"{where('lora', 'target_modules')}: regex {spec!r} matches no linear module; names look like {next(iter(linear), '?')} (leaves: {', '.join(leaves)})")
+            raise UserError(
+                f"{where('lora', 'target_modules')}: regex {spec!r} matches no linear module; names look like {next(iter(linear), '?')} (leaves: {', '.join(leaves)})"
+            )
     else:
         import difflib
 
@@ -159,7 +186,9 @@ def resolve_targets(lora: LoraSection, model: nn.Module, heads: list[str], where
             if not hits:
                 close = difflib.get_close_matches(t, leaves, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
-                problems.append(f"{where('lora', 'target_modules')}: '{t}' matches no linear module ({hint}modules here: {', '.join(leaves)})")
+                problems.append(
+                    f"{where('lora', 'target_modules')}: '{t}' matches no linear module ({hint}modules here: {', '.join(leaves)})"
+                )
             chosen += [h for h in hits if h not in chosen]
         if problems:
             raise UserError(problems)
@@ -167,10 +196,14 @@ def resolve_targets(lora: LoraSection, model: nn.Module, heads: list[str], where
         found = {int(m.group(1)) for n in chosen if (m := LAYER_INDEX.search(n))}
         missing = sorted(set(lora.layers) - found)
         if missing:
-            raise UserError(f"{where('lora', 'layers')}: no layer {missing} among the targets (layers here: {min(found, default=0)}..{max(found, default=-1)})")
+            raise UserError(
+                f"{where('lora', 'layers')}: no layer {missing} among the targets (layers here: {min(found, default=0)}..{max(found, default=-1)})"
+            )
         chosen = [n for n in chosen if (m := LAYER_INDEX.search(n)) and int(m.group(1)) in lora.layers]
     if not chosen:
-        raise UserError(f"{where('lora', 'target_modules')}: nothing to adapt (linear modules here: {', '.join(leaves)})")
+        raise UserError(
+            f"{where('lora', 'target_modules')}: nothing to adapt (linear modules here: {', '.join(leaves)})"
+        )
     return [n for n in linear if n in set(chosen)]
 
 
@@ -212,7 +245,9 @@ class WeightNames:
 
     def normalize(self, key: str) -> str:
         key = key.removeprefix(f"{self.prefix}.") if self.prefix else key
-        return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")  # legacy names transformers renames
+        return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+            "LayerNorm.beta", "LayerNorm.bias"
+        )  # legacy names transformers renames
 
     def is_new_head(self, key: str) -> bool:
         return any(key == h or key.startswith(f"{h}.") for h in self.head)
@@ -239,7 +274,9 @@ BUILD_ERRORS = (ArithmeticError, TypeError, KeyError, IndexError, AttributeError
 
 def _unbuildable(recipe: Recipe, source: ModelSource, e: Exception) -> ConfigUnusable:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return ConfigUnusable(f"{recipe.where('model', 'path')}: {_config_place(recipe, source)} does not describe a model that can be built ({type(e).__name__}{': ' + first if first else ''}); fix the config")
+    return ConfigUnusable(
+        f"{recipe.where('model', 'path')}: {_config_place(recipe, source)} does not describe a model that can be built ({type(e).__name__}{': ' + first if first else ''}); fix the config"
+    )
 
 
 def _weight_names(recipe: Recipe, model: PreTrainedModel, heads: list[str]) -> WeightNames | None:
@@ -266,15 +303,32 @@ def plan_model(recipe: Recipe, source: ModelSource, labels: list[str] | None) ->
     modules = dict(model.named_modules())
     for name in saved:
         if name not in modules:
-            raise UserError(f"{recipe.where('lora', 'modules_to_save')}: no module named '{name}' (top level: {', '.join(n for n, _ in model.named_children())})")
+            raise UserError(
+                f"{recipe.where('lora', 'modules_to_save')}: no module named '{name}' (top level: {', '.join(n for n, _ in model.named_children())})"
+            )
     total = sum(p.numel() for p in model.parameters())
     trainable = expected_trainable(recipe.lora, model, targets, saved)
     return ModelPlan(source, config, heads, targets, saved, total, trainable, _weight_names(recipe, model, heads))
 
 
 # safetensors dtype names -> bytes per element
-DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
@@ -308,7 +362,10 @@ def _read_header(file: Path) -> tuple[dict, str | None]:
             return {}, f"unreadable: tensor {name} has {stop - begin:,} bytes for a {dtype} tensor of shape {shape}"
         tensors[name], end = tuple(shape), max(end, stop)
     if 8 + n + end > size:
-        return {}, f"truncated: its tensors end at byte {8 + n + end:,}, the file has {size:,} (an interrupted download or copy?)"
+        return (
+            {},
+            f"truncated: its tensors end at byte {8 + n + end:,}, the file has {size:,} (an interrupted download or copy?)",
+        )
     return tensors, None
 
 
@@ -322,7 +379,9 @@ def _weight_files(folder: Path) -> tuple[list[Path], list[str]]:
             return [], [f"{index}: unreadable index ({type(e).__name__}: {e})"]
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            return [], [f"{index} names shards that are not there: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"]
+            return [], [
+                f"{index} names shards that are not there: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+            ]
         return [folder / n for n in names], []
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"], []
@@ -363,9 +422,13 @@ def check_weights(recipe: Recipe, plan: ModelPlan) -> list[str]:
             wrong.append(f"{key} is {list(found)} in the files, {list(shape)} in the model config.json describes")
     if wrong:
         more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        problems.append(f"{where}: the weights do not fit {_config_place(recipe, plan.source)}: {'; '.join(wrong[:3])}{more}; the config (vocab_size, hidden_size, ...) and the weights come from different models")
+        problems.append(
+            f"{where}: the weights do not fit {_config_place(recipe, plan.source)}: {'; '.join(wrong[:3])}{more}; the config (vocab_size, hidden_size, ...) and the weights come from different models"
+        )
     if missing:
-        problems.append(f"{where}: {folder}: {len(missing)} of the model's {len(names.shapes)} weights are missing from the weight files ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); they would train from random values")
+        problems.append(
+            f"{where}: {folder}: {len(missing)} of the model's {len(names.shapes)} weights are missing from the weight files ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); they would train from random values"
+        )
     return problems
 
 
@@ -389,7 +452,12 @@ def load_tokenizer(recipe: Recipe, source: ModelSource) -> PreTrainedTokenizerBa
     from transformers import AutoTokenizer
 
     m = recipe.model
-    tokenizer = _read(recipe, source, "tokenizer", lambda: AutoTokenizer.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code))
+    tokenizer = _read(
+        recipe,
+        source,
+        "tokenizer",
+        lambda: AutoTokenizer.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code),
+    )
     from .data import templates
 
     templates.apply(tokenizer, recipe.data.chat_template, recipe.where("data", "chat_template"))
@@ -410,7 +478,11 @@ def _check_template_syntax(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -
     try:
         tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)  # compiles the template
     except TemplateSyntaxError as e:
-        where = recipe.where("data", "chat_template") if recipe.data.chat_template else f"{recipe.where('model', 'path')}: the tokenizer's chat template"
+        where = (
+            recipe.where("data", "chat_template")
+            if recipe.data.chat_template
+            else f"{recipe.where('model', 'path')}: the tokenizer's chat template"
+        )
         raise UserError(f"{where}: template syntax error at line {e.lineno}: {e.message}") from None
     except TemplateError:
         pass  # the template refuses this one-message chat: rows are rendered (and checked) one by one later
@@ -435,9 +507,13 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
     model, info = cast("tuple[PreTrainedModel, dict[str, list[str]]]", loaded)  # output_loading_info makes it a pair
     # transformers initializes missing weights at random and only logs it; a classification task's head is new by design
     new_head = plan.heads if recipe.task == "classification" else []
-    missing = sorted(k for k in info.get("missing_keys", ()) if not any(k == h or k.startswith(f"{h}.") for h in new_head))
+    missing = sorted(
+        k for k in info.get("missing_keys", ()) if not any(k == h or k.startswith(f"{h}.") for h in new_head)
+    )
     if missing:
-        raise UserError(f"{recipe.where('model', 'path')}: {plan.source.path}: {len(missing)} weights are missing from the weight files ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); they would train from random values")
+        raise UserError(
+            f"{recipe.where('model', 'path')}: {plan.source.path}: {len(missing)} weights are missing from the weight files ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); they would train from random values"
+        )
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -481,7 +557,11 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftMod
     lora = recipe.lora
     # all-linear goes to peft as the leaf names it resolved to: peft refuses `layers` with a str
     # target, and servers (vLLM) read plain names better than a keyword.
-    targets = sorted({n.rsplit(".", 1)[-1] for n in plan.targets}) if lora.target_modules == "all-linear" else lora.target_modules
+    targets = (
+        sorted({n.rsplit(".", 1)[-1] for n in plan.targets})
+        if lora.target_modules == "all-linear"
+        else lora.target_modules
+    )
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int but scales by alpha / r: a fractional alpha works
@@ -502,9 +582,15 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftMod
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # trainable weights (a saved head) are updated in fp32, under autocast
-    adapted = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "lora_A" not in n.split(".")[-1:])
+    adapted = sorted(
+        n.removeprefix("base_model.model.")
+        for n, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and "lora_A" not in n.split(".")[-1:]
+    )
     if adapted != sorted(plan.targets):
-        raise RuntimeError(f"peft adapted {len(adapted)} modules, the plan named {len(plan.targets)}: {sorted(set(adapted) ^ set(plan.targets))[:5]}")
+        raise RuntimeError(
+            f"peft adapted {len(adapted)} modules, the plan named {len(plan.targets)}: {sorted(set(adapted) ^ set(plan.targets))[:5]}"
+        )
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     if trainable != plan.trainable_params:
         raise RuntimeError(f"peft made {trainable} parameters trainable, the plan counted {plan.trainable_params}")

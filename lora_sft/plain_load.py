@@ -39,8 +39,13 @@ def load_and_run(job: dict[str, Any], load: dict[str, Any], inputs: dict[str, to
             result["generated"] = []
             for ids in job.get("prompts", []):
                 prompt = torch.tensor([ids], device=device)
-                new = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=job["max_new_tokens"], do_sample=False)
-                result["generated"].append(new[0, len(ids):].tolist())
+                new = model.generate(
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=job["max_new_tokens"],
+                    do_sample=False,
+                )
+                result["generated"].append(new[0, len(ids) :].tolist())
     out = Path(load["out"])
     out.mkdir(parents=True, exist_ok=True)
     save_file({"logits": logits.contiguous()}, str(out / "logits.safetensors"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,19 @@ from . import model as model_stage
 from .errors import UserError
 from .recipe import Recipe
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class Ready:
+    """What `train` starts from: checked rows, the model plan, the tokenizer and the tokenized data."""
+
+    checked: data_stage.Checked
+    plan: model_stage.ModelPlan
+    tokenizer: PreTrainedTokenizerBase
+    bundle: data_stage.DataBundle
+
 
 @dataclass
 class Prepared:
@@ -26,9 +40,15 @@ class Prepared:
 
     checked: data_stage.Checked
     plan: model_stage.ModelPlan | None  # None only when validate could not reach a hub model
-    tokenizer: object | None
+    tokenizer: PreTrainedTokenizerBase | None
     bundle: data_stage.DataBundle | None
     note: str | None = None  # what validate could not check, and why
+
+    def ready(self) -> Ready:
+        """Everything train needs; only validate's unreachable hub model leaves a part out."""
+        if self.plan is None or self.tokenizer is None or self.bundle is None:
+            raise AssertionError(f"the preflight left out a part train needs: {self.note}")
+        return Ready(self.checked, self.plan, self.tokenizer, self.bundle)
 
 
 def check_hardware(recipe: Recipe) -> None:
@@ -36,30 +56,46 @@ def check_hardware(recipe: Recipe) -> None:
     problems = []
     cuda = torch.cuda.is_available()
     if recipe.train.optimizer.startswith("paged_") and not cuda:
-        problems.append(f"{recipe.where('train', 'optimizer')}: {recipe.train.optimizer} needs a CUDA GPU, and there is none on this machine; use adamw_torch here")
+        problems.append(
+            f"{recipe.where('train', 'optimizer')}: {recipe.train.optimizer} needs a CUDA GPU, and there is none on this machine; use adamw_torch here"
+        )
     if recipe.quant.compute_dtype in ("bf16", "fp16") and not cuda:
-        problems.append(f"{recipe.where('quant', 'compute_dtype')}: {recipe.quant.compute_dtype} training needs a CUDA GPU, and there is none on this machine; use auto or fp32 here")
+        problems.append(
+            f"{recipe.where('quant', 'compute_dtype')}: {recipe.quant.compute_dtype} training needs a CUDA GPU, and there is none on this machine; use auto or fp32 here"
+        )
     elif recipe.quant.compute_dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        problems.append(f"{recipe.where('quant', 'compute_dtype')}: the GPU on this machine does not run bf16; use auto (fp32 here) or fp16")
+        problems.append(
+            f"{recipe.where('quant', 'compute_dtype')}: the GPU on this machine does not run bf16; use auto (fp32 here) or fp16"
+        )
     if problems:
         raise UserError(problems)
 
 
-def _tokenizer_problems(recipe: Recipe, tokenizer, plan: model_stage.ModelPlan | None, bundle: data_stage.DataBundle | None) -> list[str]:
+def _tokenizer_problems(
+    recipe: Recipe, tokenizer, plan: model_stage.ModelPlan | None, bundle: data_stage.DataBundle | None
+) -> list[str]:
     """A tokenizer that cannot end a response, pad a batch, or whose ids the model has no embedding for."""
     where, problems = recipe.where("model", "path"), []
     if recipe.task == "causal_lm" and tokenizer.eos_token is None:
-        problems.append(f"{where}: the tokenizer has no EOS token, so the model never learns to stop; set eos_token in its tokenizer_config.json")
+        problems.append(
+            f"{where}: the tokenizer has no EOS token, so the model never learns to stop; set eos_token in its tokenizer_config.json"
+        )
     elif tokenizer.pad_token is None:
-        problems.append(f"{where}: the tokenizer has neither a padding nor an EOS token to pad batches with; set pad_token in its tokenizer_config.json")
+        problems.append(
+            f"{where}: the tokenizer has neither a padding nor an EOS token to pad batches with; set pad_token in its tokenizer_config.json"
+        )
     vocab = getattr(plan.config, "vocab_size", None) if plan else None
-    if vocab and len(tokenizer) > vocab and not problems:  # only then can an id fall outside the embedding (and rows hold no None for EOS)
+    if (
+        vocab and len(tokenizer) > vocab and not problems
+    ):  # only then can an id fall outside the embedding (and rows hold no None for EOS)
         ids = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None]
         for split in (bundle.train, bundle.eval) if bundle else ():
             if split is not None and len(split):
                 ids.append(max(max(row) for row in split["input_ids"]))
         if ids and max(ids) >= vocab:
-            problems.append(f"{where}: the tokenizer gives token id {max(ids)} but config.json has vocab_size {vocab} (the embedding has no row for it): the tokenizer ({len(tokenizer)} tokens) and the model do not belong together")
+            problems.append(
+                f"{where}: the tokenizer gives token id {max(ids)} but config.json has vocab_size {vocab} (the embedding has no row for it): the tokenizer ({len(tokenizer)} tokens) and the model do not belong together"
+            )
     return problems
 
 
@@ -115,7 +151,6 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
     return Prepared(checked, plan, tokenizer, bundle, note)
 
 
-
 def train_steps(recipe: Recipe, rows: int) -> int:
     """Optimizer steps over `rows` training rows (samples, or packed rows), counted as the Trainer does."""
     t = recipe.train
@@ -129,20 +164,36 @@ def describe_plan(recipe: Recipe, checked, plan, bundle=None) -> list[str]:
     """Lines saying what `train` would do with this recipe; `plan` and `bundle` (the tokenized data) are
     None when the model is unreachable, and the step count then comes from the rows before tokenizing."""
     d, t, q, lo = recipe.data, recipe.train, recipe.quant, recipe.lora
-    eval_from = f"from {', '.join(s.path for s in d.sources('eval'))}" if d.eval else f"{d.eval_fraction:.0%} of train, seed {recipe.seed}" if d.eval_fraction else "none"
+    eval_from = (
+        f"from {', '.join(s.path for s in d.sources('eval'))}"
+        if d.eval
+        else f"{d.eval_fraction:.0%} of train, seed {recipe.seed}"
+        if d.eval_fraction
+        else "none"
+    )
     batch = t.micro_batch_size * t.grad_accum
     # the Trainer steps through what was tokenized: packed rows, text chunks, samples left after dropping
     steps = train_steps(recipe, len(bundle.train) if bundle is not None else len(checked.train))
-    quant = "unquantized" if q.mode == "none" else q.mode + (" + double quant" if q.double_quant and q.mode != "int8" else "")
+    quant = (
+        "unquantized"
+        if q.mode == "none"
+        else q.mode + (" + double quant" if q.double_quant and q.mode != "int8" else "")
+    )
     lines = [f"task: {recipe.task}"]
     if plan is not None:
         lines.append(f"model: {recipe.model.path} ({plan.source.origin}: {plan.source.path})")
-        lines.append(f"quantization: {quant}, compute dtype {q.compute_dtype}; kept unquantized: {', '.join(plan.heads) or 'nothing'}")
-        leaves = sorted({n.rsplit('.', 1)[-1] for n in plan.targets})
-        lines.append(f"lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}{', rslora' if lo.rslora else ''}{', dora' if lo.dora else ''} on {len(plan.targets)} modules ({', '.join(leaves)})")
+        lines.append(
+            f"quantization: {quant}, compute dtype {q.compute_dtype}; kept unquantized: {', '.join(plan.heads) or 'nothing'}"
+        )
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in plan.targets})
+        lines.append(
+            f"lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}{', rslora' if lo.rslora else ''}{', dora' if lo.dora else ''} on {len(plan.targets)} modules ({', '.join(leaves)})"
+        )
         if plan.modules_to_save:
             lines.append(f"trained in full: {', '.join(plan.modules_to_save)}")
-        lines.append(f"trainable params: {plan.trainable_params:,} of {plan.total_params:,} ({100 * plan.trainable_params / plan.total_params:.2f}%)")
+        lines.append(
+            f"trainable params: {plan.trainable_params:,} of {plan.total_params:,} ({100 * plan.trainable_params / plan.total_params:.2f}%)"
+        )
     formats = ", ".join(sorted(d.formats()))
     data_line = f"data: {formats}{', packed' if d.packing else ''}, {len(checked.train)} train rows, {len(checked.eval)} eval rows ({eval_from}), max_length {d.max_length}"
     if bundle is not None and d.packing and "packed_rows" in bundle.stats.get("train", {}):
@@ -150,6 +201,8 @@ def describe_plan(recipe: Recipe, checked, plan, bundle=None) -> list[str]:
     if checked.labels:
         data_line += f", labels: {', '.join(checked.labels)}"
     lines.append(data_line)
-    lines.append(f"training: {steps} steps ({'max_steps' if t.max_steps else f'{t.epochs:g} epochs'}), batch {batch} ({t.micro_batch_size} x {t.grad_accum} accumulated), lr {t.lr:g} {t.scheduler}, {t.optimizer}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}")
+    lines.append(
+        f"training: {steps} steps ({'max_steps' if t.max_steps else f'{t.epochs:g} epochs'}), batch {batch} ({t.micro_batch_size} x {t.grad_accum} accumulated), lr {t.lr:g} {t.scheduler}, {t.optimizer}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
+    )
     lines.append(f"output: {recipe.output_dir}")
     return lines

@@ -43,7 +43,9 @@ SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random take it too
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, strict=True, allow_inf_nan=False
+    )
 
 
 class ModelSection(Section):
@@ -69,7 +71,9 @@ class QuantSection(Section):
     def _double_quant_needs_4bit(self) -> QuantSection:
         given = "double_quant" in self.model_fields_set and self.double_quant is not None
         if given and self.double_quant and self.mode not in ("nf4", "fp4"):
-            raise ValueError(f"double_quant applies to 4-bit modes only; remove it or set mode: nf4 (mode is {self.mode})")
+            raise ValueError(
+                f"double_quant applies to 4-bit modes only; remove it or set mode: nf4 (mode is {self.mode})"
+            )
         if not given:
             # the default, resolved by mode, so the saved recipe.yaml says what was used and loads back in every mode
             self.__dict__["double_quant"] = self.mode in ("nf4", "fp4")
@@ -103,11 +107,15 @@ class LoraSection(Section):
             try:
                 re.compile(t)
             except re.error as e:
-                raise ValueError(f"target_modules {t!r} is not a valid regex ({e}); use a list for plain names") from None
+                raise ValueError(
+                    f"target_modules {t!r} is not a valid regex ({e}); use a list for plain names"
+                ) from None
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError("layers must be a non-empty list of layer indices >= 0")
         if self.layers is not None and isinstance(t, str) and t != "all-linear":
-            raise ValueError("layers cannot be combined with a regex target_modules; put the layer numbers in the regex or use a list of names")
+            raise ValueError(
+                "layers cannot be combined with a regex target_modules; put the layer numbers in the regex or use a list of names"
+            )
         return self
 
 
@@ -210,11 +218,15 @@ class TrainSection(Section):
     """Micro batches per optimizer step: effective batch = micro_batch_size * grad_accum."""
     warmup: Float = Field(0.03, ge=0)
     """Learning-rate warmup: a fraction of all steps when < 1, else a number of steps."""
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = "cosine"
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = (
+        "cosine"
+    )
     """Learning-rate schedule after warmup."""
     weight_decay: Float = Field(0.0, ge=0)
     """Decoupled weight decay on the adapter parameters."""
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"] = "adamw_torch"
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
+    ] = "adamw_torch"
     """Optimizer; the 8-bit and paged ones come from bitsandbytes, paged ones need CUDA."""
     max_grad_norm: Float = Field(1.0, ge=0)
     """Gradient clipping norm (0 turns clipping off)."""
@@ -371,7 +383,9 @@ def _line_map(node: yaml.Node, file: str, prefix: tuple = ()) -> dict[tuple, int
         for key, value in node.value:
             path = (*prefix, key.value)
             if path in lines:
-                raise UserError(f"{file}:{key.start_mark.line + 1}: {'.'.join(map(str, path))}: duplicate key (first at line {lines[path]})")
+                raise UserError(
+                    f"{file}:{key.start_mark.line + 1}: {'.'.join(map(str, path))}: duplicate key (first at line {lines[path]})"
+                )
             lines[path] = key.start_mark.line + 1
             lines.update(_line_map(value, file, path))
     elif isinstance(node, yaml.SequenceNode):
@@ -407,40 +421,91 @@ def _apply_override(raw: dict, text: str, overrides: dict[tuple, str]) -> None:
 
 # Names other tools (axolotl, TRL, transformers, peft) use for our keys, for did-you-mean hints.
 ALIASES = {
-    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs", "r": "rank", "lora_r": "rank",
-    "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules",
-    "layers_to_transform": "layers", "use_rslora": "rslora", "use_dora": "dora",
-    "per_device_train_batch_size": "micro_batch_size", "batch_size": "micro_batch_size",
-    "gradient_accumulation_steps": "grad_accum", "warmup_steps": "warmup", "warmup_ratio": "warmup",
-    "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler", "optim": "optimizer",
-    "sequence_len": "max_length", "max_seq_length": "max_length", "max_seq_len": "max_length",
-    "base_model": "path", "model_name_or_path": "path", "val_set_size": "eval_fraction",
-    "bnb_4bit_quant_type": "mode", "bnb_4bit_use_double_quant": "double_quant", "bnb_4bit_compute_dtype": "compute_dtype",
-    "datasets": "train", "test_datasets": "eval"
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "r": "rank",
+    "lora_r": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules",
+    "layers_to_transform": "layers",
+    "use_rslora": "rslora",
+    "use_dora": "dora",
+    "per_device_train_batch_size": "micro_batch_size",
+    "batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup_steps": "warmup",
+    "warmup_ratio": "warmup",
+    "lr_scheduler": "scheduler",
+    "lr_scheduler_type": "scheduler",
+    "optim": "optimizer",
+    "sequence_len": "max_length",
+    "max_seq_length": "max_length",
+    "max_seq_len": "max_length",
+    "base_model": "path",
+    "model_name_or_path": "path",
+    "val_set_size": "eval_fraction",
+    "bnb_4bit_quant_type": "mode",
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype",
+    "datasets": "train",
+    "test_datasets": "eval",
 }
 
 # axolotl / TRL / transformers keys as they sit at the top of a flat file: our key in its section, or
 # (a sentence) what to write instead where we have no such key. Our own key names at the top level
 # (`lr:`) are pointed to their section without a table entry.
 FLAT_KEYS = {
-    "learning_rate": "train.lr", "num_epochs": "train.epochs", "num_train_epochs": "train.epochs",
-    "per_device_train_batch_size": "train.micro_batch_size", "batch_size": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum", "warmup_steps": "train.warmup", "warmup_ratio": "train.warmup",
-    "lr_scheduler": "train.scheduler", "lr_scheduler_type": "train.scheduler", "optim": "train.optimizer",
-    "lora_r": "lora.rank", "r": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
-    "lora_target_modules": "lora.target_modules", "lora_modules_to_save": "lora.modules_to_save",
-    "layers_to_transform": "lora.layers", "use_rslora": "lora.rslora", "peft_use_rslora": "lora.rslora", "use_dora": "lora.dora", "peft_use_dora": "lora.dora",
-    "sequence_len": "data.max_length", "max_seq_length": "data.max_length", "max_seq_len": "data.max_length",
-    "sample_packing": "data.packing", "val_set_size": "data.eval_fraction", "datasets": "data.train",
-    "test_datasets": "data.eval", "dataset": "data.train", "dataset_num_proc": "data.num_proc",
-    "base_model": "model.path", "model_name_or_path": "model.path", "base_model_config": "model.path", "trust_remote_code": "model.trust_remote_code",
-    "bnb_4bit_quant_type": "quant.mode", "bnb_4bit_use_double_quant": "quant.double_quant", "bnb_4bit_compute_dtype": "quant.compute_dtype",
-    "hub_model_id": "hub.repo_id", "push_to_hub": "hub.repo_id",
-    "bf16": "no such switch; set quant.compute_dtype: bf16", "fp16": "no such switch; set quant.compute_dtype: fp16",
-    "tf32": "no such switch; quant.compute_dtype: auto picks the dtype", "load_in_4bit": "no such switch; set quant.mode: nf4 (the default)",
-    "load_in_8bit": "no such switch; set quant.mode: int8", "adapter": "no such switch; lora_sft always trains a LoRA adapter (lora section)",
+    "learning_rate": "train.lr",
+    "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "warmup_steps": "train.warmup",
+    "warmup_ratio": "train.warmup",
+    "lr_scheduler": "train.scheduler",
+    "lr_scheduler_type": "train.scheduler",
+    "optim": "train.optimizer",
+    "lora_r": "lora.rank",
+    "r": "lora.rank",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "lora_modules_to_save": "lora.modules_to_save",
+    "layers_to_transform": "lora.layers",
+    "use_rslora": "lora.rslora",
+    "peft_use_rslora": "lora.rslora",
+    "use_dora": "lora.dora",
+    "peft_use_dora": "lora.dora",
+    "sequence_len": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "max_seq_len": "data.max_length",
+    "sample_packing": "data.packing",
+    "val_set_size": "data.eval_fraction",
+    "datasets": "data.train",
+    "test_datasets": "data.eval",
+    "dataset": "data.train",
+    "dataset_num_proc": "data.num_proc",
+    "base_model": "model.path",
+    "model_name_or_path": "model.path",
+    "base_model_config": "model.path",
+    "trust_remote_code": "model.trust_remote_code",
+    "bnb_4bit_quant_type": "quant.mode",
+    "bnb_4bit_use_double_quant": "quant.double_quant",
+    "bnb_4bit_compute_dtype": "quant.compute_dtype",
+    "hub_model_id": "hub.repo_id",
+    "push_to_hub": "hub.repo_id",
+    "bf16": "no such switch; set quant.compute_dtype: bf16",
+    "fp16": "no such switch; set quant.compute_dtype: fp16",
+    "tf32": "no such switch; quant.compute_dtype: auto picks the dtype",
+    "load_in_4bit": "no such switch; set quant.mode: nf4 (the default)",
+    "load_in_8bit": "no such switch; set quant.mode: int8",
+    "adapter": "no such switch; lora_sft always trains a LoRA adapter (lora section)",
     "lora_target_linear": "no such switch; set lora.target_modules: all-linear (the default)",
-    "model_type": "not needed; the model class comes from the model's config.json", "tokenizer_type": "not needed; the tokenizer comes from model.path",
+    "model_type": "not needed; the model class comes from the model's config.json",
+    "tokenizer_type": "not needed; the tokenizer comes from model.path",
 }
 
 
@@ -469,7 +534,9 @@ def _describe(err: dict[str, Any], raw: dict) -> tuple[tuple, str]:
     """A pydantic error as (key path in the user's terms, message)."""
     loc, node, path = err["loc"], raw, []
     for part in loc:
-        if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)
+        ):
             path.append(part)
             node = node[part]
         elif err["type"] == "missing" and part == loc[-1]:
@@ -523,7 +590,9 @@ def _refuse_secrets(node: Any, source: RecipeSource, path: tuple = ()) -> None:
             _refuse_secrets(value, source, (*path, i))
     elif isinstance(node, str) and SECRET.search(node):
         where = SECRET.sub("hf_***", source.where(path))  # an override's text holds the token itself
-        raise UserError(f"{where}: looks like a Hugging Face token; never write tokens into a recipe (it is copied into the run directory): export HF_TOKEN=... instead")
+        raise UserError(
+            f"{where}: looks like a Hugging Face token; never write tokens into a recipe (it is copied into the run directory): export HF_TOKEN=... instead"
+        )
 
 
 # A recipe has a few hundred values at most; YAML anchors can make a short file expand without bound
@@ -542,7 +611,9 @@ def _refuse_blowups(root: yaml.Node | None, file: str) -> None:
         sizes[id(node)] = 1  # a recursive alias counts once
         if isinstance(node, yaml.ScalarNode):
             if node.tag.endswith((":int", ":float")) and len(node.value) > MAX_DIGITS:
-                raise UserError(f"{file}:{node.start_mark.line + 1}: a number of {len(node.value)} digits; no recipe value needs more than a few")
+                raise UserError(
+                    f"{file}:{node.start_mark.line + 1}: a number of {len(node.value)} digits; no recipe value needs more than a few"
+                )
             return 1
         children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
         total = 1 + sum(size(c) for c in children)
@@ -550,7 +621,9 @@ def _refuse_blowups(root: yaml.Node | None, file: str) -> None:
         return total
 
     if root is not None and size(root) > MAX_VALUES:
-        raise UserError(f"{file}: YAML anchors and aliases expand to more than {MAX_VALUES:,} values (an alias bomb?); write the recipe without them")
+        raise UserError(
+            f"{file}: YAML anchors and aliases expand to more than {MAX_VALUES:,} values (an alias bomb?); write the recipe without them"
+        )
 
 
 def load_recipe(file: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -576,7 +649,9 @@ def load_recipe(file: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{file}:1: a recipe is a mapping of sections (task, model, data, ...), not a {type(raw).__name__}")
+        raise UserError(
+            f"{file}:1: a recipe is a mapping of sections (task, model, data, ...), not a {type(raw).__name__}"
+        )
     lines = _line_map(node, file) if node is not None else {}
     applied: dict[tuple, str] = {}
     for text_override in overrides:
@@ -597,7 +672,9 @@ def load_recipe(file: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         for path in alternatives:
             if any(len(other) > len(path) and other[: len(path)] == path for other in problems):
                 problems.pop(path, None)
-        raise UserError([f"{source.where(path)}: {' or '.join(dict.fromkeys(msgs))}" for path, msgs in problems.items()]) from None
+        raise UserError(
+            [f"{source.where(path)}: {' or '.join(dict.fromkeys(msgs))}" for path, msgs in problems.items()]
+        ) from None
     recipe._source = source
     return recipe
 
@@ -612,7 +689,11 @@ def explain() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, f"{prefix}{name}.")
                 continue
-            default = "required" if field.is_required() else f"`{yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            default = (
+                "required"
+                if field.is_required()
+                else f"`{yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            )
             rows.append(f"| `{prefix}{name}` | {default} | {(field.description or '').replace('|', '/')} |")
 
     walk(Recipe, "")

@@ -63,4 +63,8 @@ def perplexity(loss: float) -> float:
 
 def label_config(labels: list[str]) -> dict:
     """A classifier's label maps as its config takes them: num_labels, id2label (index -> name) and label2id."""
-    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }

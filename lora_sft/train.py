@@ -1,7 +1,12 @@
 """The training entry: recipe -> checked data and model plan -> 4-bit base + LoRA -> Trainer -> run directory.
 
-Reads top to bottom: `run` calls the preflight (preflight.prepare: bad input fails before anything is
-written), loads and trains; `fit` owns the run directory.
+Reads top to bottom, as a recipe: `preflight.prepare` checks everything that can be checked without training (so
+bad input fails before anything is written); `run` is setup -> train -> finish: `setup_model` loads the
+base and adds LoRA, `fit` opens the run directory, builds the Trainer (`training_arguments`, the
+`CountingTrainer` and one callback per job), evaluates before, trains, evaluates after, writes the
+adapter and summary, and ends with what the recipe asks after training: its eval section, the model
+card (rendered last, so it holds the eval results), the hub push. The guards (signals, out of memory)
+cover the evaluations as well as the training loop.
 """
 
 from __future__ import annotations
@@ -9,44 +14,337 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import checkpoint
 from . import data as data_stage
 from . import model as model_stage
-from .preflight import prepare
+from .guard import Guard, guarded
+from .preflight import Ready, prepare
 from .recipe import Recipe
-from .rundir import RunDir, manifest, model_card, now
+from .rundir import Manifest, RunDir, Summary
 from .tokens import count_trained, perplexity
 
 
 @dataclass
 class Result:
     run_dir: RunDir
-    summary: dict
+    summary: dict  # summary.json as written (with `evaluation` when the eval section ran)
     model: torch.nn.Module
-    trainer: object
+    trainer: Trainer
 
 
 def run(recipe: Recipe, log=print, resume: str | bool | None = None, overwrite: bool = False) -> Result:
-    prepared = prepare(recipe)  # the preflight: bad input stops here, before anything is written
-    tokenizer, bundle = prepared.tokenizer, prepared.bundle
+    """`train`: the preflight, then setup -> train -> finish (`fit`)."""
+    ready = prepare(recipe).ready()  # the preflight: bad input stops here, before anything is written
     # a run already in output_dir is continued (--resume) or replaced (--overwrite), never silently
     # overwritten; to resume, the data fingerprint (data, data options, tokenizer) must match and the
     # checkpoint must belong to this recipe (its recipe hash, its adapter's modules and rank)
-    start = checkpoint.start(recipe, resume, overwrite, bundle.fingerprint, prepared.plan.targets)
+    start = checkpoint.start(recipe, resume, overwrite, ready.bundle.fingerprint, ready.plan.targets)
+    model = setup_model(recipe, ready, log)
+    return fit(recipe, model, ready.tokenizer, ready.bundle, ready.plan, log, start)
+
+
+def setup_model(recipe: Recipe, prepared: Ready, log=print) -> torch.nn.Module:
+    """The data stats, then the base (quantized as the recipe says) with fresh LoRA layers."""
     from transformers import set_seed
 
     set_seed(recipe.seed)  # adapter init and dropout draw from here
     from .data.stats import stats_lines
 
+    bundle = prepared.bundle
     for split in ("train", "eval") if bundle.eval is not None else ("train",):
         log("\n".join(stats_lines(bundle, split, lengths_histogram=False)))
     base = model_stage.load_base(recipe, prepared.plan)
     model = model_stage.add_lora(base, recipe, prepared.plan)
-    log(f"trainable params: {prepared.plan.trainable_params:,} of {prepared.plan.total_params:,} ({100 * prepared.plan.trainable_params / prepared.plan.total_params:.2f}%)")
-    return fit(recipe, model, tokenizer, bundle, prepared.plan, log, start)
+    plan = prepared.plan
+    log(
+        f"trainable params: {plan.trainable_params:,} of {plan.total_params:,} ({100 * plan.trainable_params / plan.total_params:.2f}%)"
+    )
+    return model
+
+
+def fit(
+    recipe: Recipe,
+    model,
+    tokenizer,
+    bundle: data_stage.DataBundle,
+    plan: model_stage.ModelPlan,
+    log=print,
+    start: checkpoint.Start | None = None,
+) -> Result:
+    """Train `model` into the run directory and finish it: the steps in order."""
+    started = time.perf_counter()
+    resume_from = start.resume_from if start else None
+    run_dir, manifest = open_run_dir(recipe, bundle, plan, start, log)
+    trainer = build_trainer(recipe, model, tokenizer, bundle, run_dir, log)
+    before = evaluate_before(recipe, trainer, run_dir, resume_from)
+    output, seen_before, train_time = train(recipe, trainer, resume_from)
+    after = evaluate_after(recipe, trainer)
+    summary = summarize(trainer, plan, output, before, after, seen_before, train_time, started)
+    run_dir.save_adapter(
+        model, tokenizer
+    )  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
+    run_dir.finish(manifest, summary)
+    for name, metrics in (("before", before), ("after", after)):
+        if metrics:
+            log(f"eval {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    after_training(recipe, run_dir, trainer, bundle.labels, log)
+    log(f"run directory: {run_dir.root}")
+    return Result(run_dir, (run_dir.read_summary() or summary).to_json(), model, trainer)
+
+
+# ---------------------------------------------------------------- the steps of `fit`
+
+
+def open_run_dir(
+    recipe: Recipe,
+    bundle: data_stage.DataBundle,
+    plan: model_stage.ModelPlan,
+    start: checkpoint.Start | None,
+    log=print,
+) -> tuple[RunDir, Manifest]:
+    """A fresh run directory (replacing the old run on --overwrite), or the run being resumed, reopened."""
+    run_dir = RunDir(recipe.output_dir)
+    if start and start.resume_from:
+        manifest = checkpoint.reopen(run_dir, start.resume_from, recipe.saved_dict())
+        log(f"resuming from {start.resume_from}")
+    else:
+        if start and start.replace:
+            run_dir.remove_run()  # --overwrite, and only now that the new run is ready to go; the user's own files stay
+        manifest = Manifest.new(
+            recipe.seed, bundle.fingerprint, bundle.stats, f"{plan.source.path} ({plan.source.origin})"
+        )
+        run_dir.create(recipe.saved_dict(), manifest)
+    log(f"run directory: {run_dir.root}")
+    return run_dir, manifest
+
+
+def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -> TrainingArguments:
+    """The recipe's `train` section (and seed, compute dtype) as Trainer's arguments.
+
+    `output_dir` is where Trainer writes a checkpoint: the staging folder, from which `AtomicCheckpoints`
+    moves it into place. Rotation is `AtomicCheckpoints`' too (it keeps train.save_total_limit complete
+    checkpoints), so Trainer's own save_total_limit stays unset."""
+    t = recipe.train
+    dtype = model_stage.compute_dtype(recipe.quant)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,  # effective batch = micro_batch_size * grad_accum
+        learning_rate=t.lr,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        warmup_steps=t.warmup,
+        lr_scheduler_type=t.scheduler,
+        weight_decay=t.weight_decay,
+        optim=t.optimizer,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        report_to="none",
+        label_names=["labels"],  # peft's forward(*args, **kwargs) hides them from Trainer's signature check
+        remove_unused_columns=False,  # the collator needs every column the data stage made
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+class CountingTrainer(Trainer):
+    """Counts the tokens each training step sees and trains on (eval batches are not counted); hands each loss
+    to the guard; reports a token-weighted eval loss. Public Trainer methods only."""
+
+    counted = ("tokens_seen", "tokens_trained")  # kept in checkpoints, so a resumed run's totals are whole
+
+    def __init__(self, *args, guard: Guard, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self.tokens_seen = 0
+        self.tokens_trained = 0
+        self.eval_loss_sum = (
+            0.0  # summed over the scored tokens (classification: samples) of the evaluation running now
+        )
+        self.eval_loss_count = 0
+
+    def counts(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.counted}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        real = inputs.pop("num_real_tokens", None)  # packed rows: see data.packing
+        labels = inputs["labels"]
+        # causal LM: tokens that are targets (a label is never the target of nothing, so skip column 0)
+        targets = count_trained(labels) if labels.dim() > 1 else labels.numel()
+        if model.training:
+            seen = int(real.sum() if real is not None else inputs["attention_mask"].sum())
+            self.tokens_seen += seen
+            self.tokens_trained += targets if labels.dim() > 1 else seen
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not model.training and targets:
+            # the batch's loss is its mean over its targets: weigh it by their count, so the eval loss is the
+            # mean over every scored token (what `eval` reports), whatever the batching or packing
+            loss = out[0] if isinstance(out, tuple) else out
+            self.eval_loss_sum += float(loss.detach().float()) * targets
+            self.eval_loss_count += targets
+        return out
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """Trainer's loop reports the mean of per-batch mean losses; replace it with the token-weighted mean
+        before `evaluate` logs it (metrics.jsonl, summary.json and `eval` then agree)."""
+        self.eval_loss_sum, self.eval_loss_count = 0.0, 0
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.eval_loss_count and output.metrics is not None:
+            output.metrics[f"{metric_key_prefix}_loss"] = self.eval_loss_sum / self.eval_loss_count
+        return output
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.guard.check_loss(loss)
+        return loss
+
+
+class RunLog(TrainerCallback):
+    """metrics.jsonl gets every log and eval record."""
+
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.run_dir.log({"step": state.global_step, "epoch": state.epoch, **(logs or {})})
+
+
+class SaveLastStep(TrainerCallback):
+    """The last step always writes a checkpoint (what --resume continues, whatever save_steps is)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+
+
+def build_trainer(
+    recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, run_dir: RunDir, log=print
+) -> CountingTrainer:
+    """The Trainer with its callbacks, in the order they act at a step's end: the log, the last-step save,
+    the guard (a signal asks for a save), then `AtomicCheckpoints`, which sees every request to save."""
+    from .evaluation import classification_metrics
+
+    guard = Guard(recipe, run_dir.checkpoints, log)
+    trainer = CountingTrainer(
+        model=model,
+        args=training_arguments(recipe, checkpoint.staging(run_dir.checkpoints), has_eval=bool(bundle.eval)),
+        train_dataset=bundle.train,
+        eval_dataset=bundle.eval or None,
+        data_collator=data_stage.collator(recipe, tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=classification_metrics() if recipe.task == "classification" else None,
+        callbacks=[RunLog(run_dir), SaveLastStep(), guard],
+        guard=guard,
+    )
+    # saved with each checkpoint, checked on resume: the token totals and what a resumed run must share
+    trainer.add_callback(
+        checkpoint.AtomicCheckpoints(
+            run_dir.checkpoints, recipe.train.save_total_limit, trainer.counts, checkpoint.identity(recipe.saved_dict())
+        )
+    )
+    return trainer
+
+
+def evaluate_before(recipe: Recipe, trainer: CountingTrainer, run_dir: RunDir, resume_from: Path | None) -> dict | None:
+    """The untrained model on the eval split (train.eval_before); a resumed run reads what its first part logged."""
+    if not trainer.eval_dataset or not recipe.train.eval_before:
+        return None
+    if resume_from:
+        logged = run_dir.logged_eval_before()
+    else:
+        with guarded(recipe, trainer, "the evaluation before training"):
+            logged = trainer.evaluate()
+    return _eval_metrics({k: v for k, v in (logged or {}).items() if k.startswith("eval_")}, recipe.task) or None
+
+
+def train(recipe: Recipe, trainer: CountingTrainer, resume_from: Path | None):
+    """The training loop under its guards. Returns Trainer's output, the tokens seen before it, its seconds."""
+    if resume_from:
+        checkpoint.restore_counts(trainer, resume_from)
+    seen_before, train_start = trainer.tokens_seen, time.perf_counter()
+    saves = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, checkpoint.AtomicCheckpoints))
+    with guarded(recipe, trainer), checkpoint.save_errors(saves):
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stopped := trainer.guard.interrupted(trainer.state):
+        raise stopped  # the checkpoint is saved; the adapter/ and summary come when the run completes
+    return output, seen_before, time.perf_counter() - train_start
+
+
+def evaluate_after(recipe: Recipe, trainer: CountingTrainer) -> dict | None:
+    """The trained model on the eval split (what summary.json `eval` reports)."""
+    if not trainer.eval_dataset:
+        return None
+    with guarded(recipe, trainer, "the evaluation after training"):
+        return _eval_metrics(trainer.evaluate(), recipe.task)
+
+
+def summarize(
+    trainer: CountingTrainer,
+    plan: model_stage.ModelPlan,
+    output,
+    before: dict | None,
+    after: dict | None,
+    seen_before: int,
+    train_time: float,
+    started: float,
+) -> Summary:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    peak, peak_kind = _peak_memory_mb()
+    return Summary(
+        train_loss=losses[-1] if losses else output.training_loss,
+        train_loss_mean=output.training_loss,
+        eval_loss=after.get("loss") if after else None,
+        eval=after,
+        eval_before=before,
+        steps=trainer.state.global_step,
+        epochs=trainer.state.epoch,
+        tokens_seen=trainer.tokens_seen,
+        tokens_trained=trainer.tokens_trained,
+        tokens_per_second=(trainer.tokens_seen - seen_before) / train_time,
+        skipped_steps=trainer.guard.skipped,
+        trainable_params=plan.trainable_params,
+        total_params=plan.total_params,
+        peak_memory_mb=round(peak, 1),
+        peak_memory_kind=peak_kind,
+        train_time_s=round(train_time, 2),
+        wall_time_s=round(time.perf_counter() - started, 2),
+    )
+
+
+def after_training(
+    recipe: Recipe, run_dir: RunDir, trainer: CountingTrainer, labels: list[str] | None, log=print
+) -> None:
+    """The last steps: the recipe's eval section (under the guards), then the model card (so it reports the
+    eval results; written even if the eval section fails, with what exists), then the hub push of adapter/
+    (hub.after: train)."""
+    try:
+        if recipe.eval.after_train:
+            from .evaluation import evaluate_run
+
+            with guarded(recipe, trainer, "the recipe's eval section (eval.after_train)"):
+                evaluate_run(run_dir.root, base=recipe.eval.base, log=log)
+    finally:
+        run_dir.write_card(labels)
+    if recipe.hub.repo_id and recipe.hub.after == "train":
+        from .hub import push
+
+        push(run_dir.adapter, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision, log=log)
 
 
 def _peak_memory_mb() -> tuple[float, str]:
@@ -62,178 +360,3 @@ def _eval_metrics(raw: dict, task: str) -> dict:
     if task == "causal_lm" and "loss" in out:
         out["perplexity"] = perplexity(out["loss"])
     return out
-
-
-def _trainer(recipe: Recipe, model, tokenizer, bundle, run_dir: RunDir, log=print):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from .evaluation import classification_metrics
-    from .guard import Guard
-
-    guard = Guard(recipe, run_dir.checkpoints, log)
-
-    class CountingTrainer(checkpoint.AtomicSaves, Trainer):
-        """Counts the tokens each training step sees and trains on (eval batches are not counted);
-        hands each loss to the guard; writes checkpoints atomically; reports a token-weighted eval loss."""
-
-        tokens_seen = 0
-        tokens_trained = 0
-        counted = ("tokens_seen", "tokens_trained")  # kept in checkpoints, so a resumed run's totals are whole
-        eval_loss_sum = 0.0  # summed over the scored tokens (classification: samples) of the evaluation running now
-        eval_loss_count = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            real = inputs.pop("num_real_tokens", None)  # packed rows: see data.packing
-            labels = inputs["labels"]
-            # causal LM: tokens that are targets (a label is never the target of nothing, so skip column 0)
-            targets = count_trained(labels) if labels.dim() > 1 else labels.numel()
-            if model.training:
-                seen = int(real.sum() if real is not None else inputs["attention_mask"].sum())
-                self.tokens_seen += seen
-                self.tokens_trained += targets if labels.dim() > 1 else seen
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            if not model.training and targets:
-                # the batch's loss is its mean over its targets: weigh it by their count, so the eval loss is the
-                # mean over every scored token (what `eval` reports), whatever the batching or packing
-                self.eval_loss_sum += float((out[0] if return_outputs else out).detach().float()) * targets
-                self.eval_loss_count += targets
-            return out
-
-        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
-            """Trainer's loop reports the mean of per-batch mean losses; replace it with the token-weighted mean
-            before `evaluate` logs it (metrics.jsonl, summary.json and `eval` then agree)."""
-            self.eval_loss_sum, self.eval_loss_count = 0.0, 0
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-            if self.eval_loss_count:
-                output.metrics[f"{metric_key_prefix}_loss"] = self.eval_loss_sum / self.eval_loss_count
-            return output
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            guard.check_loss(loss)
-            return loss
-
-    class RunLog(TrainerCallback):
-        """metrics.jsonl gets every log and eval; the last step always writes a checkpoint."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            run_dir.log({"step": state.global_step, "epoch": state.epoch, **(logs or {})})
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= state.max_steps:
-                control.should_save = True
-
-    t, has_eval = recipe.train, bool(bundle.eval)
-    dtype = model_stage.compute_dtype(recipe.quant)
-    args = TrainingArguments(
-        output_dir=str(run_dir.checkpoints),
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        warmup_steps=t.warmup,
-        lr_scheduler_type=t.scheduler,
-        weight_decay=t.weight_decay,
-        optim=t.optimizer,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if has_eval and t.eval_steps else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        report_to="none",
-        label_names=["labels"],  # peft's forward(*args, **kwargs) hides them from Trainer's signature check
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    classification = recipe.task == "classification"
-    trainer = CountingTrainer(
-        model=model,
-        args=args,
-        train_dataset=bundle.train,
-        eval_dataset=bundle.eval or None,
-        data_collator=data_stage.collator(recipe, tokenizer),
-        processing_class=tokenizer,
-        compute_metrics=classification_metrics() if classification else None,
-        callbacks=[RunLog(), guard],
-    )
-    trainer.guard = guard
-    trainer.recipe_identity = checkpoint.identity(recipe.saved_dict())  # saved with each checkpoint, checked on resume
-    return trainer
-
-
-def fit(recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, plan: model_stage.ModelPlan, log=print, start: checkpoint.Start | None = None) -> Result:
-    from .guard import out_of_memory
-
-    started = time.perf_counter()
-    run_dir = RunDir(recipe.output_dir)
-    resume_from = start.resume_from if start else None
-    if resume_from:
-        info = checkpoint.reopen(run_dir, resume_from, recipe.saved_dict())
-        log(f"resuming from {resume_from}")
-    else:
-        if start and start.replace:
-            run_dir.remove_run()  # --overwrite, and only now that the new run is ready to go; the user's own files stay
-        info = manifest(recipe.seed, bundle.fingerprint, bundle.stats, f"{plan.source.path} ({plan.source.origin})")
-        run_dir.create(recipe.saved_dict(), info)
-    log(f"run directory: {run_dir.root}")
-    trainer = _trainer(recipe, model, tokenizer, bundle, run_dir, log)
-
-    before = None
-    if bundle.eval and recipe.train.eval_before:
-        # a resumed run reads the untrained model's eval from the log its first part wrote
-        logged = checkpoint.logged_eval_before(run_dir) if resume_from else trainer.evaluate()
-        before = _eval_metrics({k: v for k, v in (logged or {}).items() if k.startswith("eval_")}, recipe.task) or None
-    if resume_from:
-        checkpoint.restore_counts(trainer, resume_from)
-    seen_before, train_start = trainer.tokens_seen, time.perf_counter()
-    with trainer.guard.signals(), out_of_memory(recipe, trainer, run_dir.checkpoints):
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if stopped := trainer.guard.interrupted(trainer.state):
-        raise stopped  # the checkpoint is saved; the adapter/ and summary come when the run completes
-    train_time = time.perf_counter() - train_start
-    after = _eval_metrics(trainer.evaluate(), recipe.task) if bundle.eval else None
-
-    run_dir.drop_derived()  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
-    # lora_sft never resizes or adapts an embedding: saying so spares peft's "auto" check, which looks the base
-    # up on the hub (a request, or a warning offline) on every save
-    model.save_pretrained(run_dir.adapter, save_embedding_layers=False)
-    tokenizer.save_pretrained(run_dir.adapter)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    peak, peak_kind = _peak_memory_mb()
-    summary = {
-        "train_loss": losses[-1] if losses else output.training_loss,
-        "train_loss_mean": output.training_loss,
-        "eval_loss": after.get("loss") if after else None,
-        "eval": after,
-        "eval_before": before,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "tokens_seen": trainer.tokens_seen,
-        "tokens_trained": trainer.tokens_trained,
-        "tokens_per_second": (trainer.tokens_seen - seen_before) / train_time,
-        "skipped_steps": trainer.guard.skipped,
-        "trainable_params": plan.trainable_params,
-        "total_params": plan.total_params,
-        "peak_memory_mb": round(peak, 1),
-        "peak_memory_kind": peak_kind,
-        "train_time_s": round(train_time, 2),
-        "wall_time_s": round(time.perf_counter() - started, 2),
-    }
-    resolved = recipe.saved_dict()
-    (run_dir.adapter / "README.md").write_text(model_card(resolved, recipe.model.path, bundle.stats, summary, bundle.labels))
-    info["ended"] = now()
-    run_dir.finish(info, summary)
-    for name, metrics in (("before", before), ("after", after)):
-        if metrics:
-            log(f"eval {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    log(f"run directory: {run_dir.root}")
-    return Result(run_dir, summary, model, trainer)

@@ -15,6 +15,9 @@ from helpers import REPO, build_tokenizer, hub_env
 # subprocesses without the offline variables (helpers.hub_env).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault(
+    "HF_DATASETS_DISABLE_PROGRESS_BARS", "1"
+)  # as cli.main sets it; datasets reads it once, when a test module first imports it
 # Tokenized data is cached per test session, never in the user's cache.
 os.environ.setdefault("LORA_SFT_CACHE", tempfile.mkdtemp(prefix="lora_sft-cache-"))
 
@@ -23,7 +26,11 @@ KINDS = ("unit", "e2e", "gpu")  # what a test does: see [tool.pytest.ini_options
 
 def pytest_collection_modifyitems(config, items):
     """Every test says what it does with exactly one of the markers unit / e2e / gpu; gpu tests skip without CUDA."""
-    wrong = [f"{item.nodeid} ({', '.join(kinds) or 'none'})" for item in items if len(kinds := [k for k in KINDS if item.get_closest_marker(k)]) != 1]
+    wrong = [
+        f"{item.nodeid} ({', '.join(kinds) or 'none'})"
+        for item in items
+        if len(kinds := [k for k in KINDS if item.get_closest_marker(k)]) != 1
+    ]
     if wrong:
         raise pytest.UsageError(f"each test needs exactly one of the markers {', '.join(KINDS)}: {'; '.join(wrong)}")
     gpu = [item for item in items if item.get_closest_marker("gpu")]
@@ -41,15 +48,27 @@ def tiny_llama(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    corpus = [line for f in ("alpaca.jsonl", "chat.jsonl") for line in (REPO / "data/examples" / f).read_text().splitlines()]
-    corpus += ["Below is an instruction that describes a task. Write a response that appropriately completes the request."] * 4
+    corpus = [
+        line for f in ("alpaca.jsonl", "chat.jsonl") for line in (REPO / "data/examples" / f).read_text().splitlines()
+    ]
+    corpus += [
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    ] * 4
     tokenizer = build_tokenizer(corpus)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
         initializer_range=0.3,  # wide enough that LoRA on the layers can move the frozen lm_head's logits
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
@@ -90,16 +109,41 @@ def tiny_run(tiny_llama, tmp_path_factory):
         "output_dir": str(root / "run"),
         "model": {"path": str(tiny_llama)},
         "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "eval_fraction": 0.125, "max_length": 64},
-        "train": {"lr": 3e-2, "max_steps": 12, "micro_batch_size": 8, "warmup": 0, "scheduler": "constant", "logging_steps": 4, "save_steps": 12},
-        "eval": {"after_train": True, "generate": 2, "max_new_tokens": 6, "prompts": ["Count the words.\n\npillow silver"]},
+        "data": {
+            "format": "alpaca",
+            "train": str(REPO / "data/examples/alpaca.jsonl"),
+            "eval_fraction": 0.125,
+            "max_length": 64,
+        },
+        "train": {
+            "lr": 3e-2,
+            "max_steps": 12,
+            "micro_batch_size": 8,
+            "warmup": 0,
+            "scheduler": "constant",
+            "logging_steps": 4,
+            "save_steps": 12,
+        },
+        "eval": {
+            "after_train": True,
+            "generate": 2,
+            "max_new_tokens": 6,
+            "prompts": ["Count the words.\n\npillow silver"],
+        },
         "hub": {"repo_id": "me/tiny-adapter", "revision": "v1"},
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     hub = FakeHub().__enter__()
     # the push must reach the fake hub whatever offline variables the caller set (huggingface_hub reads all three)
     env = hub_env(hub.url, root / "hf-home")
-    proc = subprocess.run([sys.executable, "-m", "lora_sft", "train", str(root / "recipe.yaml")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_sft", "train", str(root / "recipe.yaml")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     yield root / "run", hub, proc
     hub.__exit__(None, None, None)

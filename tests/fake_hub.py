@@ -58,7 +58,14 @@ class FakeHub:
                         return self._reply(200, {})
                     if action == "preupload":
                         files = json.loads(body)["files"]
-                        return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                        return self._reply(
+                            200,
+                            {
+                                "files": [
+                                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                                ]
+                            },
+                        )
                     if action == "commit":
                         stored = hub.files.setdefault((repo, revision), {})
                         for line in body.splitlines():
@@ -66,7 +73,14 @@ class FakeHub:
                             if item["key"] == "file":
                                 stored[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                         host = self.headers["Host"]
-                        return self._reply(200, {"commitUrl": f"http://{host}/{repo}/commit/abc123", "commitOid": "abc123", "pullRequestUrl": None})
+                        return self._reply(
+                            200,
+                            {
+                                "commitUrl": f"http://{host}/{repo}/commit/abc123",
+                                "commitOid": "abc123",
+                                "pullRequestUrl": None,
+                            },
+                        )
                 return self._reply(404, {"error": f"no fake for {self.path}"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

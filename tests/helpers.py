@@ -17,7 +17,15 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int = 400, specials=SPECIALS, eos="<|im_end|>", pad="<|endoftext|>", bos=None, template=CHATML):
+def build_tokenizer(
+    corpus: list[str],
+    vocab_size: int = 400,
+    specials=SPECIALS,
+    eos="<|im_end|>",
+    pad="<|endoftext|>",
+    bos=None,
+    template=CHATML,
+):
     """A byte-level BPE tokenizer with special tokens and a chat template.
 
     With vocab_size 0 it learns no merges: every ASCII character is one token, so a test can write
@@ -31,10 +39,14 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 400, specials=SPECIALS,
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     size = vocab_size or len(alphabet) + len(specials)
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=size, special_tokens=specials, initial_alphabet=alphabet))
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=size, special_tokens=specials, initial_alphabet=alphabet)
+    )
     named = {"eos_token": eos, "pad_token": pad} | ({"bos_token": bos} if bos else {})
     others = [t for t in specials if t not in named.values()]
-    return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=others, chat_template=template, **named)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, additional_special_tokens=others, chat_template=template, **named
+    )
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -85,8 +85,15 @@ def test_bad_input(case, command, tiny_llama, tmp_path, monkeypatch, capsys, req
     work = tmp_path / "work"
     work.mkdir()
     recipe = work / "recipe.yaml"
-    places = {"{out}": str(work / "out"), "{model}": str(tiny_llama), "{examples}": str(REPO / "data" / "examples"),
-              "{data}": str(HERE / "data"), "{here}": str(HERE), "{recipe}": str(recipe), "{tmp}": str(work)}
+    places = {
+        "{out}": str(work / "out"),
+        "{model}": str(tiny_llama),
+        "{examples}": str(REPO / "data" / "examples"),
+        "{data}": str(HERE / "data"),
+        "{here}": str(HERE),
+        "{recipe}": str(recipe),
+        "{tmp}": str(work),
+    }
     if "{run}" in text:
         run = work / "run"
         shutil.copytree(request.getfixturevalue("tiny_run")[0], run)

@@ -34,8 +34,21 @@ def llama_case(tiny_llama, tmp_path):
         "output_dir": str(tmp_path / "run"),
         "model": {"path": str(tiny_llama)},
         "lora": {"rank": RANK, "alpha": 8, "dropout": 0.0},
-        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "eval_fraction": 0.125, "max_length": 64},
-        "train": {"lr": 3e-2, "max_steps": 20, "micro_batch_size": 8, "warmup": 0, "scheduler": "constant", "logging_steps": 1, "save_steps": 10},
+        "data": {
+            "format": "alpaca",
+            "train": str(REPO / "data/examples/alpaca.jsonl"),
+            "eval_fraction": 0.125,
+            "max_length": 64,
+        },
+        "train": {
+            "lr": 3e-2,
+            "max_steps": 20,
+            "micro_batch_size": 8,
+            "warmup": 0,
+            "scheduler": "constant",
+            "logging_steps": 1,
+            "save_steps": 10,
+        },
     }
     # per layer: q, o (64->64), k, v (64->32), gate, up (64->128), down (128->64); 2 layers
     per_layer = RANK * (2 * (64 + 64) + 2 * (64 + 32) + 2 * (64 + 128) + (128 + 64))
@@ -48,8 +61,21 @@ def minilm_case(tiny_llama, tmp_path):
         "output_dir": str(tmp_path / "run"),
         "model": {"path": "sentence-transformers/all-MiniLM-L6-v2"},
         "lora": {"rank": RANK, "alpha": 8, "dropout": 0.0},
-        "data": {"format": "classification", "train": str(REPO / "data/quickstart/train.jsonl"), "eval": str(REPO / "data/quickstart/eval.jsonl"), "max_length": 48},
-        "train": {"lr": 2e-3, "max_steps": 20, "micro_batch_size": 16, "warmup": 0, "scheduler": "constant", "logging_steps": 1, "save_steps": 10},
+        "data": {
+            "format": "classification",
+            "train": str(REPO / "data/quickstart/train.jsonl"),
+            "eval": str(REPO / "data/quickstart/eval.jsonl"),
+            "max_length": 48,
+        },
+        "train": {
+            "lr": 2e-3,
+            "max_steps": 20,
+            "micro_batch_size": 16,
+            "warmup": 0,
+            "scheduler": "constant",
+            "logging_steps": 1,
+            "save_steps": 10,
+        },
     }
     h, i = 384, 1536
     # per layer: query, key, value, attention.output.dense (h->h), intermediate (h->i), output (i->h); 6 layers + pooler
@@ -74,8 +100,16 @@ def _fresh_4bit(recipe, plan):
     """The base loaded with plain transformers (no lora_sft), as a user of the adapter would."""
     from transformers import BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=list(plan.heads))
-    base = model_stage.task_class(recipe.task).from_pretrained(plan.source.path, config=plan.config, quantization_config=quant, dtype=torch.float32, device_map={"": "cpu"})
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=list(plan.heads),
+    )
+    base = model_stage.task_class(recipe.task).from_pretrained(
+        plan.source.path, config=plan.config, quantization_config=quant, dtype=torch.float32, device_map={"": "cpu"}
+    )
     for m in base.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False  # compare the same fp32 kernel, not bnb's bf16 inference one
@@ -88,7 +122,11 @@ def test_lora_contract(case):
     torch.manual_seed(recipe.seed)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     bundle = data_stage.build(recipe, tokenizer, prepared.checked)
-    batch = {k: v for k, v in data_stage.collator(recipe, tokenizer)(list(bundle.eval.select(range(6)))).items() if k != "labels"}
+    batch = {
+        k: v
+        for k, v in data_stage.collator(recipe, tokenizer)(list(bundle.eval.select(range(6)))).items()
+        if k != "labels"
+    }
 
     base = model_stage.load_base(recipe, prepared.plan)
     base_logits = _logits(base, batch)
@@ -103,7 +141,11 @@ def test_lora_contract(case):
 
     # step 0: LoRA's B is zero, so the model is exactly the base
     assert torch.equal(_logits(model, batch), base_logits)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected_trainable == prepared.plan.trainable_params
+    assert (
+        sum(p.numel() for p in model.parameters() if p.requires_grad)
+        == expected_trainable
+        == prepared.plan.trainable_params
+    )
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = train_stage.fit(recipe, model, tokenizer, bundle, prepared.plan, log=lambda *_: None)
@@ -133,21 +175,39 @@ def test_lora_contract(case):
     assert diff <= 1e-5, diff
 
 
-@pytest.mark.parametrize("quant, lora, layer_type, n_adapted, trainable", [
-    ({"mode": "nf4"}, {}, bnb.nn.Linear4bit, 14, 8192),
-    ({"mode": "fp4", "double_quant": False}, {}, bnb.nn.Linear4bit, 14, 8192),
-    ({"mode": "int8"}, {}, bnb.nn.Linear8bitLt, 14, 8192),
-    ({"mode": "none"}, {}, torch.nn.Linear, 14, 8192),
-    # one layer; DoRA adds a magnitude per output feature: 2*64 + 2*32 + 2*128 + 64 = 512
-    ({"mode": "nf4"}, {"layers": [1], "dora": True, "rslora": True}, bnb.nn.Linear4bit, 7, 4096 + 512),
-    ({"mode": "nf4"}, {"target_modules": r".*\.self_attn\.(q|v)_proj"}, bnb.nn.Linear4bit, 4, RANK * 2 * ((64 + 64) + (64 + 32))),
-])
-def test_quant_modes_and_lora_options(tiny_llama, tmp_path, write_recipe, quant, lora, layer_type, n_adapted, trainable):
-    recipe = load_recipe(write_recipe({
-        "task": "causal_lm", "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_llama)},
-        "quant": quant, "lora": {"rank": RANK, "alpha": 8, **lora},
-        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
-    }))
+@pytest.mark.parametrize(
+    "quant, lora, layer_type, n_adapted, trainable",
+    [
+        ({"mode": "nf4"}, {}, bnb.nn.Linear4bit, 14, 8192),
+        ({"mode": "fp4", "double_quant": False}, {}, bnb.nn.Linear4bit, 14, 8192),
+        ({"mode": "int8"}, {}, bnb.nn.Linear8bitLt, 14, 8192),
+        ({"mode": "none"}, {}, torch.nn.Linear, 14, 8192),
+        # one layer; DoRA adds a magnitude per output feature: 2*64 + 2*32 + 2*128 + 64 = 512
+        ({"mode": "nf4"}, {"layers": [1], "dora": True, "rslora": True}, bnb.nn.Linear4bit, 7, 4096 + 512),
+        (
+            {"mode": "nf4"},
+            {"target_modules": r".*\.self_attn\.(q|v)_proj"},
+            bnb.nn.Linear4bit,
+            4,
+            RANK * 2 * ((64 + 64) + (64 + 32)),
+        ),
+    ],
+)
+def test_quant_modes_and_lora_options(
+    tiny_llama, tmp_path, write_recipe, quant, lora, layer_type, n_adapted, trainable
+):
+    recipe = load_recipe(
+        write_recipe(
+            {
+                "task": "causal_lm",
+                "output_dir": str(tmp_path / "run"),
+                "model": {"path": str(tiny_llama)},
+                "quant": quant,
+                "lora": {"rank": RANK, "alpha": 8, **lora},
+                "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
+            }
+        )
+    )
     prepared = preflight.prepare(recipe)
     model = model_stage.add_lora(model_stage.load_base(recipe, prepared.plan), recipe, prepared.plan)
     adapted = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
@@ -155,4 +215,6 @@ def test_quant_modes_and_lora_options(tiny_llama, tmp_path, write_recipe, quant,
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
     expected_scale = 8 / RANK**0.5 if lora.get("rslora") else 8 / RANK
     assert all(m.scaling["default"] == pytest.approx(expected_scale) for m in adapted)
-    assert not any(isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for m in model.base_model.model.lm_head.modules())
+    assert not any(
+        isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for m in model.base_model.model.lm_head.modules()
+    )

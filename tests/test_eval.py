@@ -14,7 +14,8 @@ from helpers import REPO
 
 from lora_sft.cli import main
 from lora_sft.evaluation import load_metric, user_prompt
-from lora_sft.trained import open_run
+from lora_sft.rundir import open_run
+
 
 @pytest.mark.e2e
 def test_eval_section_after_training(tiny_run):
@@ -45,8 +46,21 @@ def test_eval_with_a_data_file_offline(tiny_run, tmp_path):
     rows = [json.loads(line) for line in (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()[:3]]
     data = tmp_path / "held.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
-    proc = subprocess.run([sys.executable, "-m", "lora_sft", "eval", str(run_dir), "--data", str(data)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_sft", "eval", str(run_dir), "--data", str(data)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluation = json.loads((run_dir / "summary.json").read_text())["evaluation"]
     assert evaluation["rows"] == 3 and evaluation["data"] == str(data) and "base" not in evaluation
@@ -56,9 +70,13 @@ def test_eval_with_a_data_file_offline(tiny_run, tmp_path):
 
 @pytest.mark.unit
 def test_shipped_generation_metrics():
-    em = load_metric("exact_match").compute(predictions=["stone river", " RIVER  STONE ", "x"], references=["stone river", "RIVER STONE", "y"])
+    em = load_metric("exact_match").compute(
+        predictions=["stone river", " RIVER  STONE ", "x"], references=["stone river", "RIVER STONE", "y"]
+    )
     assert em == {"exact_match": pytest.approx(2 / 3)}
-    rouge = load_metric("rouge").compute(predictions=["the cat sat on the mat", "a b c d"], references=["the cat is on the mat", "d c b a"])
+    rouge = load_metric("rouge").compute(
+        predictions=["the cat sat on the mat", "a b c d"], references=["the cat is on the mat", "d c b a"]
+    )
     # LCS 5 of 6 both ways (F 5/6); reversed order: LCS 1 of 4 (F 1/4) while unigram overlap is complete
     assert rouge["rougeL"] == pytest.approx((5 / 6 + 1 / 4) / 2) and rouge["rouge1"] == pytest.approx((5 / 6 + 1) / 2)
 
@@ -70,11 +88,15 @@ def test_generate_renders_the_saved_chat_template(tiny_run, capsys, monkeypatch)
     printed = capsys.readouterr().out.strip()
     run = open_run(run_dir)
     prompt = user_prompt(run.tokenizer, [{"role": "user", "content": "Count the words.\n\nriver stone"}])
-    assert prompt == run.tokenizer.apply_chat_template([{"role": "user", "content": "Count the words.\n\nriver stone"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == run.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Count the words.\n\nriver stone"}], tokenize=False, add_generation_prompt=True
+    )
     ids = run.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        new = run.model().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
-    assert printed == run.tokenizer.decode(new[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        new = run.model().generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False
+        )
+    assert printed == run.tokenizer.decode(new[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\nand again\n\n"))
     assert main(["generate", str(run_dir), "--max-new-tokens", "3"]) == 0
@@ -91,9 +113,18 @@ def test_one_eval_loss_token_weighted_whatever_the_batching_or_packing(tiny_llam
     for packing in (False, True):
         out = tmp_path / f"run-packed-{packing}"
         recipe = {
-            "task": "causal_lm", "output_dir": str(out), "model": {"path": str(tiny_llama)}, "quant": {"mode": "none"},
+            "task": "causal_lm",
+            "output_dir": str(out),
+            "model": {"path": str(tiny_llama)},
+            "quant": {"mode": "none"},
             "lora": {"rank": 2, "alpha": 4, "dropout": 0.0},
-            "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "eval_fraction": 0.125, "max_length": 128, "packing": packing},
+            "data": {
+                "format": "alpaca",
+                "train": str(REPO / "data/examples/alpaca.jsonl"),
+                "eval_fraction": 0.125,
+                "max_length": 128,
+                "packing": packing,
+            },
             "train": {"max_steps": 1, "micro_batch_size": 3, "warmup": 0, "logging_steps": 1, "save_steps": 1},
             "eval": {"generate": 0},
         }
@@ -102,10 +133,16 @@ def test_one_eval_loss_token_weighted_whatever_the_batching_or_packing(tiny_llam
         assert main(["eval", str(out), "--base"]) == 0, capsys.readouterr().err
         summary = json.loads((out / "summary.json").read_text())
         evaluation = summary["evaluation"]
-        assert evaluation["rows"] == (json.loads((out / "manifest.json").read_text())["data"]["eval"].get("packed_rows") if packing else 8)
+        assert evaluation["rows"] == (
+            json.loads((out / "manifest.json").read_text())["data"]["eval"].get("packed_rows") if packing else 8
+        )
         assert summary["eval_loss"] == pytest.approx(evaluation["fine_tuned"]["loss"], rel=1e-5)
         assert summary["eval_before"]["loss"] == pytest.approx(evaluation["base"]["loss"], rel=1e-5)
-        logged = [r["eval_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+        logged = [
+            r["eval_loss"]
+            for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "eval_loss" in r
+        ]
         assert logged == [summary["eval_before"]["loss"], summary["eval_loss"]]
         losses[packing] = summary["eval_before"]["loss"]
     # the same base on the same eval samples: packing changes the rows, not the loss

@@ -23,13 +23,17 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def staged(tiny_llama, tmp_path, write_recipe):
-    recipe = load_recipe(write_recipe({
-        "task": "causal_lm",
-        "output_dir": str(tmp_path / "run"),
-        "model": {"path": str(tiny_llama)},
-        "lora": {"rank": 4, "dropout": 0.0},
-        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "max_length": 64},
-    }))
+    recipe = load_recipe(
+        write_recipe(
+            {
+                "task": "causal_lm",
+                "output_dir": str(tmp_path / "run"),
+                "model": {"path": str(tiny_llama)},
+                "lora": {"rank": 4, "dropout": 0.0},
+                "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "max_length": 64},
+            }
+        )
+    )
     prepared = preflight.prepare(recipe)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     bundle = data_stage.build(recipe, tokenizer, prepared.checked)

@@ -12,7 +12,7 @@ import torch
 
 from lora_sft.cli import main
 from lora_sft.export import Outputs, compare, serving_warnings
-from lora_sft.trained import open_run
+from lora_sft.rundir import open_run
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,9 @@ def exported(tiny_run, tmp_path_factory):
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main(["export", str(run_dir), "--merged", "--dtype", "fp32", "--out", str(out), "--max-shard-size", "200KB"])
+        code = main(
+            ["export", str(run_dir), "--merged", "--dtype", "fp32", "--out", str(out), "--max-shard-size", "200KB"]
+        )
     assert code == 0
     return run_dir, out, printed.getvalue()
 
@@ -57,11 +59,17 @@ def test_merged_export_equals_unmerged_and_reports_the_quantization_gap(exported
         assert (folder / "chat_template.jinja").read_text().startswith("{% for message in messages %}")
         card = (folder / "README.md").read_text()
         # the base is a local folder: no base_model metadata (it takes a hub id), its name in the text, no placeholder link
-        assert card.startswith("---\nlibrary_name: ") and "base_model:" not in card and "https://github.com/" not in card
+        assert (
+            card.startswith("---\nlibrary_name: ") and "base_model:" not in card and "https://github.com/" not in card
+        )
         assert "The base model is a local folder, `tiny-llama" in card
         assert "## Fidelity" in card and "| b_vs_c |" in card and "## Serving" in card
-        assert '"evaluation": {' in card and "## Recipe" in card  # the eval section's results, and the recipe as trained
-    assert (out / ".lora_sft-export").is_file() and not list(out.parent.glob(f".{out.name}.*"))  # marked; no staging left
+        assert (
+            '"evaluation": {' in card and "## Recipe" in card
+        )  # the eval section's results, and the recipe as trained
+    assert (out / ".lora_sft-export").is_file() and not list(
+        out.parent.glob(f".{out.name}.*")
+    )  # marked; no staging left
     assert "library_name: peft" in (out / "adapter/README.md").read_text()
     assert "library_name: transformers" in (merged / "README.md").read_text()
 
@@ -80,12 +88,12 @@ def test_exports_load_with_plain_transformers_and_peft(exported, tmp_path):
         import sys, torch
         from transformers import AutoModelForCausalLM
         from peft import PeftModel
-        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
-        merged = AutoModelForCausalLM.from_pretrained({str(out / 'merged')!r}).eval()
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        merged = AutoModelForCausalLM.from_pretrained({str(out / "merged")!r}).eval()
         base = AutoModelForCausalLM.from_pretrained({run.plan.source.path!r}, dtype=torch.float32)
-        adapted = PeftModel.from_pretrained(base, {str(out / 'adapter')!r}).eval()
+        adapted = PeftModel.from_pretrained(base, {str(out / "adapter")!r}).eval()
         with torch.no_grad():
-            torch.save({{"merged": merged(**inputs).logits, "adapter": adapted(**inputs).logits}}, {str(tmp_path / 'logits.pt')!r})
+            torch.save({{"merged": merged(**inputs).logits, "adapter": adapted(**inputs).logits}}, {str(tmp_path / "logits.pt")!r})
         assert not any(m.startswith("lora_sft") for m in sys.modules), "lora_sft was imported"
     """)
     proc = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300)
@@ -105,11 +113,20 @@ def test_export_fails_when_the_merge_changes_the_model(exported, tmp_path, capsy
     stays byte for byte with no staging folder beside it; the printed report still shows the numbers."""
     run_dir, previous, _ = exported
     before = snapshot(previous)
-    for out, kept in ((tmp_path / "new" / "export", "nothing was written"), (previous, "the earlier export there is unchanged")):
-        assert main(["export", str(run_dir), "--merged", "--samples", "2", "--tolerance", "1e-9", "--out", str(out)]) == 1
+    for out, kept in (
+        (tmp_path / "new" / "export", "nothing was written"),
+        (previous, "the earlier export there is unchanged"),
+    ):
+        assert (
+            main(["export", str(run_dir), "--merged", "--samples", "2", "--tolerance", "1e-9", "--out", str(out)]) == 1
+        )
         captured = capsys.readouterr()
         err = [line for line in captured.err.splitlines() if line.startswith("error:")]
-        assert len(err) == 1 and "the merged model differs from the unmerged one (b vs c)" in err[0] and "tolerance 1e-09" in err[0]
+        assert (
+            len(err) == 1
+            and "the merged model differs from the unmerged one (b vs c)" in err[0]
+            and "tolerance 1e-09" in err[0]
+        )
         assert err[0].endswith(f"; {kept} ({out}); the report is printed above")
         assert "b_vs_c: max |logit diff|" in captured.out and "tolerance 1e-09" in captured.out
         assert not list(out.parent.glob(f".{out.name}.*")), "a staging folder was left behind"
@@ -137,7 +154,9 @@ def test_export_replaces_only_an_earlier_export_and_checks_its_flags_first(tiny_
     (out / "fidelity.json").unlink()  # now a folder of someone else's files
     before = snapshot(tmp_path)
     assert main(["export", str(run_dir), "--samples", "2", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip().split("\n") == [f"error: --out {out}: the folder is not empty (adapter/) and holds no lora_sft export; an export replaces only an earlier export: give --out a new folder, or leave it out to write {run_dir / 'export'}"]
+    assert capsys.readouterr().err.strip().split("\n") == [
+        f"error: --out {out}: the folder is not empty (adapter/) and holds no lora_sft export; an export replaces only an earlier export: give --out a new folder, or leave it out to write {run_dir / 'export'}"
+    ]
     assert snapshot(tmp_path) == before
 
 
@@ -149,9 +168,19 @@ def test_fidelity_measures():
     targets[::7] = -100
     ref = Outputs(logits, targets)
     same = compare(ref, Outputs(logits.clone(), targets))
-    assert same == {"max_abs_logit_diff": 0.0, "mean_kl": pytest.approx(0.0, abs=1e-7), "perplexity_change": 0.0, "perplexity_change_relative": 0.0, "greedy_agreement": 1.0}
+    assert same == {
+        "max_abs_logit_diff": 0.0,
+        "mean_kl": pytest.approx(0.0, abs=1e-7),
+        "perplexity_change": 0.0,
+        "perplexity_change_relative": 0.0,
+        "greedy_agreement": 1.0,
+    }
     shifted = compare(ref, Outputs(logits + 3.0, targets))  # a constant shift changes logits, not the distribution
-    assert shifted["max_abs_logit_diff"] == pytest.approx(3.0) and shifted["mean_kl"] == pytest.approx(0.0, abs=1e-6) and shifted["greedy_agreement"] == 1.0
+    assert (
+        shifted["max_abs_logit_diff"] == pytest.approx(3.0)
+        and shifted["mean_kl"] == pytest.approx(0.0, abs=1e-6)
+        and shifted["greedy_agreement"] == 1.0
+    )
     flipped = logits.clone()
     flipped[:10] = -flipped[:10]
     changed = compare(ref, Outputs(flipped, targets))
@@ -160,7 +189,13 @@ def test_fidelity_measures():
 
 @pytest.mark.unit
 def test_serving_warnings_give_reasons():
-    plain = {"r": 16, "target_modules": ["q_proj", "v_proj", "down_proj"], "bias": "none", "use_dora": False, "modules_to_save": None}
+    plain = {
+        "r": 16,
+        "target_modules": ["q_proj", "v_proj", "down_proj"],
+        "bias": "none",
+        "use_dora": False,
+        "modules_to_save": None,
+    }
     assert serving_warnings(plain) == []
     cases = {
         "modules_to_save": ({"modules_to_save": ["classifier"]}, "classifier"),
@@ -183,5 +218,7 @@ def test_run_commands_have_help_and_refuse_a_folder_that_is_not_a_run(tmp_path, 
         assert e.value.code == 0 and "RUN_DIR" in capsys.readouterr().out.upper()
         assert main([command, str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"error: {tmp_path}: not a finished run directory (recipe.yaml is missing); pass the output_dir of a run that `train` completed"]
+        assert err == [
+            f"error: {tmp_path}: not a finished run directory (recipe.yaml is missing); pass the output_dir of a run that `train` completed"
+        ]
     assert not any(tmp_path.iterdir()), "a refused command must write nothing"

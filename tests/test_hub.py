@@ -16,12 +16,21 @@ pytestmark = pytest.mark.e2e
 def test_hub_section_pushes_the_adapter_after_training(tiny_run, tmp_path):
     run_dir, hub, proc = tiny_run
     pushed = hub.files[("me/tiny-adapter", "v1")]
-    local = {p.relative_to(run_dir / "adapter").as_posix(): p.read_bytes() for p in (run_dir / "adapter").rglob("*") if p.is_file()}
+    local = {
+        p.relative_to(run_dir / "adapter").as_posix(): p.read_bytes()
+        for p in (run_dir / "adapter").rglob("*")
+        if p.is_file()
+    }
     assert pushed == local and "adapter_model.safetensors" in pushed and "README.md" in pushed
     assert hub.repos["me/tiny-adapter"]["visibility"] == "private"  # hub.private defaults to true
 
     authorized = [r for r in hub.requests if any(k.lower() == "authorization" for k in r["headers"])]
-    assert {r["path"].split("?")[0] for r in authorized} >= {"/api/repos/create", "/api/models/me/tiny-adapter/branch/v1", "/api/models/me/tiny-adapter/preupload/v1", "/api/models/me/tiny-adapter/commit/v1"}
+    assert {r["path"].split("?")[0] for r in authorized} >= {
+        "/api/repos/create",
+        "/api/models/me/tiny-adapter/branch/v1",
+        "/api/models/me/tiny-adapter/preupload/v1",
+        "/api/models/me/tiny-adapter/commit/v1",
+    }
     for r in hub.requests:
         for key, value in r["headers"].items():
             if key.lower() == "authorization":
@@ -58,8 +67,16 @@ def test_push_refuses_a_bad_repo_id(tiny_run, capsys):
 def test_push_creates_private_repositories_unless_public_is_asked(tiny_run, tmp_path):
     run_dir, hub, _ = tiny_run
     env = hub_env(hub.url, tmp_path / "hf-home")
-    for flags, repo, visibility in (([], "me/private-by-default", "private"), (["--public"], "me/opted-public", "public")):
-        proc = subprocess.run([sys.executable, "-m", "lora_sft", "push", str(run_dir / "adapter"), "--repo-id", repo, *flags],
-                              env=env, capture_output=True, text=True, timeout=300)
+    for flags, repo, visibility in (
+        ([], "me/private-by-default", "private"),
+        (["--public"], "me/opted-public", "public"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "lora_sft", "push", str(run_dir / "adapter"), "--repo-id", repo, *flags],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert hub.repos[repo]["visibility"] == visibility, hub.repos[repo]

@@ -40,10 +40,16 @@ def masks(tmp_path, write_recipe):
         tokenizer = tokenizer or build_tokenizer(["x"], vocab_size=0)
         data.setdefault("format", "messages")
         train = {"path": str(write_jsonl(tmp_path / "train.jsonl", rows)), **(source or {})}
-        recipe = load_recipe(write_recipe({
-            "task": task, "output_dir": str(tmp_path / "run"), "model": {"path": "unused"},
-            "data": {"train": train, "shuffle": False, "cache": False, **data},
-        }))
+        recipe = load_recipe(
+            write_recipe(
+                {
+                    "task": task,
+                    "output_dir": str(tmp_path / "run"),
+                    "model": {"path": "unused"},
+                    "data": {"train": train, "shuffle": False, "cache": False, **data},
+                }
+            )
+        )
         apply(tokenizer, recipe.data.chat_template, "data.chat_template")
         bundle = build(recipe, tokenizer)
         if samples:
@@ -73,15 +79,22 @@ def test_last_turn_only_and_trained_roles(masks):
 
 
 def test_sharegpt_conversations_map_roles(masks):
-    row = {"conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
-        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Ciao"},
-    ]}
+    row = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "Bye"},
+            {"from": "gpt", "value": "Ciao"},
+        ]
+    }
     assert masks([row]) == [CHATML_BOTH_TURNS]
 
 
 def test_llama3_template(masks):
-    tok = build_tokenizer(["x"], vocab_size=0, specials=LLAMA3, eos="<|eot_id|>", pad="<|eot_id|>", bos="<|begin_of_text|>", template=None)
+    tok = build_tokenizer(
+        ["x"], vocab_size=0, specials=LLAMA3, eos="<|eot_id|>", pad="<|eot_id|>", bos="<|begin_of_text|>", template=None
+    )
     assert masks([{"messages": CHAT[:3]}], tokenizer=tok, chat_template="llama3") == [
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n[[Hello<|eot_id|>]]"
@@ -90,7 +103,9 @@ def test_llama3_template(masks):
 
 def test_mistral_template_has_no_generation_prompt(masks):
     tok = build_tokenizer(["x"], vocab_size=0, specials=MISTRAL, eos="</s>", pad="</s>", bos="<s>", template=None)
-    assert masks([{"messages": CHAT}], tokenizer=tok, chat_template="mistral") == ["<s>Be brief.\n\n[INST] Hi [/INST][[ Hello</s>]][INST] Bye [/INST][[ Ciao</s>]]"]
+    assert masks([{"messages": CHAT}], tokenizer=tok, chat_template="mistral") == [
+        "<s>Be brief.\n\n[INST] Hi [/INST][[ Hello</s>]][INST] Bye [/INST][[ Ciao</s>]]"
+    ]
 
 
 def test_alpaca_through_the_chat_template_and_without_one(masks):
@@ -108,13 +123,20 @@ def test_alpaca_through_the_chat_template_and_without_one(masks):
 def test_prompt_completion_strings_and_messages(masks):
     assert masks([{"prompt": "2+2=", "completion": "4"}], format="prompt_completion") == ["2+2=[[4<|im_end|>]]"]
     row = {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello"}]}
-    assert masks([row], format="prompt_completion") == ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n[[Hello<|im_end|>\n]]"]
+    assert masks([row], format="prompt_completion") == [
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n[[Hello<|im_end|>\n]]"
+    ]
 
 
 def test_column_mapping(masks):
     rows = [{"question": "2+2=", "answer": "4"}]
-    assert masks(rows, format="prompt_completion", source={"columns": {"prompt": "question", "completion": "answer"}}) == ["2+2=[[4<|im_end|>]]"]
-    with pytest.raises(UserError, match=r"recipe\.yaml:9: data\.train\.columns\.output: no row of .*train\.jsonl has the column 'answer' \(its rows have: instruction, output\); fix the mapping$"):
+    assert masks(
+        rows, format="prompt_completion", source={"columns": {"prompt": "question", "completion": "answer"}}
+    ) == ["2+2=[[4<|im_end|>]]"]
+    with pytest.raises(
+        UserError,
+        match=r"recipe\.yaml:9: data\.train\.columns\.output: no row of .*train\.jsonl has the column 'answer' \(its rows have: instruction, output\); fix the mapping$",
+    ):
         masks([{"instruction": "x", "output": "y"}], format="alpaca", source={"columns": {"output": "answer"}})
 
 
@@ -123,7 +145,9 @@ def test_text_trains_everything_and_is_chunked(masks):
 
 
 def test_train_on_inputs(masks):
-    assert masks([{"messages": CHAT[1:3]}], train_on_inputs=True) == ["[[<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n]]"]
+    assert masks([{"messages": CHAT[1:3]}], train_on_inputs=True) == [
+        "[[<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n]]"
+    ]
 
 
 def test_tool_calls_are_carried_through_a_jinja_file_template(masks, tmp_path):
@@ -133,19 +157,29 @@ def test_tool_calls_are_carried_through_a_jinja_file_template(masks, tmp_path):
         "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}call:{{ c['function']['name'] }}({{ c['function']['arguments'] }}){% endfor %}"
         "{% else %}{{ m['content'] }}{% endif %}</>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    row = {"messages": [
-        {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "wx", "arguments": "{}"}}]},
-        {"role": "tool", "content": "sun"},
-        {"role": "assistant", "content": "Sunny."},
-    ]}
-    assert masks([row], chat_template=str(template)) == ["<user>Weather?</><assistant>[[call:wx({})</>]]<tool>sun</><assistant>[[Sunny.</>]]"]
+    row = {
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"type": "function", "function": {"name": "wx", "arguments": "{}"}}],
+            },
+            {"role": "tool", "content": "sun"},
+            {"role": "assistant", "content": "Sunny."},
+        ]
+    }
+    assert masks([row], chat_template=str(template)) == [
+        "<user>Weather?</><assistant>[[call:wx({})</>]]<tool>sun</><assistant>[[Sunny.</>]]"
+    ]
 
 
 def test_template_whose_prefixes_do_not_hold_is_refused_by_name(masks, tmp_path):
     template = tmp_path / "odd.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% if loop.last %}<end>{% endif %}{% endfor %}")
-    with pytest.raises(UserError, match=r"train\.jsonl:1: chat template '.*odd\.jinja' renders earlier turns differently"):
+    with pytest.raises(
+        UserError, match=r"train\.jsonl:1: chat template '.*odd\.jinja' renders earlier turns differently"
+    ):
         masks([{"messages": CHAT}], chat_template=str(template))
 
 
@@ -153,14 +187,24 @@ def test_eos_is_trained_when_pad_equals_eos(masks):
     tok = build_tokenizer(["x"], vocab_size=0, pad="<|im_end|>")
     assert tok.pad_token_id == tok.eos_token_id
     rows = [{"messages": CHAT[1:3]}, {"messages": CHAT[1:5]}]
-    assert masks(rows, tokenizer=tok)[0] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n[[Hello<|im_end|>\n]]"
+    assert (
+        masks(rows, tokenizer=tok)[0] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n[[Hello<|im_end|>\n]]"
+    )
     # after padding a batch: the short sample's trained EOS keeps its label, only the padding is -100
     short, long = masks(rows, tokenizer=tok, samples=True)
     batch = CausalCollator(tok.pad_token_id)([short, long])
     n = len(short["input_ids"])
-    trained_eos = [j for j, (t, lab) in enumerate(zip(short["input_ids"], short["labels"])) if t == tok.eos_token_id and lab != -100]
+    trained_eos = [
+        j
+        for j, (t, lab) in enumerate(zip(short["input_ids"], short["labels"]))
+        if t == tok.eos_token_id and lab != -100
+    ]
     assert len(trained_eos) == 1 and batch["labels"][0, trained_eos[0]] == tok.eos_token_id
-    assert (batch["input_ids"][0, n:] == tok.eos_token_id).all() and (batch["labels"][0, n:] == -100).all() and (batch["attention_mask"][0, n:] == 0).all()
+    assert (
+        (batch["input_ids"][0, n:] == tok.eos_token_id).all()
+        and (batch["labels"][0, n:] == -100).all()
+        and (batch["attention_mask"][0, n:] == 0).all()
+    )
 
 
 def test_template_is_saved_with_the_tokenizer(tmp_path):
@@ -172,23 +216,31 @@ def test_template_is_saved_with_the_tokenizer(tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path).chat_template == NAMED["chatml"]
 
 
-ASSISTANT_FIRST = [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ciao"}]
+ASSISTANT_FIRST = [
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Ciao"},
+]
 
 
-@pytest.mark.parametrize("template", [None, "chatml"])  # the incremental path (no generation markers) and the marked one
+@pytest.mark.parametrize(
+    "template", [None, "chatml"]
+)  # the incremental path (no generation markers) and the marked one
 def test_a_chat_that_starts_with_an_assistant_turn_does_not_train_the_header(masks, template):
     assert masks([{"messages": ASSISTANT_FIRST}], chat_template=template) == [
         "<|im_start|>assistant\n[[Hello<|im_end|>\n]]<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n[[Ciao<|im_end|>\n]]"
     ]
-    assert masks([{"messages": [{"role": "system", "content": "S"}, *ASSISTANT_FIRST]}], chat_template=template)[0].startswith(
-        "<|im_start|>system\nS<|im_end|>\n<|im_start|>assistant\n[[Hello<|im_end|>\n]]<|im_start|>user\n"
-    )
+    assert masks([{"messages": [{"role": "system", "content": "S"}, *ASSISTANT_FIRST]}], chat_template=template)[
+        0
+    ].startswith("<|im_start|>system\nS<|im_end|>\n<|im_start|>assistant\n[[Hello<|im_end|>\n]]<|im_start|>user\n")
 
 
 def test_assistant_first_under_llama3_without_markers_keeps_bos_and_header_untrained(masks, tmp_path):
     template = tmp_path / "llama3.jinja"
     template.write_text(NAMED["llama3"].replace("{% generation %}", "").replace("{% endgeneration %}", ""))
-    tok = build_tokenizer(["x"], vocab_size=0, specials=LLAMA3, eos="<|eot_id|>", pad="<|eot_id|>", bos="<|begin_of_text|>", template=None)
+    tok = build_tokenizer(
+        ["x"], vocab_size=0, specials=LLAMA3, eos="<|eot_id|>", pad="<|eot_id|>", bos="<|begin_of_text|>", template=None
+    )
     assert masks([{"messages": ASSISTANT_FIRST[:1] + CHAT[1:3]}], tokenizer=tok, chat_template=str(template)) == [
         "<|begin_of_text|><|start_header_id|>assistant<|end_header_id|>\n\n[[Hello<|eot_id|>]]"
         "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n[[Hello<|eot_id|>]]"
@@ -222,14 +274,22 @@ def test_rows_a_template_raises_on_are_all_reported_in_file_order(masks, tmp_pat
 
 
 def test_tool_calls_with_null_content_under_chatml_name_the_row_not_a_crash(masks, tmp_path):
-    row = {"messages": [
-        {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "wx", "arguments": "{}"}}]},
-        {"role": "tool", "content": "sun"},
-        {"role": "assistant", "content": "Sunny."},
-    ]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"type": "function", "function": {"name": "wx", "arguments": "{}"}}],
+            },
+            {"role": "tool", "content": "sun"},
+            {"role": "assistant", "content": "Sunny."},
+        ]
+    }
     with pytest.raises(UserError) as err:
         masks([{"messages": CHAT}, row], chat_template="chatml")
     assert len(err.value.problems) == 1
-    assert err.value.problems[0].startswith(f"{tmp_path / 'train.jsonl'}:2: chat template 'chatml' cannot render this chat (")
+    assert err.value.problems[0].startswith(
+        f"{tmp_path / 'train.jsonl'}:2: chat template 'chatml' cannot render this chat ("
+    )
     assert err.value.problems[0].endswith("); fix the row or set data.chat_template")

@@ -32,7 +32,9 @@ def _rows(fmt: str) -> list[dict]:
         return CHAT[:ROWS]
     if fmt == "text":
         return [{"text": f"{r['instruction']} {r['input']} -> {r['output']}"} for r in ALPACA[:ROWS]]
-    return [{"text": r["input"], "label": "upper" if "upper" in r["instruction"] else "other"} for r in ALPACA[: 2 * ROWS]]
+    return [
+        {"text": r["input"], "label": "upper" if "upper" in r["instruction"] else "other"} for r in ALPACA[: 2 * ROWS]
+    ]
 
 
 # id: (task, format, quant mode, data options beyond the defaults)
@@ -52,13 +54,26 @@ def test_the_saved_recipe_loads_back_in_every_quant_mode(mode, tmp_path, tiny_ll
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "train.jsonl", ALPACA[:4])
     (tmp_path / "template.jinja").write_text(CHATML)
-    recipe = {"task": "causal_lm", "output_dir": "runs/r", "model": {"path": str(tiny_llama)}, "quant": {"mode": mode},
-              "data": {"format": "alpaca", "train": ["train.jsonl", {"path": "*.jsonl", "weight": 2}], "chat_template": "template.jinja"}}
+    recipe = {
+        "task": "causal_lm",
+        "output_dir": "runs/r",
+        "model": {"path": str(tiny_llama)},
+        "quant": {"mode": mode},
+        "data": {
+            "format": "alpaca",
+            "train": ["train.jsonl", {"path": "*.jsonl", "weight": 2}],
+            "chat_template": "template.jinja",
+        },
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     saved = load_recipe(tmp_path / "r.yaml").saved_dict()
     assert saved["quant"]["double_quant"] is (mode in ("nf4", "fp4"))
-    assert saved["output_dir"] == str(tmp_path / "runs/r") and saved["data"]["chat_template"] == str(tmp_path / "template.jinja")
-    assert saved["data"]["train"][0] == str(tmp_path / "train.jsonl") and saved["data"]["train"][1]["path"] == str(tmp_path / "*.jsonl")
+    assert saved["output_dir"] == str(tmp_path / "runs/r") and saved["data"]["chat_template"] == str(
+        tmp_path / "template.jinja"
+    )
+    assert saved["data"]["train"][0] == str(tmp_path / "train.jsonl") and saved["data"]["train"][1]["path"] == str(
+        tmp_path / "*.jsonl"
+    )
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -77,10 +92,26 @@ def test_double_quant_is_an_error_only_when_asked_for_outside_4bit():
 @pytest.mark.unit
 def test_hub_ids_stay_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"task": "causal_lm", "output_dir": "out", "model": {"path": "Qwen/Qwen2.5-0.5B"},
-                                                     "data": {"format": "alpaca", "train": {"path": "tatsu-lab/alpaca", "split": "train"}, "chat_template": "chatml"}}))
+    (tmp_path / "r.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "causal_lm",
+                "output_dir": "out",
+                "model": {"path": "Qwen/Qwen2.5-0.5B"},
+                "data": {
+                    "format": "alpaca",
+                    "train": {"path": "tatsu-lab/alpaca", "split": "train"},
+                    "chat_template": "chatml",
+                },
+            }
+        )
+    )
     saved = load_recipe(tmp_path / "r.yaml").saved_dict()
-    assert saved["model"]["path"] == "Qwen/Qwen2.5-0.5B" and saved["data"]["train"]["path"] == "tatsu-lab/alpaca" and saved["data"]["chat_template"] == "chatml"
+    assert (
+        saved["model"]["path"] == "Qwen/Qwen2.5-0.5B"
+        and saved["data"]["train"]["path"] == "tatsu-lab/alpaca"
+        and saved["data"]["chat_template"] == "chatml"
+    )
 
 
 def _finite_metrics(metrics: dict) -> None:
@@ -97,10 +128,20 @@ def test_every_run_is_usable_from_another_directory(case, tiny_llama, tmp_path, 
     write_jsonl(work / "data/train.jsonl", _rows(fmt))
     (work / "template.jinja").write_text(CHATML)
     recipe = {
-        "task": task, "output_dir": "runs/r", "model": {"path": str(tiny_llama)}, "quant": {"mode": mode},
+        "task": task,
+        "output_dir": "runs/r",
+        "model": {"path": str(tiny_llama)},
+        "quant": {"mode": mode},
         "lora": {"rank": 2, "alpha": 4, "dropout": 0.0},
         "data": {"format": fmt, "train": "data/train.jsonl", "eval_fraction": 0.25, "max_length": 128} | options,
-        "train": {"max_steps": 2, "micro_batch_size": 2, "warmup": 0, "logging_steps": 1, "save_steps": 2, "eval_before": False},
+        "train": {
+            "max_steps": 2,
+            "micro_batch_size": 2,
+            "warmup": 0,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "eval_before": False,
+        },
         # int8 saved double_quant: true, which its own eval.after_train then refused to load
         "eval": {"generate": 2, "max_new_tokens": 4, "after_train": mode == "int8", "base": False},
     }
@@ -113,7 +154,11 @@ def test_every_run_is_usable_from_another_directory(case, tiny_llama, tmp_path, 
     assert saved["data"]["train"] == str(work / "data/train.jsonl") and saved["output_dir"] == str(run)
     assert ("evaluation" in json.loads((run / "summary.json").read_text())) is (mode == "int8")
     card = (run / "adapter/README.md").read_text()
-    assert card.startswith("---\nlibrary_name: peft\n") and f"local folder, `{tiny_llama.name}`" in card and "https://github.com/" not in card
+    assert (
+        card.startswith("---\nlibrary_name: peft\n")
+        and f"local folder, `{tiny_llama.name}`" in card
+        and "https://github.com/" not in card
+    )
 
     monkeypatch.chdir(elsewhere)
     assert main(["eval", str(run), "--base"]) == 0, capsys.readouterr().err
@@ -142,16 +187,25 @@ def test_every_run_is_usable_from_another_directory(case, tiny_llama, tmp_path, 
         else:
             assert len(loaded["predicted"]) == report["samples"] == 2
         if args:
-            assert (out / "merged/config.json").is_file() and report["pairs"]["b_vs_c"]["max_abs_logit_diff"] <= report["tolerance"]
+            assert (out / "merged/config.json").is_file() and report["pairs"]["b_vs_c"]["max_abs_logit_diff"] <= report[
+                "tolerance"
+            ]
         card = (out / "adapter/README.md").read_text()
         assert "https://github.com/)" not in card and "base_model:" not in card.split("\n---\n", 1)[0]
 
     if task == "causal_lm":
-        assert main(["generate", str(run), "--prompt", "Sort these words alphabetically.", "--max-new-tokens", "4"]) == 0, capsys.readouterr().err
+        assert (
+            main(["generate", str(run), "--prompt", "Sort these words alphabetically.", "--max-new-tokens", "4"]) == 0
+        ), capsys.readouterr().err
         assert capsys.readouterr().out.strip()
         if fmt == "text":  # raw text to continue: an empty prompt is one line, not a crash in generate
             assert main(["generate", str(run), "--prompt", ""]) == 2
-            assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: prompt '' is empty: this run continues raw text")
+            assert (
+                capsys.readouterr()
+                .err.strip()
+                .splitlines()[-1]
+                .startswith("error: prompt '' is empty: this run continues raw text")
+            )
     else:
         assert main(["generate", str(run), "--prompt", "x"]) == 2
         assert "generate needs a causal_lm run" in capsys.readouterr().err

@@ -33,17 +33,34 @@ def test_pack_restarts_positions_and_masks_each_samples_first_label():
     assert rows == [{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "position_ids": [0, 1, 2, 0, 1]}]
     assert efficiency == 5 / 8
     batch = PackedCollator(0)(rows + [{"input_ids": [7], "labels": [7], "position_ids": [0]}])
-    assert batch["position_ids"][1].tolist() == [0, 0, 1, 2, 3] and batch["labels"][1].tolist() == [7, -100, -100, -100, -100]
+    assert batch["position_ids"][1].tolist() == [0, 0, 1, 2, 3] and batch["labels"][1].tolist() == [
+        7,
+        -100,
+        -100,
+        -100,
+        -100,
+    ]
     assert batch["num_real_tokens"].tolist() == [5, 1] and "attention_mask" not in batch
 
 
 @pytest.fixture
 def fp32_llama(tiny_llama, tmp_path, write_recipe):
-    recipe = load_recipe(write_recipe({
-        "task": "causal_lm", "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_llama)},
-        "quant": {"mode": "none", "compute_dtype": "fp32"},
-        "data": {"format": "messages", "train": str(REPO / "data/examples/chat.jsonl"), "max_length": 256, "cache": False},
-    }))
+    recipe = load_recipe(
+        write_recipe(
+            {
+                "task": "causal_lm",
+                "output_dir": str(tmp_path / "run"),
+                "model": {"path": str(tiny_llama)},
+                "quant": {"mode": "none", "compute_dtype": "fp32"},
+                "data": {
+                    "format": "messages",
+                    "train": str(REPO / "data/examples/chat.jsonl"),
+                    "max_length": 256,
+                    "cache": False,
+                },
+            }
+        )
+    )
     prepared = preflight.prepare(recipe)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     samples = list(data_stage.build(recipe, tokenizer, prepared.checked).train.select(range(6)))
@@ -86,12 +103,24 @@ def test_no_attention_across_samples_in_a_packed_row(fp32_llama):
 
 @pytest.mark.e2e
 def test_a_packed_run_trains(tiny_llama, tmp_path, write_recipe):
-    recipe = load_recipe(write_recipe({
-        "task": "causal_lm", "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_llama)},
-        "lora": {"rank": 4, "dropout": 0.0},
-        "data": {"format": "messages", "train": str(REPO / "data/examples/chat.jsonl"), "max_length": 256, "packing": True, "eval_fraction": 0.1},
-        "train": {"lr": 3e-2, "max_steps": 4, "micro_batch_size": 2, "logging_steps": 1, "warmup": 0},
-    }))
+    recipe = load_recipe(
+        write_recipe(
+            {
+                "task": "causal_lm",
+                "output_dir": str(tmp_path / "run"),
+                "model": {"path": str(tiny_llama)},
+                "lora": {"rank": 4, "dropout": 0.0},
+                "data": {
+                    "format": "messages",
+                    "train": str(REPO / "data/examples/chat.jsonl"),
+                    "max_length": 256,
+                    "packing": True,
+                    "eval_fraction": 0.1,
+                },
+                "train": {"lr": 3e-2, "max_steps": 4, "micro_batch_size": 2, "logging_steps": 1, "warmup": 0},
+            }
+        )
+    )
     result = train_stage.run(recipe, log=lambda *_: None)
     stats = result.run_dir.root.joinpath("manifest.json").read_text()
     assert '"packing_efficiency"' in stats

@@ -15,10 +15,22 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 def chat_recipe(tiny_llama, tmp_path, write_recipe):
     def make(**data):
-        return str(write_recipe({
-            "task": "causal_lm", "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_llama)},
-            "data": {"format": "messages", "train": str(REPO / "data/examples/chat.jsonl"), "max_length": 256, "eval_fraction": 0.1, **data},
-        }))
+        return str(
+            write_recipe(
+                {
+                    "task": "causal_lm",
+                    "output_dir": str(tmp_path / "run"),
+                    "model": {"path": str(tiny_llama)},
+                    "data": {
+                        "format": "messages",
+                        "train": str(REPO / "data/examples/chat.jsonl"),
+                        "max_length": 256,
+                        "eval_fraction": 0.1,
+                        **data,
+                    },
+                }
+            )
+        )
 
     return make
 

@@ -12,8 +12,15 @@ from helpers import REPO
 
 pytestmark = pytest.mark.e2e
 CONTRACT = [
-    "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/README.md", "adapter/tokenizer_config.json",
-    "recipe.yaml", "manifest.json", "metrics.jsonl", "summary.json", "checkpoints",
+    "adapter/adapter_model.safetensors",
+    "adapter/adapter_config.json",
+    "adapter/README.md",
+    "adapter/tokenizer_config.json",
+    "recipe.yaml",
+    "manifest.json",
+    "metrics.jsonl",
+    "summary.json",
+    "checkpoints",
 ]
 
 
@@ -21,7 +28,10 @@ def test_quickstart(tmp_path):
     out = tmp_path / "quickstart"
     proc = subprocess.run(
         [sys.executable, "-m", "lora_sft", "train", "recipes/quickstart.yaml", f"output_dir={out}"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(f"run directory: {out}") == 2  # printed at the start and at the end
@@ -47,13 +57,22 @@ def test_quickstart(tmp_path):
     assert adapter_bytes < 5 * 2**20, adapter_bytes
 
     resolved = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert resolved["output_dir"] == str(out) and resolved["quant"]["double_quant"] is True and resolved["train"]["gradient_checkpointing"] is True
+    assert (
+        resolved["output_dir"] == str(out)
+        and resolved["quant"]["double_quant"] is True
+        and resolved["train"]["gradient_checkpointing"] is True
+    )
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["seed"] == 42 and len(manifest["data_fingerprint"]) == 64 and manifest["ended"] >= manifest["started"]
+    assert (
+        manifest["seed"] == 42 and len(manifest["data_fingerprint"]) == 64 and manifest["ended"] >= manifest["started"]
+    )
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(manifest["versions"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in records) and sum("eval_loss" in r for r in records) == 2
     assert list((out / "checkpoints").glob("checkpoint-*/adapter_model.safetensors"))
     card = (out / "adapter/README.md").read_text()
     assert card.startswith("---\nbase_model: sentence-transformers/all-MiniLM-L6-v2\nlibrary_name: peft")
-    assert json.loads((out / "adapter/adapter_config.json").read_text())["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert (
+        json.loads((out / "adapter/adapter_config.json").read_text())["base_model_name_or_path"]
+        == "sentence-transformers/all-MiniLM-L6-v2"
+    )

@@ -32,7 +32,13 @@ def good(tmp_path):
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lora_sft", *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lora_sft", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=120,
+    )
 
 
 def write(tmp_path, text):
@@ -73,7 +79,10 @@ def test_bad_override_value(tmp_path, good):
 
 def test_override_of_unknown_key(tmp_path, good):
     path = write(tmp_path, good)
-    assert_one_line_error(cli("validate", path, "train.learning_rate=1e-4"), "override 'train.learning_rate=1e-4': train.learning_rate: unknown key (did you mean 'lr'?)")
+    assert_one_line_error(
+        cli("validate", path, "train.learning_rate=1e-4"),
+        "override 'train.learning_rate=1e-4': train.learning_rate: unknown key (did you mean 'lr'?)",
+    )
 
 
 def test_override_without_equals(tmp_path, good):
@@ -88,7 +97,9 @@ def test_train_reports_recipe_errors_before_writing_anything(tmp_path, good):
 
 
 def test_all_problems_reported_at_once(tmp_path, good):
-    path = write(tmp_path, good.replace("  rank: 8", "  rank: 0\n  dropuot: 0.1").replace("format: alpaca", "format: alpacca"))
+    path = write(
+        tmp_path, good.replace("  rank: 8", "  rank: 0\n  dropuot: 0.1").replace("format: alpaca", "format: alpacca")
+    )
     with pytest.raises(UserError) as e:
         load_recipe(path)
     problems = e.value.problems
@@ -104,7 +115,10 @@ def test_missing_required_key_and_cross_field_rules(tmp_path, good):
         load_recipe(path)
     assert e.value.problems == [f"{path}:1: task: task classification needs data.format classification (got alpaca)"]
     path = write(tmp_path, good.replace("  format: alpaca\n", ""))
-    with pytest.raises(UserError, match=r"r\.yaml:7: data: train\[0\] \(.*alpaca.jsonl\) has no format; set data.format or the source's format"):
+    with pytest.raises(
+        UserError,
+        match=r"r\.yaml:7: data: train\[0\] \(.*alpaca.jsonl\) has no format; set data.format or the source's format",
+    ):
         load_recipe(path)
     path = write(tmp_path, good + "  eval: x.jsonl\n  eval_fraction: 0.1\n")
     with pytest.raises(UserError, match=r"r\.yaml:7: data: set either eval"):
@@ -119,20 +133,30 @@ def test_yaml_syntax_and_duplicate_keys(tmp_path, good):
 
 
 def test_defaults_live_in_the_schema_and_overrides_are_typed(tmp_path, good):
-    recipe = load_recipe(write(tmp_path, good), ["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "quant.mode=fp4"])
+    recipe = load_recipe(
+        write(tmp_path, good), ["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "quant.mode=fp4"]
+    )
     assert recipe.train.lr == 1e-4 and recipe.lora.target_modules == ["q_proj", "v_proj"] and recipe.quant.mode == "fp4"
-    assert recipe.quant.double_quant is True and recipe.train.gradient_checkpointing is True and recipe.model.trust_remote_code is False
+    assert (
+        recipe.quant.double_quant is True
+        and recipe.train.gradient_checkpointing is True
+        and recipe.model.trust_remote_code is False
+    )
     resolved = recipe.resolved_dict()
     assert Recipe.model_validate(resolved).resolved_dict() == resolved
 
 
 def test_every_field_is_documented_and_the_readme_table_is_current():
     rows = explain().splitlines()[2:]
-    assert any(r.startswith("| `lora.rank` | `16` |") for r in rows) and any(r.startswith("| `data.train` | required |") for r in rows)
+    assert any(r.startswith("| `lora.rank` | `16` |") for r in rows) and any(
+        r.startswith("| `data.train` | required |") for r in rows
+    )
     for row in rows:
         assert row.rsplit("|", 2)[1].strip(), f"undocumented: {row}"
     readme = (REPO / "README.md").read_text()
-    assert explain() in readme, "README's recipe table drifted: paste `python -m lora_sft validate --explain` output into it"
+    assert explain() in readme, (
+        "README's recipe table drifted: paste `python -m lora_sft validate --explain` output into it"
+    )
 
 
 def test_version_and_help():
@@ -154,18 +178,28 @@ def _problems(path, overrides=()) -> list[str]:
 
 
 def test_no_infinite_or_nan_number_anywhere(tmp_path, good):
-    path = write(tmp_path, good.replace("  rank: 8", "  rank: 8\n  alpha: .inf\n  dropout: .nan") + "train:\n  warmup: .inf\n  lr: -.inf\n")
+    path = write(
+        tmp_path,
+        good.replace("  rank: 8", "  rank: 8\n  alpha: .inf\n  dropout: .nan")
+        + "train:\n  warmup: .inf\n  lr: -.inf\n",
+    )
     assert _problems(path) == [
         f"{path}:7: lora.alpha: input should be a finite number (got inf)",
         f"{path}:8: lora.dropout: input should be a finite number (got nan)",
         f"{path}:14: train.lr: input should be a finite number (got -inf)",
         f"{path}:13: train.warmup: input should be a finite number (got inf)",
     ]
-    assert _problems(write(tmp_path, good), ["data.eval_fraction=.nan"]) == ["override 'data.eval_fraction=.nan': data.eval_fraction: input should be a finite number (got nan)"]
+    assert _problems(write(tmp_path, good), ["data.eval_fraction=.nan"]) == [
+        "override 'data.eval_fraction=.nan': data.eval_fraction: input should be a finite number (got nan)"
+    ]
 
 
 def test_booleans_are_not_integers_and_integers_are_not_booleans(tmp_path, good):
-    path = write(tmp_path, good.replace("  rank: 8", "  rank: yes\n  rslora: 1\n  layers: [0, no]") + "train:\n  epochs: true\n  max_steps: 10.0\n")
+    path = write(
+        tmp_path,
+        good.replace("  rank: 8", "  rank: yes\n  rslora: 1\n  layers: [0, no]")
+        + "train:\n  epochs: true\n  max_steps: 10.0\n",
+    )
     assert _problems(path) == [
         f"{path}:6: lora.rank: input should be a valid integer (got True)",
         f"{path}:8: lora.layers.1: input should be a valid integer (got False)",
@@ -174,14 +208,20 @@ def test_booleans_are_not_integers_and_integers_are_not_booleans(tmp_path, good)
         f"{path}:14: train.max_steps: input should be a valid integer (got 10.0)",
     ]
     # floats stay lax where YAML gives a string: `2e-4` has no dot, so YAML reads it as text
-    recipe = load_recipe(write(tmp_path, good + "train:\n  lr: 2e-4\n  epochs: 2\n"), ["lora.dropout=0", "train.warmup=1e-2"])
+    recipe = load_recipe(
+        write(tmp_path, good + "train:\n  lr: 2e-4\n  epochs: 2\n"), ["lora.dropout=0", "train.warmup=1e-2"]
+    )
     assert (recipe.train.lr, recipe.train.epochs, recipe.lora.dropout, recipe.train.warmup) == (2e-4, 2.0, 0.0, 0.01)
-    assert load_recipe(write(tmp_path, good), ["lora.dora=yes", "lora.rank=4"]).lora.model_dump(include={"dora", "rank"}) == {"dora": True, "rank": 4}
+    assert load_recipe(write(tmp_path, good), ["lora.dora=yes", "lora.rank=4"]).lora.model_dump(
+        include={"dora", "rank"}
+    ) == {"dora": True, "rank": 4}
 
 
 def test_seed_range(tmp_path, good):
     for seed in (-1, 2**32):
-        assert _problems(write(tmp_path, good + f"seed: {seed}\n")) == [f"{tmp_path / 'r.yaml'}:10: seed: must be between 0 and 4294967295 (got {seed})"]
+        assert _problems(write(tmp_path, good + f"seed: {seed}\n")) == [
+            f"{tmp_path / 'r.yaml'}:10: seed: must be between 0 and 4294967295 (got {seed})"
+        ]
     for seed in (0, 2**32 - 1):
         assert load_recipe(write(tmp_path, good + f"seed: {seed}\n")).seed == seed
 
@@ -191,14 +231,19 @@ def test_huge_numbers_are_one_line(tmp_path, good):
     assert _problems(path) == [f"{path}:10: a number of 5000 digits; no recipe value needs more than a few"]
     # an override's value is parsed on its own: too long for an int, it stays text, which the schema refuses
     [line] = _problems(write(tmp_path, good), ["lora.rank=" + "7" * 5000])
-    assert line == f"override 'lora.rank={'7' * 50}... (5010 characters)': lora.rank: input should be a valid integer (got '{'7' * 39}... (5002 characters))"
+    assert (
+        line
+        == f"override 'lora.rank={'7' * 50}... (5010 characters)': lora.rank: input should be a valid integer (got '{'7' * 39}... (5002 characters))"
+    )
 
 
 def test_alias_bomb_is_refused_quickly_but_anchors_still_work(tmp_path, good):
     bomb = good + 'x0: &x0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
     bomb += "".join(f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}"] * 10) + "]\n" for i in range(1, 10))  # 10**10 values
     path = write(tmp_path, bomb)
-    assert _problems(path) == [f"{path}: YAML anchors and aliases expand to more than 100,000 values (an alias bomb?); write the recipe without them"]
+    assert _problems(path) == [
+        f"{path}: YAML anchors and aliases expand to more than 100,000 values (an alias bomb?); write the recipe without them"
+    ]
     shared = good.replace("  rank: 8", "  rank: &r 8\n  alpha: *r").replace("data:\n", "data: &d\n")
     recipe = load_recipe(write(tmp_path, shared))
     assert (recipe.lora.rank, recipe.lora.alpha) == (8, 8.0)
@@ -209,24 +254,44 @@ def test_deep_nesting_is_one_line(tmp_path, good):
         path = write(tmp_path, good + f"lora_extra: {deep}\n")
         assert _problems(path) == [f"{path}: nested too deeply to be a recipe (sections hold keys, a few levels deep)"]
     proc = cli("validate", path)
-    assert proc.returncode == 2 and proc.stderr == f"error: {path}: nested too deeply to be a recipe (sections hold keys, a few levels deep)\n"
+    assert (
+        proc.returncode == 2
+        and proc.stderr == f"error: {path}: nested too deeply to be a recipe (sections hold keys, a few levels deep)\n"
+    )
 
 
 def test_flat_axolotl_and_trl_keys_point_to_ours(tmp_path, good):
-    flat = good + "learning_rate: 2.0e-4\nlora_r: 16\nlora_alpha: 32\nlora_dropout: 0.05\nlora_target_modules: [q_proj]\nsequence_len: 2048\n"
+    flat = (
+        good
+        + "learning_rate: 2.0e-4\nlora_r: 16\nlora_alpha: 32\nlora_dropout: 0.05\nlora_target_modules: [q_proj]\nsequence_len: 2048\n"
+    )
     flat += "micro_batch_size: 2\ngradient_accumulation_steps: 4\nnum_epochs: 3\nbase_model: x\nbf16: auto\nload_in_4bit: true\n"
     flat += "sample_packing: true\nval_set_size: 0.05\ndatasets: []\nwarmup_steps: 10\nlr_scheduler: cosine\noptimizer: adamw_torch\nrevision: main\n"
     path = write(tmp_path, flat)
     hints = [p.split(": ", 2)[2] for p in _problems(path)]
     assert hints == [
-        "unknown key (ours is train.lr)", "unknown key (ours is lora.rank)", "unknown key (ours is lora.alpha)", "unknown key (ours is lora.dropout)",
-        "unknown key (ours is lora.target_modules)", "unknown key (ours is data.max_length)", "unknown key (ours is train.micro_batch_size)",
-        "unknown key (ours is train.grad_accum)", "unknown key (ours is train.epochs)", "unknown key (ours is model.path)",
-        "unknown key (no such switch; set quant.compute_dtype: bf16)", "unknown key (no such switch; set quant.mode: nf4 (the default))",
-        "unknown key (ours is data.packing)", "unknown key (ours is data.eval_fraction)", "unknown key (ours is data.train)",
-        "unknown key (ours is train.warmup)", "unknown key (ours is train.scheduler)", "unknown key (ours is train.optimizer)",
+        "unknown key (ours is train.lr)",
+        "unknown key (ours is lora.rank)",
+        "unknown key (ours is lora.alpha)",
+        "unknown key (ours is lora.dropout)",
+        "unknown key (ours is lora.target_modules)",
+        "unknown key (ours is data.max_length)",
+        "unknown key (ours is train.micro_batch_size)",
+        "unknown key (ours is train.grad_accum)",
+        "unknown key (ours is train.epochs)",
+        "unknown key (ours is model.path)",
+        "unknown key (no such switch; set quant.compute_dtype: bf16)",
+        "unknown key (no such switch; set quant.mode: nf4 (the default))",
+        "unknown key (ours is data.packing)",
+        "unknown key (ours is data.eval_fraction)",
+        "unknown key (ours is data.train)",
+        "unknown key (ours is train.warmup)",
+        "unknown key (ours is train.scheduler)",
+        "unknown key (ours is train.optimizer)",
         # in two sections (model, hub): no single pointer, so the section names
         "unknown key (known keys: task, output_dir, seed, model, quant, lora, data, train, eval, hub)",
     ]
     # inside a section the did-you-mean stays
-    assert _problems(write(tmp_path, good.replace("  rank: 8", "  lora_r: 8"))) == [f"{tmp_path / 'r.yaml'}:6: lora.lora_r: unknown key (did you mean 'rank'?)"]
+    assert _problems(write(tmp_path, good.replace("  rank: 8", "  lora_r: 8"))) == [
+        f"{tmp_path / 'r.yaml'}:6: lora.lora_r: unknown key (did you mean 'rank'?)"
+    ]

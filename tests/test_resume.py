@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -30,7 +31,6 @@ from safetensors.torch import load_file
 from lora_sft.checkpoint import checkpoints
 from lora_sft.cli import main
 
-pytestmark = pytest.mark.e2e
 STEPS = 6
 SEEDS = (2, 5, 9)  # kill after steps 2, 4 and 5: before, right after and past the epoch boundary at 3
 # 24 rows / 8 per step = 3 steps per epoch, so every run crosses an epoch boundary (a reshuffle)
@@ -47,18 +47,26 @@ def recipe_dict(tiny_llama, out: Path, **train) -> dict:
         "model": {"path": str(tiny_llama)},
         "lora": {"rank": 4, "alpha": 8, "dropout": 0.1},  # dropout: the resumed RNG must match too
         "data": {"format": "alpaca", "train": str(data), "max_length": 64},
-        "train": {"lr": 1e-2, "max_steps": STEPS, "micro_batch_size": 4, "grad_accum": 2, "warmup": 1,
-                  "logging_steps": 1, "save_steps": 1, "save_total_limit": 2, "gradient_checkpointing": False, **train},
+        "train": {
+            "lr": 1e-2,
+            "max_steps": STEPS,
+            "micro_batch_size": 4,
+            "grad_accum": 2,
+            "warmup": 1,
+            "logging_steps": 1,
+            "save_steps": 1,
+            "save_total_limit": 2,
+            "gradient_checkpointing": False,
+            **train,
+        },
     }
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
     records = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # the line a running process is writing
             records.append(json.loads(line))
-        except json.JSONDecodeError:  # the line a running process is writing
-            pass
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
@@ -84,8 +92,14 @@ def _env() -> dict:
 
 
 def _start(recipe: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lora_sft", "train", str(recipe), *args], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_sft", "train", str(recipe), *args],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _signal_at(runs: list[tuple[subprocess.Popen, Path, int, int]]) -> None:
@@ -105,6 +119,7 @@ def _signal_at(runs: list[tuple[subprocess.Popen, Path, int, int]]) -> None:
     assert not waiting, "not every run reached its step in 180 s"
 
 
+@pytest.mark.e2e
 def test_killed_and_resumed_equals_unbroken(unbroken, tiny_llama, tmp_path, capsys):
     """Three runs, each killed at its own random step (started together to share the import time)."""
     import yaml
@@ -119,11 +134,11 @@ def test_killed_and_resumed_equals_unbroken(unbroken, tiny_llama, tmp_path, caps
         runs[seed] = (kill_at, run, recipe, _start(recipe))
     # the kill lands anywhere around step kill_at's save, maybe mid-write
     _signal_at([(proc, run, kill_at, signal.SIGKILL) for kill_at, run, recipe, proc in runs.values()])
-    for kill_at, run, recipe, proc in runs.values():
+    for _, run, _, proc in runs.values():
         proc.wait()
         assert proc.returncode == -signal.SIGKILL and not (run / "summary.json").exists()
 
-    for seed, (kill_at, run, recipe, _) in runs.items():
+    for seed, (_, run, recipe, _) in runs.items():
         assert main(["train", str(recipe)]) == 2  # not overwritten without --resume
         assert "already holds an unfinished run; continue it with --resume" in capsys.readouterr().err
 
@@ -132,13 +147,18 @@ def test_killed_and_resumed_equals_unbroken(unbroken, tiny_llama, tmp_path, caps
         assert [s for s, _ in losses(run)] == list(range(1, STEPS + 1))
         ref, got = adapter(unbroken), adapter(run)
         assert ref.keys() == got.keys()
-        assert all(torch.equal(ref[k], got[k]) for k in ref), (seed, [k for k in ref if not torch.equal(ref[k], got[k])][:3])
+        assert all(torch.equal(ref[k], got[k]) for k in ref), (
+            seed,
+            [k for k in ref if not torch.equal(ref[k], got[k])][:3],
+        )
         summaries = [json.loads((r / "summary.json").read_text()) for r in (unbroken, run)]
-        assert [(s["tokens_seen"], s["tokens_trained"], s["steps"]) for s in summaries][0] == [(s["tokens_seen"], s["tokens_trained"], s["steps"]) for s in summaries][1]
+        totals = [(s["tokens_seen"], s["tokens_trained"], s["steps"]) for s in summaries]
+        assert totals[0] == totals[1]
         kept = sorted(p.name for p in (run / "checkpoints").iterdir())
         assert kept == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"]  # the last K, no staging left over
 
 
+@pytest.mark.e2e
 def test_finished_run_is_not_overwritten_and_changed_recipe_is_refused(unbroken, tiny_llama, tmp_path, capsys):
     import yaml
 
@@ -146,7 +166,10 @@ def test_finished_run_is_not_overwritten_and_changed_recipe_is_refused(unbroken,
     before = {p: p.read_bytes() for p in unbroken.rglob("*") if p.is_file()}
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "already holds a finished run; continue it with --resume, replace it with --overwrite" in err[0]
+    assert (
+        len(err) == 1
+        and "already holds a finished run; continue it with --resume, replace it with --overwrite" in err[0]
+    )
 
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(recipe_dict(tiny_llama, unbroken, micro_batch_size=2, lr=5e-3)))
@@ -160,6 +183,7 @@ def test_finished_run_is_not_overwritten_and_changed_recipe_is_refused(unbroken,
     assert {p: p.read_bytes() for p in unbroken.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.e2e
 def test_overwrite_replaces_a_run(unbroken, tiny_llama, tmp_path, write_recipe):
     import shutil
 
@@ -171,7 +195,9 @@ def test_overwrite_replaces_a_run(unbroken, tiny_llama, tmp_path, write_recipe):
     assert main(["train", str(recipe), "--overwrite"]) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 1
     assert (run / "notes.txt").read_text() == "the user's, not the run's"  # --overwrite removes only what a run wrote
-    assert not (run / "eval.md").exists() and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-1"]
+    assert not (run / "eval.md").exists() and sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "checkpoint-1"
+    ]
 
 
 def copy_of(unbroken: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -188,6 +214,7 @@ def copy_of(unbroken: Path, tmp_path: Path) -> tuple[Path, Path]:
     return run, recipe
 
 
+@pytest.mark.e2e
 def test_half_written_checkpoints_are_never_picked_up(unbroken, tmp_path, capsys):
     run, recipe = copy_of(unbroken, tmp_path)
     folder = run / "checkpoints"
@@ -207,6 +234,7 @@ def test_half_written_checkpoints_are_never_picked_up(unbroken, tmp_path, capsys
     assert not (folder / ".staging").exists()
 
 
+@pytest.mark.e2e
 def test_resume_from_a_named_checkpoint_redoes_the_later_steps_exactly(unbroken, tmp_path, capsys):
     run, recipe = copy_of(unbroken, tmp_path)
     earlier = run / "checkpoints" / f"checkpoint-{STEPS - 1}"
@@ -218,6 +246,7 @@ def test_resume_from_a_named_checkpoint_redoes_the_later_steps_exactly(unbroken,
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"]
 
 
+@pytest.mark.e2e
 def test_signals_save_and_exit_130_or_143(tiny_llama, tmp_path):
     procs = {}
     for sig in (signal.SIGINT, signal.SIGTERM):  # started together to share the import time
@@ -228,14 +257,17 @@ def test_signals_save_and_exit_130_or_143(tiny_llama, tmp_path):
         procs[sig] = (run, recipe, _start(recipe))
     _signal_at([(proc, run, 2, sig) for sig, (run, recipe, proc) in procs.items()])
     for sig, (run, recipe, proc) in procs.items():
-        out, err = proc.communicate(timeout=120)
+        _out, err = proc.communicate(timeout=120)
         assert proc.returncode == 128 + sig, err  # 130, 143
         assert "Traceback" not in err
         saved = sorted((run / "checkpoints").glob("checkpoint-*"))
         assert len(saved) == 1, saved  # save_steps is 1000: this one was written because of the signal
         step = int(saved[0].name.split("-")[1])
         last = err.rstrip("\n").split("\n")[-1]  # a line of its own, not the progress bar's (`grep ^error:` finds it)
-        assert last == f"error: {sig.name}: stopped after step {step}, checkpoint {saved[0]}; continue with: python -m lora_sft train {recipe} --resume"
+        assert (
+            last
+            == f"error: {sig.name}: stopped after step {step}, checkpoint {saved[0]}; continue with: python -m lora_sft train {recipe} --resume"
+        )
         assert step < 500 and [s for s, _ in losses(run)][-1] == step
 
 
@@ -243,7 +275,9 @@ def snapshot(root: Path) -> dict:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
-def _foreign_checkpoint(unbroken: Path, where: Path, rank: int | None = None, drop: str | None = None, recipe: dict | None = None) -> Path:
+def _foreign_checkpoint(
+    unbroken: Path, where: Path, rank: int | None = None, drop: str | None = None, recipe: dict | None = None
+) -> Path:
     """A copy of the unbroken run's last checkpoint at `where`, its adapter rewritten to LoRA rank `rank` and/or
     without the modules whose name holds `drop`; the counts file without the recipe (as an older lora_sft wrote it)
     or, with `recipe`, carrying that recipe's identity."""
@@ -258,7 +292,9 @@ def _foreign_checkpoint(unbroken: Path, where: Path, rank: int | None = None, dr
     if drop:
         tensors = {k: v for k, v in tensors.items() if drop not in k}
     if rank:
-        tensors = {k: torch.zeros((rank, v.shape[1]) if ".lora_A." in k else (v.shape[0], rank)) for k, v in tensors.items()}
+        tensors = {
+            k: torch.zeros((rank, v.shape[1]) if ".lora_A." in k else (v.shape[0], rank)) for k, v in tensors.items()
+        }
     save_file(tensors, str(where / "adapter_model.safetensors"))
     counts = json.loads((where / COUNTS).read_text())
     counts = {k: counts[k] for k in ("tokens_seen", "tokens_trained")}
@@ -268,13 +304,16 @@ def _foreign_checkpoint(unbroken: Path, where: Path, rank: int | None = None, dr
     return where
 
 
+@pytest.mark.e2e
 def test_checkpoints_carry_the_recipe_hash(unbroken):
     from lora_sft.checkpoint import COUNTS, identity, recipe_hash
 
     saved = yaml_load(unbroken / "recipe.yaml")
     for checkpoint in checkpoints(unbroken / "checkpoints"):
         counts = json.loads((checkpoint / COUNTS).read_text())
-        assert counts["recipe"] == json.loads(json.dumps(identity(saved))) and counts["recipe_hash"] == recipe_hash(identity(saved))
+        assert counts["recipe"] == json.loads(json.dumps(identity(saved))) and counts["recipe_hash"] == recipe_hash(
+            identity(saved)
+        )
         assert counts["recipe"]["lora"]["rank"] == 4 and counts["recipe"]["effective_batch"] == 8
 
 
@@ -284,21 +323,31 @@ def yaml_load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_of_another_recipe_is_refused_and_the_run_stays_byte_for_byte(unbroken, tmp_path, capsys):
     run, recipe = copy_of(unbroken, tmp_path)
     saved = yaml_load(run / "recipe.yaml")
     other = {**saved, "lora": {**saved["lora"], "rank": 8}, "train": {**saved["train"], "grad_accum": 4}}
     cases = {
         # written by a run with another recipe: its counts file says so, the line names the differences
-        "hash": (_foreign_checkpoint(unbroken, tmp_path / "a" / "checkpoint-6", recipe=other),
-                 "the checkpoint was written by a run with another recipe: lora.rank 8 -> 4; effective batch (micro_batch_size * grad_accum) 16 -> 8"),
+        "hash": (
+            _foreign_checkpoint(unbroken, tmp_path / "a" / "checkpoint-6", recipe=other),
+            "the checkpoint was written by a run with another recipe: lora.rank 8 -> 4; effective batch (micro_batch_size * grad_accum) 16 -> 8",
+        ),
         # an older checkpoint without the hash, in another run directory: that run's recipe.yaml tells
-        "other run dir": (_foreign_checkpoint(unbroken, tmp_path / "b" / "run" / "checkpoints" / "checkpoint-6"),
-                          "the checkpoint was written by a run with another recipe: lora.rank 8 -> 4"),
+        "other run dir": (
+            _foreign_checkpoint(unbroken, tmp_path / "b" / "run" / "checkpoints" / "checkpoint-6"),
+            "the checkpoint was written by a run with another recipe: lora.rank 8 -> 4",
+        ),
         # no hash, no run around it: the adapter's shapes in the safetensors header
-        "rank": (_foreign_checkpoint(unbroken, tmp_path / "c" / "checkpoint-6", rank=8), "the checkpoint's LoRA rank is 8 (model.layers.0.self_attn.q_proj), this recipe's lora.rank is 4"),
-        "modules": (_foreign_checkpoint(unbroken, tmp_path / "d" / "checkpoint-6", drop="v_proj"),
-                    "the checkpoint adapts 12 modules, this recipe 14: not model.layers.0.self_attn.v_proj, model.layers.1.self_attn.v_proj"),
+        "rank": (
+            _foreign_checkpoint(unbroken, tmp_path / "c" / "checkpoint-6", rank=8),
+            "the checkpoint's LoRA rank is 8 (model.layers.0.self_attn.q_proj), this recipe's lora.rank is 4",
+        ),
+        "modules": (
+            _foreign_checkpoint(unbroken, tmp_path / "d" / "checkpoint-6", drop="v_proj"),
+            "the checkpoint adapts 12 modules, this recipe 14: not model.layers.0.self_attn.v_proj, model.layers.1.self_attn.v_proj",
+        ),
     }
     b = tmp_path / "b" / "run"
     b.joinpath(".lora_sft-run").write_text("{}")
@@ -309,10 +358,13 @@ def test_a_checkpoint_of_another_recipe_is_refused_and_the_run_stays_byte_for_by
     for name, (checkpoint, why) in cases.items():
         assert main(["train", str(recipe), "--resume", str(checkpoint)]) == 2, name
         err = capsys.readouterr().err.strip().split("\n")
-        assert err == [f"error: --resume refused: {checkpoint} does not belong to this recipe: {why}; resume from a checkpoint of this run ({run / 'checkpoints'})"], name
+        assert err == [
+            f"error: --resume refused: {checkpoint} does not belong to this recipe: {why}; resume from a checkpoint of this run ({run / 'checkpoints'})"
+        ], name
         assert snapshot(run) == before, name  # recipe.yaml, metrics.jsonl, summary.json, eval.md: all as they were
 
 
+@pytest.mark.e2e
 def test_a_resumed_run_drops_what_described_the_old_adapter(unbroken, tmp_path, capsys):
     run, recipe = copy_of(unbroken, tmp_path)
     summary = json.loads((run / "summary.json").read_text())
@@ -324,3 +376,46 @@ def test_a_resumed_run_drops_what_described_the_old_adapter(unbroken, tmp_path, 
     assert not (run / "eval.md").exists() and not (run / "export").exists()
     assert "evaluation" not in json.loads((run / "summary.json").read_text())
     assert (run / "notes.txt").read_text() == "mine" and (run / ".lora_sft-run").is_file()
+
+
+@pytest.mark.unit
+def test_on_save_marks_renames_and_rotates_and_only_marked_checkpoints_count(tmp_path):
+    """AtomicCheckpoints, driven as Trainer drives it: Trainer writes `.staging/checkpoint-N`, then `on_save` writes
+    the marker (the counts file) last, renames the folder into place, keeps the last K complete ones."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from lora_sft.checkpoint import COUNTS, STATE, AtomicCheckpoints, staging
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    totals = {"tokens_seen": 0, "tokens_trained": 0}
+    saves = AtomicCheckpoints(folder, keep=2, counts=lambda: dict(totals), identity={"lora": {"rank": 4}})
+    for step in (1, 2, 3):
+        state, control = SimpleNamespace(global_step=step), TrainerControl(should_save=True)
+        saves.on_step_end(None, state, control)
+        written = staging(folder) / f"checkpoint-{step}"  # what Trainer writes (its output_dir is the staging folder)
+        written.mkdir(parents=True)
+        (written / STATE).write_text(json.dumps({"global_step": step}))
+        totals = {"tokens_seen": 10 * step, "tokens_trained": 4 * step}
+        saves.on_save(None, state, control)
+    assert (
+        [p.name for p in checkpoints(folder)]
+        == ["checkpoint-2", "checkpoint-3"]
+        == sorted(p.name for p in folder.iterdir())
+    )
+    counts = json.loads((folder / "checkpoint-3" / COUNTS).read_text())
+    assert (counts["tokens_seen"], counts["tokens_trained"], counts["recipe"]) == (
+        30,
+        12,
+        {"lora": {"rank": 4}},
+    ) and counts["recipe_hash"]
+    # a checkpoint folder without the marker (its save cut short) is never a checkpoint to resume from
+    torn = folder / "checkpoint-4"
+    torn.mkdir()
+    (torn / STATE).write_text(json.dumps({"global_step": 4}))
+    assert [p.name for p in checkpoints(folder)] == ["checkpoint-2", "checkpoint-3"]
+    # saving a step again (resumed from an earlier checkpoint): the old folder stops counting before Trainer rewrites it
+    saves.on_step_end(None, SimpleNamespace(global_step=3), TrainerControl(should_save=True))
+    assert [p.name for p in checkpoints(folder)] == ["checkpoint-2"]

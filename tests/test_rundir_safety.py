@@ -20,7 +20,7 @@ from lora_sft.checkpoint import check_output_dir
 from lora_sft.cli import main
 from lora_sft.errors import UserError
 from lora_sft.recipe import load_recipe
-from lora_sft.rundir import ARTIFACTS, MARKER, RunDir
+from lora_sft.rundir import ARTIFACTS, MARKER, Manifest, RunDir
 
 ROWS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()[:16]
 
@@ -31,11 +31,21 @@ def snapshot(root: Path) -> dict:
 
 def recipe_dict(tiny_llama, output_dir: str, data: str, **train) -> dict:
     return {
-        "task": "causal_lm", "output_dir": output_dir, "model": {"path": str(tiny_llama)},
+        "task": "causal_lm",
+        "output_dir": output_dir,
+        "model": {"path": str(tiny_llama)},
         "lora": {"rank": 4, "alpha": 8},
         "data": {"format": "alpaca", "train": data, "max_length": 48},
-        "train": {"lr": 1e-2, "max_steps": 2, "micro_batch_size": 4, "warmup": 0, "logging_steps": 1, "save_steps": 1,
-                  "gradient_checkpointing": False, **train},
+        "train": {
+            "lr": 1e-2,
+            "max_steps": 2,
+            "micro_batch_size": 4,
+            "warmup": 0,
+            "logging_steps": 1,
+            "save_steps": 1,
+            "gradient_checkpointing": False,
+            **train,
+        },
     }
 
 
@@ -66,8 +76,10 @@ def test_overwrite_refuses_a_foreign_folder_and_removes_only_a_runs_files(tiny_l
     for flags in ([], ["--overwrite"]):
         assert main(["train", str(recipe), *flags]) == 2
         line = one_error(capsys)
-        assert line == (f"error: {recipe}:2: output_dir: {home / 'run'} is not empty (NOTES.txt) and holds no lora_sft run; "
-                        "lora_sft writes only into a new or empty folder or a run of its own: set another output_dir")
+        assert line == (
+            f"error: {recipe}:2: output_dir: {home / 'run'} is not empty (NOTES.txt) and holds no lora_sft run; "
+            "lora_sft writes only into a new or empty folder or a run of its own: set another output_dir"
+        )
         assert snapshot(tmp_path) == before
     notes.unlink()
 
@@ -77,7 +89,15 @@ def test_overwrite_refuses_a_foreign_folder_and_removes_only_a_runs_files(tiny_l
     assert not (project / "~").exists()
     marker = json.loads((run / MARKER).read_text())
     assert marker["version"] == 1 and marker["created"]
-    assert {p.name for p in run.iterdir()} == {MARKER, "recipe.yaml", "manifest.json", "metrics.jsonl", "summary.json", "adapter", "checkpoints"}
+    assert {p.name for p in run.iterdir()} == {
+        MARKER,
+        "recipe.yaml",
+        "manifest.json",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter",
+        "checkpoints",
+    }
     capsys.readouterr()
     assert main(["train", str(recipe)]) == 2 and "already holds a finished run" in one_error(capsys)
 
@@ -93,11 +113,25 @@ def test_overwrite_refuses_a_foreign_folder_and_removes_only_a_runs_files(tiny_l
 
     assert main(["train", str(recipe), "--overwrite", "train.max_steps=1", "train.lr=5e-2"]) == 0
     assert notes.read_text() == "the user's notes" and (run / "my-plots" / "loss.png").read_bytes() == b"\x89PNG fake"
-    assert {p.name for p in run.iterdir()} == {MARKER, "recipe.yaml", "manifest.json", "metrics.jsonl", "summary.json", "adapter", "checkpoints", "NOTES.txt", "my-plots"}
+    assert {p.name for p in run.iterdir()} == {
+        MARKER,
+        "recipe.yaml",
+        "manifest.json",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter",
+        "checkpoints",
+        "NOTES.txt",
+        "my-plots",
+    }
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-1"]
     assert json.loads((run / "summary.json").read_text())["steps"] == 1
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() != old_adapter
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)] == [1]
+    assert [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ] == [1]
 
 
 @pytest.mark.unit
@@ -110,8 +144,10 @@ def test_output_dir_dot_with_the_recipe_and_data_in_cwd_is_refused(tiny_llama, t
     before = snapshot(tmp_path)
     argv = ["validate", str(recipe)] if flags == "validate" else ["train", str(recipe), *flags]
     assert main(argv) == 2
-    assert one_error(capsys) == (f"error: {recipe}:2: output_dir: . is the working directory; a run must have a folder of its own: "
-                                 "set output_dir to a folder of its own, e.g. runs/my-run")
+    assert one_error(capsys) == (
+        f"error: {recipe}:2: output_dir: . is the working directory; a run must have a folder of its own: "
+        "set output_dir to a folder of its own, e.g. runs/my-run"
+    )
     assert snapshot(tmp_path) == before
 
 
@@ -139,15 +175,21 @@ def test_every_protected_place_and_its_ancestors_are_refused(tiny_llama, tmp_pat
 
     assert f"is the folder holding the recipe {recipe}" in refused(str(project))
     assert f"output_dir: {link} is the folder holding the recipe {recipe}" in refused(str(link))  # symlinks resolved
-    assert f"output_dir: {link / '..'} ({tmp_path / 'p'}) holds the folder holding the recipe" in refused(str(link / ".."))
+    assert f"output_dir: {link / '..'} ({tmp_path / 'p'}) holds the folder holding the recipe" in refused(
+        str(link / "..")
+    )
     assert f"is the data folder {project / 'data' / 'chats'} (data.train)" in refused(str(project / "data" / "chats"))
     assert f"({project / 'data'}) holds the data folder" in refused(str(project / "data"))
     assert "is inside the data folder" in refused(str(project / "data" / "chats" / "run"))
-    assert f"is inside the folder of the data glob {project / 'data' / '**' / '*.jsonl'} (data.train)" in refused(str(project / "data" / "chats" / "x" / "run"), data=str(project / "data" / "**" / "*.jsonl"))
+    assert f"is inside the folder of the data glob {project / 'data' / '**' / '*.jsonl'} (data.train)" in refused(
+        str(project / "data" / "chats" / "x" / "run"), data=str(project / "data" / "**" / "*.jsonl")
+    )
     assert f"is the model folder {tiny_llama} (model.path)" in refused(str(tiny_llama))
     (tmp_path / "templates").mkdir()
     (tmp_path / "templates" / "t.jinja").write_text("{{ messages }}")
-    assert f"holds the chat template {tmp_path / 'templates' / 't.jinja'} (data.chat_template)" in refused(str(tmp_path / "templates"), chat_template=str(tmp_path / "templates" / "t.jinja"))
+    assert f"holds the chat template {tmp_path / 'templates' / 't.jinja'} (data.chat_template)" in refused(
+        str(tmp_path / "templates"), chat_template=str(tmp_path / "templates" / "t.jinja")
+    )
     assert "is your home folder" in refused(str(Path.home()))
     assert "is the root folder" in refused("/")
     assert "holds the working directory" in refused(str(tmp_path))
@@ -157,7 +199,7 @@ def test_every_protected_place_and_its_ancestors_are_refused(tiny_llama, tmp_pat
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     check_output_dir(load_recipe(recipe), str(tiny_llama))
     run = RunDir(project / "runs" / "a")
-    run.create(raw, {"data_fingerprint": "x"})
+    run.create(raw, Manifest.new(0, "x", {}, "test"))
     check_output_dir(load_recipe(run.recipe), str(tiny_llama))
 
 
@@ -176,20 +218,32 @@ def test_a_run_is_recognised_by_its_marker_or_a_lora_sft_manifest(tmp_path):
     assert not legacy.holds_run()
 
     run = RunDir(tmp_path / "run")
-    run.create({"task": "causal_lm"}, {"data_fingerprint": "abc"})
+    run.create({"task": "causal_lm"}, Manifest.new(0, "abc", {}, "test"))
     assert run.holds_run() and run.marker.is_file()
     (run.root / "mine.txt").write_text("keep")
     (run.root / "summary.json.tmp").write_text("{")
     run.remove_run()
     assert [p.name for p in run.root.iterdir()] == ["mine.txt"]
-    assert set(ARTIFACTS) >= {MARKER, "recipe.yaml", "manifest.json", "metrics.jsonl", "summary.json", "adapter", "checkpoints", "eval.md", "export"}
+    assert set(ARTIFACTS) >= {
+        MARKER,
+        "recipe.yaml",
+        "manifest.json",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter",
+        "checkpoints",
+        "eval.md",
+        "export",
+    }
 
 
 @pytest.mark.unit
 def test_drop_derived_removes_what_described_the_old_adapter(tmp_path):
     run = RunDir(tmp_path / "run")
-    run.create({"task": "causal_lm"}, {})
-    run.finish({}, {"steps": 3, "evaluation": {"rows": 2}})
+    run.create({"task": "causal_lm"}, Manifest.new(0, "", {}, "test"))
+    run.summary.write_text(
+        json.dumps({"steps": 3, "evaluation": {"rows": 2}})
+    )  # a summary with an evaluation of the old adapter
     run.eval_report.write_text("old")
     (run.export / "adapter").mkdir(parents=True)
     run.drop_derived()
@@ -203,9 +257,13 @@ def test_cli_top_level_debug_and_argument_errors(tmp_path, capsys):
         main(["--debug", "validate", str(tmp_path / "missing.yaml")])
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
     assert one_error(capsys) == f"error: {tmp_path / 'missing.yaml'}: recipe file not found"
-    for argv, flag in ((["export", "x", "--samples", "0"], "--samples"), (["export", "x", "--tolerance", "nan"], "--tolerance"),
-                       (["generate", "x", "--max-new-tokens", "0"], "--max-new-tokens"), (["preview", "r.yaml", "-n", "-2"], "-n"),
-                       (["export", "x", "--max-shard-size", "lots"], "--max-shard-size")):
+    for argv, flag in (
+        (["export", "x", "--samples", "0"], "--samples"),
+        (["export", "x", "--tolerance", "nan"], "--tolerance"),
+        (["generate", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["preview", "r.yaml", "-n", "-2"], "-n"),
+        (["export", "x", "--max-shard-size", "lots"], "--max-shard-size"),
+    ):
         assert main(argv) == 2
         line = one_error(capsys)
         assert f"argument {flag}: " in line and "usage:" not in line, line
@@ -215,9 +273,19 @@ def test_cli_top_level_debug_and_argument_errors(tmp_path, capsys):
 def test_preview_into_a_closed_pipe_exits_quietly(tiny_llama, tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(ROWS) + "\n")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(sort_keys=False, data=recipe_dict(tiny_llama, str(tmp_path / "run"), str(tmp_path / "train.jsonl"))))
+    recipe.write_text(
+        yaml.safe_dump(
+            sort_keys=False, data=recipe_dict(tiny_llama, str(tmp_path / "run"), str(tmp_path / "train.jsonl"))
+        )
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lora_sft", "preview", str(recipe), "-n", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_sft", "preview", str(recipe), "-n", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
     proc.stdout.close()  # `| head` that has read enough: every write now fails with a broken pipe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

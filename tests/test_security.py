@@ -26,9 +26,23 @@ def fake_token() -> str:
 
 def recipe_dict(model, out, **extra) -> dict:
     return {
-        "task": "causal_lm", "output_dir": str(out), "model": {"path": str(model), **extra},
-        "lora": {"rank": 2}, "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "eval_fraction": 0.1, "max_length": 64},
-        "train": {"max_steps": 2, "micro_batch_size": 8, "logging_steps": 1, "save_steps": 1, "gradient_checkpointing": False},
+        "task": "causal_lm",
+        "output_dir": str(out),
+        "model": {"path": str(model), **extra},
+        "lora": {"rank": 2},
+        "data": {
+            "format": "alpaca",
+            "train": str(REPO / "data/examples/alpaca.jsonl"),
+            "eval_fraction": 0.1,
+            "max_length": 64,
+        },
+        "train": {
+            "max_steps": 2,
+            "micro_batch_size": 8,
+            "logging_steps": 1,
+            "save_steps": 1,
+            "gradient_checkpointing": False,
+        },
     }
 
 
@@ -42,7 +56,15 @@ def test_token_never_reaches_disk_or_logs(tiny_llama, tmp_path, write_recipe, mo
     assert main(["train", str(recipe)]) == 0
     files = [p for p in run.rglob("*") if p.is_file()]
     # every file a run leaves: adapter, card, recipe snapshot, manifest, metrics, summary, checkpoints (training_args.bin too)
-    assert {"README.md", "recipe.yaml", "manifest.json", "metrics.jsonl", "summary.json", "training_args.bin", "trainer_state.json"} <= {p.name for p in files}
+    assert {
+        "README.md",
+        "recipe.yaml",
+        "manifest.json",
+        "metrics.jsonl",
+        "summary.json",
+        "training_args.bin",
+        "trainer_state.json",
+    } <= {p.name for p in files}
     leaks = [str(p) for p in files if token.encode() in p.read_bytes() or token[3:].encode() in p.read_bytes()]
     assert not leaks
     out, err = capsys.readouterr()
@@ -66,7 +88,9 @@ def test_model_code_runs_only_when_the_recipe_opts_in(tmp_path, write_recipe, mo
     assert main(["validate", str(path)]) == 2
     assert "set model.trust_remote_code: true" in capsys.readouterr().err
     assert not marker.exists()
-    main(["validate", str(path), "model.trust_remote_code=true"])  # the shipped code is a config only: what follows fails
+    main(
+        ["validate", str(path), "model.trust_remote_code=true"]
+    )  # the shipped code is a config only: what follows fails
     assert marker.read_text() == "executed"  # so the refusal above is what kept it from running
 
 

@@ -18,7 +18,16 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 def recipe_for(tmp_path, write_recipe):
     def make(train, task="causal_lm", **data):
-        return load_recipe(write_recipe({"task": task, "output_dir": str(tmp_path / "run"), "model": {"path": "unused"}, "data": {"train": train, **data}}))
+        return load_recipe(
+            write_recipe(
+                {
+                    "task": task,
+                    "output_dir": str(tmp_path / "run"),
+                    "model": {"path": "unused"},
+                    "data": {"train": train, **data},
+                }
+            )
+        )
 
     return make
 
@@ -49,14 +58,23 @@ def test_several_sources_with_formats_limits_and_weights(tmp_path, recipe_for):
     write_jsonl(tmp_path / "al.jsonl", [{"q": f"q{i}", "a": f"a{i}"} for i in range(4)])
     train = [
         {"path": str(tmp_path / "pc.jsonl"), "limit": 3},
-        {"path": str(tmp_path / "al.jsonl"), "format": "alpaca", "columns": {"instruction": "q", "output": "a"}, "weight": 2.5},
+        {
+            "path": str(tmp_path / "al.jsonl"),
+            "format": "alpaca",
+            "columns": {"instruction": "q", "output": "a"},
+            "weight": 2.5,
+        },
     ]
     checked = check(recipe_for(train, format="prompt_completion"))
     assert len(checked.train) == 3 + 10  # 4 rows x 2.5
     from collections import Counter
 
     counts = Counter(e.messages[0]["content"] for e in checked.train if e.messages)
-    assert sum(counts.values()) == 10 and set(counts) == {"q0", "q1", "q2", "q3"} and all(2 <= c <= 3 for c in counts.values())
+    assert (
+        sum(counts.values()) == 10
+        and set(counts) == {"q0", "q1", "q2", "q3"}
+        and all(2 <= c <= 3 for c in counts.values())
+    )
     assert len([e for e in checked.train if e.prompt and e.prompt.startswith("r")]) == 3
     assert check(recipe_for(train, format="prompt_completion")).train == checked.train  # seeded
 
@@ -73,7 +91,9 @@ def test_cache_hits_and_rebuilds_when_anything_it_depends_on_changes(tmp_path, r
     again = build(recipe_for(str(tmp_path / "t.jsonl"), format="prompt_completion"), tok)
     assert "cached" not in first.stats and again.stats.get("cached") and list(again.train) == list(first.train)
     assert again.fingerprint == first.fingerprint
-    assert not build(recipe_for(str(tmp_path / "t.jsonl"), format="prompt_completion", max_length=9), tok).stats.get("cached")
+    assert not build(recipe_for(str(tmp_path / "t.jsonl"), format="prompt_completion", max_length=9), tok).stats.get(
+        "cached"
+    )
     other = build_tokenizer(["x"], vocab_size=0, eos="<|endoftext|>")
     assert not build(recipe_for(str(tmp_path / "t.jsonl"), format="prompt_completion"), other).stats.get("cached")
     write_jsonl(tmp_path / "t.jsonl", rows(6))
@@ -93,12 +113,21 @@ def test_gate_on_samples_left_with_nothing_to_train(tmp_path, recipe_for):
     tok = build_tokenizer(["x"], vocab_size=0)
     data = [{"prompt": "p" * 40, "completion": "c"}] + rows(3)
     write_jsonl(tmp_path / "t.jsonl", data)
-    with pytest.raises(UserError, match=r"data\.max_dropped: 1 of 4 train samples \(25\.0%\) have no trained token left after truncation to 16 tokens \(first: .*t\.jsonl:1\); raise data\.max_length, or accept it with data\.max_dropped: 0\.25"):
+    with pytest.raises(
+        UserError,
+        match=r"data\.max_dropped: 1 of 4 train samples \(25\.0%\) have no trained token left after truncation to 16 tokens \(first: .*t\.jsonl:1\); raise data\.max_length, or accept it with data\.max_dropped: 0\.25",
+    ):
         build(recipe_for(str(tmp_path / "t.jsonl"), format="prompt_completion", max_length=16), tok)
     ok = build(recipe_for(str(tmp_path / "t.jsonl"), format="prompt_completion", max_length=16, max_dropped=0.25), tok)
     assert ok.stats["train"]["dropped_no_trained_token"] == 1 and len(ok.train) == 3
-    dropped = build(recipe_for(str(tmp_path / "t.jsonl"), format="prompt_completion", max_length=16, truncation="drop"), tok)
-    assert dropped.stats["train"]["dropped_too_long"] == 1 and dropped.stats["train"]["truncated"] == 0 and len(dropped.train) == 3
+    dropped = build(
+        recipe_for(str(tmp_path / "t.jsonl"), format="prompt_completion", max_length=16, truncation="drop"), tok
+    )
+    assert (
+        dropped.stats["train"]["dropped_too_long"] == 1
+        and dropped.stats["train"]["truncated"] == 0
+        and len(dropped.train) == 3
+    )
 
 
 def test_classification_text_pairs():
@@ -110,20 +139,36 @@ def test_classification_text_pairs():
     from lora_sft.data.read import Row
 
     example = check_row(Row("x:1", {"text": "a cat", "text_pair": "a dog", "label": "same"}), "classification")
-    sample = tokenize_classification(example, tok, Options(64, "truncate", False, "all", ("assistant",)), ["diff", "same"]).samples[0]
-    assert sample["input_ids"] == tok("a cat", "a dog")["input_ids"] and sample["labels"] == 1 and 1 in sample["token_type_ids"]
+    sample = tokenize_classification(
+        example, tok, Options(64, "truncate", False, "all", ("assistant",)), ["diff", "same"]
+    ).samples[0]
+    assert (
+        sample["input_ids"] == tok("a cat", "a dog")["input_ids"]
+        and sample["labels"] == 1
+        and 1 in sample["token_type_ids"]
+    )
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"instruction": "x"}\n', "missing field 'output'"),
-    (b'{"instruction": "x", "output": 5}\n', "field 'output' must be a string, not int"),
-    (b'"just a string"\n', "a row must be a JSON object, not str"),
-    (b"", "the file holds no rows"),
-    (b'{"instruction": "caf\xe9", "output": "y"}\n', "invalid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"instruction": "x"}\n', "missing field 'output'"),
+        (b'{"instruction": "x", "output": 5}\n', "field 'output' must be a string, not int"),
+        (b'"just a string"\n', "a row must be a JSON object, not str"),
+        (b"", "the file holds no rows"),
+        (b'{"instruction": "caf\xe9", "output": "y"}\n', "invalid UTF-8"),
+    ],
+)
 def test_bad_alpaca_rows_exit_2_naming_file_and_line(tmp_path, write_recipe, capsys, content, message):
     (tmp_path / "bad.jsonl").write_bytes(content)
-    path = write_recipe({"task": "causal_lm", "output_dir": str(tmp_path / "run"), "model": {"path": "unused"}, "data": {"format": "alpaca", "train": str(tmp_path / "bad.jsonl")}})
+    path = write_recipe(
+        {
+            "task": "causal_lm",
+            "output_dir": str(tmp_path / "run"),
+            "model": {"path": "unused"},
+            "data": {"format": "alpaca", "train": str(tmp_path / "bad.jsonl")},
+        }
+    )
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'bad.jsonl'}:1: {message}"), err
@@ -131,10 +176,26 @@ def test_bad_alpaca_rows_exit_2_naming_file_and_line(tmp_path, write_recipe, cap
 
 
 def test_unknown_role_exits_2(tmp_path, write_recipe, capsys):
-    write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, {"messages": [{"role": "bot", "content": "b"}]}])
-    path = write_recipe({"task": "causal_lm", "output_dir": "x", "model": {"path": "unused"}, "data": {"format": "messages", "train": str(tmp_path / "bad.jsonl")}})
+    write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            {"messages": [{"role": "bot", "content": "b"}]},
+        ],
+    )
+    path = write_recipe(
+        {
+            "task": "causal_lm",
+            "output_dir": "x",
+            "model": {"path": "unused"},
+            "data": {"format": "messages", "train": str(tmp_path / "bad.jsonl")},
+        }
+    )
     assert main(["preview", str(path)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'bad.jsonl'}:2: messages[0].role: unknown role 'bot'; use one of system, user, assistant, tool"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {tmp_path / 'bad.jsonl'}:2: messages[0].role: unknown role 'bot'; use one of system, user, assistant, tool"
+    )
 
 
 # ---------------------------------------------------------------- issue 15: every problem at once, nothing misread
@@ -156,7 +217,13 @@ def test_every_bad_row_of_every_file_in_one_run_in_file_order(tmp_path, recipe_f
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "b.jsonl").write_text(good + '\n{"prompt": 1, "completion": "c"}\n')
     with pytest.raises(UserError) as err:
-        check(recipe_for([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), str(tmp_path / "gone.jsonl")], format="prompt_completion", eval=str(tmp_path / "b.jsonl")))
+        check(
+            recipe_for(
+                [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), str(tmp_path / "gone.jsonl")],
+                format="prompt_completion",
+                eval=str(tmp_path / "b.jsonl"),
+            )
+        )
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     assert messages(err) == [
         f"{a}:3: missing field 'completion' (format prompt_completion needs prompt, completion; map other column names with columns:)",
@@ -185,18 +252,29 @@ def test_csv_keeps_newlines_inside_quoted_fields_and_names_the_line_a_record_sta
 
 def test_jsonl_splits_on_newlines_only(tmp_path, recipe_for):
     row = {"prompt": "a\u2028b\u2029c\x0cd\x1ce\x85f", "completion": "g\u2028h"}
-    (tmp_path / "t.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\r\n" + json.dumps(rows(1)[0]) + "\n", encoding="utf-8")
+    (tmp_path / "t.jsonl").write_text(
+        json.dumps(row, ensure_ascii=False) + "\r\n" + json.dumps(rows(1)[0]) + "\n", encoding="utf-8"
+    )
     got = check(recipe_for(str(tmp_path / "t.jsonl"), format="prompt_completion", shuffle=False)).train
-    assert [(e.prompt, e.response, e.place.rsplit(":", 1)[1]) for e in got] == [(row["prompt"], row["completion"], "1"), ("r0", "c0", "2")]
+    assert [(e.prompt, e.response, e.place.rsplit(":", 1)[1]) for e in got] == [
+        (row["prompt"], row["completion"], "1"),
+        ("r0", "c0", "2"),
+    ]
     (tmp_path / "t.txt").write_text("one\u2028still one\ntwo\n", encoding="utf-8")
-    assert [e.text for e in check(recipe_for(str(tmp_path / "t.txt"), format="text", shuffle=False)).train] == ["one\u2028still one", "two"]
+    assert [e.text for e in check(recipe_for(str(tmp_path / "t.txt"), format="text", shuffle=False)).train] == [
+        "one\u2028still one",
+        "two",
+    ]
 
 
-@pytest.mark.parametrize("name, body", [
-    ("t.csv", b"prompt,completion\np0,c0\n"),
-    ("t.jsonl", b'{"prompt": "p0", "completion": "c0"}\n'),
-    ("t.json", b'[{"prompt": "p0", "completion": "c0"}]'),
-])
+@pytest.mark.parametrize(
+    "name, body",
+    [
+        ("t.csv", b"prompt,completion\np0,c0\n"),
+        ("t.jsonl", b'{"prompt": "p0", "completion": "c0"}\n'),
+        ("t.json", b'[{"prompt": "p0", "completion": "c0"}]'),
+    ],
+)
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path, recipe_for, name, body):
     (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body)
     got = check(recipe_for(str(tmp_path / name), format="prompt_completion")).train
@@ -222,9 +300,13 @@ def test_weight_and_eval_fraction_never_put_an_eval_row_into_train(tmp_path, rec
     kept_a = {f"a{i}" for i in range(20)} - held
     kept_b = {f"b{i}" for i in range(10)} - held
     assert {p: c for p, c in counts.items() if p.startswith("a")} == dict.fromkeys(kept_a, 3)
-    assert {p for p in counts if p.startswith("b")} <= kept_b and sum(c for p, c in counts.items() if p.startswith("b")) == round(len(kept_b) * 0.5)
+    assert {p for p in counts if p.startswith("b")} <= kept_b and sum(
+        c for p, c in counts.items() if p.startswith("b")
+    ) == round(len(kept_b) * 0.5)
     again = check(recipe_for(train, format="prompt_completion", eval_fraction=0.2))
-    assert [e.prompt for e in again.eval] == [e.prompt for e in got.eval] and [e.prompt for e in again.train] == [e.prompt for e in got.train]
+    assert [e.prompt for e in again.eval] == [e.prompt for e in got.eval] and [e.prompt for e in again.train] == [
+        e.prompt for e in got.train
+    ]
 
 
 def test_limit_applies_after_the_seeded_shuffle_per_source(tmp_path, recipe_for):
@@ -234,15 +316,26 @@ def test_limit_applies_after_the_seeded_shuffle_per_source(tmp_path, recipe_for)
     plain = check(recipe_for(train, format="prompt_completion", shuffle=False)).train
     assert [e.prompt for e in plain] == ["a0", "a1", "a2", "a3", "b0", "b1"]
     shuffled = [e.prompt for e in check(recipe_for(train, format="prompt_completion")).train]
-    assert len(shuffled) == 6 and all(p.startswith("a") for p in shuffled[:4]) and all(p.startswith("b") for p in shuffled[4:])
+    assert (
+        len(shuffled) == 6
+        and all(p.startswith("a") for p in shuffled[:4])
+        and all(p.startswith("b") for p in shuffled[4:])
+    )
     assert shuffled != [e.prompt for e in plain]
 
 
 def test_a_weight_that_keeps_no_row_is_an_error_naming_the_source(tmp_path, recipe_for):
     write_jsonl(tmp_path / "a.jsonl", rows(3))
     with pytest.raises(UserError) as err:
-        check(recipe_for([str(tmp_path / "a.jsonl"), {"path": str(tmp_path / "a.jsonl"), "weight": 0.1}], format="prompt_completion"))
-    assert messages(err) == [f"{tmp_path / 'recipe.yaml'}:9: data.train.1.weight: weight 0.1 keeps none of the 3 rows of {tmp_path / 'a.jsonl'}; raise it or remove the source"]
+        check(
+            recipe_for(
+                [str(tmp_path / "a.jsonl"), {"path": str(tmp_path / "a.jsonl"), "weight": 0.1}],
+                format="prompt_completion",
+            )
+        )
+    assert messages(err) == [
+        f"{tmp_path / 'recipe.yaml'}:9: data.train.1.weight: weight 0.1 keeps none of the 3 rows of {tmp_path / 'a.jsonl'}; raise it or remove the source"
+    ]
 
 
 def test_a_folder_skips_hidden_files_and_folders(tmp_path, recipe_for):
@@ -270,7 +363,9 @@ def test_an_unreadable_subfolder_is_an_error(tmp_path, recipe_for, monkeypatch):
     monkeypatch.setattr(os, "scandir", scandir)  # the tests run as root, who can read any folder
     with pytest.raises(UserError) as err:
         check(recipe_for(str(tmp_path / "d"), format="prompt_completion"))
-    assert messages(err) == [f"{tmp_path / 'recipe.yaml'}:6: data.train: cannot read the folder {tmp_path / 'd' / 'locked'} (Permission denied); fix its permissions or remove it"]
+    assert messages(err) == [
+        f"{tmp_path / 'recipe.yaml'}:6: data.train: cannot read the folder {tmp_path / 'd' / 'locked'} (Permission denied); fix its permissions or remove it"
+    ]
 
 
 def test_an_empty_path_is_refused(tmp_path, recipe_for, monkeypatch):
@@ -278,7 +373,9 @@ def test_an_empty_path_is_refused(tmp_path, recipe_for, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError) as err:
         check(recipe_for("", format="prompt_completion"))
-    assert messages(err) == [f"{tmp_path / 'recipe.yaml'}:6: data.train: the path is empty; name a data file, a folder, a glob or a hub dataset id"]
+    assert messages(err) == [
+        f"{tmp_path / 'recipe.yaml'}:6: data.train: the path is empty; name a data file, a folder, a glob or a hub dataset id"
+    ]
 
 
 def test_a_local_path_without_suffix_is_not_a_hub_id(tmp_path, recipe_for, monkeypatch):
@@ -286,10 +383,14 @@ def test_a_local_path_without_suffix_is_not_a_hub_id(tmp_path, recipe_for, monke
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError) as err:
         check(recipe_for("data/alpaca", format="prompt_completion"))
-    assert messages(err) == [f"{tmp_path / 'recipe.yaml'}:6: data.train: file not found: data/alpaca; did you mean data/alpaca.jsonl?"]
+    assert messages(err) == [
+        f"{tmp_path / 'recipe.yaml'}:6: data.train: file not found: data/alpaca; did you mean data/alpaca.jsonl?"
+    ]
     with pytest.raises(UserError) as err:
         check(recipe_for("data/other", format="prompt_completion"))
-    assert messages(err) == [f"{tmp_path / 'recipe.yaml'}:6: data.train: file not found: data/other (paths resolve against the working directory {tmp_path})"]
+    assert messages(err) == [
+        f"{tmp_path / 'recipe.yaml'}:6: data.train: file not found: data/other (paths resolve against the working directory {tmp_path})"
+    ]
 
 
 def test_a_column_no_row_has_is_an_error(tmp_path, recipe_for):
@@ -297,12 +398,18 @@ def test_a_column_no_row_has_is_an_error(tmp_path, recipe_for):
     source = {"path": str(tmp_path / "a.jsonl"), "format": "alpaca", "columns": {"input": "context"}}
     with pytest.raises(UserError) as err:
         check(recipe_for(source, format="alpaca"))
-    assert messages(err) == [f"{tmp_path / 'recipe.yaml'}:10: data.train.columns.input: no row of {tmp_path / 'a.jsonl'} has the column 'context' (its rows have: ctx, instruction, output); fix the mapping"]
+    assert messages(err) == [
+        f"{tmp_path / 'recipe.yaml'}:10: data.train.columns.input: no row of {tmp_path / 'a.jsonl'} has the column 'context' (its rows have: ctx, instruction, output); fix the mapping"
+    ]
 
 
 def test_duplicate_json_keys_and_csv_headers_are_errors(tmp_path, recipe_for):
-    (tmp_path / "a.jsonl").write_text('{"prompt": "p", "completion": "c"}\n{"prompt": "p", "prompt": "q", "completion": "c"}\n{"prompt": "p", "completion": "c", "x": [{"k": 1, "k": 2}]}\n')
-    (tmp_path / "b.json").write_text('[{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": "c", "completion": "d"}]')
+    (tmp_path / "a.jsonl").write_text(
+        '{"prompt": "p", "completion": "c"}\n{"prompt": "p", "prompt": "q", "completion": "c"}\n{"prompt": "p", "completion": "c", "x": [{"k": 1, "k": 2}]}\n'
+    )
+    (tmp_path / "b.json").write_text(
+        '[{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": "c", "completion": "d"}]'
+    )
     (tmp_path / "c.csv").write_text("prompt,completion,prompt\np,c,q\n")
     with pytest.raises(UserError) as err:
         check(recipe_for([str(tmp_path / n) for n in ("a.jsonl", "b.json", "c.csv")], format="prompt_completion"))

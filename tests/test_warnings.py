@@ -24,17 +24,33 @@ def test_a_training_run_prints_no_future_or_deprecation_warning(tiny_run):
 def test_wrapping_and_reloading_an_adapter_warns_nothing(tiny_llama, tmp_path, write_recipe):
     """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` whenever it builds a PeftModel;
     model.add_lora and model.load_adapter keep that FutureWarning from reaching the user, and nothing else."""
-    recipe = load_recipe(write_recipe({"task": "causal_lm", "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_llama)},
-                                       "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")}}))
+    recipe = load_recipe(
+        write_recipe(
+            {
+                "task": "causal_lm",
+                "output_dir": str(tmp_path / "run"),
+                "model": {"path": str(tiny_llama)},
+                "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
+            }
+        )
+    )
     plan = preflight.prepare(recipe).plan
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = model_stage.add_lora(model_stage.load_base(recipe, plan), recipe, plan)
         model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
         model_stage.load_adapter(model_stage.load_base(recipe, plan), tmp_path / "adapter")
-    deprecations = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, FutureWarning | DeprecationWarning)]
+    deprecations = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if issubclass(w.category, FutureWarning | DeprecationWarning)
+    ]
     assert deprecations == []
-    with warnings.catch_warnings(record=True) as caught:  # the silencing is scoped: the same warning elsewhere still shows
+    with warnings.catch_warnings(
+        record=True
+    ) as caught:  # the silencing is scoped: the same warning elsewhere still shows
         warnings.simplefilter("always")
         assert model.get_base_model().is_gradient_checkpointing is True  # train.gradient_checkpointing defaults to true
-    assert [str(w.message) for w in caught if w.category is FutureWarning] == ["`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` instead."]
+    assert [str(w.message) for w in caught if w.category is FutureWarning] == [
+        "`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` instead."
+    ]

@@ -57,7 +57,9 @@ def _capped(problems: list[str]) -> list[str]:
     if len(problems) <= MAX_PROBLEMS:
         return problems
     rest = len(problems) - MAX_PROBLEMS
-    return problems[:MAX_PROBLEMS] + [f"{rest} more problem{'s' if rest > 1 else ''} in the data not shown; fix these and run again"]
+    return problems[:MAX_PROBLEMS] + [
+        f"{rest} more problem{'s' if rest > 1 else ''} in the data not shown; fix these and run again"
+    ]
 
 
 def _weighted(rows: list, weight: float | None, rng: random.Random) -> list:
@@ -69,7 +71,11 @@ def _weighted(rows: list, weight: float | None, rng: random.Random) -> list:
 
 def _where(recipe: Recipe, split: str, i: int, *key: str) -> str:
     """The recipe place of a split's i-th source: `data.train.2` in a list, plain `data.train` otherwise."""
-    return recipe.where("data", split, i, *key) if isinstance(getattr(recipe.data, split), list) else recipe.where("data", split, *key)
+    return (
+        recipe.where("data", split, i, *key)
+        if isinstance(getattr(recipe.data, split), list)
+        else recipe.where("data", split, *key)
+    )
 
 
 @dataclass
@@ -179,7 +185,9 @@ def check(recipe: Recipe) -> Checked:
         n = len(p.rows)
         p.rows = _weighted(p.rows, p.source.weight, p.rng)
         if n and not p.rows:
-            problems.append(f"{_where(recipe, p.split, p.index, 'weight')}: weight {p.source.weight} keeps none of the {n} rows of {p.source.path}; raise it or remove the source")
+            problems.append(
+                f"{_where(recipe, p.split, p.index, 'weight')}: weight {p.source.weight} keeps none of the {n} rows of {p.source.path}; raise it or remove the source"
+            )
     if problems:
         raise UserError(_capped(problems))
     train = [e for p in train_parts for e in p.rows]
@@ -196,7 +204,13 @@ def options(recipe: Recipe) -> Options:
 
 def cache_key(recipe: Recipe, tokenizer) -> str:
     """What the tokenized data depends on: the sources' bytes, the data options, the seed, the tokenizer."""
-    parts = [cache.VERSION, recipe.task, str(recipe.seed), recipe.data.model_dump_json(), cache.tokenizer_fingerprint(tokenizer)]
+    parts = [
+        cache.VERSION,
+        recipe.task,
+        str(recipe.seed),
+        recipe.data.model_dump_json(),
+        cache.tokenizer_fingerprint(tokenizer),
+    ]
     for split in ("train", "eval"):
         for i, source in enumerate(recipe.data.sources(split)):
             parts.append(source_fingerprint(source, _where(recipe, split, i)))
@@ -231,7 +245,9 @@ def _tokenize_all(examples: list[Example], tokenizer, opts: Options, labels, num
         return [t for part in pool.map(_tokenize_chunk, chunks) for t in part]
 
 
-def _split(examples: list[Example], results: list[Tokenized], recipe: Recipe, labels, name: str) -> tuple[list[dict], dict]:
+def _split(
+    examples: list[Example], results: list[Tokenized], recipe: Recipe, labels, name: str
+) -> tuple[list[dict], dict]:
     d = recipe.data
     samples = [s for r in results for s in r.samples]
     untrained = [e for e, r in zip(examples, results) if r.untrained]
@@ -243,9 +259,13 @@ def _split(examples: list[Example], results: list[Tokenized], recipe: Recipe, la
         "dropped_too_long": sum(r.too_long for r in results),
         "tokens": sum(len(s["input_ids"]) for s in samples),
     }
-    stats["trained_tokens"] = stats["tokens"] if labels is not None else sum(count_trained(s["labels"]) for s in samples)
+    stats["trained_tokens"] = (
+        stats["tokens"] if labels is not None else sum(count_trained(s["labels"]) for s in samples)
+    )
     if name == "train" and examples and len(untrained) == len(examples):
-        raise UserError(f"{recipe.where('data', 'max_length')}: every train sample lost its response to truncation at {d.max_length} tokens; raise it")
+        raise UserError(
+            f"{recipe.where('data', 'max_length')}: every train sample lost its response to truncation at {d.max_length} tokens; raise it"
+        )
     if name == "train" and examples and len(untrained) / len(examples) > d.max_dropped:
         share = len(untrained) / len(examples)
         raise UserError(
@@ -279,9 +299,13 @@ def build(recipe: Recipe, tokenizer, checked: Checked | None = None) -> DataBund
     train, train_stats = _split(checked.train, train_results, recipe, checked.labels, "train")
     evals, eval_stats = _split(checked.eval, eval_results, recipe, checked.labels, "eval")
     if not train:
-        raise UserError(f"{recipe.where('data', 'max_length')}: no train sample is left after truncation to {recipe.data.max_length} tokens; raise it")
+        raise UserError(
+            f"{recipe.where('data', 'max_length')}: no train sample is left after truncation to {recipe.data.max_length} tokens; raise it"
+        )
     stats = {"train": train_stats, "eval": eval_stats}
-    bundle = DataBundle(Dataset.from_list(train), Dataset.from_list(evals) if evals else None, checked.labels, key, stats)
+    bundle = DataBundle(
+        Dataset.from_list(train), Dataset.from_list(evals) if evals else None, checked.labels, key, stats
+    )
     if recipe.data.cache:
         cache.save(key, bundle.train, bundle.eval, {"labels": checked.labels, "stats": stats})
     return bundle

@@ -22,7 +22,9 @@ VERSION = "lora_sft-data-2"  # 2: assistant-first chats mask the header; rows sp
 
 
 def root() -> Path:
-    base = os.environ.get("LORA_SFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_sft"
+    base = (
+        os.environ.get("LORA_SFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_sft"
+    )
     return Path(base) / "tokenized"
 
 
@@ -35,7 +37,17 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         body = json.dumps(state, sort_keys=True)
     else:
         body = json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    extra = json.dumps([type(tokenizer).__name__, tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token, getattr(tokenizer, "add_bos_token", None)], default=str)
+    extra = json.dumps(
+        [
+            type(tokenizer).__name__,
+            tokenizer.chat_template,
+            tokenizer.eos_token,
+            tokenizer.pad_token,
+            tokenizer.bos_token,
+            getattr(tokenizer, "add_bos_token", None),
+        ],
+        default=str,
+    )
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 

@@ -14,7 +14,16 @@ from ..tokens import has_target
 from .read import Row
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system", "tool": "tool", "function_call": "assistant", "observation": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function_call": "assistant",
+    "observation": "tool",
+}
 FIELDS = {
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
@@ -83,7 +92,9 @@ class Fields:
             return None
         if value is None:
             need = ", ".join(self.name(k) for k in FIELDS[self.fmt])
-            raise UserError(f"{self.row.place}: missing field '{self.name(key)}' (format {self.fmt} needs {need}; map other column names with columns:)")
+            raise UserError(
+                f"{self.row.place}: missing field '{self.name(key)}' (format {self.fmt} needs {need}; map other column names with columns:)"
+            )
         if not isinstance(value, str):
             raise UserError(f"{self.row.place}: field '{self.name(key)}' must be a string, not {type(value).__name__}")
         return value
@@ -100,7 +111,9 @@ def _message_list(f: Fields, key: str, value) -> list[dict]:
         if "from" in m and "role" not in m:  # ShareGPT: {from: human|gpt|system, value}
             role = SHAREGPT_ROLES.get(m["from"])
             if role is None:
-                raise UserError(f"{place}: {key}[{i}].from: unknown role {m['from']!r}; use one of {', '.join(SHAREGPT_ROLES)}")
+                raise UserError(
+                    f"{place}: {key}[{i}].from: unknown role {m['from']!r}; use one of {', '.join(SHAREGPT_ROLES)}"
+                )
             m = {"role": role, "content": m.get("value")}
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
@@ -120,17 +133,25 @@ def _messages(f: Fields) -> tuple[str, list[dict]]:
     if value is None and "messages" not in f.columns and "conversations" in f.value:
         key, value = "conversations", f.value["conversations"]  # ShareGPT's name for the list
     if value is None:
-        raise UserError(f"{f.row.place}: missing field '{key}' (format messages needs a list of {{role, content}}, or ShareGPT conversations)")
+        raise UserError(
+            f"{f.row.place}: missing field '{key}' (format messages needs a list of {{role, content}}, or ShareGPT conversations)"
+        )
     return key, _message_list(f, key, value)
 
 
 def _check_trained(example: Example, names: list[str], opts: Options) -> None:
     """A chat must have a turn to train, and no trained turn may be empty (it would teach the model to say nothing)."""
-    turns = [i for i, m in enumerate(example.chat) if m["role"] == "assistant"] if opts.train_on_inputs else _trained_turns(example, opts)
+    turns = (
+        [i for i, m in enumerate(example.chat) if m["role"] == "assistant"]
+        if opts.train_on_inputs
+        else _trained_turns(example, opts)
+    )
     for t in turns:
         m = example.chat[t]
         if not (m.get("content") or "").strip() and not m.get("tool_calls"):
-            raise UserError(f"{example.place}: {names[t]}: the {m['role']} turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row")
+            raise UserError(
+                f"{example.place}: {names[t]}: the {m['role']} turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row"
+            )
 
 
 def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: Options | None = None) -> Example:
@@ -149,7 +170,13 @@ def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: O
             instruction=instruction,
             input=f"### Input:\n{ctx}\n\n" if ctx else "",
         )
-        return Example(row.place, messages=msgs, trained=[len(msgs) - 1], prompt=(f"{system}\n\n" if system else "") + prompt, response=output)
+        return Example(
+            row.place,
+            messages=msgs,
+            trained=[len(msgs) - 1],
+            prompt=(f"{system}\n\n" if system else "") + prompt,
+            response=output,
+        )
     if fmt == "prompt_completion":
         prompt, completion = f.get("prompt"), f.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):  # conversational, as TRL accepts it
@@ -158,7 +185,12 @@ def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: O
             head, tail = _message_list(f, f.name("prompt"), prompt), _message_list(f, f.name("completion"), completion)
             example = Example(row.place, messages=head + tail, trained=list(range(len(head), len(head) + len(tail))))
             if opts is not None:
-                _check_trained(example, [f"{f.name('prompt')}[{i}]" for i in range(len(head))] + [f"{f.name('completion')}[{i}]" for i in range(len(tail))], opts)
+                _check_trained(
+                    example,
+                    [f"{f.name('prompt')}[{i}]" for i in range(len(head))]
+                    + [f"{f.name('completion')}[{i}]" for i in range(len(tail))],
+                    opts,
+                )
             return example
         return Example(row.place, prompt=f.string("prompt"), response=f.string("completion"))
     if fmt == "messages":
@@ -172,9 +204,13 @@ def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: O
     if fmt == "classification":
         text, pair, label = f.string("text"), f.string("text_pair", required=False), f.get("label")
         if label is None:
-            raise UserError(f"{row.place}: missing field '{f.name('label')}' (format classification needs {f.name('text')}, {f.name('label')})")
+            raise UserError(
+                f"{row.place}: missing field '{f.name('label')}' (format classification needs {f.name('text')}, {f.name('label')})"
+            )
         if isinstance(label, bool) or not isinstance(label, str | int):
-            raise UserError(f"{row.place}: field '{f.name('label')}' must be a label name (string) or id (integer), not {type(label).__name__}")
+            raise UserError(
+                f"{row.place}: field '{f.name('label')}' must be a label name (string) or id (integer), not {type(label).__name__}"
+            )
         return Example(row.place, text=text, text_pair=pair, label=label)
     raise AssertionError(fmt)
 
@@ -189,12 +225,16 @@ def label_names(examples: list[Example], given: list[str] | None) -> list[str]:
     names = {e.label for e in examples if isinstance(e.label, str)}
     ids = {e.label for e in examples if isinstance(e.label, int)}
     if names and ids:
-        raise UserError(f"{examples[0].place}: labels mix names and ids; use one kind, or list the names in data.labels")
+        raise UserError(
+            f"{examples[0].place}: labels mix names and ids; use one kind, or list the names in data.labels"
+        )
     if not ids:
         return sorted(names)
     top_id, top = max(((e.label, e) for e in examples if isinstance(e.label, int)), key=lambda pair: pair[0])
     if top_id >= MAX_DERIVED_LABELS:
-        raise UserError(f"{top.place}: label id {top_id} would make {top_id + 1} classes (more than {MAX_DERIVED_LABELS}); list the labels in data.labels")
+        raise UserError(
+            f"{top.place}: label id {top_id} would make {top_id + 1} classes (more than {MAX_DERIVED_LABELS}); list the labels in data.labels"
+        )
     return [str(i) for i in range(top_id + 1)]
 
 
@@ -203,12 +243,16 @@ def label_id(example: Example, labels: list[str], derived: bool = False) -> int:
     if isinstance(example.label, int):
         if not 0 <= example.label < len(labels):
             if derived and example.label >= 0:
-                raise UserError(f"{example.place}: label id {example.label} is seen only in eval rows (train rows have ids 0..{len(labels) - 1}); add it to the train data or list every label in data.labels")
+                raise UserError(
+                    f"{example.place}: label id {example.label} is seen only in eval rows (train rows have ids 0..{len(labels) - 1}); add it to the train data or list every label in data.labels"
+                )
             raise UserError(f"{example.place}: label id {example.label} is out of range (0..{len(labels) - 1})")
         return example.label
     if example.label not in labels:
         if derived:
-            raise UserError(f"{example.place}: label {example.label!r} is seen only in eval rows (train rows have {', '.join(labels)}); add it to the train data or list every label in data.labels")
+            raise UserError(
+                f"{example.place}: label {example.label!r} is seen only in eval rows (train rows have {', '.join(labels)}); add it to the train data or list every label in data.labels"
+            )
         raise UserError(f"{example.place}: label {example.label!r} is not in data.labels ({', '.join(labels)})")
     return labels.index(example.label)
 
@@ -221,7 +265,9 @@ def _trained_turns(example: Example, opts: Options) -> list[int]:
         return example.trained
     chosen = [i for i, m in enumerate(example.chat) if m["role"] in opts.train_roles]
     if not chosen:
-        raise UserError(f"{example.place}: no turn of the trained roles ({', '.join(opts.train_roles)}), so nothing would be trained; add one or change data.train_roles")
+        raise UserError(
+            f"{example.place}: no turn of the trained roles ({', '.join(opts.train_roles)}), so nothing would be trained; add one or change data.train_roles"
+        )
     return chosen[-1:] if opts.train_turns == "last" else chosen
 
 
@@ -258,7 +304,9 @@ def template_name(tokenizer) -> str:
 
 def _chat_with_markers(tokenizer, example: Example, turns: list[int]) -> tuple[list[int], list[int]]:
     """Templates with {% generation %} markers say which tokens are the assistant's."""
-    out = tokenizer.apply_chat_template(example.chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = tokenizer.apply_chat_template(
+        example.chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     runs, start = [], None
     for i, m in enumerate(mask + [0]):
@@ -269,7 +317,9 @@ def _chat_with_markers(tokenizer, example: Example, turns: list[int]) -> tuple[l
             start = None
     n_assistant = sum(m["role"] == "assistant" for m in example.chat)
     if len(runs) != n_assistant:
-        raise UserError(f"{example.place}: {template_name(tokenizer)} marks {len(runs)} generation blocks for {n_assistant} assistant turns; fix its {{% generation %}} markers")
+        raise UserError(
+            f"{example.place}: {template_name(tokenizer)} marks {len(runs)} generation blocks for {n_assistant} assistant turns; fix its {{% generation %}} markers"
+        )
     assistant_turns = [i for i, m in enumerate(example.chat) if m["role"] == "assistant"]
     keep = [runs[assistant_turns.index(t)] for t in turns]
     labels = [IGNORE] * len(ids)
@@ -289,7 +339,10 @@ def _chat_incremental(tokenizer, example: Example, turns: list[int]) -> tuple[li
     full = _render(tokenizer, msgs)
     spans = []
     for i in turns:
-        before, upto = _render(tokenizer, msgs[:i], gen=msgs[i]["role"] == "assistant"), _render(tokenizer, msgs[: i + 1])
+        before, upto = (
+            _render(tokenizer, msgs[:i], gen=msgs[i]["role"] == "assistant"),
+            _render(tokenizer, msgs[: i + 1]),
+        )
         if i == 0 and msgs[0]["role"] == "assistant":
             before = _first_turn_header(tokenizer, example, upto)
         if not (upto.startswith(before) and full.startswith(upto)):
@@ -300,20 +353,28 @@ def _chat_incremental(tokenizer, example: Example, turns: list[int]) -> tuple[li
         spans.append((len(before), len(upto)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    labels = [t if any(a <= start < b for a, b in spans) else IGNORE for t, (start, _) in zip(ids, enc["offset_mapping"])]
+    labels = [
+        t if any(a <= start < b for a, b in spans) else IGNORE for t, (start, _) in zip(ids, enc["offset_mapping"])
+    ]
     return ids, labels
 
 
 def _chat(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[int]]:
     if not tokenizer.chat_template:
-        raise UserError(f"{example.place}: chat rows need a chat template and {tokenizer.name_or_path} has none; set data.chat_template (chatml, llama3, mistral or a .jinja file)")
+        raise UserError(
+            f"{example.place}: chat rows need a chat template and {tokenizer.name_or_path} has none; set data.chat_template (chatml, llama3, mistral or a .jinja file)"
+        )
     try:
         return _chat_masked(tokenizer, example, opts)
     except UserError:
         raise
-    except Exception as e:  # the template raised on this row: jinja's TemplateError (raise_exception), TypeError (content None), ...
+    except (
+        Exception
+    ) as e:  # the template raised on this row: jinja's TemplateError (raise_exception), TypeError (content None), ...
         first = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"{example.place}: {template_name(tokenizer)} cannot render this chat ({type(e).__name__}: {first}); fix the row or set data.chat_template") from None
+        raise UserError(
+            f"{example.place}: {template_name(tokenizer)} cannot render this chat ({type(e).__name__}: {first}); fix the row or set data.chat_template"
+        ) from None
 
 
 def _chat_masked(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[int]]:
@@ -351,7 +412,9 @@ def tokenize(example: Example, tokenizer, opts: Options) -> Tokenized:
         try:
             ids, labels = _chat(tokenizer, example, opts)
         except TemplateError as e:  # a syntax error, or the template's own raise_exception on this row
-            raise UserError(f"{example.place}: {template_name(tokenizer)} fails on this row ({type(e).__name__}: {e})") from None
+            raise UserError(
+                f"{example.place}: {template_name(tokenizer)} fails on this row ({type(e).__name__}: {e})"
+            ) from None
     else:
         prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
         response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [eos]

@@ -43,7 +43,12 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
 def _looks_local(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~")) or spec.lower().endswith(SUFFIXES) or spec.count("/") > 1 or "\\" in spec
+    return (
+        spec.startswith(("/", "./", "../", "~"))
+        or spec.lower().endswith(SUFFIXES)
+        or spec.count("/") > 1
+        or "\\" in spec
+    )
 
 
 def _folder_files(folder: Path, where: str) -> list[Path]:
@@ -51,7 +56,9 @@ def _folder_files(folder: Path, where: str) -> list[Path]:
     a subfolder that cannot be listed is an error, not silently skipped."""
 
     def refuse(e: OSError) -> None:
-        raise UserError(f"{where}: cannot read the folder {e.filename} ({e.strerror}); fix its permissions or remove it")
+        raise UserError(
+            f"{where}: cannot read the folder {e.filename} ({e.strerror}); fix its permissions or remove it"
+        )
 
     found: list[Path] = []
     for top, dirs, files in os.walk(folder, onerror=refuse):
@@ -62,7 +69,11 @@ def _folder_files(folder: Path, where: str) -> list[Path]:
 
 def _not_found(spec: str, where: str) -> UserError:
     near = [f"{spec}{s}" for s in SUFFIXES if Path(f"{spec}{s}").expanduser().is_file()]
-    hint = f"; did you mean {' or '.join(near)}?" if near else f" (paths resolve against the working directory {Path.cwd()})"
+    hint = (
+        f"; did you mean {' or '.join(near)}?"
+        if near
+        else f" (paths resolve against the working directory {Path.cwd()})"
+    )
     return UserError(f"{where}: file not found: {spec}{hint}")
 
 
@@ -72,9 +83,13 @@ def files_of(source: Source, where: str) -> list[Path] | None:
     if not spec.strip():
         raise UserError(f"{where}: the path is empty; name a data file, a folder, a glob or a hub dataset id")
     if any(ch in spec for ch in "*?["):
-        found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if f.lower().endswith(SUFFIXES))  # glob skips hidden names
+        found = sorted(
+            Path(f) for f in glob.glob(spec, recursive=True) if f.lower().endswith(SUFFIXES)
+        )  # glob skips hidden names
         if not found:
-            raise UserError(f"{where}: no data file matches {spec!r} ({', '.join(SUFFIXES)}; paths resolve against {Path.cwd()})")
+            raise UserError(
+                f"{where}: no data file matches {spec!r} ({', '.join(SUFFIXES)}; paths resolve against {Path.cwd()})"
+            )
         return found
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -99,7 +114,9 @@ def _hub(source: Source, where: str) -> Dataset:
         return datasets.load_dataset(source.path, name=source.subset, split=source.split, revision=source.revision)
     except Exception as e:  # the hub and datasets raise many kinds; all mean "cannot load this source"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{where}: cannot load hub dataset {source.path!r} split {source.split!r} ({first}); check the id, split and network, or use a local file") from None
+        raise UserError(
+            f"{where}: cannot load hub dataset {source.path!r} split {source.split!r} ({first}); check the id, split and network, or use a local file"
+        ) from None
 
 
 def fingerprint(source: Source, where: str) -> str:
@@ -252,7 +269,13 @@ def _txt(path: Path) -> list[Row]:
     return [Row(f"{path}:{n}", {"text": line}) for n, line in enumerate(_lines(_decode(path)), 1) if line.strip()]
 
 
-READERS: dict[str, Callable[[Path], list[Row]]] = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet, ".txt": _txt}
+READERS: dict[str, Callable[[Path], list[Row]]] = {
+    ".jsonl": _jsonl,
+    ".json": _json,
+    ".csv": _csv,
+    ".parquet": _parquet,
+    ".txt": _txt,
+}
 
 
 def read_source(source: Source, where: str) -> list[Row]:
@@ -270,7 +293,12 @@ def read_source(source: Source, where: str) -> list[Row]:
         try:
             found = READERS[path.suffix.lower()](path)
         except OSError as e:
-            found = [_bad(str(path), f"cannot read the file ({e.strerror}); fix its permissions or remove it from {where.split(': ')[-1]}")]
+            found = [
+                _bad(
+                    str(path),
+                    f"cannot read the file ({e.strerror}); fix its permissions or remove it from {where.split(': ')[-1]}",
+                )
+            ]
         except UserError as e:  # the file as a whole (invalid UTF-8)
             found = [Row(str(path), None, p) for p in e.problems]
         if not found:

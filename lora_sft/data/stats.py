@@ -17,7 +17,10 @@ def histogram(lengths: list[int], width: int = 40, buckets: int = 8) -> list[str
     step = max(1, -(-top // buckets))
     counts = Counter(min(n // step, buckets - 1) for n in lengths)
     most = max(counts.values())
-    return [f"  {b * step:>6}-{(b + 1) * step - 1:<6} {'#' * max(1, round(width * counts[b] / most)) if counts[b] else '':<{width}} {counts[b]}" for b in range(buckets)]
+    return [
+        f"  {b * step:>6}-{(b + 1) * step - 1:<6} {'#' * max(1, round(width * counts[b] / most)) if counts[b] else '':<{width}} {counts[b]}"
+        for b in range(buckets)
+    ]
 
 
 def stats_lines(bundle: DataBundle, split: str, lengths_histogram: bool = True) -> list[str]:

@@ -48,7 +48,9 @@ def apply(tokenizer: PreTrainedTokenizerBase, name: str | None, where: str) -> N
     else:
         path = Path(name).expanduser()
         if not path.is_file():
-            raise UserError(f"{where}: {name!r} is neither a named template ({', '.join(NAMED)}) nor a .jinja file that exists")
+            raise UserError(
+                f"{where}: {name!r} is neither a named template ({', '.join(NAMED)}) nor a .jinja file that exists"
+            )
         try:
             tokenizer.chat_template = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

@@ -21,9 +21,20 @@ from helpers import build_tokenizer  # noqa: E402
 def llama(path: Path, vocab: int, tokenizer, **config) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=None,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -42,8 +53,21 @@ def main() -> None:
     zero = HERE / "model_zero_heads"
     shutil.rmtree(zero, ignore_errors=True)
     zero.mkdir()
-    (zero / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": n, "hidden_size": 8,
-                                                  "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 0}, indent=2) + "\n")
+    (zero / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "vocab_size": n,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 0,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
     # weights cut off halfway (an interrupted download)
     path = llama(HERE / "model_truncated", n, tokenizer)

@@ -23,4 +23,8 @@ class ExactMatch(evaluate.Metric):
             text = " ".join(text.split())
             return text.lower() if ignore_case else text
 
-        return {"exact_match": float(np.mean([norm(p) == norm(r) for p, r in zip(predictions, references)])) if predictions else 0.0}
+        return {
+            "exact_match": float(np.mean([norm(p) == norm(r) for p, r in zip(predictions, references)]))
+            if predictions
+            else 0.0
+        }

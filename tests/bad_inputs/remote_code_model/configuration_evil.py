@@ -1,4 +1,5 @@
 """Custom code a model repository ships; running it without model.trust_remote_code would be a hole."""
+
 import os
 from pathlib import Path
 
