@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
+from .rundir import CHECKPOINTS
 
 REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]{1,96}$")
-SKIP = ("checkpoints/", ".")  # a run directory's Trainer checkpoints and hidden files stay home
+SKIP = (f"{CHECKPOINTS}/", ".")  # a run directory's Trainer checkpoints and hidden files stay home
 
 
 def files_to_push(folder: Path) -> list[Path]:
