@@ -322,8 +322,12 @@ def plan_model(recipe: Recipe, source: ModelSource, labels: list[str] | None) ->
         names = {id(m): n for n, m in model.named_modules()}
         plan.embedding, plan.hidden, plan.rows = names[id(embedding)], embedding.embedding_dim, embedding.num_embeddings
         output = model.get_output_embeddings()
-        if isinstance(output, nn.Linear) and output.weight is not embedding.weight:
-            plan.output_embedding = names[id(output)]
+        if isinstance(output, nn.Linear):
+            # tied: the same weight (a weightless model leaves the tie to its tied-keys table)
+            tied = output.weight is embedding.weight or f"{names[id(output)]}.weight" in (
+                getattr(model, "all_tied_weights_keys", None) or {}
+            )
+            plan.output_embedding = None if tied else names[id(output)]
     return plan
 
 

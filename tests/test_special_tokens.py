@@ -21,9 +21,13 @@ MARKERS = ["<|im_start|>", "<|im_end|>"]
 @pytest.fixture(scope="session")
 def bare_llama(tmp_path_factory):
     """A 2-layer random Llama whose tokenizer has neither the chatml markers nor a chat template."""
+    return _bare(tmp_path_factory.mktemp("bare-llama"), tied=False)
+
+
+def _bare(path, tied: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    corpus = [line for line in (REPO / "data/examples/chat.jsonl").read_text().splitlines()]
+    corpus = (REPO / "data/examples/chat.jsonl").read_text().splitlines()
     tokenizer = build_tokenizer(corpus, specials=["<|endoftext|>"], eos="<|endoftext|>", template=None)
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -34,13 +38,12 @@ def bare_llama(tmp_path_factory):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         initializer_range=0.3,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    path = tmp_path_factory.mktemp("bare-llama")
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -86,6 +89,32 @@ def test_markers_become_single_special_tokens(bare_llama, tmp_path, write_recipe
     assert plan.trainable_tokens == {"model.embed_tokens": [base, base + 1], "lm_head": [base, base + 1]}
     assert plan.trainable_params - before[0] == 2 * 2 * 64 and plan.total_params - before[1] == 2 * 2 * 64
     assert plan.vocab_rows == base + 2 and plan.new_tokens == MARKERS
+
+
+@pytest.mark.unit
+def test_tied_embeddings_train_the_rows_once(tmp_path, write_recipe):
+    """A base whose lm_head is its embedding: one set of trainable rows, which the output layer uses too; the
+    plan's trainable count is what peft makes trainable (add_lora checks it)."""
+    bare = _bare(tmp_path / "tied", tied=True)
+    recipe = load_recipe(_recipe(bare, tmp_path, write_recipe))
+    source = model_stage.resolve_source(recipe)
+    tokenizer = model_stage.load_tokenizer(recipe, source)
+    plan = model_stage.plan_model(recipe, source, None)
+    n = plan.rows
+    model_stage.plan_tokens(plan, tokenizer, model_stage.added_token_ids(tokenizer))
+    assert plan.output_embedding is None and plan.trainable_tokens == {"model.embed_tokens": [n, n + 1]}
+    base = model_stage.load_base(recipe, plan)
+    embedding = base.get_input_embeddings().weight
+    assert embedding.shape[0] == n + 2 and base.get_output_embeddings().weight is embedding
+    assert torch.equal(embedding[n], embedding[:n].mean(0)) and torch.equal(embedding[n + 1], embedding[n])
+    model = model_stage.add_lora(base, recipe, plan)  # raises if peft's trainable count differs from the plan's
+    rows = [p for k, p in model.named_parameters() if "trainable_tokens_delta" in k]
+    assert len(rows) == 1 and rows[0].shape == (2, 64)
+    ids = torch.tensor([[5, n + 1]])
+    with torch.no_grad():
+        rows[0][1] += 1.0  # the trained row reaches the tied output layer too
+        logits = model(input_ids=ids).logits[0, -1]
+    assert logits[n + 1] != logits[n]
 
 
 @pytest.mark.unit
