@@ -251,3 +251,19 @@ def test_generate_stops_on_the_end_of_turn_token(bare_llama, tmp_path, write_rec
         [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
     )
     assert generate_text(Model(), tokenizer, prompt, 8) == "hi"
+
+
+@pytest.mark.e2e
+def test_resume_restores_the_new_rows_exactly(bare_llama, tmp_path, write_recipe, capsys):
+    from safetensors.torch import load_file
+
+    path = str(_recipe(bare_llama, tmp_path, write_recipe))
+    assert main(["train", path, "train.save_steps=2"]) == 0
+    run = tmp_path / "run"
+    unbroken = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    earlier = run / "checkpoints" / "checkpoint-2"
+    assert any("trainable_tokens" in k for k in load_file(str(earlier / "adapter_model.safetensors")))
+    assert main(["train", path, "train.save_steps=2", "--resume", str(earlier)]) == 0
+    assert f"resuming from {earlier}" in capsys.readouterr().out
+    resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert sorted(resumed) == sorted(unbroken) and all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
