@@ -537,7 +537,7 @@ def _add_special_tokens(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> N
                 f"{recipe.where('data', 'add_special_tokens')}: chat template {name!r} writes {', '.join(missing)}, which the tokenizer of {recipe.model.path} splits into ordinary tokens (the model would learn to spell them and never stop on one end-of-turn token); set data.add_special_tokens: auto to add them as trained special tokens"
             )
         return
-    wanted = missing if spec == "auto" else [t for t in spec if not _is_one_token(tokenizer, t)]
+    wanted = missing if spec is True or spec == "auto" else [t for t in spec if not _is_one_token(tokenizer, t)]
     if not wanted:
         return
     before = len(tokenizer)

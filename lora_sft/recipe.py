@@ -168,8 +168,8 @@ class DataSection(Section):
     """Chats: roles whose turns carry loss."""
     chat_template: str | None = None
     """The tokenizer's own template by default; or chatml, llama3, mistral, or a .jinja file. Saved with the adapter."""
-    add_special_tokens: Literal["auto", False] | list[str] = "auto"
-    """Chat-template markers the tokenizer lacks as single tokens (chatml's im_start and im_end, llama3's header and eot_id markers): auto adds them as special tokens with new embedding rows (mean-initialized, trained); false refuses the run instead; a list adds exactly those tokens. The template's end-of-turn marker, once added, becomes EOS."""
+    add_special_tokens: Literal["auto"] | bool | list[str] = "auto"
+    """Chat-template markers the tokenizer lacks as single tokens (chatml's im_start and im_end, llama3's header and eot_id markers): auto (or true) adds them as special tokens with new embedding rows (mean-initialized, trained); false refuses the run instead; a list adds exactly those tokens. The template's end-of-turn marker, once added, becomes EOS."""
     packing: bool = False
     """Fill rows of max_length with whole samples (best-fit decreasing), with no attention across samples."""
     shuffle: bool = True
