@@ -169,6 +169,10 @@ def serving_warnings(config: dict) -> list[str]:
         warnings.append(
             f"target modules {', '.join(odd)}: outside the decoder linear layers vLLM's LoRA covers ({', '.join(sorted(VLLM_TARGETS)[:9])}, ...); it would refuse or ignore them"
         )
+    if config.get("trainable_token_indices"):
+        warnings.append(
+            "added special tokens (trainable_token_indices): vLLM's LoRA loads only lora_A/lora_B, not the trained token rows, and the base's vocabulary lacks the tokens; serve the merged export (its vocabulary and tokenizer hold them)"
+        )
     if config.get("bias", "none") != "none":
         warnings.append(
             f"bias={config['bias']}: vLLM serves bias terms only with --enable-lora-bias, other servers not at all"
@@ -247,7 +251,13 @@ def load_plain(
             "max_new_tokens": max_new_tokens,
             # a plain base must be told its new head's labels; a merged folder's config has them
             "loads": [
-                {"model": m, "adapter": a, "config_overrides": head if a else {}, "out": str(tmp / name)}
+                {
+                    "model": m,
+                    "adapter": a,
+                    "resize_to": run.plan.vocab_rows if a else None,
+                    "config_overrides": head if a else {},
+                    "out": str(tmp / name),
+                }
                 for name, (m, a) in loads.items()
             ],
         }

@@ -14,7 +14,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -232,6 +232,14 @@ class ModelPlan:
     total_params: int
     trainable_params: int
     weights: WeightNames | None = None  # what the weight files must hold; None: not checkable by name
+    embedding: str = ""  # the input embedding module
+    output_embedding: str | None = None  # the output layer when it is a weight of its own (untied), else None
+    hidden: int = 0  # embedding width: parameters per token row
+    rows: int = 0  # embedding rows of the base
+    new_tokens: list[str] = field(default_factory=list)  # special tokens added for the chat template
+    new_token_ids: list[int] = field(default_factory=list)  # their ids: rows mean-initialized, then trained
+    vocab_rows: int | None = None  # embedding rows after resizing for them; None: the base's fit
+    trainable_tokens: dict[str, list[int]] = field(default_factory=dict)  # peft's trainable_token_indices
 
 
 @dataclass
@@ -308,7 +316,46 @@ def plan_model(recipe: Recipe, source: ModelSource, labels: list[str] | None) ->
             )
     total = sum(p.numel() for p in model.parameters())
     trainable = expected_trainable(recipe.lora, model, targets, saved)
-    return ModelPlan(source, config, heads, targets, saved, total, trainable, _weight_names(recipe, model, heads))
+    plan = ModelPlan(source, config, heads, targets, saved, total, trainable, _weight_names(recipe, model, heads))
+    embedding = model.get_input_embeddings()
+    if recipe.task == "causal_lm" and isinstance(embedding, nn.Embedding):
+        names = {id(m): n for n, m in model.named_modules()}
+        plan.embedding, plan.hidden, plan.rows = names[id(embedding)], embedding.embedding_dim, embedding.num_embeddings
+        output = model.get_output_embeddings()
+        if isinstance(output, nn.Linear):
+            # tied: the same weight (a weightless model leaves the tie to its tied-keys table)
+            tied = output.weight is embedding.weight or f"{names[id(output)]}.weight" in (
+                getattr(model, "all_tied_weights_keys", None) or {}
+            )
+            plan.output_embedding = None if tied else names[id(output)]
+    return plan
+
+
+def plan_tokens(plan: ModelPlan, tokenizer: PreTrainedTokenizerBase, added: list[int] | None) -> None:
+    """Add to the plan the special tokens `load_tokenizer` added (`added`: their ids; None for a run's saved
+    tokenizer, whose ids past the base's embedding rows are the added ones): the embedding rows to grow to,
+    the rows peft trains (input embedding, and the output layer when untied), and the parameters they add."""
+    if not plan.embedding:
+        return
+    n = len(tokenizer)
+    ids = list(range(plan.rows, n)) if added is None else sorted(added)
+    if not ids:
+        return
+    plan.new_token_ids = ids
+    plan.new_tokens = cast("list[str]", tokenizer.convert_ids_to_tokens(ids))
+    rows = max(plan.rows, max(ids) + 1)
+    if rows > plan.rows:
+        plan.vocab_rows = rows
+        plan.total_params += (rows - plan.rows) * plan.hidden * (2 if plan.output_embedding else 1)
+    layers = [plan.embedding] + ([plan.output_embedding] if plan.output_embedding else [])
+    # a layer the recipe trains in full (lora.modules_to_save) already trains the new rows
+    plan.trainable_tokens = {name: ids for name in layers if name not in plan.modules_to_save}
+    plan.trainable_params += len(ids) * plan.hidden * len(plan.trainable_tokens)
+
+
+def added_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids of the special tokens `load_tokenizer` added to this tokenizer for its chat template."""
+    return list(getattr(tokenizer, "lora_sft_added_ids", []))
 
 
 # safetensors dtype names -> bytes per element
@@ -462,11 +509,43 @@ def load_tokenizer(recipe: Recipe, source: ModelSource) -> PreTrainedTokenizerBa
 
     templates.apply(tokenizer, recipe.data.chat_template, recipe.where("data", "chat_template"))
     _check_template_syntax(recipe, tokenizer)
+    if recipe.task == "causal_lm":
+        _add_special_tokens(recipe, tokenizer)
     if tokenizer.pad_token is None:
         # Padding is masked out of attention and loss, so reusing EOS is safe: EOS in the text keeps its label.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _is_one_token(tokenizer: PreTrainedTokenizerBase, token: str) -> bool:
+    return token in tokenizer.get_vocab() and len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+
+
+def _add_special_tokens(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> None:
+    """data.add_special_tokens: the chat template's markers that are not single tokens become special tokens
+    (auto), or the run is refused (false); a list adds exactly those. A marker split into ordinary tokens
+    would be learned as spelling, and generation could never stop on one end-of-turn token. The ids added
+    are kept on the tokenizer (`added_token_ids`), and the template's end-of-turn marker becomes EOS."""
+    from .data import templates
+
+    spec, name = recipe.data.add_special_tokens, recipe.data.chat_template
+    missing = [m for m in templates.markers(name) if not _is_one_token(tokenizer, m)]
+    if spec is False:
+        if missing:
+            raise UserError(
+                f"{recipe.where('data', 'add_special_tokens')}: chat template {name!r} writes {', '.join(missing)}, which the tokenizer of {recipe.model.path} splits into ordinary tokens (the model would learn to spell them and never stop on one end-of-turn token); set data.add_special_tokens: auto to add them as trained special tokens"
+            )
+        return
+    wanted = missing if spec is True or spec == "auto" else [t for t in spec if not _is_one_token(tokenizer, t)]
+    if not wanted:
+        return
+    before = len(tokenizer)
+    tokenizer.add_tokens(wanted, special_tokens=True)
+    tokenizer.lora_sft_added_ids = list(range(before, len(tokenizer)))
+    eot = templates.end_of_turn(name)
+    if eot in wanted:
+        tokenizer.eos_token = eot  # the turn ends, and generation stops, on the template's marker
 
 
 def _check_template_syntax(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -514,6 +593,8 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
         raise UserError(
             f"{recipe.where('model', 'path')}: {plan.source.path}: {len(missing)} weights are missing from the weight files ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); they would train from random values"
         )
+    if plan.new_token_ids:
+        _grow_embeddings(model, plan)
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -529,6 +610,20 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _grow_embeddings(model: PreTrainedModel, plan: ModelPlan) -> None:
+    """Rows for the added tokens: the embedding (and an untied output layer) grown to `plan.vocab_rows`, each
+    new token's row set to the mean of the base's rows (the common practice: a neutral start, and the
+    same on every load, so the base measured before training is reproducible)."""
+    if plan.vocab_rows is not None:
+        model.resize_token_embeddings(plan.vocab_rows, mean_resizing=False)
+    layers = [model.get_input_embeddings()] + ([model.get_output_embeddings()] if plan.output_embedding else [])
+    ids = torch.tensor(plan.new_token_ids)
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.weight
+            weight[ids.to(weight.device)] = weight[: plan.rows].float().mean(0).to(weight.dtype)
 
 
 @contextlib.contextmanager
@@ -572,6 +667,8 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftMod
         use_rslora=lora.rslora,
         use_dora=lora.dora,
         modules_to_save=plan.modules_to_save or None,
+        # only the added tokens' rows train, so the adapter holds rows, not whole embedding matrices
+        trainable_token_indices=plan.trainable_tokens or None,
         task_type=TaskType.SEQ_CLS if recipe.task == "classification" else TaskType.CAUSAL_LM,
     )
     with _peft_wrap():

@@ -4,7 +4,8 @@
 lora_sft nor this folder is on the path) to prove each export loads where Hugging Face models load.
 JOB.json: kind (causal_lm | classification), dtype, inputs (a safetensors file with input_ids and
 attention_mask), prompts (token id lists to generate from), max_new_tokens, and loads: a list of
-{model (folder or hub id), adapter (folder or null), config_overrides (a classification base's
+{model (folder or hub id), adapter (folder or null), resize_to (embedding rows the adapter's added tokens
+need, or null), config_overrides (a classification base's
 num_labels, id2label, label2id), out (folder for logits.safetensors and result.json)}.
 """
 
@@ -27,6 +28,9 @@ def load_and_run(job: dict[str, Any], load: dict[str, Any], inputs: dict[str, to
     model = model.to(device)  # type: ignore[arg-type]
     if load.get("adapter"):
         from peft import PeftModel
+
+        if load.get("resize_to"):  # the run added special tokens: the base needs rows for them before peft loads
+            model.resize_token_embeddings(load["resize_to"])
 
         model = PeftModel.from_pretrained(model, load["adapter"])
     model.eval()

@@ -84,7 +84,7 @@ def _tokenizer_problems(
         problems.append(
             f"{where}: the tokenizer has neither a padding nor an EOS token to pad batches with; set pad_token in its tokenizer_config.json"
         )
-    vocab = getattr(plan.config, "vocab_size", None) if plan else None
+    vocab = (plan.vocab_rows or getattr(plan.config, "vocab_size", None)) if plan else None
     if (
         vocab and len(tokenizer) > vocab and not problems
     ):  # only then can an id fall outside the embedding (and rows hold no None for EOS)
@@ -136,6 +136,8 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
             problems.extend(e.problems)
     if source is not None:
         tokenizer = attempt(model_stage.load_tokenizer, recipe, source)
+    if plan is not None and tokenizer is not None:
+        model_stage.plan_tokens(plan, tokenizer, model_stage.added_token_ids(tokenizer))
     if tokenizer is not None and checked is not None:
         bundle = attempt(data_stage.build, recipe, tokenizer, checked)
     if tokenizer is not None:
@@ -158,6 +160,12 @@ def train_steps(recipe: Recipe, rows: int) -> int:
         return t.max_steps
     per_epoch = max(math.ceil(math.ceil(rows / t.micro_batch_size) / t.grad_accum), 1)
     return math.ceil(t.epochs * per_epoch)
+
+
+def adapter_size(trainable_params: int) -> str:
+    """What the saved adapter weighs: its trainable parameters, saved in fp32."""
+    size = trainable_params * 4
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
 def describe_plan(recipe: Recipe, checked, plan, bundle=None) -> list[str]:
@@ -191,9 +199,17 @@ def describe_plan(recipe: Recipe, checked, plan, bundle=None) -> list[str]:
         )
         if plan.modules_to_save:
             lines.append(f"trained in full: {', '.join(plan.modules_to_save)}")
+        if plan.new_tokens:
+            grown = f", embeddings grown to {plan.vocab_rows:,} rows" if plan.vocab_rows else ""
+            trained = ", ".join(plan.trainable_tokens) or "in full (lora.modules_to_save)"
+            lines.append(
+                f"special tokens added for the chat template: {' '.join(plan.new_tokens)} (mean-initialized rows{grown}; their rows train in {trained})"
+            )
         lines.append(
             f"trainable params: {plan.trainable_params:,} of {plan.total_params:,} ({100 * plan.trainable_params / plan.total_params:.2f}%)"
         )
+        if plan.new_tokens:  # the adapter saves its trainable parameters in fp32
+            lines.append(f"adapter size: about {adapter_size(plan.trainable_params)} (the trainable params in fp32)")
     formats = ", ".join(sorted(d.formats()))
     data_line = f"data: {formats}{', packed' if d.packing else ''}, {len(checked.train)} train rows, {len(checked.eval)} eval rows ({eval_from}), max_length {d.max_length}"
     if bundle is not None and d.packing and "packed_rows" in bundle.stats.get("train", {}):

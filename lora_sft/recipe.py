@@ -168,6 +168,8 @@ class DataSection(Section):
     """Chats: roles whose turns carry loss."""
     chat_template: str | None = None
     """The tokenizer's own template by default; or chatml, llama3, mistral, or a .jinja file. Saved with the adapter."""
+    add_special_tokens: Literal["auto"] | bool | list[str] = "auto"
+    """Chat-template markers the tokenizer lacks as single tokens (chatml's im_start and im_end, llama3's header and eot_id markers): auto (or true) adds them as special tokens with new embedding rows (mean-initialized, trained); false refuses the run instead; a list adds exactly those tokens. The template's end-of-turn marker, once added, becomes EOS."""
     packing: bool = False
     """Fill rows of max_length with whole samples (best-fit decreasing), with no attention across samples."""
     shuffle: bool = True
@@ -198,6 +200,11 @@ class DataSection(Section):
                     raise ValueError(f"{split}[{i}] ({s.path}) has no format; set data.format or the source's format")
         if isinstance(self.train, list) and not self.train:
             raise ValueError("train is an empty list; name at least one source")
+        if isinstance(self.add_special_tokens, list):
+            if any(not t or t != t.strip() for t in self.add_special_tokens):
+                raise ValueError("add_special_tokens: a token is empty or has surrounding spaces")
+            if len(set(self.add_special_tokens)) != len(self.add_special_tokens):
+                raise ValueError("add_special_tokens has duplicates")
         return self
 
     def formats(self) -> set[str]:

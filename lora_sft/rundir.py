@@ -407,7 +407,9 @@ class RunDir:
     def render_card(self, labels: list[str] | None) -> str:
         recipe = self.read_recipe()
         summary = self.read_summary()
-        return model_card(recipe, self.read_manifest()["data"], summary.to_json() if summary else {}, labels)
+        config = self.adapter / ADAPTER_CONFIG
+        added = config.is_file() and bool(read_json(config).get("trainable_token_indices"))
+        return model_card(recipe, self.read_manifest()["data"], summary.to_json() if summary else {}, labels, added)
 
     # -- removing: only what a run wrote
     def remove_run(self) -> None:
@@ -555,15 +557,19 @@ def open_run(path: str | Path, eval_file: str | None = None) -> FinishedRun:
     source = model_stage.resolve_source(recipe)
     plan = model_stage.plan_model(recipe, source, checked.labels)
     tokenizer = model_stage.load_tokenizer(recipe, model_stage.ModelSource(str(run_dir.adapter), "run directory"))
+    model_stage.plan_tokens(plan, tokenizer, None)  # special tokens the run added: the base grows rows for them
     return FinishedRun(run_dir, recipe, plan, checked, tokenizer)
 
 
 # ---------------------------------------------------------------- the model card
 
 
-def model_card(recipe: dict, data_stats: dict, summary: dict, labels: list[str] | None) -> str:
+def model_card(
+    recipe: dict, data_stats: dict, summary: dict, labels: list[str] | None, added_tokens: bool = False
+) -> str:
     """The adapter's README.md from the saved recipe, the manifest's data stats and summary.json: results, the
-    eval table (when the eval section or `eval` ran), how to load it, the recipe."""
+    eval table (when the eval section or `eval` ran), how to load it (`added_tokens`: the run added special
+    tokens, so the base needs rows for them before peft loads the adapter), the recipe."""
     task = recipe["task"]
     base = recipe["model"]["path"]
     tags = [
@@ -589,6 +595,14 @@ def model_card(recipe: dict, data_stats: dict, summary: dict, labels: list[str] 
     metadata = "" if local else f"base_model: {base}\n"
     origin = f" The base model is a local folder, `{name}`, not a hub model." if local else ""
     load_from = f"path/to/{name}" if local else base
+    grow = (
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/adapter")\n'
+        "# the run added special tokens: the base needs embedding rows for them before the adapter loads\n"
+        "if len(tokenizer) > base.get_input_embeddings().num_embeddings:\n"
+        "    base.resize_token_embeddings(len(tokenizer))\n"
+        if added_tokens
+        else ""
+    )
     table = ""
     if evaluation is not None:
         table = (
@@ -623,7 +637,7 @@ from peft import PeftModel
 from transformers import {auto}, AutoTokenizer
 
 base = {auto}.from_pretrained("{load_from}"{label_args})
-model = PeftModel.from_pretrained(base, "path/to/adapter")
+{grow}model = PeftModel.from_pretrained(base, "path/to/adapter")
 tokenizer = AutoTokenizer.from_pretrained("path/to/adapter")
 ```
 

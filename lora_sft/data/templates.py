@@ -38,6 +38,25 @@ NAMED = {
     ),
 }
 
+# The markers each named template writes that must be single special tokens (a base tokenizer without
+# them would split each into several ordinary tokens), and the one that ends a turn (its EOS). mistral's
+# [INST] markers are plain text in its own tokenizer and it ends a turn with the tokenizer's eos_token.
+MARKERS = {
+    "chatml": ["<|im_start|>", "<|im_end|>"],
+    "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "mistral": [],
+}
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+
+
+def markers(name: str | None) -> list[str]:
+    """The special-token markers of a named template; none known for a .jinja file or the tokenizer's own."""
+    return list(MARKERS.get(name or "", []))
+
+
+def end_of_turn(name: str | None) -> str | None:
+    return END_OF_TURN.get(name or "")
+
 
 def apply(tokenizer: PreTrainedTokenizerBase, name: str | None, where: str) -> None:
     """Set the recipe's chat template on the tokenizer (a name or a .jinja file); None keeps its own."""
