@@ -13,7 +13,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
@@ -550,8 +550,11 @@ def load_adapter(base: nn.Module, adapter: Path | str) -> PeftModel:
         return PeftModel.from_pretrained(base, str(adapter))
 
 
-def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftModel:
-    """Wrap the base in a peft model and check that exactly the planned modules got adapters."""
+def add_lora(
+    model: PreTrainedModel, recipe: Recipe, plan: ModelPlan, batches: Iterable[dict] | None = None
+) -> PeftModel:
+    """Wrap the base in a peft model and check that exactly the planned modules got adapters. `batches`:
+    training batches for `lora.init: eva` (see `init_batches`)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = recipe.lora
@@ -571,11 +574,13 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftMod
         exclude_modules="(?:" + "|".join(map(re.escape, plan.heads)) + r")(?:\..*)?" if plan.heads else None,
         use_rslora=lora.rslora,
         use_dora=lora.dora,
+        **init_config(lora),
         modules_to_save=plan.modules_to_save or None,
         task_type=TaskType.SEQ_CLS if recipe.task == "classification" else TaskType.CAUSAL_LM,
     )
     with _peft_wrap():
         peft_model = get_peft_model(model, config)
+    init_from_data(peft_model, recipe, plan, batches)
     # The adapter names its base as the user did (a hub id), not a path that exists only on this machine.
     if plan.source.origin != "local folder":
         peft_model.peft_config["default"].base_model_name_or_path = recipe.model.path
@@ -595,3 +600,109 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftMod
     if trainable != plan.trainable_params:
         raise RuntimeError(f"peft made {trainable} parameters trainable, the plan counted {plan.trainable_params}")
     return peft_model
+
+
+# ---------------------------------------------------------------- lora.init: how A and B start
+
+
+def init_problems(recipe: Recipe, source: ModelSource) -> list[str]:
+    """lora.init combinations that cannot run (pissa/olora and dora pairings are refused by the schema)."""
+    lora, mode, where = recipe.lora, recipe.quant.mode, recipe.where("lora", "init")
+    if lora.init != "loftq":
+        return []
+    if mode == "none":
+        return [
+            f"{where}: loftq shrinks the quantization error of a 4-bit base, and quant.mode none has none; use init: default, or quant.mode: nf4"
+        ]
+    if mode == "int8":
+        return [
+            f"{where}: loftq works on a 4-bit base only (peft's LoftQ quantizes to 4 bits); set quant.mode: nf4 (or fp4), or use init: default"
+        ]
+    if source.origin == "hub":
+        return [
+            f"{where}: loftq reads the unquantized weights from local safetensors files when it runs, and {recipe.model.path} is a hub id; download the model to a folder and set model.path to it"
+        ]
+    if not _weight_files(Path(source.path))[0]:
+        return [
+            f"{where}: loftq reads the unquantized weights from safetensors files, and {source.path} has none; convert the weights to safetensors"
+        ]
+    return []
+
+
+def init_config(lora: LoraSection) -> dict:
+    """LoraConfig's arguments for lora.init. LoftQ runs after wrapping (`init_from_data`), so peft initializes
+    as by default first and the saved adapter_config.json stays loadable without the original weights."""
+    if lora.init == "gaussian":
+        return {"init_lora_weights": "gaussian"}
+    if lora.init == "eva":
+        from peft import EvaConfig
+
+        # rho 1: every layer keeps rank r (EVA's rank redistribution would change the adapter's shapes and size)
+        return {"init_lora_weights": "eva", "eva_config": EvaConfig(rho=1.0)}
+    return {"init_lora_weights": True}
+
+
+def init_batches(recipe: Recipe, dataset, collate: Callable[[list], dict]) -> Iterator[dict]:
+    """Training batches, in order, as EVA's data pass feeds them to the model: only what the model's forward
+    takes, and no labels on a classification task (EVA masks positions by labels of language modeling)."""
+    size = recipe.train.micro_batch_size
+    rows = [dataset[i] for i in range(len(dataset))]
+    for start in range(0, len(rows), size):
+        batch = collate(rows[start : start + size])
+        keep = ("input_ids", "attention_mask", "position_ids") + (("labels",) if recipe.task == "causal_lm" else ())
+        yield {k: v for k, v in batch.items() if k in keep}
+
+
+def init_from_data(peft_model: PeftModel, recipe: Recipe, plan: ModelPlan, batches: Iterable[dict] | None) -> None:
+    """The inits that need more than the base: EVA (a pass over the training data), LoftQ (the unquantized weights)."""
+    init = recipe.lora.init
+    if init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        if batches is None:
+            raise AssertionError("lora.init eva needs the training batches")
+        data = list(batches)  # peft cycles over them until the SVD of every layer's inputs converges
+        with torch.no_grad():
+            initialize_lora_eva_weights(peft_model, dataloader=data, show_progress_bar=False)
+    elif init == "loftq":
+        loftq(peft_model, Path(plan.source.path))
+
+
+@torch.no_grad()
+def loftq(peft_model: PeftModel, folder: Path) -> None:
+    """LoftQ (one step) on a 4-bit base: for each adapted layer, B @ A is the best rank-r approximation of
+    W - dequantize(Q(W)), W read from the model's safetensors, so base + LoRA starts closer to W.
+
+    peft's `replace_lora_weights_loftq` does the same but moves W to "cuda" unconditionally (no CPU runs) and
+    leaves out the LoRA scale (alpha / r): with alpha != r its correction is off by that factor. Both are
+    handled here: the factors are divided by sqrt(scale) so that scale * B @ A is the approximation."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit
+    from safetensors import safe_open
+
+    stored: dict[str, Path] = {}
+    for file in _weight_files(folder)[0]:
+        with safe_open(str(file), framework="pt") as f:
+            stored.update(dict.fromkeys(f.keys(), file))
+    prefix = getattr(peft_model.get_base_model(), "base_model_prefix", "") or ""
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        key = name.removeprefix("base_model.model.") + ".weight"
+        # a checkpoint of the bare model (or of the task model) names it with or without the prefix
+        found = next((k for k in (key, key.removeprefix(f"{prefix}."), f"{prefix}.{key}") if k in stored), None)
+        if found is None:
+            raise UserError(f"{folder}: LoftQ needs the unquantized {key}, which no safetensors file there holds")
+        with safe_open(str(stored[found]), framework="pt") as f:
+            weight = f.get_tensor(found).float()
+        base = module.get_base_layer().weight
+        residual = weight.to(base.device) - bnb.functional.dequantize_4bit(base.data, base.quant_state).float()
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        for adapter in module.lora_A:
+            r, scale = module.r[adapter], module.scaling[adapter]
+            root = torch.sqrt(s[:r] / scale)
+            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            a.data.zero_()  # a rank above the layer's own keeps its extra rows and columns at zero
+            b.data.zero_()
+            a.data[: len(root)] = (root[:, None] * vh[:r]).to(a.dtype)
+            b.data[:, : len(root)] = (u[:, :r] * root).to(b.dtype)

@@ -142,6 +142,8 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
         problems += _tokenizer_problems(recipe, tokenizer, plan, bundle)
     if plan is not None:
         problems += model_stage.check_weights(recipe, plan)
+    if source is not None:
+        problems += model_stage.init_problems(recipe, source)  # lora.init against the base (quant.mode, weight files)
     attempt(check_hardware, recipe)
     # output_dir must be a folder of its own (not the working directory, the data's, a folder of other files)
     attempt(checkpoint.check_output_dir, recipe, source.path if source is not None and source.origin != "hub" else None)

@@ -1,0 +1,119 @@
+"""lora.init: how A and B start. Each supported init gives the A and B that peft documents for it (default:
+A Kaiming-uniform, B zero; gaussian: A normal with std 1/r, B zero; eva: A the top right-singular vectors of
+each layer's inputs, B zero), the seed governs them, LoftQ starts a 4-bit model closer to the unquantized one
+than the default does, and the refused combinations (tests/bad_inputs/lora-init-*.yaml) say why in one line."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import REPO
+
+from lora_sft import data as data_stage
+from lora_sft import model as model_stage
+from lora_sft import preflight
+from lora_sft.errors import UserError
+from lora_sft.recipe import load_recipe
+
+pytestmark = pytest.mark.e2e
+RANK = 4
+ALPHA = 8  # scale alpha / rank = 2: LoftQ's factors must account for it
+
+
+def _recipe(tiny_llama, tmp_path, write_recipe, init: str, quant: str = "nf4", seed: int = 42, **lora):
+    return load_recipe(
+        write_recipe(
+            {
+                "task": "causal_lm",
+                "output_dir": str(tmp_path / "run"),
+                "seed": seed,
+                "model": {"path": str(tiny_llama)},
+                "quant": {"mode": quant},
+                "lora": {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "init": init, **lora},
+                "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
+                "train": {"micro_batch_size": 4},
+            },
+            name=f"{init}-{quant}-{seed}.yaml",
+        )
+    )
+
+
+def _build(recipe):
+    """The adapted model as `train` builds it (seeded, EVA's batches from the training data), and a batch."""
+    from transformers import set_seed
+
+    prepared = preflight.prepare(recipe).ready()
+    set_seed(recipe.seed)
+    collate = data_stage.collator(recipe, prepared.tokenizer)
+    batches = model_stage.init_batches(recipe, prepared.bundle.train, collate)
+    base = model_stage.load_base(recipe, prepared.plan)
+    rows = list(prepared.bundle.train.select(range(4)))
+    batch = {k: v for k, v in collate(rows).items() if k in ("input_ids", "attention_mask")}
+    return model_stage.add_lora(base, recipe, prepared.plan, batches), batch, prepared
+
+
+def _layers(model) -> dict:
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+
+
+def _factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {
+        n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+        for n, m in _layers(model).items()
+    }
+
+
+@torch.no_grad()
+def _logits(model, batch) -> torch.Tensor:
+    model.eval()
+    return model(**batch).logits.float()
+
+
+def test_default_and_gaussian_as_peft_documents_and_seeded(tiny_llama, tmp_path, write_recipe):
+    default = _factors(_build(_recipe(tiny_llama, tmp_path, write_recipe, "default"))[0])
+    gaussian = _factors(_build(_recipe(tiny_llama, tmp_path, write_recipe, "gaussian"))[0])
+    again = _factors(_build(_recipe(tiny_llama, tmp_path, write_recipe, "gaussian"))[0])
+    other_seed = _factors(_build(_recipe(tiny_llama, tmp_path, write_recipe, "gaussian", seed=7))[0])
+    assert default.keys() == gaussian.keys() and len(default) == 14  # 2 layers x 7 linear modules
+    for name, (a, b) in default.items():
+        bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in))
+        assert torch.count_nonzero(b) == 0 and a.abs().max() <= bound and a.abs().max() > 0.8 * bound
+    every_a = torch.cat([a.flatten() for a, _ in gaussian.values()])
+    assert every_a.std().item() == pytest.approx(1 / RANK, rel=0.05)  # peft: normal(0, 1/r)
+    assert every_a.abs().max() > 2 / math.sqrt(64)  # beyond any Kaiming-uniform bound here: not the default
+    assert all(torch.count_nonzero(b) == 0 for _, b in gaussian.values())
+    # the seed governs the init: the same seed gives the same factors, another seed others
+    assert all(torch.equal(gaussian[n][0], again[n][0]) for n in gaussian)
+    assert not any(torch.equal(gaussian[n][0], other_seed[n][0]) for n in gaussian)
+
+
+def test_loftq_starts_closer_to_the_unquantized_model(tiny_llama, tmp_path, write_recipe):
+    unquantized, batch, _ = _build(_recipe(tiny_llama, tmp_path, write_recipe, "default", quant="none"))
+    reference = _logits(unquantized, batch)
+    default, _, _ = _build(_recipe(tiny_llama, tmp_path, write_recipe, "default"))
+    recipe = _recipe(tiny_llama, tmp_path, write_recipe, "loftq")
+    loftq, _, prepared = _build(recipe)
+    error_default = (_logits(default, batch) - reference).abs()
+    error_loftq = (_logits(loftq, batch) - reference).abs()
+    # the default starts at the 4-bit base (B = 0); LoftQ's B @ A cancels the top of the quantization error
+    assert error_loftq.mean() < 0.95 * error_default.mean(), (error_loftq.mean(), error_default.mean())
+
+    # per layer: W - (dequantized + scale * B @ A) is smaller than W - dequantized, by what a rank-r SVD removes
+    import bitsandbytes as bnb
+
+    weights = {n: p for n, p in unquantized.named_parameters() if n.endswith("base_layer.weight")}
+    for name, module in _layers(loftq).items():
+        w = weights[f"{name}.base_layer.weight"].float()
+        q = module.base_layer.weight
+        residual = w - bnb.functional.dequantize_4bit(q.data, q.quant_state).float()
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        left = residual - module.scaling["default"] * b.detach() @ a.detach()
+        s = torch.linalg.svdvals(residual)
+        assert torch.linalg.matrix_norm(left).item() == pytest.approx(s[RANK:].square().sum().sqrt().item(), rel=1e-3)
+
+    # the adapter saved as it stands loads on a fresh 4-bit base (what eval and export do) with the same logits
+    loftq.save_pretrained(tmp_path / "adapter")
+    reloaded = model_stage.load_adapter(model_stage.load_base(recipe, prepared.plan), tmp_path / "adapter")
+    assert torch.equal(_logits(reloaded, batch), _logits(loftq, batch))
