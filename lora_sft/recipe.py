@@ -23,6 +23,7 @@ from pydantic import (
     PrivateAttr,
     Strict,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -102,21 +103,17 @@ class LoraSection(Section):
 
     @field_validator("init")
     @classmethod
-    def _init_keeps_the_base(cls, init: str) -> str:
+    def _init_fits_the_adapter(cls, init: str, info: ValidationInfo) -> str:
         if init in ("pissa", "olora"):
             # peft can convert such an adapter to a plain one of rank 2 x rank when it is saved; lora_sft does not (yet)
             raise ValueError(
                 f"{init} moves the top of each base weight into A and B and leaves the base a residual (W - BA), but adapter/ is applied to the original base by eval, export and peft users, which would count that part twice; use init: default, gaussian, loftq (4-bit base) or eva"
             )
-        return init
-
-    @model_validator(mode="after")
-    def _init_fits_the_adapter(self) -> LoraSection:
-        if self.init in ("loftq", "eva") and self.dora:
+        if init in ("loftq", "eva") and info.data.get("dora"):  # dora is declared above init, so it is checked already
             raise ValueError(
-                f"init: {self.init} cannot be combined with dora: DoRA takes its magnitudes from the base before {self.init} sets A and B; drop one of them"
+                f"{init} cannot be combined with dora: DoRA takes its magnitudes from the base before {init} sets A and B; drop one of them"
             )
-        return self
+        return init
 
     @model_validator(mode="after")
     def _targets_well_formed(self) -> LoraSection:

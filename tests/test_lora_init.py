@@ -117,3 +117,20 @@ def test_loftq_starts_closer_to_the_unquantized_model(tiny_llama, tmp_path, writ
     loftq.save_pretrained(tmp_path / "adapter")
     reloaded = model_stage.load_adapter(model_stage.load_base(recipe, prepared.plan), tmp_path / "adapter")
     assert torch.equal(_logits(reloaded, batch), _logits(loftq, batch))
+
+
+def test_eva_takes_a_from_the_layer_inputs(tiny_llama, tmp_path, write_recipe):
+    recipe = _recipe(tiny_llama, tmp_path, write_recipe, "eva")
+    eva, batch, prepared = _build(recipe)
+    assert eva.peft_config["default"].init_lora_weights == "eva"
+    factors = _factors(eva)
+    again = _factors(_build(recipe)[0])
+    assert len(factors) == 14
+    for name, (a, b) in factors.items():
+        assert a.shape == (RANK, a.shape[1]) and torch.count_nonzero(b) == 0  # every layer keeps rank r (rho 1)
+        # A's rows are orthonormal principal directions (of the layer's inputs), not Kaiming-uniform noise
+        assert torch.allclose(a @ a.T, torch.eye(RANK), atol=1e-4)
+        assert torch.equal(a, again[name][0])  # the data pass is in order: the same data give the same A
+    # B = 0: the adapted model starts exactly at the base
+    base = model_stage.load_base(recipe, prepared.plan)
+    assert torch.equal(_logits(eva, batch), _logits(base, batch))
