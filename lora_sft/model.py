@@ -13,10 +13,10 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -551,10 +551,10 @@ def load_adapter(base: nn.Module, adapter: Path | str) -> PeftModel:
 
 
 def add_lora(
-    model: PreTrainedModel, recipe: Recipe, plan: ModelPlan, batches: Iterable[dict] | None = None
+    model: PreTrainedModel, recipe: Recipe, plan: ModelPlan, batches: InitBatches | None = None
 ) -> PeftModel:
     """Wrap the base in a peft model and check that exactly the planned modules got adapters. `batches`:
-    training batches for `lora.init: eva` (see `init_batches`)."""
+    training batches for `lora.init: eva` (`InitBatches`)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = recipe.lora
@@ -642,18 +642,29 @@ def init_config(lora: LoraSection) -> dict:
     return {"init_lora_weights": True}
 
 
-def init_batches(recipe: Recipe, dataset, collate: Callable[[list], dict]) -> Iterator[dict]:
+@dataclass
+class InitBatches:
     """Training batches, in order, as EVA's data pass feeds them to the model: only what the model's forward
-    takes, and no labels on a classification task (EVA masks positions by labels of language modeling)."""
-    size = recipe.train.micro_batch_size
-    rows = [dataset[i] for i in range(len(dataset))]
-    for start in range(0, len(rows), size):
-        batch = collate(rows[start : start + size])
-        keep = ("input_ids", "attention_mask", "position_ids") + (("labels",) if recipe.task == "causal_lm" else ())
-        yield {k: v for k, v in batch.items() if k in keep}
+    takes, and no labels on a classification task (EVA masks positions by labels of language modeling).
+    Sized (peft checks the length) and lazy: each batch is collated when peft asks for it."""
+
+    recipe: Recipe
+    dataset: Sized
+    collate: Callable[[list], dict]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.recipe.train.micro_batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        size, data = self.recipe.train.micro_batch_size, cast("Any", self.dataset)
+        keep = ("input_ids", "attention_mask", "position_ids")
+        keep += ("labels",) if self.recipe.task == "causal_lm" else ()
+        for start in range(0, len(self.dataset), size):
+            batch = self.collate([data[i] for i in range(start, min(start + size, len(self.dataset)))])
+            yield {k: v for k, v in batch.items() if k in keep}
 
 
-def init_from_data(peft_model: PeftModel, recipe: Recipe, plan: ModelPlan, batches: Iterable[dict] | None) -> None:
+def init_from_data(peft_model: PeftModel, recipe: Recipe, plan: ModelPlan, batches: InitBatches | None) -> None:
     """The inits that need more than the base: EVA (a pass over the training data), LoftQ (the unquantized weights)."""
     init = recipe.lora.init
     if init == "eva":
@@ -661,9 +672,9 @@ def init_from_data(peft_model: PeftModel, recipe: Recipe, plan: ModelPlan, batch
 
         if batches is None:
             raise AssertionError("lora.init eva needs the training batches")
-        data = list(batches)  # peft cycles over them until the SVD of every layer's inputs converges
+        # peft cycles over the batches (keeping those it has seen) until the SVD of every layer's inputs converges
         with torch.no_grad():
-            initialize_lora_eva_weights(peft_model, dataloader=data, show_progress_bar=False)
+            initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
     elif init == "loftq":
         loftq(peft_model, Path(plan.source.path))
 

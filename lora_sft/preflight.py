@@ -189,7 +189,7 @@ def describe_plan(recipe: Recipe, checked, plan, bundle=None) -> list[str]:
         )
         leaves = sorted({n.rsplit(".", 1)[-1] for n in plan.targets})
         lines.append(
-            f"lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}{', rslora' if lo.rslora else ''}{', dora' if lo.dora else ''} on {len(plan.targets)} modules ({', '.join(leaves)})"
+            f"lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}{', rslora' if lo.rslora else ''}{', dora' if lo.dora else ''}{f', init {lo.init}' if lo.init != 'default' else ''} on {len(plan.targets)} modules ({', '.join(leaves)})"
         )
         if plan.modules_to_save:
             lines.append(f"trained in full: {', '.join(plan.modules_to_save)}")

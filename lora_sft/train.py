@@ -61,7 +61,7 @@ def setup_model(recipe: Recipe, prepared: Ready, log=print) -> torch.nn.Module:
     base = model_stage.load_base(recipe, prepared.plan)
     # lora.init eva: the adapter starts from a pass over the training batches (before any checkpoint is restored)
     batches = (
-        model_stage.init_batches(recipe, bundle.train, data_stage.collator(recipe, prepared.tokenizer))
+        model_stage.InitBatches(recipe, bundle.train, data_stage.collator(recipe, prepared.tokenizer))
         if recipe.lora.init == "eva"
         else None
     )

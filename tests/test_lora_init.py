@@ -5,6 +5,7 @@ than the default does, and the refused combinations (tests/bad_inputs/lora-init-
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from helpers import REPO
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage
 from lora_sft import preflight
+from lora_sft.cli import main
 from lora_sft.errors import UserError
 from lora_sft.recipe import load_recipe
 
@@ -47,7 +49,7 @@ def _build(recipe):
     prepared = preflight.prepare(recipe).ready()
     set_seed(recipe.seed)
     collate = data_stage.collator(recipe, prepared.tokenizer)
-    batches = model_stage.init_batches(recipe, prepared.bundle.train, collate)
+    batches = model_stage.InitBatches(recipe, prepared.bundle.train, collate)
     base = model_stage.load_base(recipe, prepared.plan)
     rows = list(prepared.bundle.train.select(range(4)))
     batch = {k: v for k, v in collate(rows).items() if k in ("input_ids", "attention_mask")}
@@ -134,3 +136,40 @@ def test_eva_takes_a_from_the_layer_inputs(tiny_llama, tmp_path, write_recipe):
     # B = 0: the adapted model starts exactly at the base
     base = model_stage.load_base(recipe, prepared.plan)
     assert torch.equal(_logits(eva, batch), _logits(base, batch))
+
+
+@pytest.mark.parametrize("init", ["loftq", "eva"])
+def test_trained_adapter_reloads_on_the_original_base(init, tiny_llama, tmp_path, capsys):
+    """Through the CLI: validate names the init; the trained adapter/, applied by `eval` to a freshly loaded
+    4-bit base, gives the eval loss training ended with (the init left the base as it was)."""
+    import yaml
+
+    out = tmp_path / "run"
+    recipe = {
+        "task": "causal_lm",
+        "output_dir": str(out),
+        "model": {"path": str(tiny_llama)},
+        "lora": {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "init": init},
+        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "eval_fraction": 0.125},
+        "train": {"max_steps": 1, "micro_batch_size": 4, "warmup": 0, "logging_steps": 1, "save_steps": 1},
+        "eval": {"generate": 0},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0
+    assert f"lora: rank {RANK}, alpha {ALPHA}, dropout 0, init {init} on 14 modules" in capsys.readouterr().out
+    assert main(["train", str(tmp_path / "r.yaml")]) == 0, capsys.readouterr().err
+    assert main(["eval", str(out)]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_loss"] == pytest.approx(summary["evaluation"]["fine_tuned"]["loss"], rel=1e-5)
+
+
+def test_loftq_needs_local_safetensors(tiny_llama, tmp_path, write_recipe):
+    recipe = _recipe(tiny_llama, tmp_path, write_recipe, "loftq")
+    hub = model_stage.ModelSource("org/model", "hub")
+    assert model_stage.init_problems(recipe, hub) == [
+        f"{recipe.where('lora', 'init')}: loftq reads the unquantized weights from local safetensors files when it runs, and {tiny_llama} is a hub id; download the model to a folder and set model.path to it"
+    ]
+    assert model_stage.init_problems(recipe, model_stage.ModelSource(str(tmp_path), "local folder")) == [
+        f"{recipe.where('lora', 'init')}: loftq reads the unquantized weights from safetensors files, and {tmp_path} has none; convert the weights to safetensors"
+    ]
+    assert model_stage.init_problems(recipe, model_stage.ModelSource(str(tiny_llama), "local folder")) == []
