@@ -550,9 +550,7 @@ def load_adapter(base: nn.Module, adapter: Path | str) -> PeftModel:
         return PeftModel.from_pretrained(base, str(adapter))
 
 
-def add_lora(
-    model: PreTrainedModel, recipe: Recipe, plan: ModelPlan, batches: InitBatches | None = None
-) -> PeftModel:
+def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan, batches: InitBatches | None = None) -> PeftModel:
     """Wrap the base in a peft model and check that exactly the planned modules got adapters. `batches`:
     training batches for `lora.init: eva` (`InitBatches`)."""
     from peft import LoraConfig, TaskType, get_peft_model
@@ -657,7 +655,7 @@ class InitBatches:
 
     def __iter__(self) -> Iterator[dict]:
         size, data = self.recipe.train.micro_batch_size, cast("Any", self.dataset)
-        keep = ("input_ids", "attention_mask", "position_ids")
+        keep: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids")
         keep += ("labels",) if self.recipe.task == "causal_lm" else ()
         for start in range(0, len(self.dataset), size):
             batch = self.collate([data[i] for i in range(start, min(start + size, len(self.dataset)))])
@@ -706,13 +704,13 @@ def loftq(peft_model: PeftModel, folder: Path) -> None:
             raise UserError(f"{folder}: LoftQ needs the unquantized {key}, which no safetensors file there holds")
         with safe_open(str(stored[found]), framework="pt") as f:
             weight = f.get_tensor(found).float()
-        base = module.get_base_layer().weight
+        base = cast("Any", module.get_base_layer().weight)  # a bnb Params4bit, with its quant_state
         residual = weight.to(base.device) - bnb.functional.dequantize_4bit(base.data, base.quant_state).float()
         u, s, vh = torch.linalg.svd(residual, full_matrices=False)
         for adapter in module.lora_A:
             r, scale = module.r[adapter], module.scaling[adapter]
             root = torch.sqrt(s[:r] / scale)
-            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            a, b = cast("nn.Linear", module.lora_A[adapter]).weight, cast("nn.Linear", module.lora_B[adapter]).weight
             a.data.zero_()  # a rank above the layer's own keeps its extra rows and columns at zero
             b.data.zero_()
             a.data[: len(root)] = (root[:, None] * vh[:r]).to(a.dtype)

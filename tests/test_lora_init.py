@@ -16,7 +16,6 @@ from lora_sft import data as data_stage
 from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft.cli import main
-from lora_sft.errors import UserError
 from lora_sft.recipe import load_recipe
 
 pytestmark = pytest.mark.e2e
@@ -79,7 +78,7 @@ def test_default_and_gaussian_as_peft_documents_and_seeded(tiny_llama, tmp_path,
     again = _factors(_build(_recipe(tiny_llama, tmp_path, write_recipe, "gaussian"))[0])
     other_seed = _factors(_build(_recipe(tiny_llama, tmp_path, write_recipe, "gaussian", seed=7))[0])
     assert default.keys() == gaussian.keys() and len(default) == 14  # 2 layers x 7 linear modules
-    for name, (a, b) in default.items():
+    for a, b in default.values():
         bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in))
         assert torch.count_nonzero(b) == 0 and a.abs().max() <= bound and a.abs().max() > 0.8 * bound
     every_a = torch.cat([a.flatten() for a, _ in gaussian.values()])
