@@ -539,6 +539,9 @@ def _peft_wrap():
     warning is silenced, only here; drop this once peft reads the new name."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # lora.init eva: peft suggests low_cpu_mem_usage (adapters first on the meta device) for larger EVA batches;
+        # the adapters here are small next to the base, and the parameter checks below need them materialized
+        warnings.filterwarnings("ignore", message="lora with eva initialization used with low_cpu_mem_usage=False")
         yield
 
 
@@ -672,9 +675,18 @@ def init_from_data(peft_model: PeftModel, recipe: Recipe, plan: ModelPlan, batch
             raise AssertionError("lora.init eva needs the training batches")
         # peft cycles over the batches (keeping those it has seen) until the SVD of every layer's inputs converges
         with torch.no_grad():
-            initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
+            initialize_lora_eva_weights(
+                peft_model, dataloader=batches, prepare_layer_inputs_fn=_eva_layer_inputs, show_progress_bar=False
+            )
     elif init == "loftq":
         loftq(peft_model, Path(plan.source.path))
+
+
+def _eva_layer_inputs(layer_input, model_input: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """peft's language-modeling default (the inputs at unmasked positions), plus layers that see one vector per
+    sample (BERT's pooler), whose inputs have no positions to mask."""
+    x = layer_input[0] if isinstance(layer_input, tuple | list) else layer_input
+    return x.contiguous() if x.dim() == 2 else x[model_input.T.unbind()]
 
 
 @torch.no_grad()

@@ -172,3 +172,34 @@ def test_loftq_needs_local_safetensors(tiny_llama, tmp_path, write_recipe):
         f"{recipe.where('lora', 'init')}: loftq reads the unquantized weights from safetensors files, and {tmp_path} has none; convert the weights to safetensors"
     ]
     assert model_stage.init_problems(recipe, model_stage.ModelSource(str(tiny_llama), "local folder")) == []
+
+
+@pytest.mark.parametrize("init", ["loftq", "eva"])
+def test_inits_on_a_classification_base(init, tmp_path, write_recipe):
+    """MiniLM (BERT): its pooler sees one vector per sample, which EVA takes as is; LoftQ finds its weights
+    in the packaged checkpoint. Every adapted layer gets the init; the new head is not adapted."""
+    recipe = load_recipe(
+        write_recipe(
+            {
+                "task": "classification",
+                "output_dir": str(tmp_path / "run"),
+                "model": {"path": "sentence-transformers/all-MiniLM-L6-v2"},
+                "lora": {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "init": init},
+                "data": {
+                    "format": "classification",
+                    "train": str(REPO / "data/quickstart/train.jsonl"),
+                    "eval": str(REPO / "data/quickstart/eval.jsonl"),
+                    "max_length": 48,
+                },
+                "train": {"micro_batch_size": 16},
+            }
+        )
+    )
+    model, _, _ = _build(recipe)
+    factors = _factors(model)
+    assert len(factors) == 6 * 6 + 1  # 6 layers x 6 linear modules + the pooler
+    for a, b in factors.values():
+        if init == "eva":
+            assert torch.count_nonzero(b) == 0 and torch.allclose(a @ a.T, torch.eye(RANK), atol=1e-4)
+        else:
+            assert torch.count_nonzero(b) == b.numel() and torch.count_nonzero(a) == a.numel()
