@@ -90,11 +90,12 @@ def test_default_and_gaussian_as_peft_documents_and_seeded(tiny_llama, tmp_path,
     assert not any(torch.equal(gaussian[n][0], other_seed[n][0]) for n in gaussian)
 
 
-def test_loftq_starts_closer_to_the_unquantized_model(tiny_llama, tmp_path, write_recipe):
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_loftq_starts_closer_to_the_unquantized_model(quant, tiny_llama, tmp_path, write_recipe):
     unquantized, batch, _ = _build(_recipe(tiny_llama, tmp_path, write_recipe, "default", quant="none"))
     reference = _logits(unquantized, batch)
-    default, _, _ = _build(_recipe(tiny_llama, tmp_path, write_recipe, "default"))
-    recipe = _recipe(tiny_llama, tmp_path, write_recipe, "loftq")
+    default, _, _ = _build(_recipe(tiny_llama, tmp_path, write_recipe, "default", quant=quant))
+    recipe = _recipe(tiny_llama, tmp_path, write_recipe, "loftq", quant=quant)
     loftq, _, prepared = _build(recipe)
     error_default = (_logits(default, batch) - reference).abs()
     error_loftq = (_logits(loftq, batch) - reference).abs()
