@@ -13,10 +13,10 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -634,6 +634,9 @@ def _peft_wrap():
     warning is silenced, only here; drop this once peft reads the new name."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # lora.init eva: peft suggests low_cpu_mem_usage (adapters first on the meta device) for larger EVA batches;
+        # the adapters here are small next to the base, and the parameter checks below need them materialized
+        warnings.filterwarnings("ignore", message="lora with eva initialization used with low_cpu_mem_usage=False")
         yield
 
 
@@ -645,8 +648,9 @@ def load_adapter(base: nn.Module, adapter: Path | str) -> PeftModel:
         return PeftModel.from_pretrained(base, str(adapter))
 
 
-def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftModel:
-    """Wrap the base in a peft model and check that exactly the planned modules got adapters."""
+def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan, batches: InitBatches | None = None) -> PeftModel:
+    """Wrap the base in a peft model and check that exactly the planned modules got adapters. `batches`:
+    training batches for `lora.init: eva` (`InitBatches`)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = recipe.lora
@@ -666,6 +670,7 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftMod
         exclude_modules="(?:" + "|".join(map(re.escape, plan.heads)) + r")(?:\..*)?" if plan.heads else None,
         use_rslora=lora.rslora,
         use_dora=lora.dora,
+        **init_config(lora),
         modules_to_save=plan.modules_to_save or None,
         # only the added tokens' rows train, so the adapter holds rows, not whole embedding matrices
         trainable_token_indices=plan.trainable_tokens or None,
@@ -673,6 +678,7 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftMod
     )
     with _peft_wrap():
         peft_model = get_peft_model(model, config)
+    init_from_data(peft_model, recipe, plan, batches)
     # The adapter names its base as the user did (a hub id), not a path that exists only on this machine.
     if plan.source.origin != "local folder":
         peft_model.peft_config["default"].base_model_name_or_path = recipe.model.path
@@ -692,3 +698,129 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan) -> PeftMod
     if trainable != plan.trainable_params:
         raise RuntimeError(f"peft made {trainable} parameters trainable, the plan counted {plan.trainable_params}")
     return peft_model
+
+
+# ---------------------------------------------------------------- lora.init: how A and B start
+
+
+def init_problems(recipe: Recipe, source: ModelSource) -> list[str]:
+    """lora.init combinations that cannot run (pissa/olora and dora pairings are refused by the schema)."""
+    lora, mode, where = recipe.lora, recipe.quant.mode, recipe.where("lora", "init")
+    if lora.init != "loftq":
+        return []
+    if mode == "none":
+        return [
+            f"{where}: loftq shrinks the quantization error of a 4-bit base, and quant.mode none has none; use init: default, or quant.mode: nf4"
+        ]
+    if mode == "int8":
+        return [
+            f"{where}: loftq works on a 4-bit base only (peft's LoftQ quantizes to 4 bits); set quant.mode: nf4 (or fp4), or use init: default"
+        ]
+    if source.origin == "hub":
+        return [
+            f"{where}: loftq reads the unquantized weights from local safetensors files when it runs, and {recipe.model.path} is a hub id; download the model to a folder and set model.path to it"
+        ]
+    if not _weight_files(Path(source.path))[0]:
+        return [
+            f"{where}: loftq reads the unquantized weights from safetensors files, and {source.path} has none; convert the weights to safetensors"
+        ]
+    return []
+
+
+def init_config(lora: LoraSection) -> dict:
+    """LoraConfig's arguments for lora.init. LoftQ runs after wrapping (`init_from_data`), so peft initializes
+    as by default first and the saved adapter_config.json stays loadable without the original weights."""
+    if lora.init == "gaussian":
+        return {"init_lora_weights": "gaussian"}
+    if lora.init == "eva":
+        from peft import EvaConfig
+
+        # rho 1: every layer keeps rank r (EVA's rank redistribution would change the adapter's shapes and size)
+        return {"init_lora_weights": "eva", "eva_config": EvaConfig(rho=1.0)}
+    return {"init_lora_weights": True}
+
+
+@dataclass
+class InitBatches:
+    """Training batches, in order, as EVA's data pass feeds them to the model: only what the model's forward
+    takes, and no labels on a classification task (EVA masks positions by labels of language modeling).
+    Sized (peft checks the length) and lazy: each batch is collated when peft asks for it."""
+
+    recipe: Recipe
+    dataset: Sized
+    collate: Callable[[list], dict]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.recipe.train.micro_batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        size, data = self.recipe.train.micro_batch_size, cast("Any", self.dataset)
+        keep: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids")
+        keep += ("labels",) if self.recipe.task == "causal_lm" else ()
+        for start in range(0, len(self.dataset), size):
+            batch = self.collate([data[i] for i in range(start, min(start + size, len(self.dataset)))])
+            yield {k: v for k, v in batch.items() if k in keep}
+
+
+def init_from_data(peft_model: PeftModel, recipe: Recipe, plan: ModelPlan, batches: InitBatches | None) -> None:
+    """The inits that need more than the base: EVA (a pass over the training data), LoftQ (the unquantized weights)."""
+    init = recipe.lora.init
+    if init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        if batches is None:
+            raise AssertionError("lora.init eva needs the training batches")
+        # peft cycles over the batches (keeping those it has seen) until the SVD of every layer's inputs converges
+        with torch.no_grad():
+            initialize_lora_eva_weights(
+                peft_model, dataloader=batches, prepare_layer_inputs_fn=_eva_layer_inputs, show_progress_bar=False
+            )
+    elif init == "loftq":
+        loftq(peft_model, Path(plan.source.path))
+
+
+def _eva_layer_inputs(layer_input, model_input: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """peft's language-modeling default (the inputs at unmasked positions), plus layers that see one vector per
+    sample (BERT's pooler), whose inputs have no positions to mask."""
+    x = layer_input[0] if isinstance(layer_input, tuple | list) else layer_input
+    return x.contiguous() if x.dim() == 2 else x[model_input.T.unbind()]
+
+
+@torch.no_grad()
+def loftq(peft_model: PeftModel, folder: Path) -> None:
+    """LoftQ (one step) on a 4-bit base: for each adapted layer, B @ A is the best rank-r approximation of
+    W - dequantize(Q(W)), W read from the model's safetensors, so base + LoRA starts closer to W.
+
+    peft's `replace_lora_weights_loftq` does the same but moves W to "cuda" unconditionally (no CPU runs) and
+    leaves out the LoRA scale (alpha / r): with alpha != r its correction is off by that factor. Both are
+    handled here: the factors are divided by sqrt(scale) so that scale * B @ A is the approximation."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit
+    from safetensors import safe_open
+
+    stored: dict[str, Path] = {}
+    for file in _weight_files(folder)[0]:
+        with safe_open(str(file), framework="pt") as f:
+            stored.update(dict.fromkeys(f.keys(), file))
+    prefix = getattr(peft_model.get_base_model(), "base_model_prefix", "") or ""
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        key = name.removeprefix("base_model.model.") + ".weight"
+        # a checkpoint of the bare model (or of the task model) names it with or without the prefix
+        found = next((k for k in (key, key.removeprefix(f"{prefix}."), f"{prefix}.{key}") if k in stored), None)
+        if found is None:
+            raise UserError(f"{folder}: LoftQ needs the unquantized {key}, which no safetensors file there holds")
+        with safe_open(str(stored[found]), framework="pt") as f:
+            weight = f.get_tensor(found).float()
+        base = cast("Any", module.get_base_layer().weight)  # a bnb Params4bit, with its quant_state
+        residual = weight.to(base.device) - bnb.functional.dequantize_4bit(base.data, base.quant_state).float()
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        for adapter in module.lora_A:
+            r, scale = module.r[adapter], module.scaling[adapter]
+            root = torch.sqrt(s[:r] / scale)
+            a, b = cast("nn.Linear", module.lora_A[adapter]).weight, cast("nn.Linear", module.lora_B[adapter]).weight
+            a.data.zero_()  # a rank above the layer's own keeps its extra rows and columns at zero
+            b.data.zero_()
+            a.data[: len(root)] = (root[:, None] * vh[:r]).to(a.dtype)
+            b.data[:, : len(root)] = (u[:, :r] * root).to(b.dtype)

@@ -144,6 +144,8 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
         problems += _tokenizer_problems(recipe, tokenizer, plan, bundle)
     if plan is not None:
         problems += model_stage.check_weights(recipe, plan)
+    if source is not None:
+        problems += model_stage.init_problems(recipe, source)  # lora.init against the base (quant.mode, weight files)
     attempt(check_hardware, recipe)
     # output_dir must be a folder of its own (not the working directory, the data's, a folder of other files)
     attempt(checkpoint.check_output_dir, recipe, source.path if source is not None and source.origin != "hub" else None)
@@ -195,7 +197,7 @@ def describe_plan(recipe: Recipe, checked, plan, bundle=None) -> list[str]:
         )
         leaves = sorted({n.rsplit(".", 1)[-1] for n in plan.targets})
         lines.append(
-            f"lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}{', rslora' if lo.rslora else ''}{', dora' if lo.dora else ''} on {len(plan.targets)} modules ({', '.join(leaves)})"
+            f"lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}{', rslora' if lo.rslora else ''}{', dora' if lo.dora else ''}{f', init {lo.init}' if lo.init != 'default' else ''} on {len(plan.targets)} modules ({', '.join(leaves)})"
         )
         if plan.modules_to_save:
             lines.append(f"trained in full: {', '.join(plan.modules_to_save)}")

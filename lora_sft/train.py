@@ -59,7 +59,13 @@ def setup_model(recipe: Recipe, prepared: Ready, log=print) -> torch.nn.Module:
     for split in ("train", "eval") if bundle.eval is not None else ("train",):
         log("\n".join(stats_lines(bundle, split, lengths_histogram=False)))
     base = model_stage.load_base(recipe, prepared.plan)
-    model = model_stage.add_lora(base, recipe, prepared.plan)
+    # lora.init eva: the adapter starts from a pass over the training batches (before any checkpoint is restored)
+    batches = (
+        model_stage.InitBatches(recipe, bundle.train, data_stage.collator(recipe, prepared.tokenizer))
+        if recipe.lora.init == "eva"
+        else None
+    )
+    model = model_stage.add_lora(base, recipe, prepared.plan, batches)
     plan = prepared.plan
     log(
         f"trainable params: {plan.trainable_params:,} of {plan.total_params:,} ({100 * plan.trainable_params / plan.total_params:.2f}%)"
