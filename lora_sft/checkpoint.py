@@ -183,6 +183,8 @@ def identity(recipe_dict: dict) -> dict:
         into[path[-1]] = value
     train = recipe_dict.get("train") or {}
     out["effective_batch"] = train.get("micro_batch_size", 1) * train.get("grad_accum", 1)
+    if train.get("lora_plus_ratio") is not None:  # its optimizer state (param groups) fits only this setting
+        out["train"] = {"lora_plus_ratio": train["lora_plus_ratio"]}
     return out
 
 
@@ -194,7 +196,8 @@ def _identity_changes(a: dict, b: dict) -> list[str]:
     out = []
 
     def walk(x, y, path):
-        if isinstance(x, dict) and isinstance(y, dict):
+        if isinstance(x, dict | None) and isinstance(y, dict | None) and (x or y):  # a section only one side has
+            x, y = x or {}, y or {}
             for key in dict.fromkeys([*x, *y]):
                 walk(x.get(key), y.get(key), (*path, key))
         elif x != y:

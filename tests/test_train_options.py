@@ -134,7 +134,13 @@ def test_lora_plus_b_learns_at_ratio_times_a(tiny_llama, tmp_path, write_recipe)
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
-    "optimizer,cls", [("adamw_torch", "AdamW"), ("sgd", "SGD"), ("adafactor", "Adafactor"), ("adamw_8bit", "bitsandbytes.optim.adamw.AdamW")]
+    "optimizer,cls",
+    [
+        ("adamw_torch", "AdamW"),
+        ("sgd", "SGD"),
+        ("adafactor", "Adafactor"),
+        ("adamw_8bit", "bitsandbytes.optim.adamw.AdamW"),
+    ],
 )
 def test_lora_plus_keeps_the_recipes_optimizer(optimizer, cls, tmp_path, write_recipe):
     from peft import LoraConfig, get_peft_model
