@@ -164,6 +164,8 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         load_best_model_at_end=stop is not None,
         metric_for_best_model=stop.metric if stop else None,
         greater_is_better=stop.greater_is_better() if stop else None,
+        # a resumed run continues the patience count where its checkpoint left it (EarlyStoppingCallback's state)
+        restore_callback_states_from_checkpoint=stop is not None,
     )
 
 

@@ -112,6 +112,7 @@ def test_the_training_options_land_in_the_right_fields(tmp_path, write_recipe):
     direction; by default none of them is on (LoRA+ is an optimizer, not an argument: tests/test_train_options.py)."""
     args = train_stage.training_arguments(_recipe(tmp_path, write_recipe), tmp_path / "s", has_eval=True)
     assert (args.neftune_noise_alpha, args.load_best_model_at_end, args.metric_for_best_model) == (None, False, None)
+    assert args.restore_callback_states_from_checkpoint is False
     recipe = _recipe(
         tmp_path,
         write_recipe,
@@ -127,4 +128,5 @@ def test_the_training_options_land_in_the_right_fields(tmp_path, write_recipe):
         "eval_loss",
         False,
     )
+    assert args.restore_callback_states_from_checkpoint is True  # a resume continues the patience count
     assert (args.save_steps, args.eval_steps, args.learning_rate, args.optim.value) == (6, 6, 2e-4, "adamw_torch")

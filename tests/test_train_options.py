@@ -244,6 +244,16 @@ def test_early_stopping_stops_at_the_expected_step_and_keeps_the_best(tiny_llama
     state = json.loads((run / "checkpoints" / "checkpoint-5" / "trainer_state.json").read_text())
     assert state["best_model_checkpoint"] == str(run / "checkpoints" / "checkpoint-4")  # where a resume finds it
 
+    # resumed from the best checkpoint, the run stops at step 5 again (the patience count and the best are restored)
+    first = summary
+    scripted = ScriptedEvalLoss()
+    train_stage.run(recipe, log=lambda *_: None, resume=str(run / "checkpoints" / "checkpoint-4"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["early_stopping"] == first["early_stopping"] and summary["eval"] == first["eval"]
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(adapter[k], best[k]) for k in best)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
+
 
 @pytest.mark.unit
 def test_early_stopping_arguments(tmp_path, write_recipe):
