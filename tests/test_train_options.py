@@ -25,6 +25,7 @@ from lora_sft import preflight
 from lora_sft import train as train_stage
 from lora_sft.errors import UserError
 from lora_sft.recipe import load_recipe
+from lora_sft.rundir import RunDir
 
 ROWS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()[:24]
 
@@ -231,6 +232,7 @@ def test_early_stopping_stops_at_the_expected_step_and_keeps_the_best(tiny_llama
         "stopped_at": 5,
         "adapter": "checkpoint-4 (the best)",
     }
+    assert RunDir(run).read_summary().to_json() == summary  # the typed record reads it back as written
     # rotation keeps the last checkpoint (save_total_limit 1) and the best one
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
