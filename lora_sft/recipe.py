@@ -9,6 +9,7 @@ Field docstrings are the documentation (`validate --explain` prints them).
 from __future__ import annotations
 
 import difflib
+import typing
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -740,6 +741,10 @@ def explain() -> str:
                 else f"`{yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
             )
             rows.append(f"| `{prefix}{name}` | {default} | {(field.description or '').replace('|', '/')} |")
+            # an optional sub-section (`Section | None`, e.g. train.early_stopping): its own keys follow
+            inner = [a for a in typing.get_args(ann) if a is not type(None)]
+            if len(inner) == 1 and isinstance(inner[0], type) and issubclass(inner[0], Section):
+                walk(inner[0], f"{prefix}{name}.")
 
     walk(Recipe, "")
     return "\n".join(rows)
