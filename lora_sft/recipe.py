@@ -9,11 +9,10 @@ Field docstrings are the documentation (`validate --explain` prints them).
 from __future__ import annotations
 
 import difflib
-import typing
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -742,7 +741,7 @@ def explain() -> str:
             )
             rows.append(f"| `{prefix}{name}` | {default} | {(field.description or '').replace('|', '/')} |")
             # an optional sub-section (`Section | None`, e.g. train.early_stopping): its own keys follow
-            inner = [a for a in typing.get_args(ann) if a is not type(None)]
+            inner = [a for a in get_args(ann) if a is not type(None)]
             if len(inner) == 1 and isinstance(inner[0], type) and issubclass(inner[0], Section):
                 walk(inner[0], f"{prefix}{name}.")
 
