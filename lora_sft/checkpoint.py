@@ -117,7 +117,7 @@ class AtomicCheckpoints(TrainerCallback):
         counts = dict(self.counts())
         if self.identity is not None:
             counts |= {"recipe": self.identity, "recipe_hash": recipe_hash(self.identity)}
-        best = state.best_model_checkpoint
+        best = getattr(state, "best_model_checkpoint", None)  # a TrainerState has it; set by load_best_model_at_end
         if best and Path(best).parent == staging(self.folder):
             # load_best_model_at_end: Trainer recorded the best checkpoint where it wrote it (staging); it is read
             # from where it lands, at the end and after a resume (so its saved state says so too)
@@ -133,7 +133,7 @@ class AtomicCheckpoints(TrainerCallback):
         shutil.rmtree(staging(self.folder), ignore_errors=True)
         self.saving = None
         for old in checkpoints(self.folder)[: -self.keep]:
-            if state.best_model_checkpoint and old == Path(state.best_model_checkpoint):
+            if best and old == Path(state.best_model_checkpoint):
                 continue  # the best checkpoint (early stopping) is kept beside the last `keep`: adapter/ gets it
             (old / COUNTS).unlink()  # first, so a kill halfway through the removal leaves no resumable-looking folder
             shutil.rmtree(old)

@@ -466,3 +466,32 @@ def test_on_save_marks_renames_and_rotates_and_only_marked_checkpoints_count(tmp
     # saving a step again (resumed from an earlier checkpoint): the old folder stops counting before Trainer rewrites it
     saves.on_step_end(None, SimpleNamespace(global_step=3), TrainerControl(should_save=True))
     assert [p.name for p in checkpoints(folder)] == ["checkpoint-2"]
+
+
+@pytest.mark.unit
+def test_on_save_records_the_best_checkpoint_where_it_lands_and_never_rotates_it_away(tmp_path):
+    """load_best_model_at_end: Trainer records the best checkpoint at the path it wrote (the staging folder);
+    on_save points the state (and the saved trainer_state.json) at checkpoints/checkpoint-N, and keeps that
+    folder beside the last K whatever its age."""
+    from transformers import TrainerControl, TrainerState
+
+    from lora_sft.checkpoint import STATE, AtomicCheckpoints, staging
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    saves = AtomicCheckpoints(folder, keep=1, counts=lambda: {"tokens_seen": 0, "tokens_trained": 0})
+    state = TrainerState()
+    for step in (1, 2, 3, 4):
+        state.global_step, control = step, TrainerControl(should_save=True)
+        saves.on_step_end(None, state, control)
+        written = staging(folder) / f"checkpoint-{step}"
+        written.mkdir(parents=True)
+        if step == 2:  # the best evaluation: Trainer names the folder it has just written
+            state.best_model_checkpoint = str(written)
+        state.save_to_json(str(written / STATE))
+        saves.on_save(None, state, control)
+    best = str(folder / "checkpoint-2")
+    assert state.best_model_checkpoint == best
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    for step in (2, 4):
+        assert json.loads((folder / f"checkpoint-{step}" / STATE).read_text())["best_model_checkpoint"] == best
