@@ -117,6 +117,12 @@ class AtomicCheckpoints(TrainerCallback):
         counts = dict(self.counts())
         if self.identity is not None:
             counts |= {"recipe": self.identity, "recipe_hash": recipe_hash(self.identity)}
+        best = getattr(state, "best_model_checkpoint", None)  # a TrainerState has it; set by load_best_model_at_end
+        if best and Path(best).parent == staging(self.folder):
+            # load_best_model_at_end: Trainer recorded the best checkpoint where it wrote it (staging); it is read
+            # from where it lands, at the end and after a resume (so its saved state says so too)
+            state.best_model_checkpoint = str(self.folder / Path(best).name)
+            state.save_to_json(str(written / STATE))
         fsync_tree(written)
         (written / COUNTS).write_text(json.dumps(counts))  # the completion marker, after every other file is on disk
         fsync_tree(written)
@@ -127,6 +133,8 @@ class AtomicCheckpoints(TrainerCallback):
         shutil.rmtree(staging(self.folder), ignore_errors=True)
         self.saving = None
         for old in checkpoints(self.folder)[: -self.keep]:
+            if best and old == Path(state.best_model_checkpoint):
+                continue  # the best checkpoint (early stopping) is kept beside the last `keep`: adapter/ gets it
             (old / COUNTS).unlink()  # first, so a kill halfway through the removal leaves no resumable-looking folder
             shutil.rmtree(old)
 
@@ -175,6 +183,8 @@ def identity(recipe_dict: dict) -> dict:
         into[path[-1]] = value
     train = recipe_dict.get("train") or {}
     out["effective_batch"] = train.get("micro_batch_size", 1) * train.get("grad_accum", 1)
+    if train.get("lora_plus_ratio") is not None:  # its optimizer state (param groups) fits only this setting
+        out["train"] = {"lora_plus_ratio": train["lora_plus_ratio"]}
     return out
 
 
@@ -186,7 +196,8 @@ def _identity_changes(a: dict, b: dict) -> list[str]:
     out = []
 
     def walk(x, y, path):
-        if isinstance(x, dict) and isinstance(y, dict):
+        if isinstance(x, dict | None) and isinstance(y, dict | None) and (x or y):  # a section only one side has
+            x, y = x or {}, y or {}
             for key in dict.fromkeys([*x, *y]):
                 walk(x.get(key), y.get(key), (*path, key))
         elif x != y:

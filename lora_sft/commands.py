@@ -18,6 +18,15 @@ def before_training(recipe, checked) -> list[str]:
         problems.append(
             f"{recipe.where('eval', 'after_train')}: there is no eval split to evaluate after training; set data.eval or data.eval_fraction, or remove after_train"
         )
+    if (stop := recipe.train.early_stopping) is not None:
+        if checked is not None and not checked.eval:
+            problems.append(
+                f"{recipe.where('train', 'early_stopping')}: there is no eval split to watch; set data.eval or data.eval_fraction, or remove early_stopping"
+            )
+        if recipe.task != "classification" and stop.metric != "eval_loss":
+            problems.append(
+                f"{recipe.where('train', 'early_stopping', 'metric')}: {stop.metric} is measured for classification only; a causal_lm run is evaluated by eval_loss"
+            )
     if recipe.task == "causal_lm":  # generation metrics; a classifier is scored with accuracy and F1
         from .evaluation import metric_problem
 

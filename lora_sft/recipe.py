@@ -12,7 +12,7 @@ import difflib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -229,6 +229,31 @@ class DataSection(Section):
         return {s.format for split in ("train", "eval") for s in self.sources(split) if s.format is not None}
 
 
+class EarlyStopping(Section):
+    patience: int = Field(ge=1)
+    """Stop after this many evaluations in a row that do not improve `metric` by more than min_delta."""
+    metric: str = "eval_loss"
+    """The eval metric watched: eval_loss (lower is better), or for classification eval_accuracy or eval_f1 (higher is better); the `eval_` prefix is optional."""
+    min_delta: Float = Field(0.0, ge=0)
+    """Smallest change of `metric` that counts as an improvement."""
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        name = metric.removeprefix("eval_")
+        if name not in METRIC_HIGHER_IS_BETTER:
+            known = ", ".join(f"eval_{m}" for m in METRIC_HIGHER_IS_BETTER)
+            raise ValueError(f"unknown metric {metric!r}; use one of {known}")
+        return f"eval_{name}"
+
+    def greater_is_better(self) -> bool:
+        return METRIC_HIGHER_IS_BETTER[self.metric.removeprefix("eval_")]
+
+
+# The eval metrics early stopping can watch, and their direction (accuracy and f1 come with classification).
+METRIC_HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "f1": True}
+
+
 class TrainSection(Section):
     lr: Float = Field(2e-4, gt=0, lt=1)
     """Peak learning rate."""
@@ -268,6 +293,26 @@ class TrainSection(Section):
     """Checkpoints kept in checkpoints/."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN or infinite loss or gradient: `stop` the run before the optimizer step (the last checkpoint stays good), or `skip` that step's update and go on."""
+    neftune_alpha: Float | None = Field(None, gt=0)
+    """NEFTune: add uniform noise of scale alpha / sqrt(sequence length * hidden size) to the input embeddings while training (never in evaluation or generation); 5 is the paper's usual value."""
+    lora_plus_ratio: Float | None = Field(None, gt=0)
+    """LoRA+: the B matrices learn at lora_plus_ratio * lr, the A matrices at lr (the paper suggests 16); works with every optimizer."""
+    early_stopping: EarlyStopping | None = None
+    """{patience, metric, min_delta}: stop when the eval metric stops improving; needs eval_steps, an eval split and save_steps equal to eval_steps; adapter/ then holds the best checkpoint (summary.json `early_stopping`)."""
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluations(self) -> TrainSection:
+        if self.early_stopping is None:
+            return self
+        if self.eval_steps is None:
+            raise ValueError(
+                "early_stopping needs eval_steps (it watches the evaluations every eval_steps); set eval_steps, e.g. eval_steps: 50"
+            )
+        if self.save_steps != self.eval_steps:
+            raise ValueError(
+                f"early_stopping needs save_steps equal to eval_steps (every evaluation's checkpoint may be the best, which adapter/ then holds); got save_steps {self.save_steps}, eval_steps {self.eval_steps}: set save_steps: {self.eval_steps}"
+            )
+        return self
 
 
 class EvalSection(Section):
@@ -719,6 +764,10 @@ def explain() -> str:
                 else f"`{yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
             )
             rows.append(f"| `{prefix}{name}` | {default} | {(field.description or '').replace('|', '/')} |")
+            # an optional sub-section (`Section | None`, e.g. train.early_stopping): its own keys follow
+            inner = [a for a in get_args(ann) if a is not type(None)]
+            if len(inner) == 1 and isinstance(inner[0], type) and issubclass(inner[0], Section):
+                walk(inner[0], f"{prefix}{name}.")
 
     walk(Recipe, "")
     return "\n".join(rows)

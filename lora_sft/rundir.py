@@ -202,6 +202,18 @@ class Evaluation(Record):
 
 
 @dataclass
+class EarlyStopped(Record):
+    """summary.json `early_stopping` (train.early_stopping): the metric watched, the best evaluation (adapter/ holds
+    its checkpoint) and the step training stopped at (None: it ran to its last step without triggering)."""
+
+    metric: str
+    best_step: int | None
+    best_metric: float | None
+    stopped_at: int | None
+    adapter: str  # which checkpoint adapter/ holds, e.g. "checkpoint-4 (the best)"
+
+
+@dataclass
 class Summary(Record):
     """summary.json: the finished run's losses, eval metrics before and after, tokens, speed, memory, time;
     `evaluation` once the eval section (or `eval`) measured the adapter."""
@@ -223,13 +235,16 @@ class Summary(Record):
     peak_memory_kind: str
     train_time_s: float
     wall_time_s: float
+    early_stopping: EarlyStopped | None = None
     evaluation: Evaluation | None = None
 
-    OPTIONAL = ("evaluation",)
+    OPTIONAL = ("early_stopping", "evaluation")
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Summary:
-        summary = super().from_json({k: v for k, v in raw.items() if k != "evaluation"})
+        summary = super().from_json({k: v for k, v in raw.items() if k not in ("evaluation", "early_stopping")})
+        if isinstance(raw.get("early_stopping"), dict):
+            summary.early_stopping = EarlyStopped.from_json(raw["early_stopping"])
         if isinstance(raw.get("evaluation"), dict):
             summary.evaluation = Evaluation.from_json(raw["evaluation"])
         return summary

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 from . import checkpoint
 from . import data as data_stage
@@ -25,7 +25,7 @@ from . import model as model_stage
 from .guard import Guard, guarded
 from .preflight import Ready, prepare
 from .recipe import Recipe
-from .rundir import Manifest, RunDir, Summary
+from .rundir import EarlyStopped, Manifest, RunDir, Summary
 from .tokens import count_trained, perplexity
 
 
@@ -136,6 +136,7 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
     moves it into place. Rotation is `AtomicCheckpoints`' too (it keeps train.save_total_limit complete
     checkpoints), so Trainer's own save_total_limit stays unset."""
     t = recipe.train
+    stop = t.early_stopping
     dtype = model_stage.compute_dtype(recipe.quant)
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -164,6 +165,13 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         remove_unused_columns=False,  # the collator needs every column the data stage made
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        neftune_noise_alpha=t.neftune_alpha,  # Trainer's hook on the input embeddings, active in train mode only
+        # early stopping: Trainer tracks the best evaluation and loads its checkpoint when training ends
+        load_best_model_at_end=stop is not None,
+        metric_for_best_model=stop.metric if stop else None,
+        greater_is_better=stop.greater_is_better() if stop else None,
+        # a resumed run continues the patience count where its checkpoint left it (EarlyStoppingCallback's state)
+        restore_callback_states_from_checkpoint=stop is not None,
     )
 
 
@@ -247,15 +255,20 @@ def build_trainer(
     from .evaluation import classification_metrics
 
     guard = Guard(recipe, run_dir.checkpoints, log)
+    args = training_arguments(recipe, checkpoint.staging(run_dir.checkpoints), has_eval=bool(bundle.eval))
+    callbacks: list[TrainerCallback] = [RunLog(run_dir), SaveLastStep(), guard]
+    if stop := recipe.train.early_stopping:
+        callbacks.append(EarlyStoppingCallback(stop.patience, stop.min_delta))
     trainer = CountingTrainer(
         model=model,
-        args=training_arguments(recipe, checkpoint.staging(run_dir.checkpoints), has_eval=bool(bundle.eval)),
+        args=args,
         train_dataset=bundle.train,
         eval_dataset=bundle.eval or None,
         data_collator=data_stage.collator(recipe, tokenizer),
         processing_class=tokenizer,
         compute_metrics=classification_metrics() if recipe.task == "classification" else None,
-        callbacks=[RunLog(run_dir), SaveLastStep(), guard],
+        callbacks=callbacks,
+        optimizers=(lora_plus_optimizer(recipe, model, args), None),  # None: Trainer's own, from args.optim
         guard=guard,
     )
     # saved with each checkpoint, checked on resume: the token totals and what a resumed run must share
@@ -265,6 +278,27 @@ def build_trainer(
         )
     )
     return trainer
+
+
+def lora_plus_optimizer(recipe: Recipe, model, args: TrainingArguments) -> torch.optim.Optimizer | None:
+    """train.lora_plus_ratio: peft's LoRA+ optimizer (B matrices at ratio * lr), of the class and with the settings
+    `train.optimizer` gives Trainer (Trainer's own table, `get_optimizer_cls_and_kwargs`), and train.weight_decay.
+    None without LoRA+: Trainer then builds its own optimizer."""
+    if recipe.train.lora_plus_ratio is None:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("lr", args.learning_rate)
+    return create_loraplus_optimizer(
+        model,
+        cls,
+        lr=lr,
+        loraplus_lr_ratio=recipe.train.lora_plus_ratio,
+        loraplus_weight_decay=args.weight_decay,
+        **kwargs,
+    )
 
 
 def evaluate_before(recipe: Recipe, trainer: CountingTrainer, run_dir: RunDir, resume_from: Path | None) -> dict | None:
@@ -330,6 +364,23 @@ def summarize(
         peak_memory_kind=peak_kind,
         train_time_s=round(train_time, 2),
         wall_time_s=round(time.perf_counter() - started, 2),
+        early_stopping=early_stopped(trainer),
+    )
+
+
+def early_stopped(trainer: CountingTrainer) -> EarlyStopped | None:
+    """With train.early_stopping: the best evaluation, whose checkpoint Trainer loaded at the end (so adapter/
+    holds it), and the step training stopped at when the metric stopped improving."""
+    state, metric = trainer.state, trainer.args.metric_for_best_model
+    if not trainer.args.load_best_model_at_end or metric is None:
+        return None
+    best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
+    return EarlyStopped(
+        metric=metric,
+        best_step=state.best_global_step or None,
+        best_metric=state.best_metric,
+        stopped_at=state.global_step if state.global_step < state.max_steps else None,
+        adapter=f"{best} (the best)" if best else "the last step (no evaluation was saved as a checkpoint)",
     )
 
 

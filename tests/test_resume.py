@@ -158,6 +158,53 @@ def test_killed_and_resumed_equals_unbroken(unbroken, tiny_llama, tmp_path, caps
         assert kept == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"]  # the last K, no staging left over
 
 
+# One seed each: the option's randomness (NEFTune's noise) or optimizer (LoRA+'s param groups) resumes exactly too.
+OPTIONS = [
+    pytest.param({"neftune_alpha": 5.0}, 2, id="neftune"),
+    pytest.param({"lora_plus_ratio": 16.0}, 5, id="lora_plus"),
+]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("option,seed", OPTIONS)
+def test_killed_and_resumed_equals_unbroken_with_each_option(option, seed, tiny_llama, tmp_path, capsys):
+    import yaml
+
+    folders = {name: tmp_path / name for name in ("unbroken", "killed")}
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_llama, folder / "run", **option)))
+    kill_at = random.Random(seed).randint(2, STEPS - 1)
+    run, recipe = folders["killed"] / "run", folders["killed"] / "recipe.yaml"
+    proc = _start(recipe)
+    _signal_at([(proc, run, kill_at, signal.SIGKILL)])
+    proc.wait()
+    reference = folders["unbroken"] / "run"
+    assert main(["train", str(folders["unbroken"] / "recipe.yaml")]) == 0
+    assert proc.returncode == -signal.SIGKILL and not (run / "summary.json").exists()
+    assert main(["train", str(recipe), "--resume"]) == 0
+    assert losses(run) == losses(reference) and [s for s, _ in losses(run)] == list(range(1, STEPS + 1))
+    ref, got = adapter(reference), adapter(run)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    # and the option acted: the same recipe without it trains another adapter
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_llama, plain / "run")))
+    assert main(["train", str(plain / "recipe.yaml")]) == 0
+    assert losses(plain / "run") != losses(reference)
+
+
+@pytest.mark.e2e
+def test_lora_plus_cannot_be_switched_on_resume(unbroken, capsys):
+    """LoRA+ makes other optimizer param groups: a checkpoint's optimizer state fits only the setting it was
+    written with, so the ratio is part of what a resumed run must share."""
+    before = {p: p.read_bytes() for p in unbroken.rglob("*") if p.is_file()}
+    assert main(["train", str(unbroken.parent / "recipe.yaml"), "--resume", "train.lora_plus_ratio=16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume refused, the recipe changed" in err[0] and "lora_plus_ratio None -> 16" in err[0]
+    assert {p: p.read_bytes() for p in unbroken.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.e2e
 def test_finished_run_is_not_overwritten_and_changed_recipe_is_refused(unbroken, tiny_llama, tmp_path, capsys):
     import yaml
@@ -419,3 +466,32 @@ def test_on_save_marks_renames_and_rotates_and_only_marked_checkpoints_count(tmp
     # saving a step again (resumed from an earlier checkpoint): the old folder stops counting before Trainer rewrites it
     saves.on_step_end(None, SimpleNamespace(global_step=3), TrainerControl(should_save=True))
     assert [p.name for p in checkpoints(folder)] == ["checkpoint-2"]
+
+
+@pytest.mark.unit
+def test_on_save_records_the_best_checkpoint_where_it_lands_and_never_rotates_it_away(tmp_path):
+    """load_best_model_at_end: Trainer records the best checkpoint at the path it wrote (the staging folder);
+    on_save points the state (and the saved trainer_state.json) at checkpoints/checkpoint-N, and keeps that
+    folder beside the last K whatever its age."""
+    from transformers import TrainerControl, TrainerState
+
+    from lora_sft.checkpoint import STATE, AtomicCheckpoints, staging
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    saves = AtomicCheckpoints(folder, keep=1, counts=lambda: {"tokens_seen": 0, "tokens_trained": 0})
+    state = TrainerState()
+    for step in (1, 2, 3, 4):
+        state.global_step, control = step, TrainerControl(should_save=True)
+        saves.on_step_end(None, state, control)
+        written = staging(folder) / f"checkpoint-{step}"
+        written.mkdir(parents=True)
+        if step == 2:  # the best evaluation: Trainer names the folder it has just written
+            state.best_model_checkpoint = str(written)
+        state.save_to_json(str(written / STATE))
+        saves.on_save(None, state, control)
+    best = str(folder / "checkpoint-2")
+    assert state.best_model_checkpoint == best
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    for step in (2, 4):
+        assert json.loads((folder / f"checkpoint-{step}" / STATE).read_text())["best_model_checkpoint"] == best

@@ -105,3 +105,28 @@ def test_trainer_and_callbacks_override_no_private_trainer_method():
         assert issubclass(cls, TrainerCallback)
         overridden = {n for n in vars(cls) if n.startswith("on_")}
         assert overridden <= hooks, (cls, overridden - hooks)  # a misspelt hook would never be called
+
+
+def test_the_training_options_land_in_the_right_fields(tmp_path, write_recipe):
+    """NEFTune is Trainer's neftune_noise_alpha; early stopping turns on load_best_model_at_end with its metric and
+    direction; by default none of them is on (LoRA+ is an optimizer, not an argument: tests/test_train_options.py)."""
+    args = train_stage.training_arguments(_recipe(tmp_path, write_recipe), tmp_path / "s", has_eval=True)
+    assert (args.neftune_noise_alpha, args.load_best_model_at_end, args.metric_for_best_model) == (None, False, None)
+    assert args.restore_callback_states_from_checkpoint is False
+    recipe = _recipe(
+        tmp_path,
+        write_recipe,
+        neftune_alpha=5,
+        lora_plus_ratio=16,
+        save_steps=6,
+        early_stopping={"patience": 2, "min_delta": 0.1},
+    )
+    args = train_stage.training_arguments(recipe, tmp_path / "s", has_eval=True)
+    assert args.neftune_noise_alpha == 5.0
+    assert (args.load_best_model_at_end, args.metric_for_best_model, args.greater_is_better) == (
+        True,
+        "eval_loss",
+        False,
+    )
+    assert args.restore_callback_states_from_checkpoint is True  # a resume continues the patience count
+    assert (args.save_steps, args.eval_steps, args.learning_rate, args.optim.value) == (6, 6, 2e-4, "adamw_torch")
