@@ -520,6 +520,21 @@ ALIASES = {
     "bnb_4bit_compute_dtype": "compute_dtype",
     "datasets": "train",
     "test_datasets": "eval",
+    # LLaMA-Factory
+    "lora_rank": "rank",
+    "lora_target": "target_modules",
+    "cutoff_len": "max_length",
+    "val_size": "eval_fraction",
+    "template": "chat_template",
+    "train_on_prompt": "train_on_inputs",
+    "new_special_tokens": "add_special_tokens",
+    "quantization_bit": "mode",
+    # axolotl, TRL, peft
+    "special_tokens": "add_special_tokens",
+    "neftune_noise_alpha": "neftune_alpha",
+    "loraplus_lr_ratio": "lora_plus_ratio",
+    "early_stopping_patience": "early_stopping",
+    "init_lora_weights": "init",
 }
 
 # axolotl / TRL / transformers keys as they sit at the top of a flat file: our key in its section, or
@@ -575,6 +590,21 @@ FLAT_KEYS = {
     "lora_target_linear": "no such switch; set lora.target_modules: all-linear (the default)",
     "model_type": "not needed; the model class comes from the model's config.json",
     "tokenizer_type": "not needed; the tokenizer comes from model.path",
+    # LLaMA-Factory
+    "lora_rank": "lora.rank",
+    "lora_target": "lora.target_modules",
+    "cutoff_len": "data.max_length",
+    "val_size": "data.eval_fraction",
+    "template": "data.chat_template",
+    "train_on_prompt": "data.train_on_inputs",
+    "new_special_tokens": "data.add_special_tokens",
+    "quantization_bit": "no such switch; set quant.mode: nf4 (4 bits, the default) or int8 (8 bits)",
+    # axolotl, TRL, peft
+    "special_tokens": "data.add_special_tokens",
+    "neftune_noise_alpha": "train.neftune_alpha",
+    "loraplus_lr_ratio": "train.lora_plus_ratio",
+    "early_stopping_patience": "train.early_stopping.patience",
+    "init_lora_weights": "lora.init",
 }
 
 

@@ -295,3 +295,32 @@ def test_flat_axolotl_and_trl_keys_point_to_ours(tmp_path, good):
     assert _problems(write(tmp_path, good.replace("  rank: 8", "  lora_r: 8"))) == [
         f"{tmp_path / 'r.yaml'}:6: lora.lora_r: unknown key (did you mean 'rank'?)"
     ]
+
+
+def test_llama_factory_and_option_names_point_to_ours(tmp_path, good):
+    """The names of the README's mapping table, flat and inside their section."""
+    flat = (
+        good
+        + "cutoff_len: 512\nlora_rank: 8\nlora_target: all\nval_size: 0.1\ntemplate: chatml\ntrain_on_prompt: true\n"
+    )
+    flat += "new_special_tokens: [a]\nneftune_noise_alpha: 5\nloraplus_lr_ratio: 16\nearly_stopping_patience: 3\n"
+    flat += "init_lora_weights: loftq\nquantization_bit: 4\n"
+    hints = [p.split(": ", 2)[2] for p in _problems(write(tmp_path, flat))]
+    assert hints == [
+        "unknown key (ours is data.max_length)",
+        "unknown key (ours is lora.rank)",
+        "unknown key (ours is lora.target_modules)",
+        "unknown key (ours is data.eval_fraction)",
+        "unknown key (ours is data.chat_template)",
+        "unknown key (ours is data.train_on_inputs)",
+        "unknown key (ours is data.add_special_tokens)",
+        "unknown key (ours is train.neftune_alpha)",
+        "unknown key (ours is train.lora_plus_ratio)",
+        "unknown key (ours is train.early_stopping.patience)",
+        "unknown key (ours is lora.init)",
+        "unknown key (no such switch; set quant.mode: nf4 (4 bits, the default) or int8 (8 bits))",
+    ]
+    nested = good.replace("  rank: 8", "  lora_rank: 8")
+    assert _problems(write(tmp_path, nested)) == [
+        f"{tmp_path / 'r.yaml'}:6: lora.lora_rank: unknown key (did you mean 'rank'?)"
+    ]
