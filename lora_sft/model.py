@@ -12,6 +12,7 @@ import importlib
 import json
 import math
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
@@ -704,8 +705,12 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan, batches: I
 
 
 def init_problems(recipe: Recipe, source: ModelSource) -> list[str]:
-    """lora.init combinations that cannot run (pissa/olora and dora pairings are refused by the schema)."""
+    """lora.init combinations that cannot run (dora pairings are refused by the schema)."""
     lora, mode, where = recipe.lora, recipe.quant.mode, recipe.where("lora", "init")
+    if lora.init in MUTATING_INITS and mode != "none":
+        return [
+            f"{where}: {lora.init} rewrites each base weight into a residual (W - BA) and adapter/ is saved converted for the original base, which is exact only on an unquantized base ({mode} would round the residual, not W); set quant.mode: none, or use init: default or loftq"
+        ]
     if lora.init != "loftq":
         return []
     if mode == "none":
@@ -727,11 +732,27 @@ def init_problems(recipe: Recipe, source: ModelSource) -> list[str]:
     return []
 
 
+# inits that move the top of each base weight into A and B, leaving the base a residual W - scale * B0 @ A0:
+# adapter/ is saved converted (`save_initial`, rundir's `save_adapter`) to a plain LoRA for the original base
+MUTATING_INITS = ("pissa", "olora")
+
+
+def save_initial(recipe: Recipe, model: PeftModel) -> tempfile.TemporaryDirectory | None:
+    """pissa/olora: the initial A0 and B0 in a temporary folder (its `initial` subfolder, the name peft loads it
+    under), which rundir's `save_adapter` subtracts to save adapter/ for the original base; None otherwise.
+    Saved before training; on resume the init is the same (the base and the seed), the checkpoint restored after."""
+    if recipe.lora.init not in MUTATING_INITS:
+        return None
+    scratch = tempfile.TemporaryDirectory(prefix="lora_sft-init-")
+    model.save_pretrained(str(Path(scratch.name) / "initial"), save_embedding_layers=False)
+    return scratch
+
+
 def init_config(lora: LoraSection) -> dict:
     """LoraConfig's arguments for lora.init. LoftQ runs after wrapping (`init_from_data`), so peft initializes
     as by default first and the saved adapter_config.json stays loadable without the original weights."""
-    if lora.init == "gaussian":
-        return {"init_lora_weights": "gaussian"}
+    if lora.init in ("gaussian", *MUTATING_INITS):
+        return {"init_lora_weights": lora.init}  # pissa: the full SVD (exact), not peft's pissa_niter_ estimate
     if lora.init == "eva":
         from peft import EvaConfig
 

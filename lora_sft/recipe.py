@@ -99,17 +99,13 @@ class LoraSection(Section):
     modules_to_save: list[str] = []
     """Modules trained in full and saved with the adapter (a classification task adds its head itself)."""
     init: Literal["default", "gaussian", "pissa", "olora", "loftq", "eva"] = "default"
-    """How A and B start (peft's `init_lora_weights`): `default` (A Kaiming-uniform, B zero), `gaussian` (A normal with std 1/rank, B zero), `loftq` (a 4-bit base: A and B shrink the quantization error, read from the local safetensors), `eva` (A from the SVD of the layer inputs on the training data, B zero). `pissa` and `olora` are refused: they rewrite the base weights. Drawn from `seed`."""
+    """How A and B start (peft's `init_lora_weights`): `default` (A Kaiming-uniform, B zero), `gaussian` (A normal with std 1/rank, B zero), `loftq` (a 4-bit base: A and B shrink the quantization error, read from the local safetensors), `eva` (A from the SVD of the layer inputs on the training data, B zero). `pissa` (A and B the top singular directions of W) and `olora` (A and B from a QR of W) on an unquantized base (quant.mode none): they leave the base a residual W - BA while training, and adapter/ is saved converted to a plain LoRA of rank 2 x rank for the original base. Drawn from `seed`."""
 
     @field_validator("init")
     @classmethod
     def _init_fits_the_adapter(cls, init: str, info: ValidationInfo) -> str:
-        if init in ("pissa", "olora"):
-            # peft can convert such an adapter to a plain one of rank 2 x rank when it is saved; lora_sft does not (yet)
-            raise ValueError(
-                f"{init} moves the top of each base weight into A and B and leaves the base a residual (W - BA), but adapter/ is applied to the original base by eval, export and peft users, which would count that part twice; use init: default, gaussian, loftq (4-bit base) or eva"
-            )
-        if init in ("loftq", "eva") and info.data.get("dora"):  # dora is declared above init, so it is checked already
+        # dora is declared above init, so it is checked already
+        if init in ("loftq", "eva", "pissa", "olora") and info.data.get("dora"):
             raise ValueError(
                 f"{init} cannot be combined with dora: DoRA takes its magnitudes from the base before {init} sets A and B; drop one of them"
             )

@@ -388,13 +388,36 @@ class RunDir:
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def save_adapter(self, model, tokenizer) -> None:
-        """adapter/: the PEFT adapter and the tokenizer (its chat template); what described the old one goes."""
+    def save_adapter(self, model, tokenizer, initial: tempfile.TemporaryDirectory | None = None) -> None:
+        """adapter/: the PEFT adapter and the tokenizer (its chat template); what described the old one goes.
+        `initial` (lora.init pissa/olora, `model.save_initial`): the adapter as it started on the residual base;
+        adapter/ is then the plain LoRA of rank 2 x rank that applies the training to the original base."""
         self.drop_derived()
         # lora_sft never resizes or adapts an embedding: saying so spares peft's "auto" check, which looks the base
         # up on the hub (a request, or a warning offline) on every save
-        model.save_pretrained(self.adapter, save_embedding_layers=False)
+        if initial is None:
+            model.save_pretrained(self.adapter, save_embedding_layers=False)
+        else:
+            self.save_converted(model, Path(initial.name) / "initial")
         tokenizer.save_pretrained(self.adapter)
+
+    def save_converted(self, model, initial: Path) -> None:
+        """peft's conversion: A' = [A | A0], B' = [B | -B0], so B'A' = BA - B0A0 on top of W (rank and alpha doubled
+        in adapter_config.json, the scale kept). It writes back only lora_A and lora_B: the rest the adapter trains
+        (a head in modules_to_save, new token rows) is put back as trained."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
+
+        model.save_pretrained(
+            self.adapter, save_embedding_layers=False, path_initial_model_for_weight_conversion=str(initial)
+        )
+        weights = self.adapter / "adapter_model.safetensors"
+        converted = load_file(weights)
+        trained = get_peft_model_state_dict(model, save_embedding_layers=False)
+        rest = {k: v.detach().cpu().contiguous() for k, v in trained.items() if k not in converted}
+        rest = {k: v for k, v in rest.items() if ".lora_A." not in k and ".lora_B." not in k}
+        if rest:
+            save_file({**converted, **rest}, weights, metadata={"format": "pt"})
 
     def finish(self, manifest: Manifest, summary: Summary) -> None:
         manifest.ended = now()

@@ -86,13 +86,14 @@ def fit(
     started = time.perf_counter()
     resume_from = start.resume_from if start else None
     run_dir, manifest = open_run_dir(recipe, bundle, plan, start, log)
+    initial = model_stage.save_initial(recipe, model)  # pissa/olora: A0, B0 to save adapter/ for the original base
     trainer = build_trainer(recipe, model, tokenizer, bundle, run_dir, log)
     before = evaluate_before(recipe, trainer, run_dir, resume_from)
     output, seen_before, train_time = train(recipe, trainer, resume_from)
     after = evaluate_after(recipe, trainer)
     summary = summarize(trainer, plan, output, before, after, seen_before, train_time, started)
     run_dir.save_adapter(
-        model, tokenizer
+        model, tokenizer, initial
     )  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
     run_dir.finish(manifest, summary)
     for name, metrics in (("before", before), ("after", after)):

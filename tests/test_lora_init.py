@@ -1,7 +1,8 @@
 """lora.init: how A and B start. Each supported init gives the A and B that peft documents for it (default:
 A Kaiming-uniform, B zero; gaussian: A normal with std 1/r, B zero; eva: A the top right-singular vectors of
 each layer's inputs, B zero), the seed governs them, LoftQ starts a 4-bit model closer to the unquantized one
-than the default does, and the refused combinations (tests/bad_inputs/lora-init-*.yaml) say why in one line."""
+than the default does, pissa/olora start at the base (a residual plus B0 @ A0) and save adapter/ for the
+original base (rank 2r, its head kept), and the refused combinations (tests/bad_inputs/lora-init-*.yaml) say why in one line."""
 
 from __future__ import annotations
 
@@ -204,3 +205,106 @@ def test_inits_on_a_classification_base(init, tmp_path, write_recipe):
             assert torch.count_nonzero(b) == 0 and torch.allclose(a @ a.T, torch.eye(RANK), atol=1e-4)
         else:
             assert torch.count_nonzero(b) == b.numel() and torch.count_nonzero(a) == a.numel()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_start_at_the_base(init, tiny_llama, tmp_path, write_recipe):
+    """The base becomes a residual W - scale * B0 @ A0 (not W), and residual + B0 @ A0 is the original model."""
+    recipe = _recipe(tiny_llama, tmp_path, write_recipe, init, quant="none")
+    adapted, batch, prepared = _build(recipe)
+    base = model_stage.load_base(recipe, prepared.plan)
+    weights = dict(base.named_parameters())
+    for name, module in _layers(adapted).items():
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        w = weights[f"{name.removeprefix('base_model.model.')}.weight"]
+        residual = module.base_layer.weight
+        assert torch.count_nonzero(a) > 0 and torch.count_nonzero(b) > 0  # not B = 0: the top of W
+        assert not torch.allclose(residual, w, atol=1e-3)
+        assert torch.allclose(residual + module.scaling["default"] * b @ a, w, atol=1e-5)
+    assert torch.allclose(_logits(adapted, batch), _logits(base, batch), atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_adapter_applies_to_the_original_base(init, tiny_llama, tmp_path, capsys):
+    """Trained on the residual base, adapter/ is saved as a plain LoRA of rank 2r for the ORIGINAL base: peft's
+    own loader on a fresh base gives the trained model's logits, and `eval` and `export` (its fidelity
+    check) take it as is."""
+    import yaml
+    from peft import PeftModel
+
+    from lora_sft import train
+
+    out = tmp_path / "run"
+    recipe = {
+        "task": "causal_lm",
+        "output_dir": str(out),
+        "model": {"path": str(tiny_llama)},
+        "quant": {"mode": "none"},
+        "lora": {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "init": init},
+        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "eval_fraction": 0.125},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "warmup": 0, "logging_steps": 1, "lr": 1e-3},
+        "eval": {"generate": 0},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    loaded = load_recipe(tmp_path / "r.yaml")
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0
+    assert f"init {init} on 14 modules" in capsys.readouterr().out
+    result = train.run(loaded, log=lambda *_: None)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (2 * RANK, 2 * ALPHA, True)
+
+    prepared = preflight.prepare(loaded).ready()
+    rows = list(prepared.bundle.train.select(range(4)))
+    collate = data_stage.collator(loaded, prepared.tokenizer)
+    batch = {k: v for k, v in collate(rows).items() if k in ("input_ids", "attention_mask")}
+    trained = _logits(result.model, batch)
+    original = model_stage.load_base(loaded, prepared.plan)
+    start = _logits(original, batch)
+    reloaded = PeftModel.from_pretrained(original, str(out / "adapter"))
+    assert (trained - start).abs().max() > 1e-2  # training moved the model: the check below is not vacuous
+    assert torch.allclose(_logits(reloaded, batch), trained, atol=1e-4)
+
+    assert main(["eval", str(out)]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_loss"] == pytest.approx(summary["evaluation"]["fine_tuned"]["loss"], rel=1e-5)
+    assert main(["export", str(out), "--samples", "2", "--out", str(tmp_path / "export")]) == 0, capsys.readouterr().err
+    report = capsys.readouterr().out
+    assert "adapter loaded with plain peft vs (b): max |logit diff| 0\n" in report  # fidelity (c), rank 2r
+
+
+def test_pissa_keeps_a_trained_head(tmp_path, write_recipe):
+    """peft's conversion writes back only lora_A and lora_B: the classification head (modules_to_save) trained
+    with a pissa adapter is put back, so adapter/ on the original base gives the trained model's logits."""
+    from peft import PeftModel
+
+    from lora_sft import train
+
+    recipe = load_recipe(
+        write_recipe(
+            {
+                "task": "classification",
+                "output_dir": str(tmp_path / "run"),
+                "model": {"path": "sentence-transformers/all-MiniLM-L6-v2"},
+                "quant": {"mode": "none"},
+                "lora": {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "init": "pissa"},
+                "data": {
+                    "format": "classification",
+                    "train": str(REPO / "data/quickstart/train.jsonl"),
+                    "eval": str(REPO / "data/quickstart/eval.jsonl"),
+                    "max_length": 48,
+                },
+                "train": {"max_steps": 2, "micro_batch_size": 16, "warmup": 0, "lr": 1e-3},
+                "eval": {"generate": 0},
+            }
+        )
+    )
+    result = train.run(recipe, log=lambda *_: None)
+    prepared = preflight.prepare(recipe).ready()
+    collate = data_stage.collator(recipe, prepared.tokenizer)
+    rows = list(prepared.bundle.train.select(range(4)))
+    batch = {k: v for k, v in collate(rows).items() if k in ("input_ids", "attention_mask")}
+    reloaded = PeftModel.from_pretrained(
+        model_stage.load_base(recipe, prepared.plan), str(tmp_path / "run" / "adapter")
+    )
+    assert any("modules_to_save" in n for n, _ in reloaded.named_parameters())
+    assert torch.allclose(_logits(reloaded, batch), _logits(result.model, batch), atol=1e-4)
