@@ -649,6 +649,12 @@ def model_card(
             + "\n".join(evaluation.table())
             + "\n"
         )
+    init = recipe["lora"].get("init")
+    saved_rank = (
+        f", init {init}: saved as a rank-{2 * recipe['lora']['rank']} LoRA for the original base"
+        if init in model_stage.MUTATING_INITS
+        else ""
+    )
     return f"""---
 {metadata}library_name: peft
 tags: {json.dumps(tags)}
@@ -656,7 +662,7 @@ tags: {json.dumps(tags)}
 
 # LoRA adapter for {name}
 
-Trained with lora_sft {__version__} ({recipe["quant"]["mode"]} base, LoRA rank {recipe["lora"]["rank"]}, task `{task}`).{origin}
+Trained with lora_sft {__version__} ({recipe["quant"]["mode"]} base, LoRA rank {recipe["lora"]["rank"]}{saved_rank}, task `{task}`).{origin}
 
 ## Data
 

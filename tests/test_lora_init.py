@@ -252,6 +252,8 @@ def test_pissa_olora_adapter_applies_to_the_original_base(init, tiny_llama, tmp_
     result = train.run(loaded, log=lambda *_: None)
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (2 * RANK, 2 * ALPHA, True)
+    card = (out / "adapter" / "README.md").read_text()
+    assert f"LoRA rank {RANK}, init {init}: saved as a rank-{2 * RANK} LoRA for the original base, task" in card
 
     prepared = preflight.prepare(loaded).ready()
     rows = list(prepared.bundle.train.select(range(4)))
