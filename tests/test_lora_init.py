@@ -272,6 +272,8 @@ def test_pissa_olora_adapter_applies_to_the_original_base(init, tiny_llama, tmp_
     assert main(["export", str(out), "--samples", "2", "--out", str(tmp_path / "export")]) == 0, capsys.readouterr().err
     report = capsys.readouterr().out
     assert "adapter loaded with plain peft vs (b): max |logit diff| 0\n" in report  # fidelity (c), rank 2r
+    merged = ["export", str(out), "--merged", "--samples", "2", "--out", str(tmp_path / "merged")]
+    assert main(merged) == 0, capsys.readouterr().err  # the rank-2r adapter folded into the original weights
 
 
 def test_pissa_keeps_a_trained_head(tmp_path, write_recipe):
