@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         "validate",
         parents=[recipe_args],
         help="check a recipe and print what the run would do",
-        description="Check the recipe, its data files and its LoRA targets (model built from its config, no weights loaded), then print what train would do.",
+        description="Check everything train checks before it writes anything (the recipe, every data row, the tokenizer and chat template, the tokenized data, the model config, LoRA targets and weight-file headers, output_dir; no weights loaded), then print what train would do.",
     )
     v.add_argument("--explain", action="store_true", help="also print every recipe key with its default and meaning")
     v.set_defaults(handler=_validate)
