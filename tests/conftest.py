@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import REPO, build_tokenizer, hub_env
+from helpers import REPO, build_tokenizer, hub_env, save_tiny_llama
 
 # Tests never touch the hub: a missing local file must fail fast, not wait on a network. Set, not defaulted, so
 # the caller's value (HF_HUB_OFFLINE=yes, or 0) changes no message a test expects; pushes to the fake hub run in
@@ -45,35 +45,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer random Llama with a chatml tokenizer, saved as safetensors."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     corpus = [
         line for f in ("alpaca.jsonl", "chat.jsonl") for line in (REPO / "data/examples" / f).read_text().splitlines()
     ]
     corpus += [
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     ] * 4
-    tokenizer = build_tokenizer(corpus)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        initializer_range=0.3,  # wide enough that LoRA on the layers can move the frozen lm_head's logits
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), build_tokenizer(corpus))
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import REPO, build_tokenizer
+from helpers import REPO, build_tokenizer, save_tiny_llama
 
 from lora_sft import model as model_stage
 from lora_sft.cli import main
@@ -25,28 +25,9 @@ def bare_llama(tmp_path_factory):
 
 
 def _bare(path, tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     corpus = (REPO / "data/examples/chat.jsonl").read_text().splitlines()
     tokenizer = build_tokenizer(corpus, specials=["<|endoftext|>"], eos="<|endoftext|>", template=None)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=tied,
-        initializer_range=0.3,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(path, tokenizer, tied)
 
 
 def _recipe(bare_llama, tmp_path, write_recipe, **data):
