@@ -80,6 +80,15 @@ def step_of(checkpoint: Path) -> int:
     return json.loads((checkpoint / STATE).read_text())["global_step"]
 
 
+def micro_batch_of(checkpoint: Path) -> int | None:
+    """The micro batch a checkpoint was trained with (Trainer's train_batch_size), or None if it does not say."""
+    try:
+        size = json.loads((checkpoint / STATE).read_text()).get("train_batch_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) and size > 0 else None
+
+
 def staging(folder: Path) -> Path:
     """Where Trainer writes a checkpoint (its `output_dir`) before `AtomicCheckpoints` moves it into `folder`."""
     return folder / STAGING

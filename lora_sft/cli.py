@@ -127,7 +127,7 @@ def _validate(args) -> int:
 
     prepared = prepare(recipe, hub_may_be_unreachable=True)  # what train checks first, every problem at once
     print(f"{args.recipe}: ok")
-    print("\n".join(f"  {line}" for line in describe_plan(recipe, prepared.checked, prepared.plan, prepared.bundle)))
+    print("\n".join(f"  {line}" for line in describe_plan(recipe, prepared.checked, prepared.plan, prepared.bundle, prepared.memory)))
     if prepared.note:
         print(prepared.note)
     if args.explain:

@@ -241,6 +241,9 @@ class ModelPlan:
     new_token_ids: list[int] = field(default_factory=list)  # their ids: rows mean-initialized, then trained
     vocab_rows: int | None = None  # embedding rows after resizing for them; None: the base's fit
     trainable_tokens: dict[str, list[int]] = field(default_factory=dict)  # peft's trainable_token_indices
+    linear_shapes: dict[str, tuple[int, int]] = field(
+        default_factory=dict
+    )  # (in, out) of the base's linear layers outside the heads: what quant.mode quantizes (the memory planner reads it)
 
 
 @dataclass
@@ -318,6 +321,12 @@ def plan_model(recipe: Recipe, source: ModelSource, labels: list[str] | None) ->
     total = sum(p.numel() for p in model.parameters())
     trainable = expected_trainable(recipe.lora, model, targets, saved)
     plan = ModelPlan(source, config, heads, targets, saved, total, trainable, _weight_names(recipe, model, heads))
+    # nn.Linear weights are (out, in), transformers' Conv1D weights (in, out)
+    plan.linear_shapes = {
+        n: (int(w.shape[1]), int(w.shape[0])) if isinstance(m, nn.Linear) else (int(w.shape[0]), int(w.shape[1]))
+        for n, m in _linear_names(model, heads).items()
+        if isinstance(w := m.weight, torch.Tensor)
+    }
     embedding = model.get_input_embeddings()
     if recipe.task == "causal_lm" and isinstance(embedding, nn.Embedding):
         names = {id(m): n for n, m in model.named_modules()}
@@ -605,7 +614,9 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
             module.support_avx512bf16_for_cpu = False
     # Training never generates; without a KV cache transformers also masks packed rows per sample.
     model.config.use_cache = False
-    if recipe.train.gradient_checkpointing:
+    # "auto" is resolved by the memory planner before train loads the base; a caller that loads without it gets
+    # checkpointing on, the setting that always fits
+    if recipe.train.gradient_checkpointing is not False:
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, planner
 from . import data as data_stage
 from . import model as model_stage
 from .errors import UserError
@@ -32,6 +32,7 @@ class Ready:
     plan: model_stage.ModelPlan
     tokenizer: PreTrainedTokenizerBase
     bundle: data_stage.DataBundle
+    memory: planner.MemoryPlan  # the memory estimate and the settings the run trains with (micro batch, checkpointing)
 
 
 @dataclass
@@ -43,12 +44,15 @@ class Prepared:
     tokenizer: PreTrainedTokenizerBase | None
     bundle: data_stage.DataBundle | None
     note: str | None = None  # what validate could not check, and why
+    memory: planner.MemoryPlan | None = (
+        None  # None only when the model's shape is unknown (unreachable, not in the table)
+    )
 
     def ready(self) -> Ready:
         """Everything train needs; only validate's unreachable hub model leaves a part out."""
-        if self.plan is None or self.tokenizer is None or self.bundle is None:
+        if self.plan is None or self.tokenizer is None or self.bundle is None or self.memory is None:
             raise AssertionError(f"the preflight left out a part train needs: {self.note}")
-        return Ready(self.checked, self.plan, self.tokenizer, self.bundle)
+        return Ready(self.checked, self.plan, self.tokenizer, self.bundle, self.memory)
 
 
 def check_hardware(recipe: Recipe) -> None:
@@ -150,9 +154,31 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
     # output_dir must be a folder of its own (not the working directory, the data's, a folder of other files)
     attempt(checkpoint.check_output_dir, recipe, source.path if source is not None and source.origin != "hub" else None)
     problems += before_training(recipe, checked)
+    memory = None
+    if not problems:  # the memory plan, and a budget the run cannot fit, before anything loads
+        memory, unknown = attempt(plan_memory, recipe, plan, bundle) or (None, None)
+        note = f"{note}\n{unknown}" if note and unknown else note or unknown
     if problems:
         raise UserError(list(dict.fromkeys(problems)))
-    return Prepared(checked, plan, tokenizer, bundle, note)
+    return Prepared(checked, plan, tokenizer, bundle, note, memory)
+
+
+def plan_memory(
+    recipe: Recipe, plan: model_stage.ModelPlan | None, bundle
+) -> tuple[planner.MemoryPlan | None, str | None]:
+    """The memory planner on the model plan, or without one (a hub model validate cannot reach) on the shape from
+    lora_sft's table of known models; (None, why) when the shape is unknown."""
+    try:
+        shape = planner.ModelShape.from_config(plan.config) if plan else planner.known_shape(recipe.model.path)
+    except (TypeError, ValueError, ZeroDivisionError):  # a config without a transformer's sizes
+        shape = None
+    if shape is None:
+        why = (
+            "its config is not a transformer's" if plan is not None else "it is not in lora_sft's table of known models"
+        )
+        return None, f"note: no memory estimate for {recipe.model.path}: {why}"
+    work = planner.workload(recipe, plan, shape, planner.sequence_of(bundle))
+    return planner.plan_memory(recipe, work), None
 
 
 def train_steps(recipe: Recipe, rows: int) -> int:
@@ -170,9 +196,12 @@ def adapter_size(trainable_params: int) -> str:
     return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
-def describe_plan(recipe: Recipe, checked, plan, bundle=None) -> list[str]:
+def describe_plan(recipe: Recipe, checked, plan, bundle=None, memory: planner.MemoryPlan | None = None) -> list[str]:
     """Lines saying what `train` would do with this recipe; `plan` and `bundle` (the tokenized data) are
-    None when the model is unreachable, and the step count then comes from the rows before tokenizing."""
+    None when the model is unreachable, and the step count then comes from the rows before tokenizing.
+    `memory`: the memory estimate, its verdict and the settings it resolved (micro batch, checkpointing)."""
+    if memory is not None:
+        recipe = memory.apply(recipe)
     d, t, q, lo = recipe.data, recipe.train, recipe.quant, recipe.lora
     eval_from = (
         f"from {', '.join(s.path for s in d.sources('eval'))}"
@@ -223,4 +252,4 @@ def describe_plan(recipe: Recipe, checked, plan, bundle=None) -> list[str]:
         f"training: {steps} steps ({'max_steps' if t.max_steps else f'{t.epochs:g} epochs'}), batch {batch} ({t.micro_batch_size} x {t.grad_accum} accumulated), lr {t.lr:g} {t.scheduler}, {t.optimizer}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
     )
     lines.append(f"output: {recipe.output_dir}")
-    return lines
+    return lines + (memory.lines() if memory is not None else [])

@@ -250,6 +250,29 @@ class EarlyStopping(Section):
 METRIC_HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "f1": True}
 
 
+# An amount of memory as train.memory_budget takes it: a number and a unit (decimal KB/MB/GB/TB, binary KiB/MiB/GiB/TiB).
+MEMORY_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)")
+MEMORY_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+
+
+def memory_bytes(text: str) -> int:
+    """`8GiB` -> 8589934592: a memory_budget other than auto, in bytes (the validator accepted its form)."""
+    m = MEMORY_SIZE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"not an amount of memory: {text!r}")
+    return int(float(m["number"]) * MEMORY_UNITS[m["unit"]])
+
+
 class TrainSection(Section):
     lr: Float = Field(2e-4, gt=0, lt=1)
     """Peak learning rate."""
@@ -275,8 +298,10 @@ class TrainSection(Section):
     """Optimizer; the 8-bit and paged ones come from bitsandbytes, paged ones need CUDA."""
     max_grad_norm: Float = Field(1.0, ge=0)
     """Gradient clipping norm (0 turns clipping off)."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: much less memory, about a third slower."""
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    """Recompute activations in the backward pass: much less memory, about a third slower. `auto`: on only when the memory planner says the run would not fit without it (in memory_budget, or else the device's available memory)."""
+    memory_budget: str | None = None
+    """Memory the run may use on its device, e.g. `8GiB`, `12GB`, `6000MiB`, or `auto` (the device's free memory): lora_sft then picks the largest micro batch that fits (a divisor of the effective batch, which grad_accum keeps) and gradient checkpointing on or off (with `auto`), says what it picked, and refuses a run that cannot fit before loading anything. None: the recipe's micro_batch_size as written."""
     logging_steps: int = Field(10, ge=1)
     """Log loss and learning rate every N optimizer steps (to the console and metrics.jsonl)."""
     eval_steps: int | None = Field(None, ge=1)
@@ -295,6 +320,19 @@ class TrainSection(Section):
     """LoRA+: the B matrices learn at lora_plus_ratio * lr, the A matrices at lr (the paper suggests 16); works with every optimizer."""
     early_stopping: EarlyStopping | None = None
     """{patience, metric, min_delta}: stop when the eval metric stops improving; needs eval_steps, an eval split and save_steps equal to eval_steps; adapter/ then holds the best checkpoint (summary.json `early_stopping`)."""
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _memory_budget_readable(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, str) and MEMORY_SIZE.fullmatch(value.strip()):
+            if memory_bytes(value) <= 0:
+                raise ValueError(f"{value!r} is no memory at all; give the memory the run may use, e.g. 8GiB, or auto")
+            return value.strip()
+        raise ValueError(
+            f"cannot read {value!r} as an amount of memory; write auto (the device's free memory) or a number with a unit: 8GiB, 12GB, 6000MiB (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
 
     @model_validator(mode="after")
     def _early_stopping_needs_evaluations(self) -> TrainSection:
@@ -353,6 +391,7 @@ class Recipe(Section):
     hub: HubSection = HubSection()
 
     _source: RecipeSource | None = PrivateAttr(None)
+    _train_as_written: TrainSection | None = PrivateAttr(None)  # set by `with_train`: what saved_dict stores
 
     @field_validator("seed")
     @classmethod
@@ -373,6 +412,14 @@ class Recipe(Section):
         """`file:line: key.path` for a place in this recipe, for error messages."""
         return self._source.where(path) if self._source else ".".join(map(str, path))
 
+    def with_train(self, **settings: Any) -> Recipe:
+        """This recipe with train settings lora_sft resolved for the run (the memory planner's micro batch,
+        grad_accum and gradient checkpointing), which training uses; `saved_dict` still gives the train section
+        as the user wrote it, so the run directory stores (and a resume compares) the user's recipe."""
+        resolved = self.model_copy(update={"train": self.train.model_copy(update=settings)})
+        resolved._train_as_written = self._train_as_written or self.train
+        return resolved
+
     def resolved_dict(self) -> dict[str, Any]:
         """The fully resolved recipe, defaults filled in (what the run directory stores)."""
         return self.model_dump(mode="json")
@@ -383,6 +430,8 @@ class Recipe(Section):
         globs. Hub ids stay as written. What the run directory stores, so `eval`, `export` and `generate` work
         on it from any directory."""
         out = self.resolved_dict()
+        if self._train_as_written is not None:  # the user's train section, not the settings resolved for this run
+            out["train"] = self._train_as_written.model_dump(mode="json")
 
         def absolute(path: str) -> str:
             return str(Path(path).expanduser().resolve())
