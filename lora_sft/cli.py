@@ -127,7 +127,8 @@ def _validate(args) -> int:
 
     prepared = prepare(recipe, hub_may_be_unreachable=True)  # what train checks first, every problem at once
     print(f"{args.recipe}: ok")
-    print("\n".join(f"  {line}" for line in describe_plan(recipe, prepared.checked, prepared.plan, prepared.bundle, prepared.memory)))
+    lines = describe_plan(recipe, prepared.checked, prepared.plan, prepared.bundle, prepared.memory)
+    print("\n".join(f"  {line}" for line in lines))
     if prepared.note:
         print(prepared.note)
     if args.explain:

@@ -60,7 +60,7 @@ def test_quickstart(tmp_path):
     assert (
         resolved["output_dir"] == str(out)
         and resolved["quant"]["double_quant"] is True
-        and resolved["train"]["gradient_checkpointing"] is True
+        and resolved["train"]["gradient_checkpointing"] == "auto"  # as written; the planner resolves it per run
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert (
