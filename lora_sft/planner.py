@@ -480,7 +480,8 @@ def plan_memory(
     about a third of every step; a smaller micro batch at the same effective batch costs less), else on; a run
     that cannot fit is refused. Without a budget: the recipe's micro batch, and `auto` checkpointing on only when
     the run would not fit the device's available memory without it. `keep_micro_batch`: a resumed run keeps the
-    micro batch its checkpoint was trained with (its data order depends on it)."""
+    micro batch its checkpoint was trained with (its data order depends on it), under a budget; refused if it no
+    longer fits."""
     device = device or DeviceMemory.read(work.baseline)
     t = recipe.train
     effective = t.micro_batch_size * t.grad_accum
@@ -491,50 +492,30 @@ def plan_memory(
             estimate(recipe, work, micro, ckpt), device, budget, micro, effective // micro, ckpt, work, picked
         )
 
-    if budget is None and keep_micro_batch is None:
-        micro = t.micro_batch_size
-        if t.gradient_checkpointing != "auto":
-            return MemoryPlan(
-                estimate(recipe, work, micro, bool(t.gradient_checkpointing)),
-                device,
-                None,
-                micro,
-                t.grad_accum,
-                bool(t.gradient_checkpointing),
-                work,
-            )
+    if budget is None:  # the micro batch as written (a resume keeps it too), checkpointing by the device
+        micro, fixed = t.micro_batch_size, t.gradient_checkpointing
+        if fixed != "auto":
+            return made(micro, bool(fixed), None)
         off = estimate(recipe, work, micro, False)
         ckpt = off.total > device.available
-        why = (
-            f"more than the {gib(device.available)} available"
-            if ckpt
-            else f"within the {gib(device.available)} available"
-        )
-        return MemoryPlan(
-            off if not ckpt else estimate(recipe, work, micro, True),
-            device,
-            None,
+        why = "more than" if ckpt else "within"
+        return made(
             micro,
-            t.grad_accum,
             ckpt,
-            work,
-            f"gradient checkpointing (auto): {'on' if ckpt else 'off'}, the run without it needs about {gib(off.total)}, {why}",
+            f"gradient checkpointing (auto): {'on' if ckpt else 'off'}, the run without it needs about {gib(off.total)}, {why} the {gib(device.available)} available",
         )
-    limit = budget if budget is not None else device.available
     micros = [keep_micro_batch] if keep_micro_batch else [m for m in range(effective, 0, -1) if effective % m == 0]
     for ckpt in _choices(recipe):
         for micro in micros:
             e = estimate(recipe, work, micro, ckpt)
-            if e.total <= limit:
+            if e.total <= budget:
                 kept = " (the micro batch of the checkpoint resumed from)" if keep_micro_batch else ""
                 return made(
                     micro,
                     ckpt,
-                    f"picked for {'the budget of ' + gib(limit) if budget is not None else 'the available ' + gib(limit)}: micro batch {micro}{kept} x grad_accum {effective // micro} (effective batch {effective} kept), gradient checkpointing {'on' if ckpt else 'off'}: about {gib(e.total)}",
+                    f"picked for the budget of {gib(budget)}: micro batch {micro}{kept} x grad_accum {effective // micro} (effective batch {effective} kept), gradient checkpointing {'on' if ckpt else 'off'}: about {gib(e.total)}",
                 )
-    if budget is None:  # a resumed run without a budget: its micro batch as it was, whatever the verdict
-        return made(keep_micro_batch or t.micro_batch_size, True, None)
-    raise UserError(refusal(recipe, work, limit, keep_micro_batch))
+    raise UserError(refusal(recipe, work, budget, keep_micro_batch))
 
 
 def refusal(recipe: Recipe, work: Workload, limit: int, kept: int | None = None) -> list[str]:
