@@ -117,7 +117,8 @@ def run(folder: Path, model: Path, data: Path, seq: int, micro: int, ckpt: bool,
     path = folder / f"recipe-{seq}-{micro}-{int(ckpt)}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(REPO))
-    env.setdefault("CUDA_VISIBLE_DEVICES", "" if device == "cpu" else env.get("CUDA_VISIBLE_DEVICES", "0"))
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run even on a GPU machine
     proc = subprocess.run(
         [sys.executable, "-m", "lora_sft", "train", str(path)], capture_output=True, text=True, env=env, cwd=folder
     )
