@@ -376,10 +376,10 @@ def estimate(recipe: Recipe, work: Workload, micro_batch: int, checkpointing: bo
     planned = sum(t.bytes for t in terms)
     if work.device == "cuda":
         runtime = CUDA_CONTEXT + int(CUDA_ALLOCATOR_SLACK * planned)
-        how = f"CUDA context {CUDA_CONTEXT / GIB:.2f} GiB + caching-allocator slack {CUDA_ALLOCATOR_SLACK:.0%}"
+        how = f"CUDA context {gib(CUDA_CONTEXT)} + caching-allocator slack {CUDA_ALLOCATOR_SLACK:.0%}"
     else:
         runtime = work.baseline + int(CPU_ALLOCATOR_SLACK * planned)
-        how = f"the process before loading {work.baseline / GIB:.2f} GiB (measured) + allocator slack {CPU_ALLOCATOR_SLACK:.0%}"
+        how = f"the process before loading {gib(work.baseline)} (measured) + allocator slack {CPU_ALLOCATOR_SLACK:.0%}"
     terms.append(Term("runtime", runtime, how))
     return Estimate(work.device, micro_batch, work.sequence, checkpointing, tuple(terms), tuple(notes))
 
