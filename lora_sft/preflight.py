@@ -32,7 +32,7 @@ class Ready:
     plan: model_stage.ModelPlan
     tokenizer: PreTrainedTokenizerBase
     bundle: data_stage.DataBundle
-    memory: planner.MemoryPlan  # the memory estimate and the settings the run trains with (micro batch, checkpointing)
+    memory: planner.MemoryPlan | None  # the memory estimate and the settings the run trains with; None: sizes unknown
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Prepared:
 
     def ready(self) -> Ready:
         """Everything train needs; only validate's unreachable hub model leaves a part out."""
-        if self.plan is None or self.tokenizer is None or self.bundle is None or self.memory is None:
+        if self.plan is None or self.tokenizer is None or self.bundle is None:
             raise AssertionError(f"the preflight left out a part train needs: {self.note}")
         return Ready(self.checked, self.plan, self.tokenizer, self.bundle, self.memory)
 
@@ -172,9 +172,15 @@ def plan_memory(
         shape = planner.ModelShape.from_config(plan.config) if plan else planner.known_shape(recipe.model.path)
     except (TypeError, ValueError, ZeroDivisionError):  # a config without a transformer's sizes
         shape = None
-    if shape is None:
+    if shape is None and plan is not None and recipe.train.memory_budget is not None:
+        raise UserError(
+            f"{recipe.where('train', 'memory_budget')}: lora_sft cannot estimate the memory of {recipe.model.path} (its config.json lacks hidden_size, num_hidden_layers, num_attention_heads or vocab_size); remove memory_budget and set train.micro_batch_size yourself"
+        )
+    if shape is None:  # train then uses the micro batch as written, and checkpointing on unless it is false
         why = (
-            "its config is not a transformer's" if plan is not None else "it is not in lora_sft's table of known models"
+            "its config has no transformer sizes"
+            if plan is not None
+            else "it is not in lora_sft's table of known models"
         )
         return None, f"note: no memory estimate for {recipe.model.path}: {why}"
     work = planner.workload(recipe, plan, shape, planner.sequence_of(bundle))

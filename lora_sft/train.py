@@ -44,13 +44,14 @@ def run(recipe: Recipe, log=print, resume: str | bool | None = None, overwrite: 
     # overwritten; to resume, the data fingerprint (data, data options, tokenizer) must match and the
     # checkpoint must belong to this recipe (its recipe hash, its adapter's modules and rank)
     start = checkpoint.start(recipe, resume, overwrite, ready.bundle.fingerprint, ready.plan.targets)
-    memory = ready.memory
-    if start.resume_from and recipe.train.memory_budget is not None:
+    memory = ready.memory  # None only for a config without transformer sizes: the recipe's settings as written
+    if memory is not None and start.resume_from and recipe.train.memory_budget is not None:
         # the free memory may differ now: keep the micro batch the checkpoint trained with (its data order)
         kept = checkpoint.micro_batch_of(start.resume_from) or recipe.train.micro_batch_size
         memory = planner.plan_memory(recipe, memory.work, memory.device, keep_micro_batch=kept)
-    log("\n".join(memory.lines()))  # before a weight is loaded
-    recipe = memory.apply(recipe)  # the settings training uses; the run directory saves the recipe as written
+    if memory is not None:
+        log("\n".join(memory.lines()))  # before a weight is loaded
+        recipe = memory.apply(recipe)  # the settings training uses; the run directory saves the recipe as written
     model = setup_model(recipe, ready, log)
     return fit(recipe, model, ready.tokenizer, ready.bundle, ready.plan, log, start)
 
