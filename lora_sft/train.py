@@ -160,7 +160,7 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         seed=recipe.seed,
         data_seed=recipe.seed,
         # data.group_by_length: Trainer's LengthGroupedSampler, lengths from the data stage's column (`SeedLengthGroups`)
-        train_sampling_strategy="group_by_length" if data_stage.groups_by_length(recipe) else "random",
+        **_sampling(data_stage.groups_by_length(recipe)),
         length_column_name=data_stage.LENGTH,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -177,6 +177,13 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         # a resumed run continues the patience count where its checkpoint left it (EarlyStoppingCallback's state)
         restore_callback_states_from_checkpoint=stop is not None,
     )
+
+
+def _sampling(grouped: bool) -> dict:
+    """Trainer's train sampler: length-grouped or shuffled (transformers 5.2 made the group_by_length flag a strategy)."""
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+    return {"group_by_length": grouped}
 
 
 class CountingTrainer(Trainer):
