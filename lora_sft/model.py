@@ -146,7 +146,8 @@ def load_config(recipe: Recipe, source: ModelSource, labels: list[str] | None) -
 
 def compute_dtype(quant: QuantSection) -> torch.dtype:
     if quant.compute_dtype == "auto":
-        fast_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # native bf16 (compute capability 8.0 and up); torch's default also counts the slow emulation of older GPUs
+        fast_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if fast_bf16 else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quant.compute_dtype]
 

@@ -248,7 +248,8 @@ def describe_plan(recipe: Recipe, checked, plan, bundle=None, memory: planner.Me
         if plan.new_tokens:  # the adapter saves its trainable parameters in fp32
             lines.append(f"adapter size: about {adapter_size(plan.trainable_params)} (the trainable params in fp32)")
     formats = ", ".join(sorted(d.formats()))
-    data_line = f"data: {formats}{', packed' if d.packing else ''}, {len(checked.train)} train rows, {len(checked.eval)} eval rows ({eval_from}), max_length {d.max_length}"
+    arranged = ", packed" if d.packing else ", grouped by length" if data_stage.groups_by_length(recipe) else ""
+    data_line = f"data: {formats}{arranged}, {len(checked.train)} train rows, {len(checked.eval)} eval rows ({eval_from}), max_length {d.max_length}"
     if bundle is not None and d.packing and "packed_rows" in bundle.stats.get("train", {}):
         data_line += f", packed into {bundle.stats['train']['packed_rows']} rows"
     if checked.labels:

@@ -185,6 +185,8 @@ class DataSection(Section):
     """Chat-template markers the tokenizer lacks as single tokens (chatml's im_start and im_end, llama3's header and eot_id markers): auto (or true) adds them as special tokens with new embedding rows (mean-initialized, trained); false refuses the run instead; a list adds exactly those tokens. The template's end-of-turn marker, once added, becomes EOS."""
     packing: bool = False
     """Fill rows of max_length with whole samples (best-fit decreasing), with no attention across samples."""
+    group_by_length: bool = True
+    """causal_lm without packing: batches of samples of similar lengths, so less padding. The samples are shuffled (seeded by `seed`, anew each epoch, so a resumed run continues the same order), cut into stretches of up to 50 optimizer steps (a quarter of an epoch when that is less) and each stretch sorted by length; the longest batch comes first, so a run that cannot fit in memory fails at once. The eval loss before, during and after training is measured on length-grouped batches too. Packed rows are all about max_length long and classification keeps the plain shuffle: there it does nothing."""
     shuffle: bool = True
     """Shuffle the rows (seeded by `seed`) before limits, weights and the eval split."""
     num_proc: int = Field(1, ge=1)

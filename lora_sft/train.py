@@ -167,6 +167,9 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         save_steps=t.save_steps,
         seed=recipe.seed,
         data_seed=recipe.seed,
+        # data.group_by_length: Trainer's LengthGroupedSampler, lengths from the data stage's column (`SeedLengthGroups`)
+        **_sampling(data_stage.groups_by_length(recipe)),
+        length_column_name=data_stage.LENGTH,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         report_to="none",
@@ -182,6 +185,13 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         # a resumed run continues the patience count where its checkpoint left it (EarlyStoppingCallback's state)
         restore_callback_states_from_checkpoint=stop is not None,
     )
+
+
+def _sampling(grouped: bool) -> dict:
+    """Trainer's train sampler: length-grouped or shuffled (transformers 5.2 made the group_by_length flag a strategy)."""
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+    return {"group_by_length": grouped}
 
 
 class CountingTrainer(Trainer):
@@ -248,6 +258,29 @@ class RunLog(TrainerCallback):
         self.run_dir.log({"step": state.global_step, "epoch": state.epoch, **(logs or {})})
 
 
+class SeedLengthGroups(TrainerCallback):
+    """data.group_by_length: Trainer's LengthGroupedSampler shuffles with the global torch RNG, which a run resumed
+    mid-epoch cannot replay (dropout has drawn from it since), and Trainer offers no hook to seed it. At each epoch's
+    start give the sampler a generator seeded by (seed, epoch), as accelerate's seedable sampler does for the plain
+    shuffle, so a resumed run draws the same order; and its lengths as a list (a `datasets` column read one row at
+    a time is slow)."""
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = train_dataloader
+        for _ in range(4):  # DataLoader -> BatchSampler (inside accelerate's shard or skip wrappers) -> sampler
+            if isinstance(sampler, LengthGroupedSampler):
+                break
+            sampler = getattr(sampler, "batch_sampler", None) or getattr(sampler, "sampler", None)
+        if not isinstance(sampler, LengthGroupedSampler):
+            raise RuntimeError("data.group_by_length: Trainer's train dataloader has no LengthGroupedSampler")
+        if not isinstance(sampler.lengths, list):
+            sampler.lengths = list(sampler.lengths[:])
+        # whole epochs done: a run resumed mid-epoch draws its epoch's order again, then skips the trained batches
+        sampler.generator = torch.Generator().manual_seed(args.data_seed + int(state.epoch))
+
+
 class SaveLastStep(TrainerCallback):
     """The last step always writes a checkpoint (what --resume continues, whatever save_steps is)."""
 
@@ -266,6 +299,8 @@ def build_trainer(
     guard = Guard(recipe, run_dir.checkpoints, log)
     args = training_arguments(recipe, checkpoint.staging(run_dir.checkpoints), has_eval=bool(bundle.eval))
     callbacks: list[TrainerCallback] = [RunLog(run_dir), SaveLastStep(), guard]
+    if data_stage.groups_by_length(recipe):
+        callbacks.append(SeedLengthGroups())
     if stop := recipe.train.early_stopping:
         callbacks.append(EarlyStoppingCallback(stop.patience, stop.min_delta))
     trainer = CountingTrainer(

@@ -99,7 +99,13 @@ def test_trainer_and_callbacks_override_no_private_trainer_method():
     """A private Trainer method can change in any transformers release; lora_sft overrides none."""
     private = {name for name, _ in inspect.getmembers(Trainer) if name.startswith("_") and not name.startswith("__")}
     assert not (set(vars(train_stage.CountingTrainer)) & private)
-    callbacks = (train_stage.RunLog, train_stage.SaveLastStep, guard.Guard, checkpoint.AtomicCheckpoints)
+    callbacks = (
+        train_stage.RunLog,
+        train_stage.SaveLastStep,
+        train_stage.SeedLengthGroups,
+        guard.Guard,
+        checkpoint.AtomicCheckpoints,
+    )
     hooks = {name for name, _ in inspect.getmembers(TrainerCallback) if name.startswith("on_")}
     for cls in callbacks:
         assert issubclass(cls, TrainerCallback)

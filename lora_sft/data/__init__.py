@@ -50,6 +50,14 @@ class DataBundle:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+LENGTH = "length"  # the token count of an unpacked causal_lm sample (Trainer's length_column_name)
+
+
+def groups_by_length(recipe: Recipe) -> bool:
+    """data.group_by_length where it acts: causal_lm samples, unpacked (packed rows are all about max_length)."""
+    return recipe.data.group_by_length and recipe.task == "causal_lm" and not recipe.data.packing
+
+
 MAX_PROBLEMS = 20  # problem lines a data check prints; the rest are counted in one more line
 
 
@@ -208,7 +216,7 @@ def cache_key(recipe: Recipe, tokenizer) -> str:
         cache.VERSION,
         recipe.task,
         str(recipe.seed),
-        recipe.data.model_dump_json(),
+        recipe.data.model_dump_json(exclude={"group_by_length"}),  # the order batches are drawn in, not the tokens
         cache.tokenizer_fingerprint(tokenizer),
     ]
     for split in ("train", "eval"):
@@ -275,6 +283,9 @@ def _split(
     if d.packing and labels is None:
         samples, stats["packing_efficiency"] = pack(samples, d.max_length)
         stats["packed_rows"] = len(samples)
+    elif labels is None:
+        for s in samples:  # for data.group_by_length: Trainer reads the lengths from this column, not from every row
+            s[LENGTH] = len(s["input_ids"])
     return samples, stats
 
 

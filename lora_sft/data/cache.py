@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-VERSION = "lora_sft-data-2"  # 2: assistant-first chats mask the header; rows split before weights
+VERSION = "lora_sft-data-3"  # 2: assistant-first chats mask the header; rows split before weights; 3: a length column
 
 
 def root() -> Path:
