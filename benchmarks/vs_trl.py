@@ -111,7 +111,7 @@ def cpu_setup(quick: bool) -> Setup:
             "cpu", model, rows=64, median_length=96, max_length=256, steps=3, micro_batches=[2], runs={2: order}
         )
     return Setup(
-        "cpu", model, rows=3000, median_length=180, max_length=1024, steps=30, micro_batches=[4], runs={4: order}
+        "cpu", model, rows=2000, median_length=180, max_length=1024, steps=20, micro_batches=[4], runs={4: order}
     )
 
 
@@ -299,7 +299,11 @@ def _meter_class():
                 torch.cuda.synchronize()
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.gradient_checkpointing = bool(args.gradient_checkpointing)
+            # read off the model: lora_sft turns recompute on in the model, TRL through TrainingArguments
+            model = kwargs["model"]
+            self.gradient_checkpointing = any(
+                getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
+            )
             self._sync()
             self.running, self.started = True, time.perf_counter()
 
@@ -406,12 +410,13 @@ def worker_trl(spec: dict) -> dict:
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
     from trl import SFTConfig, SFTTrainer
 
     cuda = spec["device"] == "cuda"
     bf16 = spec["bf16"]
     dtype = torch.bfloat16 if bf16 else torch.float32
+    set_seed(spec["seed"])  # as lora_sft seeds before loading: the LoRA A matrices start from the same draw
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(
         spec["model_dir"],
@@ -698,7 +703,7 @@ def main() -> None:
         )
 
         results, skipped = [], []
-        timeout = 600 if args.device == "cuda" else 1800
+        timeout = 300 if args.device == "cuda" else 1800  # a hung worker must not eat the GPU check's time
         for mb in setup.micro_batches:
             for name in setup.runs[mb]:
                 if budget is not None and time.perf_counter() - started > budget:
