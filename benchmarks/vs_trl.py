@@ -16,7 +16,8 @@ defaults: TRL trains in bf16 with gradient checkpointing; lora_sft picks its com
 CPU, bf16 on a GPU that has it) and its own defaults for the rest.
 
 Measured the same way inside every worker (`Meter`): the training loop only (Trainer's on_train_begin to
-on_train_end: tokenization, model loading and the final adapter save are outside it), tokens counted from
+the last step's on_step_end: tokenization, model loading and the checkpoint after the last step are outside
+it; the JSON also has the figures without the first step), tokens counted from
 the batches the loop consumed (the collator's output, wrapped, cut to the number of forward passes: a
 data loader may collate one batch ahead): trained tokens (labels after the shift by one that are not
 ignored, `lora_sft.tokens.count_trained`), processed tokens (positions that are not padding), padding
@@ -88,8 +89,7 @@ class Setup:
     median_length: int  # lognormal row lengths (tokens, chat template included), clipped to [16, max_length]
     max_length: int
     steps: int
-    micro_batches: list[int]
-    runs: dict[int, list[str]]  # micro batch -> run names, in the order they run
+    runs: list[tuple[str, int]]  # (run name, micro batch), in the order they run
     lr: float = 2e-4
     seed: int = 42
     response_share: float = 2 / 3
@@ -107,12 +107,8 @@ def cpu_setup(quick: bool) -> Setup:
     }
     order = ["lora_sft", "lora_sft_packing", "trl_default", "trl_padding_free", "trl_packing_bf16", "trl_packing_fp32"]
     if quick:
-        return Setup(
-            "cpu", model, rows=64, median_length=96, max_length=256, steps=3, micro_batches=[2], runs={2: order}
-        )
-    return Setup(
-        "cpu", model, rows=2000, median_length=180, max_length=1024, steps=20, micro_batches=[4], runs={4: order}
-    )
+        return Setup("cpu", model, rows=64, median_length=96, max_length=256, steps=3, runs=[(r, 2) for r in order])
+    return Setup("cpu", model, rows=2000, median_length=180, max_length=1024, steps=20, runs=[(r, 4) for r in order])
 
 
 def cuda_setup(quick: bool) -> Setup:
@@ -128,11 +124,12 @@ def cuda_setup(quick: bool) -> Setup:
     }
     if quick:
         model["num_hidden_layers"] = 2
-        return Setup("cuda", model, 64, 512, 2048, steps=2, micro_batches=[1], runs={1: ["lora_sft", "trl_default"]})
-    # the most telling runs first: the invocation stops starting runs once --budget-s is spent
-    mb1 = ["lora_sft", "trl_default", "trl_padding_free", "lora_sft_packing", "trl_packing_bf16"]
+        return Setup("cuda", model, 64, 512, 2048, steps=2, runs=[("lora_sft", 1), ("trl_default", 1)])
+    # the most telling runs first: the invocation starts no run once --budget-s is spent
+    first = [("lora_sft", 1), ("trl_default", 1), ("lora_sft", 4), ("trl_default", 4)]
+    then = ["trl_padding_free", "lora_sft_packing", "trl_packing_bf16"]
     return Setup(
-        "cuda", model, 400, 512, 2048, steps=6, micro_batches=[1, 4], runs={1: mb1, 4: ["lora_sft", "trl_default"]}
+        "cuda", model, 400, 1024, 2048, steps=6, runs=first + [(r, 1) for r in then] + [("trl_padding_free", 4)]
     )
 
 
@@ -265,14 +262,18 @@ def _meter_class():
     from transformers import TrainerCallback
 
     class Meter(TrainerCallback):
-        """Times the training loop and counts the batches it consumed, identically for both trainers."""
+        """Times the training loop and counts the batches it consumed, identically for both trainers.
+
+        The loop runs from on_train_begin to the last step's on_step_end: the checkpoint that both trainers
+        write after the last step is outside it (a real run amortizes one save over hundreds of steps)."""
 
         def __init__(self, cuda: bool):
             self.cuda = cuda
             self.batches: list[Batch] = []
             self.forwards = 0
             self.running = False
-            self.seconds = 0.0
+            self.started = 0.0
+            self.marks: list[tuple[float, int]] = []  # (time, forward passes so far) at each step's end
             self.gradient_checkpointing = False
 
         def attach(self, trainer) -> None:
@@ -292,11 +293,12 @@ def _meter_class():
             if self.running and module.training:
                 self.forwards += 1
 
-        def _sync(self):
+        def _now(self) -> float:
             if self.cuda:
                 import torch
 
                 torch.cuda.synchronize()
+            return time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kwargs):
             # read off the model: lora_sft turns recompute on in the model, TRL through TrainingArguments
@@ -304,39 +306,58 @@ def _meter_class():
             self.gradient_checkpointing = any(
                 getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
             )
-            self._sync()
-            self.running, self.started = True, time.perf_counter()
+            self.running, self.started = True, self._now()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append((self._now(), self.forwards))
 
         def on_train_end(self, args, state, control, **kwargs):
-            self._sync()
-            self.seconds = time.perf_counter() - self.started
             self.running = False
+
+        def _span(self, since: float, first: int, last: int, end: float) -> dict:
+            used = self.batches[first:last]  # batch i collated is batch i consumed (no workers); one may be ahead
+            seconds = end - since
+            trained = sum(b.trained for b in used)
+            processed = sum(b.processed for b in used)
+            return {
+                "seconds": round(seconds, 3),
+                "trained": trained,
+                "processed": processed,
+                "positions": sum(b.positions for b in used),
+                "longest": max((b.longest for b in used), default=0),
+                "micro_batches": len(used),
+                "trained_per_s": round(trained / seconds, 1) if seconds else 0.0,
+                "processed_per_s": round(processed / seconds, 1) if seconds else 0.0,
+            }
 
         def report(self, trainer) -> dict:
             import torch
 
-            used = self.batches[: self.forwards]  # a data loader may collate one batch ahead of the loop
+            end, forwards = self.marks[-1]
+            loop = self._span(self.started, 0, forwards, end)
+            # without the first step (kernel loading, first allocations): what a long run settles at
+            first_end, first_forwards = self.marks[0]
+            steady = self._span(first_end, first_forwards, forwards, end) if len(self.marks) > 1 else loop
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-            positions = sum(b.positions for b in used)
-            processed = sum(b.processed for b in used)
-            trained = sum(b.trained for b in used)
             if self.cuda:
                 peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
             else:
                 import resource
 
                 peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+            positions = loop["positions"]
             return {
                 "steps": trainer.state.global_step,
-                "micro_batches": len(used),
-                "train_time_s": round(self.seconds, 3),
-                "trained_tokens": trained,
-                "processed_tokens": processed,
+                "micro_batches": loop["micro_batches"],
+                "train_time_s": round(loop["seconds"], 3),
+                "trained_tokens": loop["trained"],
+                "processed_tokens": loop["processed"],
                 "positions": positions,
-                "padding_fraction": round(1 - processed / positions, 4) if positions else 0.0,
-                "longest_batch": max((b.longest for b in used), default=0),
-                "trained_tokens_per_s": round(trained / self.seconds, 1),
-                "processed_tokens_per_s": round(processed / self.seconds, 1),
+                "padding_fraction": round(1 - loop["processed"] / positions, 4) if positions else 0.0,
+                "longest_batch": loop["longest"],
+                "trained_tokens_per_s": loop["trained_per_s"],
+                "processed_tokens_per_s": loop["processed_per_s"],
+                "after_first_step": {k: steady[k] for k in ("seconds", "trained_per_s", "processed_per_s")},
                 "peak_memory_mib": round(peak, 1),
                 "peak_memory_kind": kind,
                 "first_loss": losses[0] if losses else None,
@@ -519,7 +540,8 @@ def fixture_dir(device: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="lora_sft_vs_trl_", dir=base))
 
 
-def run_one(name: str, micro_batch: int, setup: Setup, fixtures: Path, logs: Path, timeout: float) -> dict:
+def run_one(name: str, micro_batch: int, setup: Setup, fixtures: Path, out: Path, timeout: float) -> dict:
+    """One run in its own process; its log is kept (in `out`) only when it fails."""
     tool, options = RUNS[name]
     work = fixtures / f"{name}-mb{micro_batch}"
     work.mkdir()
@@ -540,7 +562,7 @@ def run_one(name: str, micro_batch: int, setup: Setup, fixtures: Path, logs: Pat
     (work / "spec.json").write_text(json.dumps(spec))
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "LORA_SFT_CACHE": str(work / "cache")}
-    log = logs / f"{name}-mb{micro_batch}.log"
+    log = work / "worker.log"
     started = time.perf_counter()
     with log.open("w") as f:
         try:
@@ -556,9 +578,11 @@ def run_one(name: str, micro_batch: int, setup: Setup, fixtures: Path, logs: Pat
     wall = round(time.perf_counter() - started, 1)
     base = {"run": name, "tool": tool, "micro_batch": micro_batch, "worker_wall_s": wall}
     if code != 0 or not (work / "result.json").exists():
+        kept = out / f"{setup.device}-{name}-mb{micro_batch}.log"
+        shutil.copy(log, kept)
         tail = log.read_text().splitlines()[-15:]
-        print(f"  {name} (micro batch {micro_batch}) failed ({code}); the end of {log}:", *tail, sep="\n    ")
-        return base | {"error": f"exit {code}", "log": str(log)}
+        print(f"  {name} (micro batch {micro_batch}) failed ({code}); the end of {kept}:", *tail, sep="\n    ")
+        return base | {"error": f"exit {code}", "log": str(kept)}
     result = json.loads((work / "result.json").read_text())
     shutil.rmtree(work, ignore_errors=True)
     return base | result
@@ -571,6 +595,8 @@ def add_mfu(results: list[dict], n_params: int, gpu: str | None) -> None:
             continue
         per_token = (6 if r["gradient_checkpointing"] else 4) * n_params
         r["mfu"] = round(per_token * r["processed_tokens_per_s"] / peak, 4) if peak else None
+        steady = r["after_first_step"]["processed_per_s"]
+        r["mfu_after_first_step"] = round(per_token * steady / peak, 4) if peak else None
 
 
 def compare(results: list[dict]) -> list[dict]:
@@ -620,14 +646,14 @@ def markdown(report: dict) -> str:
         f"lognormal 16..{s['max_length']} (median {s['median_length']}), {s['steps']} optimizer steps per run, seed {s['seed']}. "
         f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, bitsandbytes {m['bitsandbytes']}.",
         "",
-        "| run | micro batch | trained tok/s | processed tok/s | padding | peak memory MiB | first loss | last loss | trained tokens | MFU | loop s |",
+        "| run | micro batch | trained tok/s | processed tok/s | padding | peak memory MiB | first loss | last loss | trained tokens | MFU (after step 1) | loop s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in report["runs"]:
+    for r in sorted(report["runs"], key=lambda r: r["micro_batch"]):
         if "error" in r:
             lines.append(f"| {r['run']} | {r['micro_batch']} | {r['error']} | | | | | | | | |")
             continue
-        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}% ({100 * r['mfu_after_first_step']:.1f}%)" if r.get("mfu") is not None else "-"
         lines.append(
             f"| {r['run']} | {r['micro_batch']} | {r['trained_tokens_per_s']:,.0f} | {r['processed_tokens_per_s']:,.0f} | "
             f"{100 * r['padding_fraction']:.1f}% | {r['peak_memory_mib']:,.0f} | {r['first_loss']:.4f} | {r['last_loss']:.4f} | "
@@ -643,7 +669,7 @@ def markdown(report: dict) -> str:
             diff = c["last_loss_difference"]
             lines.append(
                 f"| {c['micro_batch']} | {c['lora_sft']} | {c['against']} | {c['trained_tokens_per_s_ratio']:.2f}x | "
-                f"{c['peak_memory_ratio']:.2f}x | {'-' if diff is None else f'{100 * diff:+.1f}%'} |"
+                f"{c['peak_memory_ratio']:.2f}x | {'-' if diff is None else f'{100 * diff:+.2f}%'} |"
             )
     if report["skipped"]:
         lines += ["", f"Not run (the --budget-s of {report['budget_s']} s was spent): {', '.join(report['skipped'])}"]
@@ -672,7 +698,8 @@ def main() -> None:
         unknown = [r for r in chosen if r not in RUNS]
         if unknown:
             ap.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-        setup.runs = {mb: list(chosen) for mb in setup.micro_batches}
+        sizes = list(dict.fromkeys(mb for _, mb in setup.runs))
+        setup.runs = [(r, mb) for mb in sizes for r in chosen]
     budget = args.budget_s if args.budget_s is not None else (300.0 if args.device == "cuda" else None)
     import torch
 
@@ -685,8 +712,6 @@ def main() -> None:
     )
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    logs = out / f"{args.device}-{stamp}-logs"
-    logs.mkdir(exist_ok=True)
 
     fixtures = fixture_dir(args.device)
     try:
@@ -704,19 +729,18 @@ def main() -> None:
 
         results, skipped = [], []
         timeout = 300 if args.device == "cuda" else 1800  # a hung worker must not eat the GPU check's time
-        for mb in setup.micro_batches:
-            for name in setup.runs[mb]:
-                if budget is not None and time.perf_counter() - started > budget:
-                    skipped.append(f"{name} (micro batch {mb})")
-                    continue
-                print(f"{name}, micro batch {mb} ...", flush=True)
-                r = run_one(name, mb, setup, fixtures, logs, timeout)
-                if "error" not in r:
-                    print(
-                        f"  {r['trained_tokens_per_s']:,.0f} trained tok/s, {r['peak_memory_mib']:,.0f} MiB, last loss {r['last_loss']:.4f} ({r['worker_wall_s']}s)",
-                        flush=True,
-                    )
-                results.append(r)
+        for name, mb in setup.runs:
+            if budget is not None and time.perf_counter() - started > budget:
+                skipped.append(f"{name} (micro batch {mb})")
+                continue
+            print(f"{name}, micro batch {mb} ...", flush=True)
+            r = run_one(name, mb, setup, fixtures, out, timeout)
+            if "error" not in r:
+                print(
+                    f"  {r['trained_tokens_per_s']:,.0f} trained tok/s, {r['peak_memory_mib']:,.0f} MiB, last loss {r['last_loss']:.4f} ({r['worker_wall_s']}s)",
+                    flush=True,
+                )
+            results.append(r)
     finally:
         shutil.rmtree(fixtures, ignore_errors=True)
 
