@@ -4,6 +4,7 @@
     python benchmarks/vs_trl.py                      # CPU fixture, about 10 minutes on 2 cores
     python benchmarks/vs_trl.py --quick              # a few steps: checks that everything works (results to a temp dir)
     python benchmarks/vs_trl.py --device cuda --out DIR    # Llama-3-8B shape, seq 2048, micro batch 1 and 4
+                                                           # (runs start within --budget-s, default 300 s)
     python benchmarks/vs_trl.py --runs lora_sft,trl_padding_free
 
 Both tools get the same model (random weights, seeded, saved once per invocation), tokenizer and chat
@@ -683,6 +684,7 @@ def main() -> None:
     ap.add_argument("--runs", help=f"comma-separated subset of {', '.join(RUNS)}")
     ap.add_argument("--steps", type=int, help="optimizer steps per run (default: the setup's)")
     ap.add_argument("--out", help="folder of the results (default benchmarks/results, a temp folder with --quick)")
+    ap.add_argument("--layers", type=int, help="decoder layers of the model (default: the setup's; 32 on cuda)")
     ap.add_argument("--budget-s", type=float, help="start no run after this many seconds (default: 300 on cuda)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -693,6 +695,8 @@ def main() -> None:
     setup = cuda_setup(args.quick) if args.device == "cuda" else cpu_setup(args.quick)
     if args.steps:
         setup.steps = args.steps
+    if args.layers:
+        setup.model["num_hidden_layers"] = args.layers
     if args.runs:
         chosen = [r.strip() for r in args.runs.split(",") if r.strip()]
         unknown = [r for r in chosen if r not in RUNS]
