@@ -600,33 +600,38 @@ def add_mfu(results: list[dict], n_params: int, gpu: str | None) -> None:
         r["mfu_after_first_step"] = round(per_token * steady / peak, 4) if peak else None
 
 
+# Like for like: the same batches of the same rows (trained tokens equal), so the losses can be compared.
+SAME_TOKENS = {"lora_sft": "trl_default", "lora_sft_packing": "trl_packing_fp32"}
+
+
 def compare(results: list[dict]) -> list[dict]:
-    """Per micro batch: lora_sft's best run (most trained tokens/s) against TRL's best and TRL's default."""
+    """Per micro batch: lora_sft's best run (most trained tokens/s) against TRL's best and TRL's default, then
+    each lora_sft run against the TRL run that trains on the same tokens (the fair place to compare losses)."""
     out = []
     for mb in sorted({r["micro_batch"] for r in results}):
-        ok = [r for r in results if r["micro_batch"] == mb and "error" not in r]
-        ours = [r for r in ok if r["tool"] == "lora_sft"]
-        theirs = [r for r in ok if r["tool"] == "trl"]
-        default = next((r for r in theirs if r["run"] == "trl_default"), None)
+        ok = {r["run"]: r for r in results if r["micro_batch"] == mb and "error" not in r}
+        ours = [r for r in ok.values() if r["tool"] == "lora_sft"]
+        theirs = [r for r in ok.values() if r["tool"] == "trl"]
         if not ours or not theirs:
             continue
         best = max(ours, key=lambda r: r["trained_tokens_per_s"])
-        for label, other in (
-            ("TRL best", max(theirs, key=lambda r: r["trained_tokens_per_s"])),
-            ("TRL default", default),
-        ):
+        pairs = [(best, "TRL best", max(theirs, key=lambda r: r["trained_tokens_per_s"]))]
+        pairs.append((best, "TRL default", ok.get("trl_default")))
+        pairs += [(ok[a], "same tokens", ok.get(b)) for a, b in SAME_TOKENS.items() if a in ok]
+        for ours_run, label, other in pairs:
             if other is None:
                 continue
             out.append(
                 {
                     "micro_batch": mb,
-                    "lora_sft": best["run"],
+                    "lora_sft": ours_run["run"],
                     "against": f"{label} ({other['run']})",
                     "trained_tokens_per_s_ratio": round(
-                        best["trained_tokens_per_s"] / other["trained_tokens_per_s"], 2
+                        ours_run["trained_tokens_per_s"] / other["trained_tokens_per_s"], 2
                     ),
-                    "peak_memory_ratio": round(best["peak_memory_mib"] / other["peak_memory_mib"], 2),
-                    "last_loss_difference": _relative(best["last_loss"], other["last_loss"]),
+                    "peak_memory_ratio": round(ours_run["peak_memory_mib"] / other["peak_memory_mib"], 2),
+                    "last_loss_difference": _relative(ours_run["last_loss"], other["last_loss"]),
+                    "same_trained_tokens": ours_run["trained_tokens"] == other["trained_tokens"],
                 }
             )
     return out
@@ -663,14 +668,17 @@ def markdown(report: dict) -> str:
     if report["comparison"]:
         lines += [
             "",
-            "| micro batch | lora_sft best | against | trained tok/s | peak memory | last loss |",
-            "| ---: | --- | --- | ---: | ---: | ---: |",
+            "lora_sft / TRL (last loss: the relative difference; comparable where the trained tokens are the same):",
+            "",
+            "| micro batch | lora_sft | against | trained tok/s | peak memory | last loss | same tokens |",
+            "| ---: | --- | --- | ---: | ---: | ---: | --- |",
         ]
         for c in report["comparison"]:
             diff = c["last_loss_difference"]
             lines.append(
                 f"| {c['micro_batch']} | {c['lora_sft']} | {c['against']} | {c['trained_tokens_per_s_ratio']:.2f}x | "
-                f"{c['peak_memory_ratio']:.2f}x | {'-' if diff is None else f'{100 * diff:+.2f}%'} |"
+                f"{c['peak_memory_ratio']:.2f}x | {'-' if diff is None else f'{100 * diff:+.2f}%'} | "
+                f"{'yes' if c['same_trained_tokens'] else 'no'} |"
             )
     if report["skipped"]:
         lines += ["", f"Not run (the --budget-s of {report['budget_s']} s was spent): {', '.join(report['skipped'])}"]
