@@ -8,8 +8,8 @@ label at t + 1), and the output layer + cross-entropy run over them in chunks of
 
 - frozen output layer (a plain nn.Linear, the usual case): `_FrozenHeadCrossEntropy` computes each chunk's
   logits (fp32 for the cross-entropy), its loss and, when a gradient is needed, the gradient w.r.t. the chunk's
-  hidden states right away (softmax - one-hot, times the weight); only those (positions x hidden) are kept,
-  and backward scales them by the incoming gradient: two matmuls per chunk, nothing recomputed (the idea of
+  hidden states right away (softmax - one-hot, times the weight); only those (positions x hidden, fp32 so that
+  bf16 runs round no more than the plain path) are kept, and backward scales them by the incoming gradient: two matmuls per chunk, nothing recomputed (the idea of
   Liger's fused linear cross-entropy).
 - any other output layer (LoRA on lm_head, a modules_to_save copy, trainable token rows, a tied lm_head whose
   embedding trains): each chunk's output layer + cross-entropy under non-reentrant activation checkpointing,
@@ -194,7 +194,7 @@ def _frozen_chunks(
     with `with_grad` also its gradient w.r.t. `hidden` (softmax - one-hot, times the weight), with
     `count_correct` how many targets the argmax gets right."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad = torch.empty_like(hidden) if with_grad else None
+    grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if with_grad else None
     correct = 0
     for start in range(0, hidden.shape[0], CHUNK_POSITIONS):
         part = slice(start, start + CHUNK_POSITIONS)
@@ -208,7 +208,7 @@ def _frozen_chunks(
         if grad is not None:
             probs = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
             probs[rows, wanted] -= 1.0  # d(summed loss)/d(logits) = softmax - one-hot
-            grad[part] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad[part] = probs.to(weight.dtype) @ weight
         del logits
     return total, grad, correct if count_correct else None
 
@@ -221,13 +221,14 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
         total, grad, _ = _frozen_chunks(hidden, weight, bias, targets, True, False)
+        ctx.hidden_dtype = hidden.dtype
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return (grad * grad_output).to(ctx.hidden_dtype), None, None, None
 
 
 def _chunk_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
