@@ -125,12 +125,21 @@ def score(run, model, items: list[dict]) -> dict:
     """Loss and, by task, perplexity + token accuracy (causal_lm) or accuracy + macro F1 (classification)."""
     import torch
 
+    from .loss import plain_path_reason, target_loss
+
     batch_size = run.recipe.train.micro_batch_size
     device = next(model.parameters()).device
     loss_sum, n_loss, correct, guesses, refs = 0.0, 0, 0, [], []
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in run.collate(items[start : start + batch_size]).items()}
+            if run.recipe.task != "classification" and plain_path_reason(model) is None:
+                # logits only at the trained targets, a chunk at a time (lora_sft.loss): never positions x vocab
+                scored = target_loss(model, batch, count_correct=True)
+                loss_sum += float(scored.loss_sum)
+                n_loss += scored.targets
+                correct += scored.correct or 0
+                continue
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             if run.recipe.task == "classification":
                 loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()

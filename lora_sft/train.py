@@ -21,6 +21,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 
 from . import checkpoint, planner
 from . import data as data_stage
+from . import loss as loss_stage
 from . import model as model_stage
 from .guard import Guard, guarded
 from .preflight import Ready, prepare
@@ -162,6 +163,9 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
         eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        # causal LM: evaluation needs the loss only (no compute_metrics), so no full-vocabulary logits are gathered;
+        # classification keeps its logits for accuracy and F1
+        prediction_loss_only=recipe.task == "causal_lm",
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -222,7 +226,33 @@ class CountingTrainer(Trainer):
             seen = int(real.sum() if real is not None else inputs["attention_mask"].sum())
             self.tokens_seen += seen
             self.tokens_trained += targets if labels.dim() > 1 else seen
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # causal LM: logits only at trained targets (lora_sft.loss), normalized and scaled as Trainer's compute_loss
+        # does a model's own loss (transformers 5.24); Trainer's compute_loss for the rest: classification, label
+        # smoothing or a custom loss function, an evaluation that keeps logits, a model loss.plain_path_reason refuses
+        if (
+            labels.dim() > 1
+            and self.label_smoother is None
+            and self.compute_loss_func is None
+            and (self.args.prediction_loss_only or not return_outputs)
+            and loss_stage.plain_path_reason(model) is None
+        ):
+            with self.accelerator.autocast():  # the model's forward runs under it (mixed precision): so does this
+                loss = loss_stage.causal_lm_loss(
+                    model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None
+                )
+            if (
+                self.args.average_tokens_across_devices
+                and self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None
+            ):
+                loss = loss * (
+                    self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+                )
+            out = (loss, {"loss": loss}) if return_outputs else loss
+        else:
+            out = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         if not model.training and targets:
             # the batch's loss is its mean over its targets: weigh it by their count, so the eval loss is the
             # mean over every scored token (what `eval` reports), whatever the batching or packing
