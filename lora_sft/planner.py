@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import UserError
+from .loss import CHUNK_POSITIONS as LOSS_CHUNK_POSITIONS  # the loss's output layer runs this many positions at a time
 from .recipe import Recipe, memory_bytes
 
 if TYPE_CHECKING:
     from .model import ModelPlan
 
-LOSS_CHUNK_POSITIONS = 1024  # lora_sft/loss.py's CHUNK_POSITIONS
 GIB = 2**30
 TABLE_NOTE = "shape from lora_sft's table of known models"
 
