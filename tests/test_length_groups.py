@@ -67,7 +67,7 @@ def recipe(tmp_path, write_recipe):
 def epoch_batches(recipe, tokenizer, epochs: int = 1, first: int = 0) -> list[list[dict]]:
     """The train batches of each epoch, from a fresh Trainer's dataloader, starting at epoch `first`."""
     bundle = data_stage.build(recipe, tokenizer)
-    args = train_stage.training_arguments(recipe, "unused", has_eval=False)
+    args = train_stage.training_arguments(recipe, recipe.output_dir, has_eval=False)  # Trainer makes this folder
     trainer = Trainer(
         model=torch.nn.Linear(1, 1),
         args=args,
