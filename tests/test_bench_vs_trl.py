@@ -54,7 +54,7 @@ def test_compare_takes_the_best_of_each_tool_and_pairs_runs_on_the_same_tokens(m
                 "peak_memory_mib": memory, "last_loss": loss, "trained_tokens": trained}  # fmt: skip
 
     results = [
-        run("lora_sft", "lora_sft", 300.0, 900.0, 2.0, 500),
+        run("lora_sft_ungrouped", "lora_sft", 300.0, 900.0, 2.0, 500),
         run("lora_sft_packing", "lora_sft", 600.0, 1000.0, 1.9, 900),
         run("trl_default", "trl", 100.0, 1600.0, 2.0, 500),
         run("trl_padding_free", "trl", 200.0, 1250.0, 2.0, 500),
@@ -68,6 +68,6 @@ def test_compare_takes_the_best_of_each_tool_and_pairs_runs_on_the_same_tokens(m
     assert rows == [
         ("lora_sft_packing", "TRL best (trl_padding_free)", 3.0, 0.8, False),
         ("lora_sft_packing", "TRL default (trl_default)", 6.0, 0.62, False),
-        ("lora_sft", "same tokens (trl_default)", 3.0, 0.56, True),
+        ("lora_sft_ungrouped", "same tokens (trl_default)", 3.0, 0.56, True),
         ("lora_sft_packing", "same tokens (trl_packing_fp32)", 4.0, 0.5, True),
     ]
