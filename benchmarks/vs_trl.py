@@ -108,7 +108,15 @@ def cpu_setup(quick: bool) -> Setup:
         "vocab_size": 32000,
         "max_position_embeddings": 2048,
     }
-    order = ["lora_sft", "lora_sft_ungrouped", "lora_sft_packing", "trl_default", "trl_padding_free", "trl_packing_bf16", "trl_packing_fp32"]
+    order = [
+        "lora_sft",
+        "lora_sft_ungrouped",
+        "lora_sft_packing",
+        "trl_default",
+        "trl_padding_free",
+        "trl_packing_bf16",
+        "trl_packing_fp32",
+    ]
     if quick:
         return Setup("cpu", model, rows=64, median_length=96, max_length=256, steps=3, runs=[(r, 2) for r in order])
     return Setup("cpu", model, rows=2000, median_length=180, max_length=1024, steps=20, runs=[(r, 4) for r in order])
