@@ -321,3 +321,11 @@ def test_summary_states_the_world_size():
     assert summary.to_json()["world_size"] == 1 and "global_batch" not in summary.to_json()
     summary.global_batch = 16
     assert Summary.from_json(summary.to_json()).global_batch == 16
+
+
+@pytest.mark.e2e
+def test_a_run_alone_states_world_size_one(tiny_run):
+    run_dir, _, proc = tiny_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["world_size"], summary["global_batch"]) == (1, 8)  # micro batch 8 x grad_accum 1 x 1 process
+    assert "processes:" not in proc.stdout  # the launcher line only under a launcher
