@@ -33,6 +33,7 @@ import yaml
 from safetensors import SafetensorError
 from transformers import TrainerCallback
 
+from . import distributed
 from .errors import RunError, UserError
 from .recipe import Recipe
 from .rundir import MANIFEST, RECIPE, Manifest, RunDir, check_writable, entries
@@ -104,7 +105,12 @@ class AtomicCheckpoints(TrainerCallback):
     byte is on disk; the last `keep` complete checkpoints are kept.
 
     `counts` returns the trainer's running totals (tokens seen and trained), saved in the marker so a resumed
-    run's totals are whole; `identity` is what a resumed run must share with this one (see `identity`)."""
+    run's totals are whole; `identity` is what a resumed run must share with this one (see `identity`).
+
+    Under a launcher every process calls these hooks, and Trainer writes a checkpoint from several processes (the
+    main one writes the adapter, optimizer and state; each writes its own rng_state_N.pth). Only the main process
+    clears, marks, moves and rotates, and only once every process has written its files; the marker holds the
+    counts summed over the processes. A failure there stops every process (`distributed.agree`)."""
 
     def __init__(self, folder: Path, keep: int, counts, identity: dict | None = None):
         self.folder, self.keep, self.counts, self.identity = folder, keep, counts, identity
@@ -115,22 +121,34 @@ class AtomicCheckpoints(TrainerCallback):
         if not control.should_save:
             return
         self.saving = state.global_step
+        # the main process clears the staging folder before any process writes into it
+        distributed.on_main(self._clear, self.folder / f"checkpoint-{state.global_step}")
+
+    def _clear(self, target: Path) -> None:
         shutil.rmtree(staging(self.folder), ignore_errors=True)  # a save cut short earlier
-        target = self.folder / f"checkpoint-{state.global_step}"
         if target.exists():  # the same step saved again (resumed from an earlier checkpoint): not resumable meanwhile
             (target / COUNTS).unlink(missing_ok=True)
 
     def on_save(self, args, state, control, **kwargs):
-        name = f"checkpoint-{state.global_step}"
-        written, target = staging(self.folder) / name, self.folder / name
-        counts = dict(self.counts())
+        counts: dict[str, Any] = {k: distributed.total(v) for k, v in self.counts().items()}  # every process's
         if self.identity is not None:
             counts |= {"recipe": self.identity, "recipe_hash": recipe_hash(self.identity)}
         best = getattr(state, "best_model_checkpoint", None)  # a TrainerState has it; set by load_best_model_at_end
-        if best and Path(best).parent == staging(self.folder):
+        moved = best is not None and Path(best).parent == staging(self.folder)
+        if best is not None and moved:
             # load_best_model_at_end: Trainer recorded the best checkpoint where it wrote it (staging); it is read
             # from where it lands, at the end and after a resume (so its saved state says so too)
             state.best_model_checkpoint = str(self.folder / Path(best).name)
+        distributed.agree()  # every process has written its files (its rng_state_N.pth)
+        distributed.on_main(self._complete, state, counts, moved)
+        self.saving = None
+
+    def _complete(self, state, counts: dict, best_moved: bool) -> None:
+        """Mark the staged checkpoint complete, move it into place, keep the last `keep`."""
+        name = f"checkpoint-{state.global_step}"
+        written, target = staging(self.folder) / name, self.folder / name
+        best = getattr(state, "best_model_checkpoint", None)
+        if best_moved:
             state.save_to_json(str(written / STATE))
         fsync_tree(written)
         (written / COUNTS).write_text(json.dumps(counts))  # the completion marker, after every other file is on disk
@@ -140,7 +158,6 @@ class AtomicCheckpoints(TrainerCallback):
         os.replace(written, target)
         fsync_dir(self.folder)
         shutil.rmtree(staging(self.folder), ignore_errors=True)
-        self.saving = None
         for old in checkpoints(self.folder)[: -self.keep]:
             if best and old == Path(state.best_model_checkpoint):
                 continue  # the best checkpoint (early stopping) is kept beside the last `keep`: adapter/ gets it
@@ -166,10 +183,13 @@ def save_errors(saves: AtomicCheckpoints):
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         detail = (str(e).strip().splitlines() or [""])[0]
         again = "run again with --resume" if previous else "start again with --overwrite"  # --resume needs a checkpoint
-        raise RunError(
+        error = RunError(
             f"cannot write the step {step} checkpoint in {getattr(e, 'filename', None) or written} ({type(e).__name__}: {detail}); "
             f"{kept}; free disk space (or fix the folder's permissions) and {again}"
-        ) from e
+        )
+        if distributed.shared(e):  # every process stops with it: the main process prints it
+            error = distributed.every_rank(error, agreed=getattr(e, "agreed", False))
+        raise error from e
 
 
 # ---------------------------------------------------------------- what a resumed run must share
@@ -440,15 +460,17 @@ def start(
     return Start(resume_from=checkpoint)
 
 
-def reopen(run_dir: RunDir, checkpoint: Path, recipe_dict: dict) -> Manifest:
+def reopen(run_dir: RunDir, checkpoint: Path, recipe_dict: dict) -> Manifest | None:
     """Continue a run directory from `checkpoint`: a save cut short is cleared, the run directory reopened."""
     shutil.rmtree(staging(run_dir.checkpoints), ignore_errors=True)
     return run_dir.reopen(step_of(checkpoint), checkpoint, recipe_dict)
 
 
 def restore_counts(trainer, checkpoint: Path) -> None:
+    """The token totals a checkpoint saved (summed over its processes): the main process carries them on, the
+    others count from zero (the summary sums the processes' counts)."""
     counts = checkpoint / COUNTS
-    if counts.is_file():
+    if counts.is_file() and distributed.world().main:
         saved = json.loads(counts.read_text())
         for key in trainer.counted:
             if key in saved:

@@ -2,7 +2,8 @@
 
 Every sub-command sets its `handler` (set_defaults); `main` calls it.
 
-Bad input exits 2 with one line per problem, a failed run exits 1; tracebacks only with --debug.
+Bad input exits 2 with one line per problem, a failed run exits 1; tracebacks only with --debug. Under a launcher
+(torchrun, accelerate launch) the main process prints an error every process stops with, once (`_report`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 
 from . import __version__
+from .distributed import Elsewhere, shared, start, stop, together, world
 from .errors import RunError, UserError
 
 
@@ -85,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Check everything train checks before it writes anything (the recipe, every data row, the tokenizer and chat template, the tokenized data, the model config, LoRA targets and weight-file headers, output_dir; no weights loaded), then print what train would do.",
     )
     v.add_argument("--explain", action="store_true", help="also print every recipe key with its default and meaning")
+    v.add_argument(
+        "--nproc",
+        type=count(1),
+        default=None,
+        metavar="N",
+        help="plan for N processes (GPUs) under torchrun or accelerate launch: the global batch and the memory per GPU (default: WORLD_SIZE under a launcher, else 1)",
+    )
     v.set_defaults(handler=_validate)
     p = sub.add_parser(
         "preview",
@@ -126,8 +135,11 @@ def _validate(args) -> int:
     from .preflight import describe_plan, prepare
 
     prepared = prepare(recipe, hub_may_be_unreachable=True)  # what train checks first, every problem at once
+    if not world().main:  # under a launcher every process checks; the main one prints
+        return 0
     print(f"{args.recipe}: ok")
-    lines = describe_plan(recipe, prepared.checked, prepared.plan, prepared.bundle, prepared.memory)
+    processes = args.nproc or world().size
+    lines = describe_plan(recipe, prepared.checked, prepared.plan, prepared.bundle, prepared.memory, processes)
     print("\n".join(f"  {line}" for line in lines))
     if prepared.note:
         print(prepared.note)
@@ -157,7 +169,8 @@ def _train(args) -> int:
     if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
         # `--resume train.lr=1e-4`: argparse took an override for --resume's optional PATH
         args.overrides, args.resume = [*args.overrides, args.resume], True
-    recipe = load_recipe(args.recipe, args.overrides)
+    start()  # under a launcher: from here the processes can wait for each other and share a failure
+    recipe = together(load_recipe, args.recipe, args.overrides)
     from .train import run
 
     run(recipe, resume=args.resume, overwrite=args.overwrite)  # training, then the recipe's eval and hub sections
@@ -179,12 +192,28 @@ def _quiet_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _report(error: BaseException, lines: list[str], code: int) -> int:
+    """Print `error: LINE` for each line, once per run, and return the exit code: under a launcher the main process
+    prints an error every process stops with (bad input, which every process finds, or a failure that
+    `distributed.agree` shared); another process prints only a failure of its own that the main process cannot know
+    of, with its rank."""
+    me = world()
+    if not me.main and (isinstance(error, UserError) or shared(error)):
+        lines = []
+    elif not me.main:
+        lines = [f"rank {me.rank}: {line}" for line in lines]
+    _end_progress_line()
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    stop(error)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
     except ArgumentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _report(UserError(str(e)), [str(e)], 2)
     # bitsandbytes warns at import about an optional CPU inference kernel that training never uses.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -204,23 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        _end_progress_line()
-        for problem in e.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return _report(e, e.problems, 2)
     except RunError as e:
         if args.debug:
             raise
-        _end_progress_line()
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
+        return _report(e, [str(e)], e.code)
+    except Elsewhere as e:  # another process failed: the main process prints its error
+        return _report(e, [str(e)], e.code)
     except KeyboardInterrupt:
         _end_progress_line()
-        print("interrupted", file=sys.stderr)
+        if world().main:
+            print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a failure of the run, not of the input
         if args.debug:
             raise
-        _end_progress_line()
-        print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
-        return 1
+        return _report(e, [f"{type(e).__name__}: {e} (run again with --debug for the traceback)"], 1)

@@ -7,8 +7,16 @@ only answers "am I the process that writes?" and lets the others wait while it d
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ParamSpec, TypeVar
+
+T = TypeVar("T")
+P = ParamSpec("P")
+E = TypeVar("E", bound=BaseException)
 
 
 @dataclass(frozen=True)
@@ -33,3 +41,172 @@ def world() -> World:
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         size=int(os.environ.get("WORLD_SIZE", 1)),
     )
+
+
+# ---------------------------------------------------------------- the rank-0 rules (added for issue 10's "only rank 0 writes")
+#
+# Under a launcher every process runs the same command. Only the main process writes (the run directory, the
+# tokenized-data cache, the console); the others wait where it writes something they read later. A step that can
+# fail on one process shares its outcome with all of them (`agree`), so a failure stops every process with the
+# same exit code and none waits forever for one that has gone; the main process says what failed.
+
+# How long a process waits for the others (the main process tokenizing the data, writing a checkpoint): the
+# Trainer's own default (TrainingArguments.ddp_timeout). Bigger data: fill the cache first with `validate`.
+WAIT = timedelta(seconds=1800)
+
+
+class Elsewhere(Exception):
+    """Another process failed (the main process reports it); this one stops too, silently, with the same exit code."""
+
+    def __init__(self, rank: int, code: int):
+        self.rank, self.code = rank, code
+        super().__init__(f"process {rank} failed (exit {code})")
+
+
+def started() -> bool:
+    """The process group is up (so the processes can wait for each other)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def start() -> None:
+    """Under a launcher: start the process group now, through accelerate's PartialState (the Trainer's own
+    PartialState later finds it started): gloo on CPU, the GPU backend on GPUs. Alone: nothing."""
+    if not world().distributed or started():
+        return
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT)
+
+
+def shared(error: BaseException) -> bool:
+    """The error is one every process stops with (an `agree` shared it, or every process met it the same way):
+    the main process prints it, the others stay silent."""
+    return isinstance(error, Elsewhere) or bool(getattr(error, "every_rank", False))
+
+
+def every_rank(error: E, agreed: bool = False) -> E:
+    """Mark `error` as one every process raises the same way (a check all of them make on the same values);
+    `agreed`: raised by `agree`, so every process is at the same point of the run."""
+    error.every_rank = True  # type: ignore[attr-defined]
+    error.agreed = agreed  # type: ignore[attr-defined]
+    return error
+
+
+def _outcome(error: BaseException | None) -> tuple[str, int, list[str]] | None:
+    """What other processes need to know of a failure: its kind, exit code and lines."""
+    from .errors import RunError, UserError
+
+    if error is None:
+        return None
+    if isinstance(error, Elsewhere):
+        return ("elsewhere", error.code, [])
+    if isinstance(error, UserError):
+        return ("user", 2, error.problems)
+    if isinstance(error, RunError):
+        return ("run", error.code, [str(error)])
+    return ("run", 1, [f"{type(error).__name__}: {error} (run again with --debug for the traceback)"])
+
+
+def agree(error: BaseException | None = None) -> None:
+    """Every process calls this at the same point, with its own error or None: if any process failed, every
+    process raises. The one that failed re-raises its own error; the main process, if it did not fail, raises
+    the first failing process's error (its lines prefixed with `rank N:`); the others raise `Elsewhere`. Alone,
+    or without a process group: re-raises `error`. With no error anywhere it is a barrier."""
+    if not world().distributed or not started():
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    outcomes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, _outcome(error))
+    failed = [(rank, o) for rank, o in enumerate(outcomes) if o is not None and o[0] != "elsewhere"]
+    failed = failed or [(rank, o) for rank, o in enumerate(outcomes) if o is not None]
+    if not failed:
+        return
+    if error is not None:
+        raise every_rank(error, agreed=True)
+    rank, (kind, code, lines) = failed[0]
+    if world().main and kind != "elsewhere":
+        from .errors import RunError, UserError
+
+        lines = [f"rank {rank}: {line}" for line in lines]
+        raise every_rank(UserError(lines) if kind == "user" else RunError("; ".join(lines), code), agreed=True)
+    raise Elsewhere(rank, code)
+
+
+def _attempt(step: Callable[..., T], *args, **kwargs) -> tuple[T | None, Exception | None]:
+    try:
+        return step(*args, **kwargs), None
+    except Exception as e:  # shared with the others by `agree`, then raised again
+        return None, e
+
+
+def together(step: Callable[..., T], *args, **kwargs) -> T:
+    """Run `step` on every process at once; a failure anywhere stops every process (`agree`)."""
+    result, error = _attempt(step, *args, **kwargs)
+    agree(error)
+    return result  # type: ignore[return-value]
+
+
+def main_first(step: Callable[..., T], *args, **kwargs) -> T:
+    """Run `step` on the first process of each machine, then on the others, which then read what it wrote (the
+    tokenized-data cache); a failure anywhere stops every process (`agree`). Alone: just `step`."""
+    if not world().distributed or not started():
+        return step(*args, **kwargs)
+    first = world().local_rank == 0
+    result, error = _attempt(step, *args, **kwargs) if first else (None, None)
+    agree(error)
+    if not first:
+        result, error = _attempt(step, *args, **kwargs)
+    agree(error)
+    return result  # type: ignore[return-value]
+
+
+def on_main(step: Callable[..., T], *args, **kwargs) -> T | None:
+    """Run `step` on the main process only (it writes); the others wait for it and stop if it fails. Returns
+    its result on the main process, None on the others."""
+    if not world().distributed:
+        return step(*args, **kwargs)
+    result, error = _attempt(step, *args, **kwargs) if world().main else (None, None)
+    agree(error)
+    return result
+
+
+def main_only(method: Callable[P, T]) -> Callable[P, T | None]:
+    """A method that writes: it runs on the main process only, and does nothing on the others (which must not
+    write the same files at the same time)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T | None:
+        return method(*args, **kwargs) if world().main else None
+
+    return wrapper
+
+
+def total(value: int) -> int:
+    """The sum of `value` over every process (a count each process keeps for its own batches)."""
+    if not world().distributed or not started():
+        return value
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return sum(values)
+
+
+def stop(error: BaseException) -> None:
+    """The CLI, after reporting `error`: if every process stops with it at the same point (`agree` raised it),
+    wait until all have reported it, so the main process has printed it before any process exits (the launcher
+    ends the others as soon as one has exited), then leave the process group."""
+    if not world().distributed or not started():
+        return
+    if not isinstance(error, Elsewhere) and not getattr(error, "agreed", False):
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()

@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from .checkpoint import checkpoints
+from .distributed import every_rank, world
 from .errors import RunError
 from .recipe import Recipe
 
@@ -74,9 +75,11 @@ class Guard(TrainerCallback):
         try:
             yield
         except _Stopped as e:
-            raise RunError(
-                f"{signal.Signals(e.signum).name}: stopped during {during}, checkpoint {_last_good(self.folder)}; {_next(self.recipe, self.folder)}",
-                code=128 + e.signum,
+            raise every_rank(
+                RunError(
+                    f"{signal.Signals(e.signum).name}: stopped during {during}, checkpoint {_last_good(self.folder)}; {_next(self.recipe, self.folder)}",
+                    code=128 + e.signum,
+                )
             ) from None
         finally:
             self.during = None
@@ -85,11 +88,14 @@ class Guard(TrainerCallback):
 
     def _on_signal(self, signum, frame):
         if self.during is not None:
-            print(f"{signal.Signals(signum).name}: stopping {self.during}", file=sys.stderr, flush=True)
+            if world().main:  # under a launcher every process gets the signal; one says so
+                print(f"{signal.Signals(signum).name}: stopping {self.during}", file=sys.stderr, flush=True)
             raise _Stopped(signum)  # an evaluation saves nothing: nothing to finish first
         if self.signal is not None:
             raise KeyboardInterrupt  # a second Ctrl-C: stop at once
         self.signal = signum
+        if not world().main:
+            return
         print(
             f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint (again to stop at once)",
             file=sys.stderr,
@@ -105,9 +111,11 @@ class Guard(TrainerCallback):
         """After trainer.train(): the error to exit with if a signal cut the run short (not if it came after the last step)."""
         if self.signal is None or state.global_step >= state.max_steps:
             return None
-        return RunError(
-            f"{signal.Signals(self.signal).name}: stopped after step {state.global_step}, checkpoint {_last_good(self.folder)}; {_next(self.recipe, self.folder)}",
-            code=128 + self.signal,  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        return every_rank(
+            RunError(
+                f"{signal.Signals(self.signal).name}: stopped after step {state.global_step}, checkpoint {_last_good(self.folder)}; {_next(self.recipe, self.folder)}",
+                code=128 + self.signal,  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+            )
         )
 
     # -- non-finite loss or gradient, checked before the optimizer can write it into the adapter
@@ -131,10 +139,13 @@ class Guard(TrainerCallback):
                 f"warning: step {step}: {bad}; step skipped ({self.recipe.where('train', 'on_nonfinite')} is skip)"
             )
             return
-        raise RunError(
-            f"step {step}: {bad}; stopped before the optimizer step, last good checkpoint: {_last_good(self.folder)}; "
-            f"try a lower train.lr (now {self.recipe.train.lr:g}), keep train.max_grad_norm above 0, check the data near this step, "
-            f"or set train.on_nonfinite: skip; {_next(self.recipe, self.folder, then='then ')}"
+        # the gradients are averaged over the processes before this check: every process stops here the same way
+        raise every_rank(
+            RunError(
+                f"step {step}: {bad}; stopped before the optimizer step, last good checkpoint: {_last_good(self.folder)}; "
+                f"try a lower train.lr (now {self.recipe.train.lr:g}), keep train.max_grad_norm above 0, check the data near this step, "
+                f"or set train.on_nonfinite: skip; {_next(self.recipe, self.folder, then='then ')}"
+            )
         )
 
 

@@ -442,11 +442,16 @@ class MemoryPlan:
             gradient_checkpointing=self.gradient_checkpointing,
         )
 
-    def lines(self) -> list[str]:
+    def lines(self, processes: int = 1) -> list[str]:
+        """The estimate, term by term, and its verdict. `processes` > 1 (DDP under a launcher): the estimate is
+        per process, each holding the whole quantized model on its own GPU."""
         e, w = self.estimate, self.work
         source = f"; {TABLE_NOTE}" if w.shape.source == TABLE_NOTE else ""
+        where = f"on {'the GPU' if e.device == 'cuda' else 'the CPU'}"
+        if processes > 1:  # DDP: every process holds the whole quantized model and its own activations
+            where = f"per {'GPU' if e.device == 'cuda' else 'process'} ({processes} processes, each holding the whole model)"
         out = [
-            f"memory estimate on {'the GPU' if e.device == 'cuda' else 'the CPU'}: {gib(e.total)} at micro batch {e.micro_batch}, sequence {e.sequence} ({w.sequence_from}), gradient checkpointing {'on' if e.checkpointing else 'off'}{source}"
+            f"memory estimate {where}: {gib(e.total)} at micro batch {e.micro_batch}, sequence {e.sequence} ({w.sequence_from}), gradient checkpointing {'on' if e.checkpointing else 'off'}{source}"
         ]
         out += [f"  {t.name}: {gib(t.bytes)} ({t.how})" for t in e.terms]
         out += [f"  note: {n}" for n in e.notes]

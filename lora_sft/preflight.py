@@ -187,13 +187,23 @@ def plan_memory(
     return planner.plan_memory(recipe, work), None
 
 
-def train_steps(recipe: Recipe, rows: int) -> int:
-    """Optimizer steps over `rows` training rows (samples, or packed rows), counted as the Trainer does."""
+def train_steps(recipe: Recipe, rows: int, processes: int = 1) -> int:
+    """Optimizer steps over `rows` training rows (samples, or packed rows), counted as the Trainer does; with
+    several processes each reads its share of every batch (the rows are split between them)."""
     t = recipe.train
     if t.max_steps:
         return t.max_steps
-    per_epoch = max(math.ceil(math.ceil(rows / t.micro_batch_size) / t.grad_accum), 1)
+    per_epoch = max(math.ceil(math.ceil(rows / (t.micro_batch_size * processes)) / t.grad_accum), 1)
     return math.ceil(t.epochs * per_epoch)
+
+
+def batch_text(recipe: Recipe, processes: int = 1) -> str:
+    """The batch one optimizer step sees, and how it is made: `batch 8 (2 x 4 accumulated)`; with several
+    processes (torchrun, accelerate launch) the global batch, micro batch x accumulation x processes."""
+    t = recipe.train
+    if processes == 1:
+        return f"batch {t.micro_batch_size * t.grad_accum} ({t.micro_batch_size} x {t.grad_accum} accumulated)"
+    return f"global batch {t.micro_batch_size * t.grad_accum * processes} (micro batch {t.micro_batch_size} x {t.grad_accum} accumulated x {processes} processes)"
 
 
 def adapter_size(trainable_params: int) -> str:
@@ -202,10 +212,13 @@ def adapter_size(trainable_params: int) -> str:
     return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
-def describe_plan(recipe: Recipe, checked, plan, bundle=None, memory: planner.MemoryPlan | None = None) -> list[str]:
+def describe_plan(
+    recipe: Recipe, checked, plan, bundle=None, memory: planner.MemoryPlan | None = None, processes: int = 1
+) -> list[str]:
     """Lines saying what `train` would do with this recipe; `plan` and `bundle` (the tokenized data) are
     None when the model is unreachable, and the step count then comes from the rows before tokenizing.
-    `memory`: the memory estimate, its verdict and the settings it resolved (micro batch, checkpointing)."""
+    `memory`: the memory estimate, its verdict and the settings it resolved (micro batch, checkpointing).
+    `processes`: how many processes train runs in (torchrun / accelerate launch): the global batch, the steps."""
     if memory is not None:
         recipe = memory.apply(recipe)
     d, t, q, lo = recipe.data, recipe.train, recipe.quant, recipe.lora
@@ -216,9 +229,8 @@ def describe_plan(recipe: Recipe, checked, plan, bundle=None, memory: planner.Me
         if d.eval_fraction
         else "none"
     )
-    batch = t.micro_batch_size * t.grad_accum
     # the Trainer steps through what was tokenized: packed rows, text chunks, samples left after dropping
-    steps = train_steps(recipe, len(bundle.train) if bundle is not None else len(checked.train))
+    steps = train_steps(recipe, len(bundle.train) if bundle is not None else len(checked.train), processes)
     quant = (
         "unquantized"
         if q.mode == "none"
@@ -256,7 +268,7 @@ def describe_plan(recipe: Recipe, checked, plan, bundle=None, memory: planner.Me
         data_line += f", labels: {', '.join(checked.labels)}"
     lines.append(data_line)
     lines.append(
-        f"training: {steps} steps ({'max_steps' if t.max_steps else f'{t.epochs:g} epochs'}), batch {batch} ({t.micro_batch_size} x {t.grad_accum} accumulated), lr {t.lr:g} {t.scheduler}, {t.optimizer}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
+        f"training: {steps} steps ({'max_steps' if t.max_steps else f'{t.epochs:g} epochs'}), {batch_text(recipe, processes)}, lr {t.lr:g} {t.scheduler}, {t.optimizer}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
     )
     lines.append(f"output: {recipe.output_dir}")
-    return lines + (memory.lines() if memory is not None else [])
+    return lines + (memory.lines(processes) if memory is not None else [])

@@ -40,6 +40,7 @@ import yaml
 
 from . import data as data_stage
 from . import model as model_stage
+from .distributed import main_only
 from .errors import UserError
 from .recipe import QuantSection, Recipe, load_recipe
 
@@ -235,10 +236,14 @@ class Summary(Record):
     peak_memory_kind: str
     train_time_s: float
     wall_time_s: float
+    # processes that trained (torchrun / accelerate launch: DDP), and the samples one optimizer step saw over all
+    # of them: micro batch x grad_accum x world_size. None in summaries written before lora_sft stated it.
+    world_size: int = 1
+    global_batch: int | None = None
     early_stopping: EarlyStopped | None = None
     evaluation: Evaluation | None = None
 
-    OPTIONAL = ("early_stopping", "evaluation")
+    OPTIONAL = ("global_batch", "early_stopping", "evaluation")
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Summary:
@@ -349,7 +354,9 @@ class RunDir:
                 return record
         return None
 
-    # -- the lifecycle: create, reopen, log, finish
+    # -- the lifecycle: create, reopen, log, finish. Under a launcher only the main process writes: every
+    # method that writes is `main_only` (on the other processes it does nothing and returns None)
+    @main_only
     def create(self, recipe_dict: dict, manifest: Manifest) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.mark()  # first: from here on the folder is recognisably a run, whatever else fails
@@ -358,6 +365,7 @@ class RunDir:
         self.metrics.write_text("")
         write_json(self.manifest, manifest.to_json())
 
+    @main_only
     def reopen(self, step: int, checkpoint: Path, recipe_dict: dict) -> Manifest:
         """Continue the run from `checkpoint` (at `step`): drop log records of the steps about to be redone, the
         summary of an earlier finish; the manifest records the resume."""
@@ -375,19 +383,23 @@ class RunDir:
         info.resumed.append({"from_step": step, "checkpoint": str(checkpoint)})
         return info
 
+    @main_only
     def mark(self) -> None:
         if not self.marker.is_file():
             from . import __version__
 
             write_json(self.marker, {"version": MARKER_VERSION, "lora_sft": __version__, "created": now()})
 
+    @main_only
     def write_recipe(self, recipe_dict: dict) -> None:
         self.recipe.write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
 
+    @main_only
     def log(self, record: dict) -> None:
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    @main_only
     def save_adapter(self, model, tokenizer, initial: tempfile.TemporaryDirectory | None = None) -> None:
         """adapter/: the PEFT adapter and the tokenizer (its chat template); what described the old one goes.
         `initial` (lora.init pissa/olora, `model.save_initial`): the adapter as it started on the residual base;
@@ -419,14 +431,17 @@ class RunDir:
         if rest:
             save_file({**converted, **rest}, weights, metadata={"format": "pt"})
 
+    @main_only
     def finish(self, manifest: Manifest, summary: Summary) -> None:
         manifest.ended = now()
         write_json(self.manifest, manifest.to_json())
         self.write_summary(summary)
 
+    @main_only
     def write_summary(self, summary: Summary) -> None:
         write_json(self.summary, summary.to_json())
 
+    @main_only
     def write_evaluation(self, evaluation: Evaluation, markdown: str) -> None:
         """eval.md and summary.json `evaluation` (what `eval` and the eval section measured)."""
         self.eval_report.write_text(markdown)
@@ -437,6 +452,7 @@ class RunDir:
         summary.evaluation = evaluation
         self.write_summary(summary)
 
+    @main_only
     def write_card(self, labels: list[str] | None) -> None:
         """adapter/README.md, rendered from what the run wrote: recipe.yaml, manifest.json, summary.json (with the
         eval section's results when it ran). Called last, once all of these exist."""
@@ -450,6 +466,7 @@ class RunDir:
         return model_card(recipe, self.read_manifest()["data"], summary.to_json() if summary else {}, labels, added)
 
     # -- removing: only what a run wrote
+    @main_only
     def remove_run(self) -> None:
         """`--overwrite`: remove every artifact a run writes (ARTIFACTS and their .tmp files), the marker last;
         anything else in the folder (a file of the user's) stays."""
@@ -461,6 +478,7 @@ class RunDir:
             elif path.exists() or path.is_symlink():
                 path.unlink()
 
+    @main_only
     def drop_derived(self) -> None:
         """A new adapter/ is about to be written: eval.md, export/ and summary.json `evaluation` describe the old one."""
         self.eval_report.unlink(missing_ok=True)

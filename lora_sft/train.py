@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
-from . import checkpoint, planner
+from . import checkpoint, distributed, planner
 from . import data as data_stage
 from . import loss as loss_stage
 from . import model as model_stage
 from .guard import Guard, guarded
-from .preflight import Ready, prepare
+from .preflight import Ready, batch_text, prepare
 from .recipe import Recipe
 from .rundir import EarlyStopped, Manifest, RunDir, Summary
 from .tokens import count_trained, perplexity
@@ -39,22 +39,40 @@ class Result:
 
 
 def run(recipe: Recipe, log=print, resume: str | bool | None = None, overwrite: bool = False) -> Result:
-    """`train`: the preflight, then setup -> train -> finish (`fit`)."""
-    ready = prepare(recipe).ready()  # the preflight: bad input stops here, before anything is written
-    # a run already in output_dir is continued (--resume) or replaced (--overwrite), never silently
-    # overwritten; to resume, the data fingerprint (data, data options, tokenizer) must match and the
-    # checkpoint must belong to this recipe (its recipe hash, its adapter's modules and rank)
-    start = checkpoint.start(recipe, resume, overwrite, ready.bundle.fingerprint, ready.plan.targets)
+    """`train`: the preflight, then setup -> train -> finish (`fit`).
+
+    Under a launcher (torchrun, accelerate launch) every process runs this; the main process alone writes and
+    prints. The first process on each machine runs the preflight first (it tokenizes the data and fills the
+    cache), then the others (they read the cache); bad input stops every process there, before anything is
+    written."""
+    me = distributed.world()
+    log = log if me.main else _quiet
+    ready, start = distributed.main_first(preflight, recipe, resume, overwrite)
     memory = ready.memory  # None only for a config without transformer sizes: the recipe's settings as written
     if memory is not None and start.resume_from and recipe.train.memory_budget is not None:
         # the free memory may differ now: keep the micro batch the checkpoint trained with (its data order)
         kept = checkpoint.micro_batch_of(start.resume_from) or recipe.train.micro_batch_size
         memory = planner.plan_memory(recipe, memory.work, memory.device, keep_micro_batch=kept)
     if memory is not None:
-        log("\n".join(memory.lines()))  # before a weight is loaded
+        log("\n".join(memory.lines(me.size)))  # before a weight is loaded
         recipe = memory.apply(recipe)  # the settings training uses; the run directory saves the recipe as written
+    if me.distributed:
+        log(f"processes: {me.size}, {batch_text(recipe, me.size)}")
     model = setup_model(recipe, ready, log)
     return fit(recipe, model, ready.tokenizer, ready.bundle, ready.plan, log, start)
+
+
+def preflight(recipe: Recipe, resume: str | bool | None, overwrite: bool) -> tuple[Ready, checkpoint.Start]:
+    """Everything checked before anything is written: the recipe's data, model and settings (`prepare`), and what
+    happens to output_dir: a run already there is continued (--resume) or replaced (--overwrite), never silently
+    overwritten; to resume, the data fingerprint (data, data options, tokenizer) must match and the checkpoint
+    must belong to this recipe (its recipe hash, its adapter's modules and rank)."""
+    ready = prepare(recipe).ready()
+    return ready, checkpoint.start(recipe, resume, overwrite, ready.bundle.fingerprint, ready.plan.targets)
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The `log` of a process that is not the main one: the main process prints for all of them."""
 
 
 def setup_model(recipe: Recipe, prepared: Ready, log=print) -> torch.nn.Module:
@@ -94,13 +112,19 @@ def fit(
     """Train `model` into the run directory and finish it: the steps in order."""
     started = time.perf_counter()
     resume_from = start.resume_from if start else None
-    run_dir, manifest = open_run_dir(recipe, bundle, plan, start, log)
-    initial = model_stage.save_initial(recipe, model)  # pissa/olora: A0, B0 to save adapter/ for the original base
+    main = distributed.world().main  # under a launcher: the process that writes; the others wait where it does
+    opened = distributed.on_main(open_run_dir, recipe, bundle, plan, start, log)
+    run_dir, manifest = opened if opened is not None else (RunDir(recipe.output_dir), None)
+    # pissa/olora: A0, B0 to save adapter/ for the original base
+    initial = model_stage.save_initial(recipe, model) if main else None
     trainer = build_trainer(recipe, model, tokenizer, bundle, run_dir, log)
     before = evaluate_before(recipe, trainer, run_dir, resume_from)
     output, seen_before, train_time = train(recipe, trainer, resume_from)
     after = evaluate_after(recipe, trainer)
     summary = summarize(trainer, plan, output, before, after, seen_before, train_time, started)
+    if not main:  # the rest is written (and the eval section and the push are run) by the main process alone
+        return Result(run_dir, summary.to_json(), model, trainer)
+    assert manifest is not None  # the main process opened the run directory
     run_dir.save_adapter(
         model, tokenizer, initial
     )  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
@@ -122,8 +146,9 @@ def open_run_dir(
     plan: model_stage.ModelPlan,
     start: checkpoint.Start | None,
     log=print,
-) -> tuple[RunDir, Manifest]:
-    """A fresh run directory (replacing the old run on --overwrite), or the run being resumed, reopened."""
+) -> tuple[RunDir, Manifest | None]:
+    """A fresh run directory (replacing the old run on --overwrite), or the run being resumed, reopened. The main
+    process's job under a launcher (`distributed.on_main`): the manifest is None on the others."""
     run_dir = RunDir(recipe.output_dir)
     if start and start.resume_from:
         manifest = checkpoint.reopen(run_dir, start.resume_from, recipe.saved_dict())
@@ -419,7 +444,12 @@ def summarize(
     started: float,
 ) -> Summary:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    peak, peak_kind = _peak_memory_mb()
+    peak, peak_kind = _peak_memory_mb()  # this process's (the main process's under a launcher)
+    # each process counts the tokens of its own batches (the main one also what a resumed checkpoint counted)
+    seen, trained, seen_before = (
+        distributed.total(n) for n in (trainer.tokens_seen, trainer.tokens_trained, seen_before)
+    )
+    args = trainer.args
     return Summary(
         train_loss=losses[-1] if losses else output.training_loss,
         train_loss_mean=output.training_loss,
@@ -428,9 +458,9 @@ def summarize(
         eval_before=before,
         steps=trainer.state.global_step,
         epochs=trainer.state.epoch,
-        tokens_seen=trainer.tokens_seen,
-        tokens_trained=trainer.tokens_trained,
-        tokens_per_second=(trainer.tokens_seen - seen_before) / train_time,
+        tokens_seen=seen,
+        tokens_trained=trained,
+        tokens_per_second=(seen - seen_before) / train_time,
         skipped_steps=trainer.guard.skipped,
         trainable_params=plan.trainable_params,
         total_params=plan.total_params,
@@ -438,6 +468,8 @@ def summarize(
         peak_memory_kind=peak_kind,
         train_time_s=round(train_time, 2),
         wall_time_s=round(time.perf_counter() - started, 2),
+        world_size=args.world_size,
+        global_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         early_stopping=early_stopped(trainer),
     )
 
