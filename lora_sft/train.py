@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
-from . import checkpoint, planner
+from . import checkpoint, distributed, planner
 from . import data as data_stage
 from . import loss as loss_stage
 from . import model as model_stage
@@ -101,8 +101,9 @@ def fit(
     output, seen_before, train_time = train(recipe, trainer, resume_from)
     after = evaluate_after(recipe, trainer)
     summary = summarize(trainer, plan, output, before, after, seen_before, train_time, started)
+    adapter = distributed.full_adapter_state(model)  # FSDP: the adapter gathered whole (every process takes part)
     run_dir.save_adapter(
-        model, tokenizer, initial
+        model, tokenizer, initial, adapter
     )  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
     run_dir.finish(manifest, summary)
     for name, metrics in (("before", before), ("after", after)):
@@ -188,6 +189,7 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         greater_is_better=stop.greater_is_better() if stop else None,
         # a resumed run continues the patience count where its checkpoint left it (EarlyStoppingCallback's state)
         restore_callback_states_from_checkpoint=stop is not None,
+        **distributed.fsdp_arguments(recipe),  # train.distributed fsdp under a launcher: FSDP2 with each layer sharded
     )
 
 
