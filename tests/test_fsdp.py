@@ -420,3 +420,70 @@ def test_fsdp_in_one_process_trains_as_without_it_and_saves_a_plain_peft_adapter
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     loaded = PeftModel.from_pretrained(base, str(adapter))
     assert all(torch.equal(loaded.state_dict()[f"{k[: -len('.weight')]}.default.weight"], weights[k]) for k in weights)
+
+
+# ---------------------------------------------------------------- two CPU processes, sharded by accelerate's FSDP2
+
+
+@pytest.mark.e2e
+def test_fsdp2_on_two_cpu_processes_trains_as_one_process_and_saves_the_adapter_whole(
+    tiny_llama, tmp_path, write_recipe
+):
+    """The Trainer cannot run FSDP on CPUs (accelerate enables it on CUDA only), so tests/fsdp_cpu_worker.py wraps the
+    model with accelerate's own FSDP2 code, from the plugin lora_sft's arguments give, on 2 gloo processes, each
+    training on half of each batch. The 4-bit weights (stored fp32) are sharded like the rest; the losses equal one
+    unsharded process's on the whole batches, the loss takes the model's own forward, and adapter/, gathered by
+    `distributed.full_adapter_state`, holds every LoRA tensor whole, equal to the unsharded run's, and loads with
+    plain peft."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import fsdp_cpu_worker
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(
+        {
+            "task": "causal_lm",
+            "output_dir": str(tmp_path / "unused"),
+            "model": {"path": str(tiny_llama)},
+            "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "max_length": 32},
+            "train": {"distributed": "fsdp"},
+        }
+    )
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+            str(REPO / "tests" / "fsdp_cpu_worker.py"),
+            *(str(recipe), str(tmp_path / "sharded"), "sharded"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads((tmp_path / "sharded" / "result.json").read_text())
+    plain = fsdp_cpu_worker.main(str(recipe), str(tmp_path / "plain"), "plain")
+    assert sharded["storage"] == plain["storage"] == ["torch.float32"]
+    assert sharded["gathered"] and not plain["gathered"]
+    assert sharded["plain_path_reason"] == "the model is sharded by FSDP (its forward gathers each layer's weights)"
+    assert sharded["losses"] == pytest.approx(plain["losses"], abs=1e-5)
+    assert plain["losses"][-1] < plain["losses"][0]
+
+    whole = load_file(tmp_path / "sharded" / "run" / "adapter" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "plain" / "run" / "adapter" / "adapter_model.safetensors")
+    assert len(whole) == 2 * 7 * 2 and all(".lora_A." in k or ".lora_B." in k for k in whole)
+    assert {k: tuple(v.shape) for k, v in whole.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    assert all(torch.allclose(whole[k], reference[k], atol=1e-5) for k in whole)
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+        str(tmp_path / "sharded" / "run" / "adapter"),
+    )
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k.replace(".weight", ".default.weight")], whole[k]) for k in whole)
