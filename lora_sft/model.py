@@ -583,8 +583,9 @@ def _check_template_syntax(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -
         pass  # the template refuses this one-message chat: rows are rendered (and checked) one by one later
 
 
-def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
-    """The frozen base, quantized as the recipe says; heads stay unquantized."""
+def load_base(recipe: Recipe, plan: ModelPlan, sharded: bool = False) -> PreTrainedModel:
+    """The frozen base, quantized as the recipe says; heads stay unquantized. `sharded`: the model FSDP will divide
+    among the processes (`train.setup_model` under train.distributed fsdp), loaded into CPU memory."""
     import bitsandbytes as bnb
 
     device = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
@@ -597,7 +598,7 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
         dtype=compute_dtype(recipe.quant),
         # FSDP: into CPU memory, and FSDP moves each layer's shard to this process's GPU, so the whole model never
         # sits on one GPU. Every process loads it (transformers 5.24's rank-0-only loading skips quantized models)
-        device_map={"": "cpu"} if distributed.fsdp_shards(recipe) else device,
+        device_map={"": "cpu"} if sharded else device,
         use_safetensors=None if recipe.model.allow_pickle else True,  # True: refuse pickle weight files
         output_loading_info=True,
     )

@@ -67,7 +67,7 @@ def setup_model(recipe: Recipe, prepared: Ready, log=print) -> torch.nn.Module:
     bundle = prepared.bundle
     for split in ("train", "eval") if bundle.eval is not None else ("train",):
         log("\n".join(stats_lines(bundle, split, lengths_histogram=False)))
-    base = model_stage.load_base(recipe, prepared.plan)
+    base = model_stage.load_base(recipe, prepared.plan, sharded=bool(distributed.fsdp_shards(recipe)))
     # lora.init eva: the adapter starts from a pass over the training batches (before any checkpoint is restored)
     batches = (
         model_stage.InitBatches(recipe, bundle.train, data_stage.collator(recipe, prepared.tokenizer))

@@ -40,7 +40,13 @@ def write(tiny_llama, tmp_path, write_recipe, name: str, micro: int, **train) ->
             "output_dir": str(tmp_path / name),
             "model": {"path": str(tiny_llama)},
             "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
-            "data": {"format": "alpaca", "train": str(tmp_path / "train.jsonl"), "max_length": 64},
+            # the plain shuffle: N processes at micro batch b take the rows one process at N x b takes, in order
+            "data": {
+                "format": "alpaca",
+                "train": str(tmp_path / "train.jsonl"),
+                "max_length": 64,
+                "group_by_length": False,
+            },
             "train": {
                 "lr": 3e-2,
                 "max_steps": 10,
@@ -85,6 +91,12 @@ def losses(run) -> list[float]:
     return out
 
 
+def follows(losses: list[float], reference: list[float]) -> None:
+    """The same model on the same rows: the first step's loss equal but for bf16 rounding, the end close."""
+    assert losses[0] == pytest.approx(reference[0], rel=1e-2), (losses, reference)
+    assert sum(losses[-3:]) == pytest.approx(sum(reference[-3:]), rel=0.1), (losses, reference)
+
+
 def check_adapter(run, tiny_llama, rank: int = 8) -> None:
     """adapter/ holds A and B of the 7 linear layers of both layers, whole, trained (B moved from zero), and plain
     peft loads them onto the base unchanged."""
@@ -116,7 +128,7 @@ def test_fsdp_qlora_on_two_gpus_trains_and_saves_a_whole_adapter(tiny_llama, tmp
     # the same batches in one process (micro batch 8 = 2 x 4): close, bf16 and a different reduction order
     reference, plain = write(tiny_llama, tmp_path, write_recipe, "plain", micro=8)
     launch(reference, None)
-    assert fsdp == pytest.approx(losses(plain), rel=5e-2)
+    follows(fsdp, losses(plain))
 
 
 def test_fsdp_in_one_process_under_torchrun_saves_a_loadable_adapter(tiny_llama, tmp_path, write_recipe):
@@ -126,7 +138,7 @@ def test_fsdp_in_one_process_under_torchrun_saves_a_loadable_adapter(tiny_llama,
     check_adapter(run, tiny_llama)
     reference, plain = write(tiny_llama, tmp_path, write_recipe, "plain", micro=4)
     launch(reference, None)
-    assert sharded == pytest.approx(losses(plain), rel=5e-2)
+    follows(sharded, losses(plain))
 
 
 def test_ddp_on_the_gpus_there_are(tiny_llama, tmp_path, write_recipe):
@@ -137,6 +149,6 @@ def test_ddp_on_the_gpus_there_are(tiny_llama, tmp_path, write_recipe):
     check_adapter(run, tiny_llama)
     reference, plain = write(tiny_llama, tmp_path, write_recipe, "plain", micro=4 * processes)
     launch(reference, None)
-    assert ddp == pytest.approx(losses(plain), rel=5e-2)
+    follows(ddp, losses(plain))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 10
