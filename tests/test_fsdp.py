@@ -10,10 +10,12 @@ bitsandbytes, checked without GPUs.
   dtype); the bad-input corpus has the recipe-only ones (fsdp-*.yaml);
 - the planner's FSDP arithmetic by hand for Llama-3-70B on 2 GPUs, and the accelerate configs quoting it;
 - one process without a launcher: nothing to shard, the same losses as without fsdp (the storage dtype changes
-  how the 4 bits are packed, not their values) and an adapter plain peft loads.
+  how the 4 bits are packed, not their values) and an adapter plain peft loads;
+- two CPU processes (gloo) sharded by accelerate's own FSDP2 code with the plugin these settings give: the
+  losses of one unsharded process, and adapter/ gathered whole.
 
-accelerate runs FSDP on CUDA devices only (on CPU processes the Trainer silently runs DDP), so FSDP across
-processes is tested on GPUs: tests/test_gpu_distributed.py.
+accelerate runs FSDP on CUDA devices only (on CPU processes the Trainer silently runs DDP), so the Trainer's FSDP
+across processes is tested on GPUs: tests/test_gpu_distributed.py.
 """
 
 from __future__ import annotations
