@@ -9,7 +9,9 @@
 # ${OUT:-benchmarks/results/gpu}:
 #   summary.txt       nvidia-smi, the Python packages' versions, the commit; then each step: ok, failed (exit
 #                     code) or timed out, and its seconds
-#   pytest-gpu.log    `pytest -m gpu` (bf16 compute, paged 8-bit AdamW, a real out-of-memory, the planner)
+#   pytest-gpu.log    `pytest -m gpu` (bf16 compute, paged 8-bit AdamW, a real out-of-memory, the planner; and
+#                     tests/test_gpu_distributed.py: torchrun with DDP and FSDP-QLoRA on the GPUs there are, the
+#                     2-GPU FSDP test skipped on one GPU)
 #   planner.log       benchmarks/planner_vs_measured.py --device cuda (its tables beside it)
 #   vs_trl.log        benchmarks/vs_trl.py --device cuda (its JSON and table beside it)
 # (four files: the device tool brings back eight at most, which leaves four to the two benchmarks)
@@ -21,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
-PYTEST_S=${GPU_CHECK_PYTEST_S:-140}
+PYTEST_S=${GPU_CHECK_PYTEST_S:-200}  # the torchrun tests (tests/test_gpu_distributed.py) take about a minute
 PLANNER_S=${GPU_CHECK_PLANNER_S:-60}
 TRL_S=${GPU_CHECK_TRL_S:-200}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_DISABLE_PROGRESS_BARS=1

@@ -92,9 +92,12 @@ def plain_path_reason(model: nn.Module) -> str | None:
     """Why `model`'s loss must come from its own forward with labels; None when the selected, chunked path
     here gives the same loss and gradients. `model` is what Trainer calls: a PeftModel, or a bare causal LM."""
     from peft import PeftModel
+    from torch.distributed.fsdp import FSDPModule
     from transformers import PreTrainedModel
     from transformers.loss.loss_utils import ForCausalLMLoss
 
+    if isinstance(model, FSDPModule):  # FSDP2 shards in place: the model keeps its class, its forward gathers weights
+        return "the model is sharded by FSDP (its forward gathers each layer's weights)"
     if isinstance(model, PeftModel):
         config = model.active_peft_config
         # prompt learning prepends virtual tokens and activated LoRA (alora) computes offsets in PeftModel.forward

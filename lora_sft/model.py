@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import UserError
 from .recipe import LoraSection, QuantSection, Recipe
 from .tokens import label_config
@@ -490,7 +491,10 @@ def check_weights(recipe: Recipe, plan: ModelPlan) -> list[str]:
     return problems
 
 
-def quantization_config(quant: QuantSection, skip: list[str]) -> BitsAndBytesConfig | None:
+def quantization_config(quant: QuantSection, skip: list[str], fsdp: bool = False) -> BitsAndBytesConfig | None:
+    """bitsandbytes' settings for quant.mode; `fsdp`: the 4-bit weights packed into tensors of the compute dtype
+    (bnb_4bit_quant_storage), which FSDP can shard and which its mixed precision casts to their own dtype, so the
+    packed bits pass unchanged (uint8 storage: FSDP refuses to shard it, or casts it and trains on garbage)."""
     from transformers import BitsAndBytesConfig
 
     if quant.mode == "none":
@@ -502,6 +506,7 @@ def quantization_config(quant: QuantSection, skip: list[str]) -> BitsAndBytesCon
         bnb_4bit_quant_type=quant.mode,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(quant),
+        bnb_4bit_quant_storage=compute_dtype(quant) if fsdp else torch.uint8,
         llm_int8_skip_modules=skip,  # the name is historical: it applies to 4-bit too
     )
 
@@ -578,8 +583,9 @@ def _check_template_syntax(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -
         pass  # the template refuses this one-message chat: rows are rendered (and checked) one by one later
 
 
-def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
-    """The frozen base, quantized as the recipe says; heads stay unquantized."""
+def load_base(recipe: Recipe, plan: ModelPlan, sharded: bool = False) -> PreTrainedModel:
+    """The frozen base, quantized as the recipe says; heads stay unquantized. `sharded`: the model FSDP will divide
+    among the processes (`train.setup_model` under train.distributed fsdp), loaded into CPU memory."""
     import bitsandbytes as bnb
 
     device = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
@@ -588,9 +594,11 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
         config=plan.config,
         revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code,
-        quantization_config=quantization_config(recipe.quant, plan.heads),
+        quantization_config=quantization_config(recipe.quant, plan.heads, fsdp=distributed.uses_fsdp(recipe)),
         dtype=compute_dtype(recipe.quant),
-        device_map=device,
+        # FSDP: into CPU memory, and FSDP moves each layer's shard to this process's GPU, so the whole model never
+        # sits on one GPU. Every process loads it (transformers 5.24's rank-0-only loading skips quantized models)
+        device_map={"": "cpu"} if sharded else device,
         use_safetensors=None if recipe.model.allow_pickle else True,  # True: refuse pickle weight files
         output_loading_info=True,
     )

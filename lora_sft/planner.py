@@ -136,6 +136,7 @@ class Workload:
     baseline: int = 0  # CPU: the process's RSS when it planned (after imports, data, tokenizer); 0 on CUDA
     gated_mlp: bool = True  # SwiGLU (gate, up, down) as in Llama, or a plain two-layer MLP (BERT)
     causal: bool = True  # a causal LM computes the vocabulary logits; a classifier a few labels
+    shards: int = 0  # FSDP: the processes the model is divided among (train.distributed fsdp); 0: not sharded
 
 
 def _targets_without_plan(recipe: Recipe, linears: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
@@ -174,9 +175,12 @@ def workload(
     sequence: int | None = None,
     device: str | None = None,
     baseline: int | None = None,
+    shards: int | None = None,
 ) -> Workload:
     """What the run holds, from the model plan (exact module shapes) or, without one, a Llama layout of `shape`.
-    `sequence`: the longest tokenized row when known (else data.max_length)."""
+    `sequence`: the longest tokenized row when known (else data.max_length). `shards`: the processes FSDP divides
+    the model among (default: the launcher's, under train.distributed fsdp; 0 for none)."""
+    from .distributed import fsdp_shards
     from .model import compute_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -207,6 +211,7 @@ def workload(
         baseline=(current_rss() if baseline is None else baseline) if device == "cpu" else 0,
         gated_mlp=gated,
         causal=recipe.task == "causal_lm",
+        shards=fsdp_shards(recipe) if shards is None else shards,
     )
 
 
@@ -373,6 +378,11 @@ def estimate(recipe: Recipe, work: Workload, micro_batch: int, checkpointing: bo
         )
     else:
         terms.append(Term("loss logits", 0, "a classifier's logits are a few values per row"))
+    if work.shards:
+        terms = _sharded(recipe, work, terms, tokens)
+        notes.append(
+            f"FSDP over {work.shards} processes: the estimate is per process (GPU); each one divides the model, its gradients and optimizer states {work.shards} ways and keeps its own batch's activations"
+        )
     planned = sum(t.bytes for t in terms)
     if work.device == "cuda":
         runtime = CUDA_CONTEXT + int(CUDA_ALLOCATOR_SLACK * planned)
@@ -382,6 +392,58 @@ def estimate(recipe: Recipe, work: Workload, micro_batch: int, checkpointing: bo
         how = f"the process before loading {gib(work.baseline)} (measured) + allocator slack {CPU_ALLOCATOR_SLACK:.0%}"
     terms.append(Term("runtime", runtime, how))
     return Estimate(work.device, micro_batch, work.sequence, checkpointing, tuple(terms), tuple(notes))
+
+
+# Terms FSDP divides among its processes: every weight, gradient and optimizer state (each process keeps 1/N of
+# each tensor, torch's fully_shard); the activations and the loss of a process's own batch are not divided.
+SHARDED_TERMS = (
+    "base weights",
+    "quantization constants",
+    "unquantized weights",
+    "lora weights",
+    "lora gradients",
+    "optimizer states",
+)
+LAYER_NUMBER = re.compile(r"\.(?:layers|layer|h|block|blocks)\.(\d+)\.")  # a decoder layer's index in module names
+
+
+def _sharded(recipe: Recipe, work: Workload, terms: list[Term], tokens: int) -> list[Term]:
+    """FSDP over `work.shards` processes: the model's terms divided among them, what FSDP gathers whole for a
+    step added, and the loss from the model's own forward (`loss.plain_path_reason`: all logits at once)."""
+    n, p, s = work.shards, work.dtype_bytes, work.shape
+    out = []
+    for t in terms:
+        if t.name in SHARDED_TERMS:
+            out.append(Term(t.name, math.ceil(t.bytes / n), f"({t.how}) / {n} processes (FSDP shards)"))
+        elif t.name == "loss logits" and work.causal:
+            # the model's forward computes the logits of every position: fp32 logits, their log-softmax and its
+            # gradient (3 x 4 bytes), plus the compute-dtype logits when that is not fp32
+            per = 12 + (p if p != 4 else 0)
+            out.append(Term(t.name, tokens * s.vocab * per, f"{tokens:,} positions x {s.vocab:,} vocab x {per} bytes"))
+        else:
+            out.append(t)
+    layers: dict[str, dict[str, tuple[int, int]]] = {}
+    for name, size in work.linears.items():
+        m = LAYER_NUMBER.search(name)
+        layers.setdefault(m.group(1) if m else name, {})[name] = size
+
+    def gathered(linears: dict[str, tuple[int, int]]) -> int:
+        # one layer as it is stored (4-bit weights and constants), its two norms, and its LoRA in the compute dtype
+        stored = _quantized_terms(recipe, replace(work, linears=linears))
+        lora = _lora_params(recipe, {k: v for k, v in linears.items() if k in work.targets})
+        return sum(t.bytes for t in stored if t.name != "dequantized layer") + 2 * s.hidden * p + lora * p
+
+    layer = max(gathered(linears) for linears in layers.values())
+    # accelerate keeps the final norm and the output layer gathered from the forward to the backward
+    head = s.vocab * s.hidden * p if work.causal else 0
+    out.append(
+        Term(
+            "fsdp gathered",
+            2 * layer + head,
+            f"the largest layer gathered whole ({layer:,} bytes) and the next one fetched ahead, + the output layer ({head:,} bytes)",
+        )
+    )
+    return out
 
 
 # ---------------------------------------------------------------- the device, the budget and the settings
@@ -552,7 +614,8 @@ def fixes(recipe: Recipe, work: Workload, limit: int, micro: int, ckpt: bool) ->
             out.append((f"data.max_length={length}", e.total))
             break
         length //= 2
-    if recipe.train.optimizer not in ("adamw_8bit", "paged_adamw_8bit", "sgd"):
+    # bitsandbytes' optimizers are refused under FSDP (recipe.TrainSection), which divides the states anyway
+    if recipe.train.optimizer not in ("adamw_8bit", "paged_adamw_8bit", "sgd") and not work.shards:
         optimizer = "paged_adamw_8bit" if work.device == "cuda" else "adamw_8bit"
         e = estimate(
             recipe.model_copy(update={"train": recipe.train.model_copy(update={"optimizer": optimizer})}),

@@ -267,6 +267,10 @@ MEMORY_UNITS = {
 }
 
 
+# train.optimizer values that are bitsandbytes optimizers (8-bit states or paged memory)
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
 def memory_bytes(text: str) -> int:
     """`8GiB` -> 8589934592: a memory_budget other than auto, in bytes (the validator accepted its form)."""
     m = MEMORY_SIZE.fullmatch(text.strip())
@@ -322,6 +326,8 @@ class TrainSection(Section):
     """LoRA+: the B matrices learn at lora_plus_ratio * lr, the A matrices at lr (the paper suggests 16); works with every optimizer."""
     early_stopping: EarlyStopping | None = None
     """{patience, metric, min_delta}: stop when the eval metric stops improving; needs eval_steps, an eval split and save_steps equal to eval_steps; adapter/ then holds the best checkpoint (summary.json `early_stopping`)."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Several processes (torchrun, accelerate launch): `ddp` gives every GPU the whole 4-bit model and splits the batches; `fsdp` (FSDP-QLoRA, for a model that does not fit one GPU) also splits the model, its LoRA weights, gradients and optimizer states among the GPUs, stores the 4-bit weights in the compute dtype (bnb_4bit_quant_storage, so FSDP can shard them) and wraps each decoder layer; `auto`: what the launcher says (FSDP under an accelerate FSDP config, else DDP). One process alone trains as usual."""
 
     @field_validator("memory_budget", mode="before")
     @classmethod
@@ -347,6 +353,14 @@ class TrainSection(Section):
         if self.save_steps != self.eval_steps:
             raise ValueError(
                 f"early_stopping needs save_steps equal to eval_steps (every evaluation's checkpoint may be the best, which adapter/ then holds); got save_steps {self.save_steps}, eval_steps {self.eval_steps}: set save_steps: {self.eval_steps}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_takes_torch_optimizers(self) -> TrainSection:
+        if self.distributed == "fsdp" and self.optimizer in BNB_OPTIMIZERS:
+            raise ValueError(
+                f"distributed fsdp cannot use {self.optimizer}: bitsandbytes' 8-bit and paged optimizers are not made for FSDP's sharded parameters (peft's FSDP guide: paged_adamw_8bit fails when a checkpoint is saved), and FSDP already divides the optimizer states among the GPUs; set train.optimizer: adamw_torch"
             )
         return self
 

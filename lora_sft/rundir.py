@@ -400,15 +400,19 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     @main_only
-    def save_adapter(self, model, tokenizer, initial: tempfile.TemporaryDirectory | None = None) -> None:
+    def save_adapter(
+        self, model, tokenizer, initial: tempfile.TemporaryDirectory | None = None, state: dict | None = None
+    ) -> None:
         """adapter/: the PEFT adapter and the tokenizer (its chat template); what described the old one goes.
         `initial` (lora.init pissa/olora, `model.save_initial`): the adapter as it started on the residual base;
-        adapter/ is then the plain LoRA of rank 2 x rank that applies the training to the original base."""
+        adapter/ is then the plain LoRA of rank 2 x rank that applies the training to the original base.
+        `state`: the trainable tensors gathered whole when FSDP shards the model (`distributed.full_adapter_state`),
+        which peft then saves instead of the model's own shards."""
         self.drop_derived()
         # lora_sft never resizes or adapts an embedding: saying so spares peft's "auto" check, which looks the base
         # up on the hub (a request, or a warning offline) on every save
         if initial is None:
-            model.save_pretrained(self.adapter, save_embedding_layers=False)
+            model.save_pretrained(self.adapter, save_embedding_layers=False, state_dict=state)
         else:
             self.save_converted(model, Path(initial.name) / "initial")
         tokenizer.save_pretrained(self.adapter)

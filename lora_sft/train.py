@@ -85,7 +85,7 @@ def setup_model(recipe: Recipe, prepared: Ready, log=print) -> torch.nn.Module:
     bundle = prepared.bundle
     for split in ("train", "eval") if bundle.eval is not None else ("train",):
         log("\n".join(stats_lines(bundle, split, lengths_histogram=False)))
-    base = model_stage.load_base(recipe, prepared.plan)
+    base = model_stage.load_base(recipe, prepared.plan, sharded=bool(distributed.fsdp_shards(recipe)))
     # lora.init eva: the adapter starts from a pass over the training batches (before any checkpoint is restored)
     batches = (
         model_stage.InitBatches(recipe, bundle.train, data_stage.collator(recipe, prepared.tokenizer))
@@ -122,11 +122,12 @@ def fit(
     output, seen_before, train_time = train(recipe, trainer, resume_from)
     after = evaluate_after(recipe, trainer)
     summary = summarize(trainer, plan, output, before, after, seen_before, train_time, started)
+    adapter = distributed.full_adapter_state(model)  # FSDP: the adapter gathered whole (every process takes part)
     if not main:  # the rest is written (and the eval section and the push are run) by the main process alone
         return Result(run_dir, summary.to_json(), model, trainer)
     assert manifest is not None  # the main process opened the run directory
     run_dir.save_adapter(
-        model, tokenizer, initial
+        model, tokenizer, initial, adapter
     )  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
     run_dir.finish(manifest, summary)
     for name, metrics in (("before", before), ("after", after)):
@@ -213,6 +214,7 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         greater_is_better=stop.greater_is_better() if stop else None,
         # a resumed run continues the patience count where its checkpoint left it (EarlyStoppingCallback's state)
         restore_callback_states_from_checkpoint=stop is not None,
+        **distributed.fsdp_arguments(recipe),  # train.distributed fsdp under a launcher: FSDP2 with each layer sharded
     )
 
 

@@ -19,7 +19,8 @@ from lora_sft.errors import UserError
 from lora_sft.recipe import Recipe, load_recipe, memory_bytes
 
 GIB = 2**30
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+# recipes/accelerate/ holds accelerate launch configs, not recipes
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
 
 
 def llama8b_recipe(**train) -> Recipe:
