@@ -213,6 +213,8 @@ def stop(error: BaseException) -> None:
 
     dist.barrier()
     dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- FSDP-QLoRA (train.distributed: fsdp)
 # FSDP2 (torch's fully_shard, transformers 5's default) through the Trainer and accelerate: lora_sft picks the
 # settings, accelerate wraps the model. The same settings come from recipes/accelerate/fsdp_qlora.yaml, whose
