@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import UserError
 from .recipe import LoraSection, QuantSection, Recipe
 from .tokens import label_config
@@ -582,7 +583,6 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
     """The frozen base, quantized as the recipe says; heads stay unquantized."""
     import bitsandbytes as bnb
 
-    device = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     loaded = task_class(recipe.task).from_pretrained(
         plan.source.path,
         config=plan.config,
@@ -590,7 +590,7 @@ def load_base(recipe: Recipe, plan: ModelPlan) -> PreTrainedModel:
         trust_remote_code=recipe.model.trust_remote_code,
         quantization_config=quantization_config(recipe.quant, plan.heads),
         dtype=compute_dtype(recipe.quant),
-        device_map=device,
+        device_map=distributed.device_map(),  # this process's own device (its GPU under a launcher), never "auto"
         use_safetensors=None if recipe.model.allow_pickle else True,  # True: refuse pickle weight files
         output_loading_info=True,
     )
