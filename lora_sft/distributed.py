@@ -82,9 +82,9 @@ class RankSeeds(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if args.world_size > 1:
-            from accelerate.utils import set_seed
+            from transformers import set_seed
 
-            set_seed(args.seed, device_specific=True)  # seed + this process's index: python, numpy, torch (and CUDA)
+            set_seed(args.seed + args.process_index)  # python, numpy, torch (and CUDA)
 
 
 def agreed_signal(signum: int | None) -> int:

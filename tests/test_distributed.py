@@ -226,7 +226,8 @@ for path in ("plain", "chunked"):
     results[path] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     model.zero_grad(set_to_none=True)
 
-RankSeeds().on_train_begin(SimpleNamespace(world_size=state.num_processes, seed=recipe.seed), None, None)
+args = SimpleNamespace(world_size=state.num_processes, process_index=state.process_index, seed=recipe.seed)
+RankSeeds().on_train_begin(args, None, None)
 results |= {"lora": lora, "dropout_draw": torch.rand(8)}
 torch.save(results, Path(sys.argv[2]) / f"rank{state.process_index}.pt")
 """
