@@ -1,13 +1,15 @@
 """Several processes under a launcher (CPU, gloo, 2 processes, tiny Llama, real Trainer and DDP).
 
-- 2 processes at micro batch b train what one process trains at micro batch 2b: the same samples per step (the
-  sampler's order does not depend on the number of processes, length groups included), per-step losses within
-  1e-4, the adapter within 1e-5, the token totals equal (summed over the ranks); one run directory, one writer.
-- A 2-process run killed with SIGKILL (the whole process group) and resumed with the same launcher logs the
-  same per-step losses and writes the same adapter as an unbroken 2-process run, bitwise: each rank restores its
-  own RNG state (dropout is on, and differs per rank); a resume with another number of processes is refused.
-- Every rank builds the same initial adapter; each rank's dropout draws from a stream of its own.
-- `accelerate launch` runs the same recipe.
+- 2 processes at micro batch b (`accelerate launch`) train what one process trains at micro batch 2b: the same
+  samples per step (the sampler's order does not depend on the number of processes, length groups included),
+  per-step losses within 1e-4, the adapter within 1e-5, the token totals equal (summed over the ranks); one run
+  directory, one writer.
+- A 2-process run (torchrun) killed with SIGKILL (the launcher and every rank) and resumed with the same launcher
+  logs the same per-step losses and writes the same adapter as an unbroken 2-process run, bitwise: each rank
+  restores its own RNG state (dropout is on, and differs per rank); a resume with another number of processes
+  is refused.
+- Every rank builds the same initial adapter; each rank's dropout draws from a stream of its own; the chunked
+  loss through DDP's forward gives the plain path's loss and synchronized gradients.
 """
 
 from __future__ import annotations
@@ -28,11 +30,33 @@ import yaml
 from helpers import REPO
 from safetensors.torch import load_file
 
-from lora_sft.checkpoint import COUNTS, checkpoints
+from lora_sft.checkpoint import COUNTS, checkpoints, step_of
 from lora_sft.cli import main
 
 ROWS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def accelerate_launch() -> list[str]:
+    """`accelerate launch` on 2 processes: --multi_gpu is accelerate's torchrun path, and works without a GPU (lora_sft
+    then tells the Trainer to use the CPU and gloo); its --cpu flag would start one process (multi-CPU goes
+    through MPI)."""
+    with socket.socket() as free:  # a port nothing listens on, for the processes to meet at
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    return command + [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        port,
+    ]
+
+
 TIMEOUT = 240  # seconds a launched run may take on a busy machine before the test gives up
 
 
@@ -73,20 +97,32 @@ def env() -> dict[str, str]:
 
 
 def launch(command: list[str], log: Path) -> subprocess.Popen:
-    """A launcher and its processes in a process group of their own (so a test can kill all of them at once),
-    their output in `log` (a pipe nobody reads while the test waits could fill and stop them)."""
+    """A launcher, its output in `log` (a pipe nobody reads while the test waits could fill and stop it)."""
     with log.open("w") as out:
-        return subprocess.Popen(
-            command, cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        return subprocess.Popen(command, cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process it started (torchrun starts each rank in a session of its own, so
+    killing the launcher or its process group would leave the ranks running)."""
+    import psutil
+
+    try:
+        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=30)
+    proc.wait()
 
 
 def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
     try:
         proc.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_all(proc)
         pytest.fail(f"the launched run took over {TIMEOUT} s: {log.read_text()[-3000:]}")
     return proc.returncode, log.read_text()
 
@@ -110,11 +146,12 @@ def summary(run: Path) -> dict:
 @pytest.mark.e2e
 def test_two_processes_train_what_one_process_trains_at_twice_the_micro_batch(tiny_llama, tmp_path):
     """16 rows, 8 per optimizer step (2 processes x micro batch 2 x grad_accum 2, or 1 x 4 x 2): 4 steps cross an
-    epoch boundary (a new length-grouped order). Dropout 0: each rank's dropout stream is its own."""
+    epoch boundary (a new length-grouped order). Dropout 0: each rank's dropout stream is its own. Launched with
+    `accelerate launch` (the resume test below uses torchrun)."""
     steps = 4
     two = write_recipe(tmp_path / "two", tiny_llama, 16, micro_batch_size=2, grad_accum=2, max_steps=steps)
     one = write_recipe(tmp_path / "one", tiny_llama, 16, micro_batch_size=4, grad_accum=2, max_steps=steps)
-    proc = launch([*TORCHRUN, "-m", "lora_sft", "train", str(two)], tmp_path / "two.log")
+    proc = launch([*accelerate_launch(), "-m", "lora_sft", "train", str(two)], tmp_path / "two.log")
     assert main(["train", str(one)]) == 0  # the reference, meanwhile, in this process
     code, err = finish(proc, tmp_path / "two.log")
     assert code == 0, err[-3000:]
@@ -140,18 +177,17 @@ def test_two_processes_train_what_one_process_trains_at_twice_the_micro_batch(ti
 
 
 def _kill_at_checkpoint(proc: subprocess.Popen, folder: Path, step: int, log: Path) -> None:
-    """SIGKILL the launcher and every process it started once a complete checkpoint of `step` or later exists."""
+    """SIGKILL the launcher and every rank once a complete checkpoint of `step` or later exists."""
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the run ended before its step {step} checkpoint: {log.read_text()[-3000:]}")
         found = checkpoints(folder)
         if found and int(found[-1].name.rsplit("-", 1)[1]) >= step:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_all(proc)
             return
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_all(proc)
     pytest.fail(f"no step {step} checkpoint in {TIMEOUT} s")
 
 
@@ -171,6 +207,7 @@ def test_killed_two_process_run_resumes_as_unbroken(tiny_llama, tmp_path, capsys
     _kill_at_checkpoint(proc, run / "checkpoints", 2, logs["killed"])
     assert not (run / "summary.json").exists()
     last = checkpoints(run / "checkpoints")[-1]
+    assert 2 <= step_of(last) < steps  # cut short: the resumed run has steps left to train
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in last.iterdir()}  # each rank's own
 
     # one process cannot continue what two started (the global batch and the RNG states are two processes')
@@ -260,23 +297,3 @@ def test_every_rank_builds_the_same_adapter_draws_its_own_dropout_and_the_chunke
     assert ranks[0]["plain"][0].item() != ranks[1]["plain"][0].item()  # two batches: the ranks computed apart
     for name in ranks[0]["chunked"][1]:  # and DDP averaged their gradients: equal on both
         assert torch.equal(ranks[0]["chunked"][1][name], ranks[1]["chunked"][1][name])
-
-
-@pytest.mark.e2e
-def test_accelerate_launch_trains_the_recipe_on_two_processes(tiny_llama, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` (accelerate's torchrun path; on a machine without a GPU
-    lora_sft tells the Trainer to use the CPU and gloo) trains the recipe into one run directory."""
-    recipe = write_recipe(tmp_path / "acc", tiny_llama, 16, micro_batch_size=2, grad_accum=2, max_steps=2)
-    with socket.socket() as free:  # a port nothing listens on, for the processes to meet at
-        free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
-    log = tmp_path / "acc.log"
-    code, err = finish(launch([*command, "-m", "lora_sft", "train", str(recipe)], log), log)
-    assert code == 0, err[-3000:]
-    run = tmp_path / "acc" / "run"
-    assert [s for s, _ in losses(run)] == [1, 2]
-    assert sorted(p.name for p in (tmp_path / "acc").iterdir()) == ["recipe.yaml", "run", "train.jsonl"]
-    marker = json.loads((checkpoints(run / "checkpoints")[-1] / COUNTS).read_text())
-    assert marker["recipe"]["processes"] == 2 and summary(run)["steps"] == 2
