@@ -176,6 +176,29 @@ def test_two_processes_train_what_one_process_trains_at_twice_the_micro_batch(ti
     assert (marker["recipe"]["processes"], marker["tokens_seen"]) == (2, summary(run)["tokens_seen"])
 
 
+@pytest.mark.unit
+def test_each_rank_loads_on_its_own_device_and_the_trainer_is_told_the_cpu_and_gloo(monkeypatch):
+    from lora_sft import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.device_map() == {"": "cpu"}
+    assert distributed.trainer_arguments(None) == {"ddp_find_unused_parameters": False}  # alone: nothing changes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.device_map() == {"": "cpu"}
+    # without these every CPU process would train alone on the whole data
+    assert distributed.trainer_arguments(None) == {
+        "ddp_find_unused_parameters": False,
+        "use_cpu": True,
+        "ddp_backend": "gloo",
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.device_map() == {"": 1}  # its own GPU, never "auto" (spread over every GPU)
+    assert distributed.trainer_arguments(None) == {"ddp_find_unused_parameters": False}  # NCCL, the default
+
+
 def _kill_at_checkpoint(proc: subprocess.Popen, folder: Path, step: int, log: Path) -> None:
     """SIGKILL the launcher and every rank once a complete checkpoint of `step` or later exists."""
     deadline = time.monotonic() + TIMEOUT
@@ -297,3 +320,27 @@ def test_every_rank_builds_the_same_adapter_draws_its_own_dropout_and_the_chunke
     assert ranks[0]["plain"][0].item() != ranks[1]["plain"][0].item()  # two batches: the ranks computed apart
     for name in ranks[0]["chunked"][1]:  # and DDP averaged their gradients: equal on both
         assert torch.equal(ranks[0]["chunked"][1][name], ranks[1]["chunked"][1][name])
+
+
+@pytest.mark.gpu
+def test_ranks_on_their_own_gpus_train_what_one_process_trains(tiny_llama, tmp_path):
+    """On CUDA (`benchmarks/gpu_check.sh`): one rank per GPU (2 where there are 2; one GPU: torchrun's single rank
+    still runs DDP, over NCCL, and the chunked loss through its forward), each loading the 4-bit base on its own
+    GPU, trains what one process trains at micro batch ranks x 2. fp32 compute keeps the comparison tight."""
+    ranks = min(2, torch.cuda.device_count())
+    fp32 = {"quant": {"compute_dtype": "fp32"}}
+    recipes = []
+    for name, micro in (("ranks", 2), ("one", 2 * ranks)):
+        path = write_recipe(tmp_path / name, tiny_llama, 16, micro_batch_size=micro, grad_accum=2, max_steps=3)
+        path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | fp32))
+        recipes.append(path)
+    log = tmp_path / "ranks.log"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    code, err = finish(launch([*torchrun, "-m", "lora_sft", "train", str(recipes[0])], log), log)
+    assert code == 0, err[-3000:]
+    assert main(["train", str(recipes[1])]) == 0
+    got, want = losses(tmp_path / "ranks" / "run"), losses(tmp_path / "one" / "run")
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3]
+    assert all(abs(a - b) < 1e-3 for (_, a), (_, b) in zip(got, want, strict=True)), (got, want)
+    marker = json.loads((checkpoints(tmp_path / "ranks" / "run" / "checkpoints")[-1] / COUNTS).read_text())
+    assert marker["recipe"].get("processes", 1) == ranks
