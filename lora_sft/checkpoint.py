@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from transformers import TrainerCallback
 
 from . import distributed
+from .distributed import world
 from .errors import RunError, UserError
 from .recipe import Recipe
 from .rundir import MANIFEST, RECIPE, Manifest, RunDir, check_writable, entries
@@ -200,7 +201,9 @@ BATCH = "effective batch (micro_batch_size * grad_accum)"
 
 
 def identity(recipe_dict: dict) -> dict:
-    """The parts of a resolved recipe that a resumed run cannot change: MATTERS and the effective batch."""
+    """The parts of a resolved recipe that a resumed run cannot change: MATTERS and the effective batch; under a
+    launcher also the number of processes (the global batch is effective batch x processes, and each process
+    restores its own RNG state: `processes_of`)."""
     out: dict = {}
     for path in MATTERS:
         value: Any = recipe_dict
@@ -214,6 +217,8 @@ def identity(recipe_dict: dict) -> dict:
     out["effective_batch"] = train.get("micro_batch_size", 1) * train.get("grad_accum", 1)
     if train.get("lora_plus_ratio") is not None:  # its optimizer state (param groups) fits only this setting
         out["train"] = {"lora_plus_ratio": train["lora_plus_ratio"]}
+    if (size := world().size) > 1:  # absent for one process, so checkpoints written before this still match
+        out["processes"] = size
     return out
 
 
@@ -233,7 +238,7 @@ def _identity_changes(a: dict, b: dict) -> list[str]:
             out.append(f"{'.'.join(path)} {x!r} -> {y!r}")
 
     for key in dict.fromkeys([*a, *b]):
-        if key != "effective_batch":
+        if key not in ("effective_batch", "processes"):  # the processes: `start` refuses first, with its own line
             walk(a.get(key), b.get(key), (key,))
     if a.get("effective_batch") != b.get("effective_batch"):
         out.append(f"{BATCH} {a.get('effective_batch')} -> {b.get('effective_batch')}")
@@ -363,6 +368,13 @@ def _checkpoint_identity(checkpoint: Path) -> dict | None:
     return None
 
 
+def processes_of(checkpoint: Path) -> int:
+    """How many processes wrote `checkpoint` (its recipe identity says so under a launcher; 1 otherwise)."""
+    saved = _checkpoint_identity(checkpoint) or {}
+    size = saved.get("processes", 1)
+    return size if isinstance(size, int) and size > 0 else 1
+
+
 def _plural(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
@@ -452,6 +464,12 @@ def start(
     if changed:
         raise UserError(
             f"--resume refused, the recipe changed since {run_dir.recipe}: {'; '.join(changed)}; undo the change or start a new run (another output_dir or --overwrite)"
+        )
+    if (then := processes_of(checkpoint)) != (now := world().size):
+        # each step's samples (the global batch is micro batch x grad_accum x processes) and each rank's RNG state
+        raise UserError(
+            f"--resume refused: {checkpoint} was trained by {then} process(es), this run has {now}; its global batch "
+            f"and each process's random state belong to {then}: launch the resume with {then} process(es) in all, as the run was"
         )
     if targets is not None and (why := belongs(checkpoint, recipe, targets)):
         raise UserError(

@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from .checkpoint import checkpoints
-from .distributed import every_rank, world
+from .distributed import agreed_signal, every_rank, world
 from .errors import RunError
 from .recipe import Recipe
 
@@ -103,6 +103,9 @@ class Guard(TrainerCallback):
         )
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1:  # a launcher forwards a signal to every rank, which may see it at different steps:
+            agreed = agreed_signal(self.signal)  # every rank asks (a collective), then all stop after the same step
+            self.signal = self.signal or agreed or None
         if self.signal is not None:
             control.should_save = True
             control.should_training_stop = True

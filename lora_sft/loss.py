@@ -17,6 +17,14 @@ label at t + 1), and the output layer + cross-entropy run over them in chunks of
 
 Models whose forward does more between the decoder and the loss use their own forward with labels (the plain
 path): `plain_path_reason` says why.
+
+Under DDP (several processes) the model must be called through the DDP wrapper: its forward prepares the gradient
+synchronization, which a call into the decoder would skip (the ranks' gradients would then not be averaged, or DDP
+would stop at the next step). So the wrapper's forward runs, asked for the hidden states and for the logits of the
+last position only (`logits_to_keep=1`); its last hidden state is the decoder's output (after the final norm, as
+transformers' output capturing ties it), and the chunked loss goes on from there. Only with a frozen output layer:
+a trainable one would be used in that forward without reaching the loss. Other wrappers (FSDP, torch.compile)
+use the plain path.
 """
 
 from __future__ import annotations
@@ -90,14 +98,24 @@ LOGIT_CHANGING_SETTINGS = (
 
 def plain_path_reason(model: nn.Module) -> str | None:
     """Why `model`'s loss must come from its own forward with labels; None when the selected, chunked path
-    here gives the same loss and gradients. `model` is what Trainer calls: a PeftModel, or a bare causal LM."""
+    here gives the same loss and gradients. `model` is what Trainer calls: a PeftModel, or a bare causal LM, or
+    either under DDP."""
     from peft import PeftModel
     from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
     from transformers import PreTrainedModel
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     if isinstance(model, FSDPModule):  # FSDP2 shards in place: the model keeps its class, its forward gathers weights
         return "the model is sharded by FSDP (its forward gathers each layer's weights)"
+    inner = getattr(model, "module", None) if isinstance(model, DistributedDataParallel) else None
+    if isinstance(inner, nn.Module):  # DDP: through its forward (see the module's docstring)
+        if reason := plain_path_reason(inner):
+            return reason
+        head = _decoder_and_head(inner.get_base_model() if isinstance(inner, PeftModel) else inner)[1]
+        if head is None or not frozen_linear(head):
+            return "under DDP the output layer must be frozen (a trained one would be used in a forward that does not reach the loss)"
+        return None
     if isinstance(model, PeftModel):
         config = model.active_peft_config
         # prompt learning prepends virtual tokens and activated LoRA (alora) computes offsets in PeftModel.forward
@@ -143,11 +161,17 @@ def target_loss(model: nn.Module, inputs: dict[str, torch.Tensor], count_correct
     positions whose next-token target is trained, CHUNK_POSITIONS at a time. Only for a model
     `plain_path_reason` accepts."""
     from peft import PeftModel
+    from torch.nn.parallel import DistributedDataParallel
 
-    decoder, head = _decoder_and_head(model.get_base_model() if isinstance(model, PeftModel) else model)
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    decoder, head = _decoder_and_head(inner.get_base_model() if isinstance(inner, PeftModel) else inner)
     assert head is not None, "target_loss needs a model plain_path_reason accepts"
     labels = inputs["labels"]
-    hidden = decoder(**{k: v for k, v in inputs.items() if k != "labels"})[0]  # (batch, positions, hidden)
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    if inner is not model:  # DDP's forward must run: the whole model, the last position's logits only
+        hidden = model(**model_inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    else:
+        hidden = decoder(**model_inputs)[0]  # (batch, positions, hidden)
     targets = next_token_targets(labels.to(hidden.device))  # the state at t predicts the label at t + 1
     keep = is_target(targets)
     hidden, targets = hidden[keep], targets[keep]  # (n, hidden), (n,): trained targets only

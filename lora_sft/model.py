@@ -588,7 +588,6 @@ def load_base(recipe: Recipe, plan: ModelPlan, sharded: bool = False) -> PreTrai
     among the processes (`train.setup_model` under train.distributed fsdp), loaded into CPU memory."""
     import bitsandbytes as bnb
 
-    device = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     loaded = task_class(recipe.task).from_pretrained(
         plan.source.path,
         config=plan.config,
@@ -597,8 +596,9 @@ def load_base(recipe: Recipe, plan: ModelPlan, sharded: bool = False) -> PreTrai
         quantization_config=quantization_config(recipe.quant, plan.heads, fsdp=distributed.uses_fsdp(recipe)),
         dtype=compute_dtype(recipe.quant),
         # FSDP: into CPU memory, and FSDP moves each layer's shard to this process's GPU, so the whole model never
-        # sits on one GPU. Every process loads it (transformers 5.24's rank-0-only loading skips quantized models)
-        device_map={"": "cpu"} if sharded else device,
+        # sits on one GPU. Every process loads it (transformers 5.24's rank-0-only loading skips quantized models).
+        # Otherwise this process's own device (its GPU under a launcher), never "auto".
+        device_map={"": "cpu"} if sharded else distributed.device_map(),
         use_safetensors=None if recipe.model.allow_pickle else True,  # True: refuse pickle weight files
         output_loading_info=True,
     )

@@ -79,7 +79,7 @@ def setup_model(recipe: Recipe, prepared: Ready, log=print) -> torch.nn.Module:
     """The data stats, then the base (quantized as the recipe says) with fresh LoRA layers."""
     from transformers import set_seed
 
-    set_seed(recipe.seed)  # adapter init and dropout draw from here
+    set_seed(recipe.seed)  # adapter init draws from here: the same on every rank (distributed.RankSeeds: dropout)
     from .data.stats import stats_lines
 
     bundle = prepared.bundle
@@ -214,6 +214,7 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         greater_is_better=stop.greater_is_better() if stop else None,
         # a resumed run continues the patience count where its checkpoint left it (EarlyStoppingCallback's state)
         restore_callback_states_from_checkpoint=stop is not None,
+        **distributed.trainer_arguments(recipe),  # several processes under a launcher (DDP; on CPU: gloo)
         **distributed.fsdp_arguments(recipe),  # train.distributed fsdp under a launcher: FSDP2 with each layer sharded
     )
 
@@ -334,6 +335,9 @@ class SeedLengthGroups(TrainerCallback):
             raise RuntimeError("data.group_by_length: Trainer's train dataloader has no LengthGroupedSampler")
         if not isinstance(sampler.lengths, list):
             sampler.lengths = list(sampler.lengths[:])
+        # groups as long as the global batch (Trainer gives the sampler one rank's share): N processes at micro batch
+        # b see each step the samples one process sees at micro batch N x b, whatever the number of processes
+        sampler.batch_size = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
         # whole epochs done: a run resumed mid-epoch draws its epoch's order again, then skips the trained batches
         sampler.generator = torch.Generator().manual_seed(args.data_seed + int(state.epoch))
 
@@ -355,7 +359,7 @@ def build_trainer(
 
     guard = Guard(recipe, run_dir.checkpoints, log)
     args = training_arguments(recipe, checkpoint.staging(run_dir.checkpoints), has_eval=bool(bundle.eval))
-    callbacks: list[TrainerCallback] = [RunLog(run_dir), SaveLastStep(), guard]
+    callbacks: list[TrainerCallback] = [RunLog(run_dir), SaveLastStep(), guard, distributed.RankSeeds()]
     if data_stage.groups_by_length(recipe):
         callbacks.append(SeedLengthGroups())
     if stop := recipe.train.early_stopping:
