@@ -15,7 +15,7 @@ import os
 import sys
 
 from . import __version__
-from .distributed import Elsewhere, shared, start, stop, together, world
+from .distributed import Elsewhere, finish, shared, start, stop, together, world
 from .errors import RunError, UserError
 
 
@@ -174,6 +174,7 @@ def _train(args) -> int:
     from .train import run
 
     run(recipe, resume=args.resume, overwrite=args.overwrite)  # training, then the recipe's eval and hub sections
+    finish()  # under a launcher: every process ends together, after the main process has written everything
     return 0
 
 

@@ -3,8 +3,8 @@
 lora_sft adds no process-group code of its own: the launcher sets RANK / LOCAL_RANK / WORLD_SIZE, accelerate's
 `PartialState` (which the Trainer uses too) starts the process group, and the Trainer runs DDP (or FSDP). This module
 answers "am I the process that writes?", says where this process loads its model (`device_map`), what the Trainer
-must be told (`trainer_arguments`), seeds each rank's dropout (`RankSeeds`) and makes every rank stop after the
-same step on a signal (`agreed_signal`).
+must be told (`trainer_arguments`), and makes every rank stop after the same step on a signal (`agreed_signal`);
+train.py's `RankSeeds` seeds each rank's dropout.
 
 Data parallel (DDP) in short: every rank holds the whole 4-bit base and the adapter on its own device, reads its
 share of each global batch (Trainer's sampler orders the data with `data_seed`, the same on every rank, and
@@ -22,7 +22,6 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import torch
-from transformers import TrainerCallback
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -211,6 +210,18 @@ def total(value: int) -> int:
     return sum(values)
 
 
+def finish() -> None:
+    """The CLI, after a run that succeeded: every process waits for the others (the main process writes the adapter,
+    the card and runs the eval section and the push after training), then leaves the process group, so that no
+    process exits with the group still open under it (gloo aborts such a process at exit)."""
+    if not world().distributed or not started():
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def stop(error: BaseException) -> None:
     """The CLI, after reporting `error`: if every process stops with it at the same point (`agree` raised it),
     wait until all have reported it, so the main process has printed it before any process exits (the launcher
@@ -358,23 +369,6 @@ def trainer_arguments(recipe) -> dict:
     if world().distributed and not torch.cuda.is_available():
         args |= {"use_cpu": True, "ddp_backend": "gloo"}
     return args
-
-
-class RankSeeds(TrainerCallback):
-    """Each rank's dropout (and NEFTune noise) from a seed of its own: `seed + rank`, set when training starts.
-
-    What must be equal on every rank is seeded before this: the adapter's initial weights (`set_seed(recipe.seed)`
-    before the model is built; DDP broadcasts rank 0's anyway) and the data order (Trainer's sampler draws from
-    its own generator seeded with `data_seed`, not from the global RNG). Dropout masks must differ instead: with
-    one seed every rank would drop the same units of its own rows. A resumed run restores each rank's RNG state
-    from its checkpoint (`rng_state_{rank}.pth`) after this, so it continues each rank's stream exactly. One
-    process alone is left as it was (Trainer seeds it with `seed`)."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if args.world_size > 1:
-            from transformers import set_seed
-
-            set_seed(args.seed + args.process_index)  # python, numpy, torch (and CUDA)
 
 
 def agreed_signal(signum: int | None) -> int:

@@ -79,7 +79,7 @@ def setup_model(recipe: Recipe, prepared: Ready, log=print) -> torch.nn.Module:
     """The data stats, then the base (quantized as the recipe says) with fresh LoRA layers."""
     from transformers import set_seed
 
-    set_seed(recipe.seed)  # adapter init draws from here: the same on every rank (distributed.RankSeeds: dropout)
+    set_seed(recipe.seed)  # adapter init draws from here: the same on every rank (RankSeeds: dropout)
     from .data.stats import stats_lines
 
     bundle = prepared.bundle
@@ -316,6 +316,23 @@ class RunLog(TrainerCallback):
         self.run_dir.log({"step": state.global_step, "epoch": state.epoch, **(logs or {})})
 
 
+class RankSeeds(TrainerCallback):
+    """Each rank's dropout (and NEFTune noise) from a seed of its own: `seed + rank`, set when training starts.
+
+    What must be equal on every rank is seeded before this: the adapter's initial weights (`set_seed(recipe.seed)`
+    before the model is built; DDP broadcasts rank 0's anyway) and the data order (Trainer's sampler draws from
+    its own generator seeded with `data_seed`, not from the global RNG). Dropout masks must differ instead: with
+    one seed every rank would drop the same units of its own rows. A resumed run restores each rank's RNG state
+    from its checkpoint (`rng_state_{rank}.pth`) after this, so it continues each rank's stream exactly. One
+    process alone is left as it was (Trainer seeds it with `seed`)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            from transformers import set_seed
+
+            set_seed(args.seed + args.process_index)  # python, numpy, torch (and CUDA)
+
+
 class SeedLengthGroups(TrainerCallback):
     """data.group_by_length: Trainer's LengthGroupedSampler shuffles with the global torch RNG, which a run resumed
     mid-epoch cannot replay (dropout has drawn from it since), and Trainer offers no hook to seed it. At each epoch's
@@ -359,7 +376,7 @@ def build_trainer(
 
     guard = Guard(recipe, run_dir.checkpoints, log)
     args = training_arguments(recipe, checkpoint.staging(run_dir.checkpoints), has_eval=bool(bundle.eval))
-    callbacks: list[TrainerCallback] = [RunLog(run_dir), SaveLastStep(), guard, distributed.RankSeeds()]
+    callbacks: list[TrainerCallback] = [RunLog(run_dir), SaveLastStep(), guard, RankSeeds()]
     if data_stage.groups_by_length(recipe):
         callbacks.append(SeedLengthGroups())
     if stop := recipe.train.early_stopping:

@@ -262,7 +262,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lora_sft import data as data_stage
 from lora_sft import loss as loss_stage
-from lora_sft.distributed import RankSeeds
+from lora_sft.train import RankSeeds
 from lora_sft.preflight import prepare
 from lora_sft.recipe import load_recipe
 from lora_sft.train import setup_model
