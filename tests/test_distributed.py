@@ -170,8 +170,8 @@ def test_two_processes_train_what_one_process_trains_at_twice_the_micro_batch(ti
     # one run directory, written once
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["recipe.yaml", "run", "train.jsonl"]
     assert [p.relative_to(run) for p in run.rglob("metrics.jsonl")] == [Path("metrics.jsonl")]
-    if "world_size" in summary(run):  # the field the summary gains for several processes
-        assert (summary(run)["world_size"], summary(reference)["world_size"]) == (2, 1)
+    assert (summary(run)["world_size"], summary(reference)["world_size"]) == (2, 1)
+    assert (summary(run)["global_batch"], summary(reference)["global_batch"]) == (8, 8)
     marker = json.loads((checkpoints(run / "checkpoints")[-1] / COUNTS).read_text())  # the last step's checkpoint
     assert (marker["recipe"]["processes"], marker["tokens_seen"]) == (2, summary(run)["tokens_seen"])
 
