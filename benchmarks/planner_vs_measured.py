@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument(
-        "--out", default=None, help="the Markdown file (default benchmarks/results/planner_vs_measured-<device>.md)"
+        "--out", default=None, help="the folder of planner_vs_measured-<device>.md (default benchmarks/results), as vs_trl.py's"
     )
     args = parser.parse_args()
     configs = QUICK if args.quick else FULL
@@ -183,7 +183,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     text = table(rows, args.device)
     print(text)
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"planner_vs_measured-{args.device}.md"
+    out = (Path(args.out) if args.out else REPO / "benchmarks" / "results") / f"planner_vs_measured-{args.device}.md"
     header = f"# The memory planner against measured peaks ({args.device}{', quick' if args.quick else ''})\n\n"
     header += "Model: random Llama, 4 layers, hidden 256, intermediate 688, 32k vocabulary, nf4 + double quant, LoRA r16 all-linear, AdamW.\n\n"
     out.parent.mkdir(parents=True, exist_ok=True)
