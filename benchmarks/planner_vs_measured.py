@@ -168,7 +168,9 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument(
-        "--out", default=None, help="the folder of planner_vs_measured-<device>.md (default benchmarks/results), as vs_trl.py's"
+        "--out",
+        default=None,
+        help="the folder of planner_vs_measured-<device>.md (default benchmarks/results), as vs_trl.py's",
     )
     args = parser.parse_args()
     configs = QUICK if args.quick else FULL
