@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 P = ParamSpec("P")
 E = TypeVar("E", bound=BaseException)
+N = TypeVar("N", int, float)
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,8 @@ def main_only(method: Callable[P, T]) -> Callable[P, T | None]:
     return wrapper
 
 
-def total(value: int) -> int:
-    """The sum of `value` over every process (a count each process keeps for its own batches)."""
+def total(value: N) -> N:
+    """The sum of `value` over every process (a count or a sum each process keeps for its own batches)."""
     if not world().distributed or not started():
         return value
     import torch.distributed as dist

@@ -285,9 +285,19 @@ class CountingTrainer(Trainer):
             # the batch's loss is its mean over its targets: weigh it by their count, so the eval loss is the
             # mean over every scored token (what `eval` reports), whatever the batching or packing
             loss = out[0] if isinstance(out, tuple) else out
-            self.eval_loss_sum += float(loss.detach().float()) * targets
+            self.eval_loss_sum += self._summed(float(loss.detach().float()), targets, num_items_in_batch)
             self.eval_loss_count += targets
         return out
+
+    def _summed(self, loss: float, targets: int, num_items_in_batch) -> float:
+        """The summed loss of this process's batch from the loss compute_loss returned. Trainer's evaluation passes
+        num_items_in_batch, the targets of every process's batch, so a model that takes it returns its sum over them,
+        times the number of processes under average_tokens_across_devices (transformers 5.24's compute_loss);
+        otherwise the loss is the mean over this batch's targets."""
+        if num_items_in_batch is None or not (self.model_accepts_loss_kwargs or self.compute_loss_func):
+            return loss * targets
+        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return loss * float(num_items_in_batch) / scale
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -296,8 +306,10 @@ class CountingTrainer(Trainer):
         before `evaluate` logs it (metrics.jsonl, summary.json and `eval` then agree)."""
         self.eval_loss_sum, self.eval_loss_count = 0.0, 0
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if self.eval_loss_count and output.metrics is not None:
-            output.metrics[f"{metric_key_prefix}_loss"] = self.eval_loss_sum / self.eval_loss_count
+        # under a launcher each process scored its share of the eval split: the mean is over all of them
+        loss_sum, count = distributed.total(self.eval_loss_sum), distributed.total(self.eval_loss_count)
+        if count and output.metrics is not None:
+            output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / count
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):

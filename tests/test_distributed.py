@@ -60,17 +60,21 @@ def accelerate_launch() -> list[str]:
 TIMEOUT = 240  # seconds a launched run may take on a busy machine before the test gives up
 
 
-def write_recipe(folder: Path, tiny_llama: Path, rows: int, dropout: float = 0.0, **train) -> Path:
+def write_recipe(folder: Path, tiny_llama: Path, rows: int, dropout: float = 0.0, eval_rows: int = 0, **train) -> Path:
     folder.mkdir(parents=True)
     data = folder / "train.jsonl"
     data.write_text("\n".join(ROWS[:rows]) + "\n")
+    evals = {}
+    if eval_rows:  # rows after the training rows
+        (folder / "eval.jsonl").write_text("\n".join(ROWS[rows : rows + eval_rows]) + "\n")
+        evals = {"eval": str(folder / "eval.jsonl")}
     recipe = {
         "task": "causal_lm",
         "output_dir": str(folder / "run"),
         "seed": 7,
         "model": {"path": str(tiny_llama)},
         "lora": {"rank": 4, "alpha": 8, "dropout": dropout},
-        "data": {"format": "alpaca", "train": str(data), "max_length": 64},  # group_by_length: on (the default)
+        "data": {"format": "alpaca", "train": str(data), "max_length": 64, **evals},  # group_by_length: on (default)
         "train": {
             "lr": 1e-2,
             "warmup": 1,
@@ -149,8 +153,9 @@ def test_two_processes_train_what_one_process_trains_at_twice_the_micro_batch(ti
     epoch boundary (a new length-grouped order). Dropout 0: each rank's dropout stream is its own. Launched with
     `accelerate launch` (the resume test below uses torchrun)."""
     steps = 4
-    two = write_recipe(tmp_path / "two", tiny_llama, 16, micro_batch_size=2, grad_accum=2, max_steps=steps)
-    one = write_recipe(tmp_path / "one", tiny_llama, 16, micro_batch_size=4, grad_accum=2, max_steps=steps)
+    # 8 eval rows: each process scores 2 batches of 2, the one process 2 of 4 (none repeated to even out the shares)
+    two = write_recipe(tmp_path / "two", tiny_llama, 16, eval_rows=8, micro_batch_size=2, grad_accum=2, max_steps=steps)
+    one = write_recipe(tmp_path / "one", tiny_llama, 16, eval_rows=8, micro_batch_size=4, grad_accum=2, max_steps=steps)
     proc = launch([*accelerate_launch(), "-m", "lora_sft", "train", str(two)], tmp_path / "two.log")
     assert main(["train", str(one)]) == 0  # the reference, meanwhile, in this process
     code, err = finish(proc, tmp_path / "two.log")
@@ -168,7 +173,9 @@ def test_two_processes_train_what_one_process_trains_at_twice_the_micro_batch(ti
     totals = [(s["tokens_seen"], s["tokens_trained"], s["steps"]) for s in (summary(run), summary(reference))]
     assert totals[0] == totals[1]
     # one run directory, written once
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["recipe.yaml", "run", "train.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["eval.jsonl", "recipe.yaml", "run", "train.jsonl"]
+    # the eval loss after training is over the whole eval split, not the main process's share of it
+    assert abs(summary(run)["eval_loss"] - summary(reference)["eval_loss"]) < 1e-4, (summary(run), summary(reference))
     assert [p.relative_to(run) for p in run.rglob("metrics.jsonl")] == [Path("metrics.jsonl")]
     assert (summary(run)["world_size"], summary(reference)["world_size"]) == (2, 1)
     assert (summary(run)["global_batch"], summary(reference)["global_batch"]) == (8, 8)
