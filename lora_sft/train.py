@@ -120,6 +120,7 @@ def fit(
     trainer = build_trainer(recipe, model, tokenizer, bundle, run_dir, log)
     before = evaluate_before(recipe, trainer, run_dir, resume_from)
     output, seen_before, train_time = train(recipe, trainer, resume_from)
+    before = before or evaluated_on_start(recipe, trainer)
     after = evaluate_after(recipe, trainer)
     summary = summarize(trainer, plan, output, before, after, seen_before, train_time, started)
     adapter = distributed.full_adapter_state(model)  # FSDP: the adapter gathered whole (every process takes part)
@@ -441,10 +442,24 @@ def evaluate_before(recipe: Recipe, trainer: CountingTrainer, run_dir: RunDir, r
         return None
     if resume_from:
         logged = run_dir.logged_eval_before()
+    elif distributed.world().distributed:
+        # Under a launcher an evaluation before train() prepares the model for evaluation only, and Trainer then
+        # trains it without wrapping it for DDP: every process alone, no gradient sync (transformers 5.24). Trainer's
+        # own eval_on_start evaluates inside train(), after wrapping; `evaluated_on_start` reads it afterwards.
+        trainer.args.eval_on_start = True
+        return None
     else:
         with guarded(recipe, trainer, "the evaluation before training"):
             logged = trainer.evaluate()
     return _eval_metrics({k: v for k, v in (logged or {}).items() if k.startswith("eval_")}, recipe.task) or None
+
+
+def evaluated_on_start(recipe: Recipe, trainer: CountingTrainer) -> dict | None:
+    """The evaluation before training that Trainer ran at the start of train() (eval_on_start, under a launcher)."""
+    if not trainer.args.eval_on_start:
+        return None
+    first = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
+    return _eval_metrics({k: v for k, v in first.items() if k.startswith("eval_")}, recipe.task) if first else None
 
 
 def train(recipe: Recipe, trainer: CountingTrainer, resume_from: Path | None):

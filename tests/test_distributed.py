@@ -176,6 +176,9 @@ def test_two_processes_train_what_one_process_trains_at_twice_the_micro_batch(ti
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["eval.jsonl", "recipe.yaml", "run", "train.jsonl"]
     # the eval loss after training is over the whole eval split, not the main process's share of it
     assert abs(summary(run)["eval_loss"] - summary(reference)["eval_loss"]) < 1e-4, (summary(run), summary(reference))
+    # and before training (train.eval_before, on by default): under a launcher Trainer runs it inside train(), after
+    # wrapping the model for DDP (evaluated first, the model trained without gradient sync: step 3 differed)
+    assert abs(summary(run)["eval_before"]["loss"] - summary(reference)["eval_before"]["loss"]) < 1e-4
     assert [p.relative_to(run) for p in run.rglob("metrics.jsonl")] == [Path("metrics.jsonl")]
     assert (summary(run)["world_size"], summary(reference)["world_size"]) == (2, 1)
     assert (summary(run)["global_batch"], summary(reference)["global_batch"]) == (8, 8)
