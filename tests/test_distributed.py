@@ -147,7 +147,7 @@ def summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
-@pytest.mark.e2e
+@pytest.mark.launch
 def test_two_processes_train_what_one_process_trains_at_twice_the_micro_batch(tiny_llama, tmp_path):
     """16 rows, 8 per optimizer step (2 processes x micro batch 2 x grad_accum 2, or 1 x 4 x 2): 4 steps cross an
     epoch boundary (a new length-grouped order). Dropout 0: each rank's dropout stream is its own. Launched with
@@ -224,7 +224,7 @@ def _kill_at_checkpoint(proc: subprocess.Popen, folder: Path, step: int, log: Pa
     pytest.fail(f"no step {step} checkpoint in {TIMEOUT} s")
 
 
-@pytest.mark.e2e
+@pytest.mark.launch
 def test_killed_two_process_run_resumes_as_unbroken(tiny_llama, tmp_path, capsys):
     """24 rows, 8 per step: 3 steps per epoch, 5 steps. Dropout on, so each rank's restored RNG state matters;
     gradient checkpointing on (non-reentrant, under DDP)."""
@@ -303,7 +303,7 @@ torch.save(results, Path(sys.argv[2]) / f"rank{state.process_index}.pt")
 """
 
 
-@pytest.mark.e2e
+@pytest.mark.launch
 def test_every_rank_builds_the_same_adapter_draws_its_own_dropout_and_the_chunked_loss_syncs(tiny_llama, tmp_path):
     """The initial adapter is equal on every rank before DDP would broadcast rank 0's (the same seed before it is
     built); once training starts each rank's RNG is its own (dropout masks). Through DDP's forward the chunked

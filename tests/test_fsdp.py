@@ -427,7 +427,7 @@ def test_fsdp_in_one_process_trains_as_without_it_and_saves_a_plain_peft_adapter
 # ---------------------------------------------------------------- two CPU processes, sharded by accelerate's FSDP2
 
 
-@pytest.mark.e2e
+@pytest.mark.launch
 def test_fsdp2_on_two_cpu_processes_trains_as_one_process_and_saves_the_adapter_whole(
     tiny_llama, tmp_path, write_recipe
 ):

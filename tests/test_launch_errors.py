@@ -113,7 +113,7 @@ BAD = {  # a mistake in the recipe itself (every process reads it), and two in w
 }
 
 
-@pytest.mark.e2e
+@pytest.mark.launch
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_recipe_under_torchrun_prints_its_errors_once_and_writes_nothing(case, tiny_llama, work):
     recipe = _recipe(tiny_llama, work)
@@ -153,7 +153,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.e2e
+@pytest.mark.launch
 @pytest.mark.parametrize(
     ("rank", "expected"),
     [(1, "error: rank 1: OSError: [Errno 5]")],  # rank 0: "error: OSError: [Errno 28] No space"
@@ -174,7 +174,7 @@ def test_a_failure_on_one_process_stops_every_process_and_is_printed_once(rank, 
     assert not (work / "run").exists()
 
 
-@pytest.mark.e2e
+@pytest.mark.launch
 def test_two_processes_write_one_run_directory(tiny_llama, work):
     """Needs DDP training under torchrun (issue 10's ddp work): one run directory, one metrics.jsonl with each step
     logged once, a summary that states the world size and the global batch, the console output printed once."""
