@@ -3,9 +3,13 @@ JSONL writer and the constants shared with the fixtures in conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 CHATML = (
@@ -89,3 +93,17 @@ def hub_env(hub_url: str, home: Path) -> dict[str, str]:
     alike and would refuse the push), with the fake hub's address, a fake token and an HF_HOME of its own."""
     kept = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}
     return kept | {"HF_ENDPOINT": hub_url, "HF_TOKEN": TOKEN, "HF_HOME": str(home), "PYTHONPATH": str(REPO)}
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    """A run's per-step training losses from its metrics.jsonl (while it is running too)."""
+    records = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # the line a running process is writing
+            records.append(json.loads(line))
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    """A run's saved adapter tensors."""
+    return load_file(run / "adapter" / "adapter_model.safetensors")

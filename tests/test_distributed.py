@@ -27,8 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO
-from safetensors.torch import load_file
+from helpers import REPO, adapter, losses
 
 from lora_sft.checkpoint import COUNTS, checkpoints, step_of
 from lora_sft.cli import main
@@ -129,18 +128,6 @@ def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
         kill_all(proc)
         pytest.fail(f"the launched run took over {TIMEOUT} s: {log.read_text()[-3000:]}")
     return proc.returncode, log.read_text()
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    records = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # the line a running process is writing
-            records.append(json.loads(line))
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
-
-
-def adapter(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
 def summary(run: Path) -> dict:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, adapter, losses
 from safetensors.torch import load_file
 
 from lora_sft.checkpoint import checkpoints
@@ -60,18 +59,6 @@ def recipe_dict(tiny_llama, out: Path, **train) -> dict:
             **train,
         },
     }
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    records = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # the line a running process is writing
-            records.append(json.loads(line))
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
-
-
-def adapter(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.fixture(scope="module")
