@@ -92,6 +92,11 @@ def start() -> None:
     from accelerate import PartialState
 
     PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT)
+    if not world().main:  # the main process speaks for all: no library progress bars or warnings from the others
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Loading weights" once, not once per process
+        transformers_logging.set_verbosity_error()
 
 
 def shared(error: BaseException) -> bool:
@@ -367,6 +372,8 @@ def trainer_arguments(recipe) -> dict:
       distributed training: every process trains alone on the whole data, and all of them write one run.
     """
     args: dict = {"ddp_find_unused_parameters": False}
+    if not world().main:  # the training and evaluation bars on the main process only (Trainer draws one per machine)
+        args["disable_tqdm"] = True
     if world().distributed and not torch.cuda.is_available():
         args |= {"use_cpu": True, "ddp_backend": "gloo"}
     return args
