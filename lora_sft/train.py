@@ -274,9 +274,7 @@ class CountingTrainer(Trainer):
                 and self.model_accepts_loss_kwargs
                 and num_items_in_batch is not None
             ):
-                loss = loss * (
-                    self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
-                )
+                loss = loss * self._devices_scale()
             out = (loss, {"loss": loss}) if return_outputs else loss
         else:
             out = super().compute_loss(
@@ -297,8 +295,13 @@ class CountingTrainer(Trainer):
         otherwise the loss is the mean over this batch's targets."""
         if num_items_in_batch is None or not (self.model_accepts_loss_kwargs or self.compute_loss_func):
             return loss * targets
-        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        scale = self._devices_scale() if self.args.average_tokens_across_devices else 1
         return loss * float(num_items_in_batch) / scale
+
+    def _devices_scale(self) -> int:
+        """What Trainer's compute_loss multiplies a loss normalized by num_items_in_batch by under
+        average_tokens_across_devices (transformers 5.24): the processes, or the GPUs of DataParallel."""
+        return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
