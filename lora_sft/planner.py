@@ -102,9 +102,14 @@ class ModelShape:
         return {f"model.layers.{n}.{k}": v for n in range(self.layers) for k, v in per_layer.items()}
 
 
+def _known_table() -> dict:
+    """lora_sft/known_models.json: model name -> its config fields and the other ids it goes by."""
+    return json.loads(resources.files("lora_sft").joinpath("known_models.json").read_text())["models"]
+
+
 def known_shape(model_path: str) -> ModelShape | None:
     """The shape of a hub model from lora_sft's table of known models (package data), or None."""
-    table = json.loads(resources.files("lora_sft").joinpath("known_models.json").read_text())["models"]
+    table = _known_table()
     wanted = model_path.lower()
     for name, entry in table.items():
         if wanted in (n.lower() for n in [name, *entry["also"]]):
@@ -113,7 +118,7 @@ def known_shape(model_path: str) -> ModelShape | None:
 
 
 def known_models() -> dict[str, ModelShape]:
-    table = json.loads(resources.files("lora_sft").joinpath("known_models.json").read_text())["models"]
+    table = _known_table()
     return {name: ModelShape.from_config(entry, TABLE_NOTE) for name, entry in table.items()}
 
 
