@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+# every recipe the project ships (recipes/accelerate/ holds accelerate launch configs, not recipes)
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -107,3 +109,21 @@ def losses(run: Path) -> list[tuple[int, float]]:
 def adapter(run: Path) -> dict[str, torch.Tensor]:
     """A run's saved adapter tensors."""
     return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def planning_recipe(model: str, **train):
+    """A recipe for the memory arithmetic of a hub model (never loaded): nf4 + double quant, bf16, LoRA r16 on every
+    linear layer, sequence 2048, micro batch 1, AdamW; `train` patches its train section."""
+    from lora_sft.recipe import Recipe
+
+    return Recipe.model_validate(
+        {
+            "task": "causal_lm",
+            "output_dir": "unused",
+            "model": {"path": model},
+            "quant": {"mode": "nf4", "double_quant": True, "compute_dtype": "bf16"},
+            "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+            "data": {"format": "alpaca", "train": "unused.jsonl", "max_length": 2048},
+            "train": {"micro_batch_size": 1, "grad_accum": 1, "optimizer": "adamw_torch", **train},
+        }
+    )

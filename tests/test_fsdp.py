@@ -26,7 +26,7 @@ import re
 import pytest
 import torch
 import yaml
-from helpers import REPO
+from helpers import REPO, planning_recipe
 
 from lora_sft import distributed, planner, preflight
 from lora_sft import model as model_stage
@@ -79,17 +79,7 @@ def tiny_recipe(tiny_llama, tmp_path, write_recipe, **sections) -> Recipe:
 
 
 def llama_recipe(**train) -> Recipe:
-    return Recipe.model_validate(
-        {
-            "task": "causal_lm",
-            "output_dir": "unused",
-            "model": {"path": "meta-llama/Meta-Llama-3-70B"},
-            "quant": {"mode": "nf4", "double_quant": True, "compute_dtype": "bf16"},
-            "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-            "data": {"format": "alpaca", "train": "unused.jsonl", "max_length": 2048},
-            "train": {"micro_batch_size": 1, "grad_accum": 1, "optimizer": "adamw_torch", **train},
-        }
-    )
+    return planning_recipe("meta-llama/Meta-Llama-3-70B", **train)
 
 
 # Llama-3-70B: hidden 8192, intermediate 28672, 80 layers, 64 heads, 8 kv heads (head_dim 128), vocab 128256, untied

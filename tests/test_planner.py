@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import REPO
+from helpers import RECIPES, REPO, planning_recipe
 
 from lora_sft import planner
 from lora_sft.checkpoint import checkpoints, micro_batch_of
@@ -19,22 +19,10 @@ from lora_sft.errors import UserError
 from lora_sft.recipe import Recipe, load_recipe, memory_bytes
 
 GIB = 2**30
-# recipes/accelerate/ holds accelerate launch configs, not recipes
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
 
 
 def llama8b_recipe(**train) -> Recipe:
-    return Recipe.model_validate(
-        {
-            "task": "causal_lm",
-            "output_dir": "unused",
-            "model": {"path": "meta-llama/Llama-3.1-8B"},
-            "quant": {"mode": "nf4", "double_quant": True, "compute_dtype": "bf16"},
-            "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-            "data": {"format": "alpaca", "train": "unused.jsonl", "max_length": 2048},
-            "train": {"micro_batch_size": 1, "grad_accum": 1, "optimizer": "adamw_torch", **train},
-        }
-    )
+    return planning_recipe("meta-llama/Llama-3.1-8B", **train)
 
 
 def llama8b_work(recipe: Recipe) -> planner.Workload:

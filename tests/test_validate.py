@@ -6,14 +6,12 @@ import os
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import RECIPES, REPO
 
 from lora_sft.cli import main
 from lora_sft.errors import UserError
 
 pytestmark = pytest.mark.unit
-# recipes/accelerate/ holds accelerate launch configs, not recipes
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
 
 
 def test_recipes_are_found():
