@@ -232,14 +232,8 @@ def stop(error: BaseException) -> None:
     """The CLI, after reporting `error`: if every process stops with it at the same point (`agree` raised it),
     wait until all have reported it, so the main process has printed it before any process exits (the launcher
     ends the others as soon as one has exited), then leave the process group."""
-    if not world().distributed or not started():
-        return
-    if not isinstance(error, Elsewhere) and not getattr(error, "agreed", False):
-        return
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
+    if isinstance(error, Elsewhere) or getattr(error, "agreed", False):
+        finish()
 
 
 # ---------------------------------------------------------------- FSDP-QLoRA (train.distributed: fsdp)
