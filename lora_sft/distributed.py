@@ -285,53 +285,6 @@ def fsdp_arguments(recipe: Recipe) -> dict:
     return {"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)}
 
 
-def fsdp_problems(recipe: Recipe) -> list[str]:
-    """What cannot run under FSDP: a base or an adapter init FSDP cannot shard or save, a CPU, a contradicting
-    accelerate config (train.optimizer is the schema's: `TrainSection`)."""
-    import torch
-
-    from .model import MUTATING_INITS, compute_dtype
-
-    where = recipe.where("train", "distributed")
-    from_config = recipe.train.distributed == "auto"
-    if recipe.train.distributed == "ddp" and accelerate_fsdp():
-        return [
-            f"{where}: ddp, but accelerate launch was given an FSDP config (ACCELERATE_USE_FSDP=true); set train.distributed: fsdp (or auto), or launch with recipes/accelerate/ddp.yaml"
-        ]
-    if not uses_fsdp(recipe):
-        return []
-    why = "train.distributed auto under an accelerate FSDP config" if from_config else "train.distributed: fsdp"
-    problems = []
-    if recipe.quant.mode == "int8":
-        problems.append(
-            f"{recipe.where('quant', 'mode')}: int8 cannot be sharded by FSDP ({why}): its weights are int8 with per-row scales kept outside them; use quant.mode: nf4 (FSDP-QLoRA), or train.distributed: ddp"
-        )
-    if recipe.lora.init in MUTATING_INITS:
-        problems.append(
-            f"{recipe.where('lora', 'init')}: {recipe.lora.init} rewrites the base weights, which FSDP shards ({why}); use init: default, or train.distributed: ddp"
-        )
-    if launched() and not torch.cuda.is_available():
-        problems.append(
-            f"{where}: FSDP needs GPUs ({why}): accelerate runs FSDP on CUDA devices only, and CPU processes would each train the whole model (DDP); use train.distributed: ddp here"
-        )
-    if accelerate_fsdp():
-        version = os.environ.get("FSDP_VERSION", "1")
-        if version != "2":
-            problems.append(
-                f"{where}: the accelerate config says fsdp_version {version}; lora_sft runs FSDP2 (FSDP1 is deprecated in transformers 5): set fsdp_version: 2, as recipes/accelerate/fsdp_qlora.yaml does"
-            )
-        # the Trainer's mixed precision casts every gathered weight to its dtype: the 4-bit storage must be that dtype
-        wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(
-            str(compute_dtype(recipe.quant)).removeprefix("torch."), "no"
-        )
-        given = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        if given not in ("no", wanted):
-            problems.append(
-                f"{recipe.where('quant', 'compute_dtype')}: the accelerate config's mixed_precision {given} differs from the compute dtype ({wanted if wanted != 'no' else 'fp32'}): FSDP would cast the 4-bit weights, stored in the compute dtype, to {given}; set mixed_precision: 'no' in the accelerate config (lora_sft sets it from quant.compute_dtype)"
-            )
-    return problems
-
-
 def full_adapter_state(model) -> dict | None:
     """Under FSDP: the trainable tensors (the adapter) gathered whole onto the CPU of rank 0 (the other ranks get
     an empty dict); None when the model is not sharded, so peft saves from the model itself. A collective call:

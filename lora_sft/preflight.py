@@ -9,6 +9,7 @@ tokenized data, hardware, output_dir, what the after-training steps need) and ra
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -103,6 +104,49 @@ def _tokenizer_problems(
     return problems
 
 
+def fsdp_problems(recipe: Recipe) -> list[str]:
+    """What cannot run under FSDP: a base or an adapter init FSDP cannot shard or save, a CPU, a contradicting
+    accelerate config (train.optimizer is the schema's: `TrainSection`)."""
+    where = recipe.where("train", "distributed")
+    from_config = recipe.train.distributed == "auto"
+    if recipe.train.distributed == "ddp" and distributed.accelerate_fsdp():
+        return [
+            f"{where}: ddp, but accelerate launch was given an FSDP config (ACCELERATE_USE_FSDP=true); set train.distributed: fsdp (or auto), or launch with recipes/accelerate/ddp.yaml"
+        ]
+    if not distributed.uses_fsdp(recipe):
+        return []
+    why = "train.distributed auto under an accelerate FSDP config" if from_config else "train.distributed: fsdp"
+    problems = []
+    if recipe.quant.mode == "int8":
+        problems.append(
+            f"{recipe.where('quant', 'mode')}: int8 cannot be sharded by FSDP ({why}): its weights are int8 with per-row scales kept outside them; use quant.mode: nf4 (FSDP-QLoRA), or train.distributed: ddp"
+        )
+    if recipe.lora.init in model_stage.MUTATING_INITS:
+        problems.append(
+            f"{recipe.where('lora', 'init')}: {recipe.lora.init} rewrites the base weights, which FSDP shards ({why}); use init: default, or train.distributed: ddp"
+        )
+    if distributed.launched() and not torch.cuda.is_available():
+        problems.append(
+            f"{where}: FSDP needs GPUs ({why}): accelerate runs FSDP on CUDA devices only, and CPU processes would each train the whole model (DDP); use train.distributed: ddp here"
+        )
+    if distributed.accelerate_fsdp():
+        version = os.environ.get("FSDP_VERSION", "1")
+        if version != "2":
+            problems.append(
+                f"{where}: the accelerate config says fsdp_version {version}; lora_sft runs FSDP2 (FSDP1 is deprecated in transformers 5): set fsdp_version: 2, as recipes/accelerate/fsdp_qlora.yaml does"
+            )
+        # the Trainer's mixed precision casts every gathered weight to its dtype: the 4-bit storage must be that dtype
+        wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(
+            str(model_stage.compute_dtype(recipe.quant)).removeprefix("torch."), "no"
+        )
+        given = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if given not in ("no", wanted):
+            problems.append(
+                f"{recipe.where('quant', 'compute_dtype')}: the accelerate config's mixed_precision {given} differs from the compute dtype ({wanted if wanted != 'no' else 'fp32'}): FSDP would cast the 4-bit weights, stored in the compute dtype, to {given}; set mixed_precision: 'no' in the accelerate config (lora_sft sets it from quant.compute_dtype)"
+            )
+    return problems
+
+
 def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
     """The preflight, run by `validate` and first thing in `train` (before the run directory exists):
     everything that can be checked without training. Data rows; model config, LoRA targets and weight
@@ -150,7 +194,7 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
         problems += model_stage.check_weights(recipe, plan)
     if source is not None:
         problems += model_stage.init_problems(recipe, source)  # lora.init against the base (quant.mode, weight files)
-    problems += distributed.fsdp_problems(recipe)  # FSDP against the base, the adapter init, the device, the launcher
+    problems += fsdp_problems(recipe)  # FSDP against the base, the adapter init, the device, the launcher
     attempt(check_hardware, recipe)
     # output_dir must be a folder of its own (not the working directory, the data's, a folder of other files)
     attempt(checkpoint.check_output_dir, recipe, source.path if source is not None and source.origin != "hub" else None)

@@ -266,24 +266,24 @@ def test_ddp_yaml_is_plain_data_parallel():
 def test_contradictions_with_the_launcher_are_refused(monkeypatch):
     fsdp, ddp, auto = (llama_recipe(distributed=d) for d in ("fsdp", "ddp", "auto"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert distributed.fsdp_problems(fsdp) == []  # one process: fine anywhere
+    assert preflight.fsdp_problems(fsdp) == []  # one process: fine anywhere
     for name, value in LAUNCHER.items():
         monkeypatch.setenv(name, value)
-    assert distributed.fsdp_problems(fsdp) == [] and distributed.fsdp_problems(ddp) == []
+    assert preflight.fsdp_problems(fsdp) == [] and preflight.fsdp_problems(ddp) == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert distributed.fsdp_problems(fsdp) == [
+    assert preflight.fsdp_problems(fsdp) == [
         "train.distributed: FSDP needs GPUs (train.distributed: fsdp): accelerate runs FSDP on CUDA devices only, and CPU processes would each train the whole model (DDP); use train.distributed: ddp here"
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, value in accelerate_env("fsdp_qlora.yaml").items():
         monkeypatch.setenv(name, value)
-    assert distributed.fsdp_problems(auto) == distributed.fsdp_problems(fsdp) == []
-    assert distributed.fsdp_problems(ddp) == [
+    assert preflight.fsdp_problems(auto) == preflight.fsdp_problems(fsdp) == []
+    assert preflight.fsdp_problems(ddp) == [
         "train.distributed: ddp, but accelerate launch was given an FSDP config (ACCELERATE_USE_FSDP=true); set train.distributed: fsdp (or auto), or launch with recipes/accelerate/ddp.yaml"
     ]
     monkeypatch.setenv("FSDP_VERSION", "1")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-    assert distributed.fsdp_problems(auto) == [
+    assert preflight.fsdp_problems(auto) == [
         "train.distributed: the accelerate config says fsdp_version 1; lora_sft runs FSDP2 (FSDP1 is deprecated in transformers 5): set fsdp_version: 2, as recipes/accelerate/fsdp_qlora.yaml does",
         "quant.compute_dtype: the accelerate config's mixed_precision fp16 differs from the compute dtype (bf16): FSDP would cast the 4-bit weights, stored in the compute dtype, to fp16; set mixed_precision: 'no' in the accelerate config (lora_sft sets it from quant.compute_dtype)",
     ]
@@ -299,7 +299,7 @@ def test_int8_and_a_mutating_init_are_refused_under_an_accelerate_fsdp_config(mo
             "lora": llama_recipe().lora.model_copy(update={"init": "pissa"}),
         }
     )
-    assert distributed.fsdp_problems(recipe) == [
+    assert preflight.fsdp_problems(recipe) == [
         "quant.mode: int8 cannot be sharded by FSDP (train.distributed auto under an accelerate FSDP config): its weights are int8 with per-row scales kept outside them; use quant.mode: nf4 (FSDP-QLoRA), or train.distributed: ddp",
         "lora.init: pissa rewrites the base weights, which FSDP shards (train.distributed auto under an accelerate FSDP config); use init: default, or train.distributed: ddp",
     ]
