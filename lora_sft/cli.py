@@ -206,7 +206,7 @@ def _report(error: BaseException, lines: list[str], code: int) -> int:
     _end_progress_line()
     for line in lines:
         print(f"error: {line}", file=sys.stderr, flush=True)
-    stop(error)
+    stop(error, code)
     return code
 
 

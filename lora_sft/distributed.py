@@ -14,8 +14,10 @@ optimizer step. The global batch is micro_batch_size x grad_accum x processes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -228,12 +230,27 @@ def finish() -> None:
     dist.destroy_process_group()
 
 
-def stop(error: BaseException) -> None:
+def stop(error: BaseException, code: int) -> None:
     """The CLI, after reporting `error`: if every process stops with it at the same point (`agree` raised it),
     wait until all have reported it, so the main process has printed it before any process exits (the launcher
-    ends the others as soon as one has exited), then leave the process group."""
-    if isinstance(error, Elsewhere) or getattr(error, "agreed", False):
-        finish()
+    ends the others as soon as one has exited), leave the process group, and exit with `code` at once.
+
+    At once: without the interpreter's teardown, where torch's C++ objects end gloo's threads. A process stopped
+    there once in CI by SIGABRT ("terminate called without an active exception"), after the error was printed, so
+    torchrun named the abort, not the error, as the root cause (a race 29 runs here did not reproduce). Nothing
+    is left to write: the error is printed, and no process writes after a failure."""
+    if not (isinstance(error, Elsewhere) or getattr(error, "agreed", False)):
+        return
+    if not world().distributed or not started():
+        return
+    finish()
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed stream: nothing to flush
+            stream.flush()
+    os._exit(code)
 
 
 # ---------------------------------------------------------------- FSDP-QLoRA (train.distributed: fsdp)
