@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -487,7 +488,11 @@ def train(recipe: Recipe, trainer: CountingTrainer, resume_from: Path | None):
         checkpoint.restore_counts(trainer, resume_from)
     seen_before, train_start = trainer.tokens_seen, time.perf_counter()
     saves = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, checkpoint.AtomicCheckpoints))
-    with guarded(recipe, trainer), checkpoint.save_errors(saves):
+    with guarded(recipe, trainer), checkpoint.save_errors(saves), warnings.catch_warnings():
+        # Trainer saves checkpoints with peft's save_embedding_layers "auto": for a hub base it looks config.json up
+        # to see if the vocabulary grew, and warns offline; added tokens' rows are saved either way (trainable tokens)
+        warnings.filterwarnings("ignore", message="Unable to fetch remote file", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stopped := trainer.guard.interrupted(trainer.state):
         raise stopped  # the checkpoint is saved; the adapter/ and summary come when the run completes
