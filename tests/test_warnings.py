@@ -13,6 +13,22 @@ from lora_sft import preflight
 from lora_sft.recipe import load_recipe
 
 
+def _planned(write_recipe, tiny_llama, tmp_path, data_format: str, train: str):
+    """A recipe on the tiny Llama (classification for the classification format) and its model plan."""
+    task = "classification" if data_format == "classification" else "causal_lm"
+    recipe = load_recipe(
+        write_recipe(
+            {
+                "task": task,
+                "output_dir": str(tmp_path / "run"),
+                "model": {"path": str(tiny_llama)},
+                "data": {"format": data_format, "train": str(REPO / train)},
+            }
+        )
+    )
+    return recipe, preflight.prepare(recipe).plan
+
+
 @pytest.mark.e2e
 def test_a_training_run_prints_no_future_or_deprecation_warning(tiny_run):
     _, _, proc = tiny_run  # trained through `python -m lora_sft train`, then evaluated from the saved adapter
@@ -29,17 +45,7 @@ def test_a_new_classification_head_is_one_line_of_ours(tiny_llama, tmp_path, wri
     keeps that report (and the "Loading weights" bars, outside a terminal) quiet and says it in one line."""
     from transformers.utils import logging as transformers_logging
 
-    recipe = load_recipe(
-        write_recipe(
-            {
-                "task": "classification",
-                "output_dir": str(tmp_path / "run"),
-                "model": {"path": str(tiny_llama)},
-                "data": {"format": "classification", "train": str(REPO / "data/quickstart/train.jsonl")},
-            }
-        )
-    )
-    plan = preflight.prepare(recipe).plan
+    recipe, plan = _planned(write_recipe, tiny_llama, tmp_path, "classification", "data/quickstart/train.jsonl")
     verbosity = transformers_logging.get_verbosity()
     records: list[logging.LogRecord] = []
     catch = logging.Handler()
@@ -62,17 +68,7 @@ def test_a_new_classification_head_is_one_line_of_ours(tiny_llama, tmp_path, wri
 def test_wrapping_and_reloading_an_adapter_warns_nothing(tiny_llama, tmp_path, write_recipe):
     """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` whenever it builds a PeftModel;
     model.add_lora and model.load_adapter keep that FutureWarning from reaching the user, and nothing else."""
-    recipe = load_recipe(
-        write_recipe(
-            {
-                "task": "causal_lm",
-                "output_dir": str(tmp_path / "run"),
-                "model": {"path": str(tiny_llama)},
-                "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
-            }
-        )
-    )
-    plan = preflight.prepare(recipe).plan
+    recipe, plan = _planned(write_recipe, tiny_llama, tmp_path, "alpaca", "data/examples/alpaca.jsonl")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = model_stage.add_lora(model_stage.load_base(recipe, plan), recipe, plan)
