@@ -178,7 +178,8 @@ def _train(args) -> int:
     recipe = together(load_recipe, args.recipe, args.overrides)
     from .train import run
 
-    run(recipe, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)  # training, then the recipe's eval and hub sections
+    # training, then the recipe's eval and hub sections, then the summary
+    run(recipe, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     finish()  # under a launcher: every process ends together, after the main process has written everything
     return 0
 
