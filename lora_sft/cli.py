@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace the run in output_dir: removes only the files a run writes, never other files",
     )
+    t.add_argument("--quiet", action="store_true", help="print only errors and the end-of-run summary")
     t.set_defaults(handler=_train)
     v = sub.add_parser(
         "validate",
@@ -169,11 +170,16 @@ def _train(args) -> int:
     if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
         # `--resume train.lr=1e-4`: argparse took an override for --resume's optional PATH
         args.overrides, args.resume = [*args.overrides, args.resume], True
+    if args.quiet:
+        from .progress import quiet_libraries
+
+        quiet_libraries()
     start()  # under a launcher: from here the processes can wait for each other and share a failure
     recipe = together(load_recipe, args.recipe, args.overrides)
     from .train import run
 
-    run(recipe, resume=args.resume, overwrite=args.overwrite)  # training, then the recipe's eval and hub sections
+    # training, then the recipe's eval and hub sections, then the summary
+    run(recipe, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     finish()  # under a launcher: every process ends together, after the main process has written everything
     return 0
 

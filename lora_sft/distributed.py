@@ -336,8 +336,6 @@ def trainer_arguments(recipe) -> dict:
       distributed training: every process trains alone on the whole data, and all of them write one run.
     """
     args: dict = {"ddp_find_unused_parameters": False}
-    if not world().main:  # the training and evaluation bars on the main process only (Trainer draws one per machine)
-        args["disable_tqdm"] = True
     if world().distributed and not torch.cuda.is_available():
         args |= {"use_cpu": True, "ddp_backend": "gloo"}
     return args

@@ -583,34 +583,46 @@ def _check_template_syntax(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -
         pass  # the template refuses this one-message chat: rows are rendered (and checked) one by one later
 
 
-def load_base(recipe: Recipe, plan: ModelPlan, sharded: bool = False) -> PreTrainedModel:
+def load_base(
+    recipe: Recipe, plan: ModelPlan, sharded: bool = False, log: Callable[[str], object] | None = None
+) -> PreTrainedModel:
     """The frozen base, quantized as the recipe says; heads stay unquantized. `sharded`: the model FSDP will divide
-    among the processes (`train.setup_model` under train.distributed fsdp), loaded into CPU memory."""
+    among the processes (`train.setup_model` under train.distributed fsdp), loaded into CPU memory. `log`: gets
+    one line on a classification head (transformers' own load report is not printed)."""
     import bitsandbytes as bnb
 
-    loaded = task_class(recipe.task).from_pretrained(
-        plan.source.path,
-        config=plan.config,
-        revision=recipe.model.revision,
-        trust_remote_code=recipe.model.trust_remote_code,
-        quantization_config=quantization_config(recipe.quant, plan.heads, fsdp=distributed.uses_fsdp(recipe)),
-        dtype=compute_dtype(recipe.quant),
-        # FSDP: into CPU memory, and FSDP moves each layer's shard to this process's GPU, so the whole model never
-        # sits on one GPU. Every process loads it (transformers 5.24's rank-0-only loading skips quantized models).
-        # Otherwise this process's own device (its GPU under a launcher), never "auto".
-        device_map={"": "cpu"} if sharded else distributed.device_map(),
-        use_safetensors=None if recipe.model.allow_pickle else True,  # True: refuse pickle weight files
-        output_loading_info=True,
-    )
+    with _quiet_load():
+        loaded = task_class(recipe.task).from_pretrained(
+            plan.source.path,
+            config=plan.config,
+            revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code,
+            quantization_config=quantization_config(recipe.quant, plan.heads, fsdp=distributed.uses_fsdp(recipe)),
+            dtype=compute_dtype(recipe.quant),
+            # FSDP: into CPU memory, and FSDP moves each layer's shard to this process's GPU, so the whole model never
+            # sits on one GPU. Every process loads it (transformers 5.24's rank-0-only loading skips quantized models).
+            # Otherwise this process's own device (its GPU under a launcher), never "auto".
+            device_map={"": "cpu"} if sharded else distributed.device_map(),
+            use_safetensors=None if recipe.model.allow_pickle else True,  # True: refuse pickle weight files
+            output_loading_info=True,
+        )
     model, info = cast("tuple[PreTrainedModel, dict[str, list[str]]]", loaded)  # output_loading_info makes it a pair
     # transformers initializes missing weights at random and only logs it; a classification task's head is new by design
     new_head = plan.heads if recipe.task == "classification" else []
-    missing = sorted(
-        k for k in info.get("missing_keys", ()) if not any(k == h or k.startswith(f"{h}.") for h in new_head)
-    )
+
+    def in_head(key: str) -> bool:
+        return any(key == h or key.startswith(f"{h}.") for h in new_head)
+
+    missing = sorted(k for k in info.get("missing_keys", ()) if not in_head(k))
     if missing:
         raise UserError(
             f"{recipe.where('model', 'path')}: {plan.source.path}: {len(missing)} weights are missing from the weight files ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); they would train from random values"
+        )
+    if new_head and log is not None:  # in place of transformers' load report (`_quiet_load`)
+        new = any(in_head(k) for k in info.get("missing_keys", ()))
+        size = sum(p.numel() for n, p in model.named_parameters() if in_head(n))
+        log(
+            f"{' and '.join(new_head)} head: {'new' if new else 'from the checkpoint'}, {size:,} parameters, trained in full"
         )
     if plan.new_token_ids:
         _grow_embeddings(model, plan)
@@ -631,6 +643,26 @@ def load_base(recipe: Recipe, plan: ModelPlan, sharded: bool = False) -> PreTrai
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+@contextlib.contextmanager
+def _quiet_load():
+    """Around from_pretrained: transformers' load report (a new classification head listed as MISSING, "newly
+    initialized") is not printed, load_base says it in one line; its "Loading weights" bars only on a terminal."""
+    import sys
+
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def _grow_embeddings(model: PreTrainedModel, plan: ModelPlan) -> None:

@@ -11,15 +11,23 @@ cover the evaluations as well as the training loop.
 
 from __future__ import annotations
 
-import resource
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
-from . import checkpoint, distributed, planner
+from . import checkpoint, distributed, planner, progress
 from . import data as data_stage
 from . import loss as loss_stage
 from . import model as model_stage
@@ -38,15 +46,18 @@ class Result:
     trainer: Trainer
 
 
-def run(recipe: Recipe, log=print, resume: str | bool | None = None, overwrite: bool = False) -> Result:
-    """`train`: the preflight, then setup -> train -> finish (`fit`).
+def run(
+    recipe: Recipe, log=print, resume: str | bool | None = None, overwrite: bool = False, quiet: bool = False
+) -> Result:
+    """`train`: the preflight, then setup -> train -> finish (`fit`), then the end-of-run summary.
 
     Under a launcher (torchrun, accelerate launch) every process runs this; the main process alone writes and
     prints. The first process on each machine runs the preflight first (it tokenizes the data and fills the
     cache), then the others (they read the cache); bad input stops every process there, before anything is
-    written."""
+    written. `quiet` (train --quiet): the summary is all that is printed."""
     me = distributed.world()
-    log = log if me.main else _quiet
+    say = log  # the summary, printed by the main process
+    log = log if me.main and not quiet else _quiet  # everything else
     ready, start = distributed.main_first(preflight, recipe, resume, overwrite)
     memory = ready.memory  # None only for a config without transformer sizes: the recipe's settings as written
     if memory is not None and start.resume_from and recipe.train.memory_budget is not None:
@@ -59,7 +70,10 @@ def run(recipe: Recipe, log=print, resume: str | bool | None = None, overwrite: 
     if me.distributed:
         log(f"processes: {me.size}, {batch_text(recipe, me.size)}")
     model = setup_model(recipe, ready, log)
-    return fit(recipe, model, ready.tokenizer, ready.bundle, ready.plan, log, start)
+    result = fit(recipe, model, ready.tokenizer, ready.bundle, ready.plan, log, start)
+    if me.main:
+        say("\n".join(progress.summary_lines(Summary.from_json(result.summary), result.run_dir)))
+    return result
 
 
 def preflight(recipe: Recipe, resume: str | bool | None, overwrite: bool) -> tuple[Ready, checkpoint.Start]:
@@ -85,7 +99,7 @@ def setup_model(recipe: Recipe, prepared: Ready, log=print) -> torch.nn.Module:
     bundle = prepared.bundle
     for split in ("train", "eval") if bundle.eval is not None else ("train",):
         log("\n".join(stats_lines(bundle, split, lengths_histogram=False)))
-    base = model_stage.load_base(recipe, prepared.plan, sharded=bool(distributed.fsdp_shards(recipe)))
+    base = model_stage.load_base(recipe, prepared.plan, sharded=bool(distributed.fsdp_shards(recipe)), log=log)
     # lora.init eva: the adapter starts from a pass over the training batches (before any checkpoint is restored)
     batches = (
         model_stage.InitBatches(recipe, bundle.train, data_stage.collator(recipe, prepared.tokenizer))
@@ -131,11 +145,7 @@ def fit(
         model, tokenizer, initial, adapter
     )  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
     run_dir.finish(manifest, summary)
-    for name, metrics in (("before", before), ("after", after)):
-        if metrics:
-            log(f"eval {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     after_training(recipe, run_dir, trainer, bundle.labels, log)
-    log(f"run directory: {run_dir.root}")
     return Result(run_dir, (run_dir.read_summary() or summary).to_json(), model, trainer)
 
 
@@ -387,7 +397,8 @@ def build_trainer(
     recipe: Recipe, model, tokenizer, bundle: data_stage.DataBundle, run_dir: RunDir, log=print
 ) -> CountingTrainer:
     """The Trainer with its callbacks, in the order they act at a step's end: the log, the last-step save,
-    the guard (a signal asks for a save), then `AtomicCheckpoints`, which sees every request to save."""
+    the guard (a signal asks for a save), then `AtomicCheckpoints`, which sees every request to save. What is
+    printed while it trains is `progress.Progress`'s (a bar when printing to a terminal, else plain lines)."""
     from .evaluation import classification_metrics
 
     guard = Guard(recipe, run_dir.checkpoints, log)
@@ -408,6 +419,12 @@ def build_trainer(
         callbacks=callbacks,
         optimizers=(lora_plus_optimizer(recipe, model, args), None),  # None: Trainer's own, from args.optim
         guard=guard,
+    )
+    for printer in (ProgressCallback, PrinterCallback):  # Trainer's tqdm bar or its printed log dicts: ours instead
+        trainer.remove_callback(printer)
+    terminal = log is print and sys.stdout.isatty()
+    trainer.add_callback(
+        progress.Progress(log, trainer.counts, lambda logged: _eval_metrics(logged, recipe.task), terminal)
     )
     # saved with each checkpoint, checked on resume: the token totals and what a resumed run must share
     trainer.add_callback(
@@ -471,7 +488,11 @@ def train(recipe: Recipe, trainer: CountingTrainer, resume_from: Path | None):
         checkpoint.restore_counts(trainer, resume_from)
     seen_before, train_start = trainer.tokens_seen, time.perf_counter()
     saves = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, checkpoint.AtomicCheckpoints))
-    with guarded(recipe, trainer), checkpoint.save_errors(saves):
+    with guarded(recipe, trainer), checkpoint.save_errors(saves), warnings.catch_warnings():
+        # Trainer saves checkpoints with peft's save_embedding_layers "auto": for a hub base it looks config.json up
+        # to see if the vocabulary grew, and warns offline; added tokens' rows are saved either way (trainable tokens)
+        warnings.filterwarnings("ignore", message="Unable to fetch remote file", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stopped := trainer.guard.interrupted(trainer.state):
         raise stopped  # the checkpoint is saved; the adapter/ and summary come when the run completes
@@ -497,7 +518,7 @@ def summarize(
     started: float,
 ) -> Summary:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    peak, peak_kind = _peak_memory_mb()  # this process's (the main process's under a launcher)
+    peak, peak_kind = progress.peak_memory_mb()  # this process's (the main process's under a launcher)
     # each process counts the tokens of its own batches (the main one also what a resumed checkpoint counted)
     seen, trained, seen_before = (
         distributed.total(n) for n in (trainer.tokens_seen, trainer.tokens_trained, seen_before)
@@ -561,12 +582,6 @@ def after_training(
         from .hub import push
 
         push(run_dir.adapter, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision, log=log)
-
-
-def _peak_memory_mb() -> tuple[float, str]:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"  # ru_maxrss is KiB on Linux
 
 
 def _eval_metrics(raw: dict, task: str) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -34,7 +35,8 @@ def test_quickstart(tmp_path):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(f"run directory: {out}") == 2  # printed at the start and at the end
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]  # peft's hub lookup at each checkpoint save among them
+    assert proc.stdout.count(f"run directory: {out}") == 1  # at the start; the summary at the end lists the files
 
     for name in CONTRACT:
         assert (out / name).exists(), name
@@ -51,7 +53,8 @@ def test_quickstart(tmp_path):
     assert f"| accuracy | {before:.4f} | {after:.4f} |" in table and "| f1 |" in table
     for key in ("train_loss", "eval_loss", "tokens_trained", "tokens_per_second", "peak_memory_mb", "wall_time_s"):
         assert summary[key] is not None and summary[key] > 0, key
-    assert "eval before: loss" in proc.stdout and "accuracy" in proc.stdout
+    # the summary's table: each metric before -> after training, as summary.json has it
+    assert re.search(rf"\n  eval accuracy +{before:.4f} → {after:.4f}\n", proc.stdout), proc.stdout[-2000:]
 
     adapter_bytes = sum(f.stat().st_size for f in (out / "adapter").rglob("*") if f.is_file())
     assert adapter_bytes < 5 * 2**20, adapter_bytes
