@@ -9,6 +9,7 @@ tests/data/model_configs/<org>--<name>/."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -111,14 +112,11 @@ def test_the_sizes_left_out_do_not_fit(name, monkeypatch):
 def test_the_encoder_configs_are_the_published_ones():
     """The two encoder configs the estimates read, against the parameter counts their model cards give (the
     encoder alone: BERT-base 110M, ModernBERT-base 149M)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel
+
     for folder, millions in (("google-bert--bert-base-uncased", 110), ("answerdotai--ModernBERT-base", 149)):
-        import json
-
-        from transformers import AutoConfig, AutoModel
-
         config = AutoConfig.for_model(**json.loads((CONFIGS / folder / "config.json").read_text()))
-        from accelerate import init_empty_weights
-
         with init_empty_weights():
             encoder = AutoModel.from_config(config)
         params = sum(p.numel() for p in encoder.parameters()) / 1e6
