@@ -15,10 +15,11 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import RECIPES, REPO
+from helpers import RECIPES, REPO, build_tokenizer, save_tiny_llama
 
 from lora_sft import data, model, planner
 from lora_sft.recipe import Recipe, load_recipe
+from lora_sft.tokens import IGNORE_INDEX
 
 pytestmark = pytest.mark.unit
 
@@ -121,3 +122,30 @@ def test_the_encoder_configs_are_the_published_ones():
             encoder = AutoModel.from_config(config)
         params = sum(p.numel() for p in encoder.parameters()) / 1e6
         assert abs(params - millions) / millions < 0.02, (folder, params)
+
+
+def test_the_gemma_template_trains_the_turn_end_and_then_eos(tmp_path, monkeypatch):
+    """The Gemma recipes' template on a stand-in for Gemma's tokenizer (its special tokens, eos_token <eos>): a row
+    renders as Gemma's format, and the trained tokens are the response, <end_of_turn> and <eos>, which generation
+    stops on."""
+    monkeypatch.chdir(REPO)
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    corpus = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()
+    tokenizer = build_tokenizer(corpus, specials=specials, eos="<eos>", pad="<pad>", bos="<bos>", template=None)
+    folder = save_tiny_llama(tmp_path / "gemma-like", tokenizer)
+    recipe = load_recipe(REPO / "recipes/library/gemma-2-2b-8gb.yaml", [f"model.path={folder}", "data.eval_fraction=0"])
+    tokenizer = model.load_tokenizer(recipe, model.resolve_source(recipe))
+    checked = data.check(recipe)
+    first = checked.train[0]
+    bundle = data.build(recipe, tokenizer, checked)
+    row = next(
+        r for r in bundle.train if tokenizer.decode(r["input_ids"]).endswith(first.response + "<end_of_turn><eos>\n")
+    )
+    ids, labels = row["input_ids"], row["labels"]
+    assert tokenizer.decode(ids) == (
+        f"<bos><start_of_turn>user\n{first.chat[0]['content']}<end_of_turn>\n"
+        f"<start_of_turn>model\n{first.response}<end_of_turn><eos>\n"
+    )
+    trained = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == f"{first.response}<end_of_turn><eos>"
+    assert trained[-1] == tokenizer.eos_token_id
