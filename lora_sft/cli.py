@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import sys
+from typing import get_args
 
 from . import __version__
 from .distributed import Elsewhere, finish, shared, start, stop, together, world
@@ -110,6 +111,27 @@ def _parser() -> argparse.ArgumentParser:
         help="one JSON object per sample: input_ids, labels (-100 = not trained), position_ids when packed",
     )
     p.set_defaults(handler=_preview)
+    from .recipe import FORMATS, Recipe
+
+    i = sub.add_parser(
+        "init",
+        parents=[common],
+        help="write a commented recipe for a model and a data file",
+        description="Write a recipe: the data format detected from the file's first rows, the task from the format, sizes for the model (from its config), the memory estimate in a header comment. Never replaces a file.",
+    )
+    i.add_argument("--model", required=True, metavar="NAME", help="hub id (org/name) or a local model folder")
+    i.add_argument("--data", required=True, metavar="FILE", help="the training data: a file, folder or glob")
+    i.add_argument("--format", choices=FORMATS, default=None, help="the rows' format (default: detected)")
+    i.add_argument(
+        "--task",
+        choices=get_args(Recipe.model_fields["task"].annotation),
+        default=None,
+        help="default: classification for classification rows, else causal_lm",
+    )
+    i.add_argument(
+        "--out", default="recipe.yaml", metavar="FILE", help="where to write the recipe (default recipe.yaml)"
+    )
+    i.set_defaults(handler=_init)
     from .commands import add_run_commands
 
     add_run_commands(sub, common)
@@ -146,6 +168,14 @@ def _validate(args) -> int:
         print(prepared.note)
     if args.explain:
         print("\nrecipe keys:\n" + explain())
+    return 0
+
+
+def _init(args) -> int:
+    from .scaffold import init
+
+    path = init(args.model, args.data, args.format, args.task, args.out)
+    print(f"wrote {path}; check it with: python -m lora_sft validate {path}")
     return 0
 
 

@@ -203,6 +203,11 @@ def test_validate_prints_an_estimate_for_every_recipe(recipe, capsys, monkeypatc
     overrides = [o for o in gpu_only if ("bf16" in text if "compute" in o else "paged_" in text)]
     assert main(["validate", str(recipe), *overrides]) == 0
     out = capsys.readouterr().out
+    hub_id = yaml.safe_load(text)["model"]["path"]
+    if "trainable params" not in out and planner.known_shape(hub_id) is None:
+        # a hub encoder (the library's BERTs), which the table of Llama-shaped decoders cannot describe
+        assert f"note: no memory estimate for {hub_id}: it is not in lora_sft's table of known models" in out
+        return
     assert "memory estimate on the" in out and ("verdict: fits" in out or "verdict: does NOT fit" in out)
     assert "  activations: " in out and "  base weights: " in out
     if "trainable params" not in out:  # a hub model the tests never download: its shape comes from the table

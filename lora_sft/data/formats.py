@@ -31,6 +31,16 @@ FIELDS = {
     "text": ("text",),
     "classification": ("text", "label"),
 }
+SHAREGPT_LIST = "conversations"  # ShareGPT's name for a chat's list of turns, which format messages also reads
+
+
+def fitting_formats(value: dict) -> list[str]:
+    """The formats whose fields a row has, the most specific kept: a row with text and label is classification
+    (text alone would fit too). `init` detects a data file's format with it."""
+    keys = set(value)
+    fits = [f for f, need in FIELDS.items() if set(need) <= keys or (f == "messages" and SHAREGPT_LIST in keys)]
+    return [f for f in fits if not any(set(FIELDS[f]) < set(FIELDS[g]) for g in fits)]
+
 
 # The classic Alpaca prompt, used for alpaca rows when the tokenizer has no chat template.
 ALPACA_PROMPT = (
@@ -130,8 +140,8 @@ def _message_list(f: Fields, key: str, value) -> list[dict]:
 def _messages(f: Fields) -> tuple[str, list[dict]]:
     key = f.name("messages")
     value = f.value.get(key)
-    if value is None and "messages" not in f.columns and "conversations" in f.value:
-        key, value = "conversations", f.value["conversations"]  # ShareGPT's name for the list
+    if value is None and "messages" not in f.columns and SHAREGPT_LIST in f.value:
+        key, value = SHAREGPT_LIST, f.value[SHAREGPT_LIST]
     if value is None:
         raise UserError(
             f"{f.row.place}: missing field '{key}' (format messages needs a list of {{role, content}}, or ShareGPT conversations)"
