@@ -25,7 +25,12 @@ TEXTS = [
 # id: (task, quant mode, double quant, lora options)
 CASES = {
     "causal-nf4-dora": ("causal_lm", "nf4", True, {"dora": True}),
-    "causal-fp4-rslora-some-targets": ("causal_lm", "fp4", False, {"rslora": True, "target_modules": ["q_proj", "v_proj"]}),
+    "causal-fp4-rslora-some-targets": (
+        "causal_lm",
+        "fp4",
+        False,
+        {"rslora": True, "target_modules": ["q_proj", "v_proj"]},
+    ),
     "classifier-fp4-dora": ("classification", "fp4", True, {"dora": True}),
     "classifier-nf4-rslora": ("classification", "nf4", False, {"rslora": True}),
 }
@@ -67,7 +72,7 @@ def test_dequantized_merge_is_the_trained_model_and_original_is_not(case, tmp_pa
     torch.manual_seed(0)
     training = model_stage.add_lora(model_stage.load_base(recipe, plan), recipe, plan)
     with torch.no_grad():  # as if trained: B away from zero, DoRA's magnitudes and the classifier head moved
-        for name, p in training.named_parameters():
+        for p in training.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     training.save_pretrained(tmp_path / "adapter")
