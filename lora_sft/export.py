@@ -345,17 +345,12 @@ def take_trained_weights(unmerged, trained) -> None:
 
 def unmerged_model(run: FinishedRun, dtype: ExportDtype, onto: MergeOnto, trained=None):
     """The base + adapter in `dtype`, before the merge: the base's original weights, or (dequantized) the weights as
-    trained, taken from `trained` (the 4-bit base + adapter; loaded when not given)."""
+    trained, taken from `trained` (the 4-bit base + adapter; loaded when not given). `.merge_and_unload()` merges
+    it with peft (LoRA, rsLoRA, DoRA, a classifier head): a plain transformers model for `save_merged`."""
     model = run.model(dtype)
     if onto == "dequantized":
         take_trained_weights(model, trained if trained is not None else run.model())
     return model
-
-
-def merged_model(run: FinishedRun, dtype: ExportDtype, onto: MergeOnto, trained=None):
-    """The base with the adapter merged in by peft (LoRA, rsLoRA, DoRA, a classifier head), a plain transformers
-    model in `dtype`; onto `dequantized` it reproduces the model that was trained and evaluated."""
-    return unmerged_model(run, dtype, onto, trained).merge_and_unload()
 
 
 def save_merged(run: FinishedRun, full, folder: Path, max_shard_size: int | str = "2GB") -> int:
@@ -685,7 +680,7 @@ def _report_merge(
     tol: float,
 ) -> list[str]:
     """The merged export's entries of the report: (d) and (c), the check that (c) equals what was merged (b or d:
-    returned as a problem line when it does not), the quantization gap and `merge_onto`."""
+    returned as a problem line when it does not), (c)'s distance to the model as trained and `merge_onto`."""
     report["models"]["d"] = f"{run.recipe.quant.mode} base dequantized as trained, in {dtype}, + adapter, unmerged"
     report["models"]["c"] = (
         f"merged onto the {onto} weights, {dtype}, loaded from {folder_name}/ with plain transformers"

@@ -190,7 +190,8 @@ def test_every_run_is_usable_from_another_directory(case, tiny_llama, tmp_path, 
             assert (out / "merged/config.json").is_file() and report["pairs"]["d_vs_c"]["max_abs_logit_diff"] <= report[
                 "tolerance"
             ]
-            if mode != "int8":  # the merged model is the one trained (LLM.int8() also rounds activations: no weight can)
+            # the merged model is the one trained (LLM.int8() also rounds activations, which no weight can hold)
+            if mode != "int8":
                 assert report["pairs"]["a_vs_c"]["max_abs_logit_diff"] <= report["tolerance"]
         card = (out / "adapter/README.md").read_text()
         assert "https://github.com/)" not in card and "base_model:" not in card.split("\n---\n", 1)[0]
