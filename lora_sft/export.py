@@ -729,14 +729,14 @@ def _onto_report(
     )
     return {
         "exported": onto,
-        "why": _why(onto, merges, "held-out" if held_out else "train"),
+        "why": _why(onto, merges, samples, "held-out" if held_out else "train"),
         "data": data,
         "trained": {"loss": loss(outputs["a"]), "perplexity": perplexity(outputs["a"])},
         **merges,
     }
 
 
-def _why(onto: MergeOnto, merges: dict, data: str) -> str:
+def _why(onto: MergeOnto, merges: dict, samples: int, data: str) -> str:
     other: MergeOnto = "original" if onto == "dequantized" else "dequantized"
     this, that = merges[onto], merges[other]
     if onto == "dequantized":
@@ -752,9 +752,8 @@ def _why(onto: MergeOnto, merges: dict, data: str) -> str:
             f"merged onto the dequantized weights: {that['max_abs_logit_diff']:.3g})"
         )
     better = "lower" if this["loss"] <= that["loss"] else "higher"
-    return f"{why}; {data} loss {this['loss']:.4f}, {better} than {that['loss']:.4f} onto the {other} weights" + (
-        "" if better == "lower" else f" (export with --onto {other} for that one)"
-    )
+    advice = "" if better == "lower" else f" (confirm it with a larger --samples; --onto {other} exports that one)"
+    return f"{why}; loss on the {samples} {data} samples {this['loss']:.4f}, {better} than {that['loss']:.4f} onto the {other} weights{advice}"
 
 
 def format_report(report: dict) -> str:

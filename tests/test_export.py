@@ -280,3 +280,31 @@ def test_onto_is_checked_before_anything_is_loaded(tmp_path, capsys):
         "error: --onto original: says what the merged model is merged onto, and there is none without --merged; add --merged or leave --onto out"
     ]
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.unit
+def test_merge_report_says_which_data_and_which_merge_scores_better():
+    """Without an eval split the losses are on train rows and the report says so; the `why` names the better merge."""
+    from types import SimpleNamespace
+
+    from lora_sft.export import _onto_report
+
+    torch.manual_seed(0)
+    targets = torch.randint(0, 5, (12,))
+    trained = torch.randn(12, 5)
+    outputs = {"a": Outputs(trained, targets), "c": Outputs(trained + 1e-6, targets)}
+    worse = Outputs(trained + torch.randn(12, 5), targets)  # the original merge, further from (a)
+    run = SimpleNamespace(recipe=SimpleNamespace(task="classification"))
+    report = _onto_report(run, "dequantized", outputs, {"original": worse}, held_out=False, samples=12)
+    assert report["data"] == "12 train rows (the run has no eval split: not held out)"
+    assert report["exported"] == "dequantized" and set(report["original"]) == set(report["dequantized"])
+    ce = torch.nn.functional.cross_entropy
+    assert report["original"]["loss"] == pytest.approx(ce(worse.logits, targets).item())
+    assert report["trained"]["perplexity"] == pytest.approx(math.exp(ce(trained, targets).item()))
+    assert report["original"]["label_agreement"] == (worse.logits.argmax(-1) == trained.argmax(-1)).float().mean()
+    lower = report["dequantized"]["loss"] <= report["original"]["loss"]
+    assert lower and "loss on the 12 train samples" in report["why"] and "lower than" in report["why"]
+    swapped = _onto_report(run, "original", {**outputs, "c": worse}, {"dequantized": outputs["c"]}, False, 12)
+    assert swapped["why"].startswith("chosen with --onto original") and swapped["why"].endswith(
+        "(confirm it with a larger --samples; --onto dequantized exports that one)"
+    )
