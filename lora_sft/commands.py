@@ -54,6 +54,7 @@ def _export(args) -> int:
         samples=args.samples,
         tolerance=args.tolerance,
         max_shard_size=args.max_shard_size,
+        onto=args.onto,
     )
     return 0
 
@@ -147,9 +148,14 @@ def add_run_commands(sub, common) -> None:
         "export",
         _export,
         "export the adapter (and the merged model) with a fidelity report",
-        "Export a finished run: the adapter in PEFT format with its tokenizer and model card, with --merged also the base (unquantized, --dtype) with the adapter merged in; writes fidelity.json comparing the 4-bit model as trained, the unquantized unmerged model and the merged one, and fails (exit 1) if the merge changed the model beyond the tolerance.",
+        "Export a finished run: the adapter in PEFT format with its tokenizer and model card, with --merged also the base in --dtype with the adapter merged in (onto the 4-bit weights dequantized as trained, or with --onto original onto the unquantized ones); writes fidelity.json comparing the 4-bit model as trained, the unquantized unmerged model and the merged one (and both merges), and fails (exit 1) if the merge changed the model beyond the tolerance.",
     )
     e.add_argument("--merged", action="store_true", help="also write the merged model (sharded safetensors)")
+    e.add_argument(
+        "--onto",
+        choices=["dequantized", "original"],
+        help="with --merged, merge the adapter onto: dequantized (default), the 4-bit weights as trained, so the merged model is the one trained and evaluated; or original, the base's unquantized weights; fidelity.json compares both",
+    )
     e.add_argument(
         "--dtype",
         choices=["bf16", "fp16", "fp32"],

@@ -2,17 +2,23 @@
 
     RUN_DIR/export/            (or --out DIR)
       adapter/                 adapter_model.safetensors, adapter_config.json, tokenizer + chat template, README.md card
-      merged/                  (--merged) base unquantized in --dtype with the adapter merged in: sharded
+      merged/                  (--merged) the base in --dtype with the adapter merged in (--onto below): sharded
                                safetensors, config, generation config, tokenizer, README.md card
-      fidelity.json            the three-way comparison below, the load checks, serving warnings, peak memory
+      fidelity.json            the comparisons below, the load checks, serving warnings, peak memory
+
+--onto dequantized (the default) merges the adapter onto the 4-bit weights dequantized exactly as bitsandbytes
+did in training, so the merged model is the model that was trained and evaluated; --onto original merges it
+onto the base's unquantized weights, which the 4-bit ones only approximate.
 
 The fidelity report runs the same held-out samples through (a) the 4-bit base + adapter as trained,
-(b) the unquantized base in --dtype + the adapter, unmerged, and (c) the merged model as saved, loaded
-back from disk in a fresh interpreter with plain transformers. For each pair: max |logit difference|,
-mean KL divergence, perplexity change and greedy next-token agreement. (b) vs (c) must agree within a
-tolerance or the export fails (exit 1) and nothing is written; (a) vs (c) is the quantization
-gap, reported as it is. The adapter export is loaded the same way (plain peft on the unquantized base)
-and must reproduce (b).
+(b) the unquantized base in --dtype + the adapter, unmerged, (d) the dequantized base in --dtype + the adapter,
+unmerged, and (c) the merged model as saved, loaded back from disk in a fresh interpreter with plain
+transformers. For each pair: max |logit difference|, mean KL divergence, perplexity change and greedy
+next-token agreement. What was merged, (b) or (d), vs (c) must agree within a tolerance or the export fails
+(exit 1) and nothing is written; (a) vs (b) is the quantization gap and (a) vs (c) the export's distance
+to the model as trained, reported as they are. `merge_onto` compares both merges with (a): distance,
+agreement and loss. The adapter export is loaded the same way (plain peft on the unquantized base) and
+must reproduce (b).
 
 An export never removes or overwrites anything of the run it reads: `--out` may not be the run, hold it,
 or sit inside one of its files; an existing folder is replaced only if it is an earlier export (marked
@@ -32,7 +38,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -53,6 +59,10 @@ from .rundir import (
 # (atol, rtol) on max |logit difference| for merged vs unmerged, by export dtype: rounding the merged
 # weight to the dtype is the only legitimate difference, and it grows as the dtype narrows.
 ExportDtype = Literal["bf16", "fp16", "fp32"]
+# What `export --merged` merges the adapter onto: the 4-bit weights dequantized (the model as trained), or the
+# base's original weights (what the 4-bit weights approximate).
+MergeOnto = Literal["dequantized", "original"]
+ONTO: tuple[MergeOnto, ...] = ("dequantized", "original")
 TOLERANCE = {"fp32": (1e-4, 1e-5), "fp16": (1e-2, 1e-2), "bf16": (5e-2, 5e-2)}
 # Ranks vLLM's --max-lora-rank accepts (its default is 16).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -111,10 +121,14 @@ def positions(run: FinishedRun, batch: dict, logits: torch.Tensor) -> Outputs:
     return Outputs(logits[mask], tokens.next_token_targets(labels)[mask])
 
 
-def perplexity(out: Outputs) -> float:
+def loss(out: Outputs) -> float:
+    """Mean cross-entropy over the scored targets (trained tokens; a classifier's labels)."""
     keep = tokens.is_target(out.targets)
-    loss = torch.nn.functional.cross_entropy(out.logits[keep], out.targets[keep])
-    return tokens.perplexity(loss.item())
+    return torch.nn.functional.cross_entropy(out.logits[keep], out.targets[keep]).item()
+
+
+def perplexity(out: Outputs) -> float:
+    return tokens.perplexity(loss(out))
 
 
 def compare(ref: Outputs, other: Outputs) -> dict:
@@ -284,6 +298,73 @@ def load_plain(
     return results
 
 
+# ---------------------------------------------------------------- merging
+
+
+def dequantized(layer: torch.nn.Module) -> torch.Tensor | None:
+    """A bitsandbytes layer's weight as its forward multiplies by it, or None for any other layer. 4-bit: unpacked
+    with the layer's quant state (`dequantize_4bit`) and cast to the compute dtype, as Linear4bit.forward does with
+    its input (on CPU its kernel is exactly this dequantize, then a plain matmul). int8: the row-wise int8 weight
+    times its scale, as close as a weight gets: LLM.int8() also rounds the activations, which no weight can hold."""
+    import bitsandbytes as bnb
+    from bitsandbytes import functional as bnb_f
+
+    weight: Any = layer.weight  # bitsandbytes' Params4bit / Int8Params: a tensor with its quantization state
+    if isinstance(layer, bnb.nn.Linear4bit):
+        state = weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # load_base keeps layers out of this layout
+            raise FidelityError(
+                "a 4-bit layer was repacked for CPU inference (AVX512-BF16) and cannot be dequantized; load the run with lora_sft.model.load_base"
+            )
+        return bnb_f.dequantize_4bit(weight.data, state).to(layer.compute_dtype or state.dtype)
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        lt_state: Any = layer.state  # after a forward the scale lives here, not on the weight
+        scale = weight.SCB if getattr(weight, "SCB", None) is not None else lt_state.SCB
+        return bnb_f.int8_vectorwise_dequant(weight.data, scale)
+    return None
+
+
+def take_trained_weights(unmerged, trained) -> None:
+    """Give `unmerged` (the unquantized base + adapter, in the export dtype) every weight of `trained` (the base as
+    trained + the same adapter) as trained's forward uses it: quantized layers dequantized (`dequantized`), all
+    others (norms, embeddings, heads, the adapter itself) as they are, cast to the export dtype."""
+    source = dict(trained.named_parameters())
+    target = dict(unmerged.named_parameters())
+    if set(source) != set(target):
+        odd = sorted(set(source) ^ set(target))
+        raise FidelityError(
+            f"the trained and the unquantized model differ in their weights ({', '.join(odd[:3])}); cannot merge onto the trained weights"
+        )
+    owners = dict(trained.named_modules())
+    with torch.no_grad():
+        for name, weight in source.items():
+            owner, _, local = name.rpartition(".")
+            value = dequantized(owners[owner]) if local == "weight" else None
+            target[name].copy_(weight if value is None else value)
+
+
+def unmerged_model(run: FinishedRun, dtype: ExportDtype, onto: MergeOnto, trained=None):
+    """The base + adapter in `dtype`, before the merge: the base's original weights, or (dequantized) the weights as
+    trained, taken from `trained` (the 4-bit base + adapter; loaded when not given). `.merge_and_unload()` merges
+    it with peft (LoRA, rsLoRA, DoRA, a classifier head): a plain transformers model for `save_merged`."""
+    model = run.model(dtype)
+    if onto == "dequantized":
+        take_trained_weights(model, trained if trained is not None else run.model())
+    return model
+
+
+def save_merged(run: FinishedRun, full, folder: Path, max_shard_size: int | str = "2GB") -> int:
+    """Write a merged model as `export --merged` does (sharded safetensors, config, generation config, tokenizer
+    and chat template; the card comes later); returns the bytes of its weights."""
+    if run.recipe.task == "causal_lm":
+        full.generation_config.eos_token_id = run.tokenizer.eos_token_id
+        full.generation_config.pad_token_id = run.tokenizer.pad_token_id
+    full.config.use_cache = True
+    full.save_pretrained(folder, max_shard_size=max_shard_size)
+    run.tokenizer.save_pretrained(folder)
+    return sum(p.numel() * p.element_size() for p in full.parameters())
+
+
 # ---------------------------------------------------------------- the export
 
 
@@ -303,11 +384,40 @@ def _card_sections(report: dict) -> str:
         lines.append(
             f"| {pair} | {m['max_abs_logit_diff']:.3g} | {m['mean_kl']:.3g} | {m['perplexity_change']:+.4g} | {m['greedy_agreement']:.4f} |"
         )
+    if "merge_onto" in report:
+        lines += ["", *_merge_section(report["merge_onto"])]
     lines += ["", "## Serving", ""]
     lines += [f"- warning: {w}" for w in report["serving_warnings"]] or [
         "No known refusal by vLLM-style adapter servers."
     ]
     return "\n".join(lines) + "\n"
+
+
+def _merge_section(onto: dict) -> list[str]:
+    """The card's account of the merge: which weights the exported model was merged onto, why, and both merges
+    against the model as trained."""
+    agreement = next(k for k in onto["dequantized"] if k.endswith("_agreement"))
+    lines = [
+        "## Merge",
+        "",
+        f"The merged model was merged onto the **{onto['exported']}** weights: {onto['why']}.",
+        "",
+        f"Measured on {onto['data']}:",
+        "",
+        f"| merged onto | max abs logit diff to the trained model | {agreement.replace('_', ' ')} | loss | perplexity |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for mode in ONTO:
+        m = onto[mode]
+        name = f"{mode} (exported)" if mode == onto["exported"] else mode
+        lines.append(
+            f"| {name} | {m['max_abs_logit_diff']:.3g} | {m[agreement]:.4f} | {m['loss']:.4f} | {m['perplexity']:.4f} |"
+        )
+    trained = onto["trained"]
+    lines.append(
+        f"| (the model as trained: 4-bit base + adapter) | 0 | 1 | {trained['loss']:.4f} | {trained['perplexity']:.4f} |"
+    )
+    return lines
 
 
 def _merged_card(adapter_card: str, task: str, sections: str) -> str:
@@ -420,8 +530,16 @@ def export(
     tolerance: float | None = None,
     max_shard_size: int | str = "2GB",
     log=print,
+    onto: MergeOnto | None = None,
 ) -> dict:
+    """`onto`: what --merged merges the adapter onto; None is the default, dequantized (given without --merged, an error)."""
     shard_size = shard_bytes(max_shard_size)
+    if onto is not None and onto not in ONTO:
+        raise UserError(f"--onto: {onto!r} is not a merge target; give one of {', '.join(ONTO)}")
+    if onto is not None and not merged:
+        raise UserError(
+            f"--onto {onto}: says what the merged model is merged onto, and there is none without --merged; add --merged or leave --onto out"
+        )
     if samples < 1:
         raise UserError(f"--samples: {samples} is too small; give 1 or more")
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
@@ -430,7 +548,7 @@ def export(
     out = Path(out).expanduser().resolve() if out else run.root / EXPORT
     check_out(run.root, out)
     with staged(out) as staging:
-        report = _write(run, staging, out, merged, dtype, samples, tolerance, shard_size, log)
+        report = _write(run, staging, out, merged, onto or "dequantized", dtype, samples, tolerance, shard_size, log)
     log(f"exported: {out}")
     hub = run.recipe.hub
     if hub.repo_id and hub.after == "export":
@@ -445,6 +563,7 @@ def _write(
     staging: Path,
     out: Path,
     merged: bool,
+    onto: MergeOnto,
     dtype: ExportDtype,
     samples: int,
     tolerance: float | None,
@@ -456,40 +575,29 @@ def _write(
     folder.mark(run.root)  # first
     merged_dir, adapter_dir = folder.merged, folder.adapter
     atol, rtol = TOLERANCE[dtype]
-    bundle = run.bundle()
-    held_out = bundle.eval is not None
-    data = bundle.eval if bundle.eval is not None else bundle.train
-    items = [data[i] for i in range(min(samples, len(data)))]
-    batch = run.collate(items)
-
+    batch, held_out = _fidelity_batch(run, samples)
     report: dict = {
         "run_dir": str(run.root),
         "dtype": dtype,
-        "samples": len(items),
+        "samples": len(batch["input_ids"]),
         "held_out": held_out,
         "models": {
             "a": f"{run.recipe.quant.mode} base + adapter, as trained",
             "b": f"unquantized {dtype} base + adapter, unmerged",
         },
     }
-    outputs = {"a": forward(run, run.model(), batch)}
+    trained = run.model()
+    outputs = {"a": forward(run, trained, batch)}
     report["positions"] = int(outputs["a"].targets.numel())
 
     memory: dict = {}
     with peak_memory(memory):
         model_b = run.model(dtype)
         outputs["b"] = forward(run, model_b, batch)
-        if merged:
-            full = model_b.merge_and_unload()
-            if run.recipe.task == "causal_lm":
-                full.generation_config.eos_token_id = run.tokenizer.eos_token_id
-                full.generation_config.pad_token_id = run.tokenizer.pad_token_id
-            full.config.use_cache = True
-            full.save_pretrained(merged_dir, max_shard_size=max_shard_size)
-            run.tokenizer.save_pretrained(merged_dir)
-            weight_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
-            del full
-    del model_b
+        if merged:  # merges model_b in place: it is not used again
+            in_memory, weight_bytes = _merge_both(run, trained, model_b, batch, dtype, onto, merged_dir, max_shard_size)
+        del model_b
+    del trained
     tol = tolerance if tolerance is not None else atol + rtol * outputs["b"].logits.abs().max().item()
     report["tolerance"] = tol
     report["pairs"] = {"a_vs_b": compare(outputs["a"], outputs["b"])}
@@ -507,20 +615,12 @@ def _write(
         problems.append(
             f"the exported adapter loaded with plain peft differs from (b) by {report['loaded_plain']['adapter']['vs_b']['max_abs_logit_diff']:.3g} (tolerance {tol:.3g})"
         )
-
     if merged:
-        report["models"]["c"] = f"merged {dtype}, loaded from {merged_dir.name}/ with plain transformers"
         outputs["c"], report["loaded_plain"]["merged"] = plain["merged"]
-        report["perplexity"]["c"] = perplexity(outputs["c"])
-        report["pairs"]["b_vs_c"] = compare(outputs["b"], outputs["c"])
-        report["pairs"]["a_vs_c"] = compare(outputs["a"], outputs["c"])
+        problems += _report_merge(report, run, onto, dtype, merged_dir.name, outputs, in_memory, tol)
         memory["weights_mb"] = round(weight_bytes / 2**20, 1)
         memory["shards"] = len(list(merged_dir.glob("*.safetensors")))
         report["merged_export"] = memory
-        if report["pairs"]["b_vs_c"]["max_abs_logit_diff"] > tol:
-            problems.append(
-                f"the merged model differs from the unmerged one (b vs c) by max |logit diff| {report['pairs']['b_vs_c']['max_abs_logit_diff']:.3g}, tolerance {tol:.3g}"
-            )
 
     adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     report["serving_warnings"] = serving_warnings(adapter_config)
@@ -540,19 +640,145 @@ def _write(
     return report
 
 
+def _fidelity_batch(run: FinishedRun, samples: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """The first `samples` rows of the eval split (held out: True), or of the train split when the run has none."""
+    bundle = run.bundle()
+    held_out = bundle.eval is not None
+    data = bundle.eval if bundle.eval is not None else bundle.train
+    return run.collate([data[i] for i in range(min(samples, len(data)))]), held_out
+
+
+def _merge_both(
+    run: FinishedRun, trained, model_b, batch: dict, dtype: ExportDtype, onto: MergeOnto, folder: Path, shard_size: int
+) -> tuple[dict[str, Outputs], int]:
+    """Merge the adapter onto the original weights (model_b, merged in place) and onto the dequantized ones, save the
+    `onto` one in `folder`; the outputs of both merged models in memory and of the dequantized one before its
+    merge ("d"), and the bytes of the saved weights. One unquantized model is in memory at a time."""
+    found: dict[str, Outputs] = {}
+    weight_bytes = 0
+    for mode in ("original", "dequantized"):
+        unmerged = model_b if mode == "original" else unmerged_model(run, dtype, "dequantized", trained)
+        if mode == "dequantized":
+            found["d"] = forward(run, unmerged, batch)
+        full = unmerged.merge_and_unload()
+        del unmerged
+        found[mode] = forward(run, full, batch)
+        if mode == onto:
+            weight_bytes = save_merged(run, full, folder, shard_size)
+        del full
+    return found, weight_bytes
+
+
+def _report_merge(
+    report: dict,
+    run: FinishedRun,
+    onto: MergeOnto,
+    dtype: ExportDtype,
+    folder_name: str,
+    outputs: dict[str, Outputs],
+    in_memory: dict[str, Outputs],
+    tol: float,
+) -> list[str]:
+    """The merged export's entries of the report: (d) and (c), the check that (c) equals what was merged (b or d:
+    returned as a problem line when it does not), (c)'s distance to the model as trained and `merge_onto`."""
+    report["models"]["d"] = f"{run.recipe.quant.mode} base dequantized as trained, in {dtype}, + adapter, unmerged"
+    report["models"]["c"] = (
+        f"merged onto the {onto} weights, {dtype}, loaded from {folder_name}/ with plain transformers"
+    )
+    outputs["d"] = in_memory["d"]
+    for key in ("d", "c"):
+        report["perplexity"][key] = perplexity(outputs[key])
+    source = "b" if onto == "original" else "d"
+    check = f"{source}_vs_c"
+    report["pairs"][check] = compare(outputs[source], outputs["c"])
+    report["pairs"]["a_vs_c"] = compare(outputs["a"], outputs["c"])
+    report["merge_onto"] = _onto_report(run, onto, outputs, in_memory, report["held_out"], report["samples"])
+    diff = report["pairs"][check]["max_abs_logit_diff"]
+    if diff > tol:
+        return [
+            f"the merged model differs from the unmerged one ({source} vs c) by max |logit diff| {diff:.3g}, tolerance {tol:.3g}"
+        ]
+    return []
+
+
+def _onto_report(
+    run: FinishedRun,
+    onto: MergeOnto,
+    outputs: dict[str, Outputs],
+    in_memory: dict[str, Outputs],
+    held_out: bool,
+    samples: int,
+) -> dict:
+    """Both merges against the model as trained (a): distance, agreement, loss; which one was exported and why."""
+    agreement = "label_agreement" if run.recipe.task == "classification" else "greedy_agreement"
+    merges = {}
+    for mode in ONTO:
+        merged = outputs["c"] if mode == onto else in_memory[mode]
+        gap = compare(outputs["a"], merged)
+        merges[mode] = {
+            "max_abs_logit_diff": gap["max_abs_logit_diff"],
+            agreement: gap["greedy_agreement"],
+            "loss": loss(merged),
+            "perplexity": perplexity(merged),
+            "measured_on": "the export, loaded back" if mode == onto else "the merge in memory (not exported)",
+        }
+    data = (
+        f"{samples} samples of the eval split (held out)"
+        if held_out
+        else f"{samples} train rows (the run has no eval split: not held out)"
+    )
+    return {
+        "exported": onto,
+        "why": _why(onto, merges, samples, "held-out" if held_out else "train"),
+        "data": data,
+        "trained": {"loss": loss(outputs["a"]), "perplexity": perplexity(outputs["a"])},
+        **merges,
+    }
+
+
+def _why(onto: MergeOnto, merges: dict, samples: int, data: str) -> str:
+    other: MergeOnto = "original" if onto == "dequantized" else "dequantized"
+    this, that = merges[onto], merges[other]
+    if onto == "dequantized":
+        why = (
+            "the default: merged onto the 4-bit weights dequantized as in training, so the export is the model that "
+            f"was trained and evaluated (max |logit diff| {this['max_abs_logit_diff']:.3g} to it; merged onto the "
+            f"original weights: {that['max_abs_logit_diff']:.3g})"
+        )
+    else:
+        why = (
+            "chosen with --onto original: merged onto the base's original weights, which the 4-bit weights "
+            f"approximated in training (max |logit diff| {this['max_abs_logit_diff']:.3g} to the model as trained; "
+            f"merged onto the dequantized weights: {that['max_abs_logit_diff']:.3g})"
+        )
+    better = "lower" if this["loss"] <= that["loss"] else "higher"
+    advice = "" if better == "lower" else f" (confirm it with a larger --samples; --onto {other} exports that one)"
+    return f"{why}; loss on the {samples} {data} samples {this['loss']:.4f}, {better} than {that['loss']:.4f} onto the {other} weights{advice}"
+
+
 def format_report(report: dict) -> str:
     lines = [
         f"fidelity on {report['samples']} {'held-out' if report['held_out'] else 'train'} samples ({report['positions']} positions), tolerance {report['tolerance']:.3g}:"
     ]
     for key, desc in report["models"].items():
         lines.append(f"  ({key}) {desc}: perplexity {report['perplexity'][key]:.4f}")
+    notes = {"a_vs_b": "  <- quantization gap", "a_vs_c": "  <- the merged export vs the model as trained"}
     for pair, m in report["pairs"].items():
-        note = "  <- quantization gap" if pair == "a_vs_c" or (pair == "a_vs_b" and "c" not in report["models"]) else ""
+        note = notes.get(pair, "")
         lines.append(
             f"  {pair}: max |logit diff| {m['max_abs_logit_diff']:.3g}, mean KL {m['mean_kl']:.3g}, perplexity change {m['perplexity_change']:+.4g}, greedy agreement {m['greedy_agreement']:.4f}{note}"
         )
     adapter = report["loaded_plain"]["adapter"]["vs_b"]
     lines.append(f"  adapter loaded with plain peft vs (b): max |logit diff| {adapter['max_abs_logit_diff']:.3g}")
+    if "merge_onto" in report:
+        onto = report["merge_onto"]
+        lines.append(f"  merged onto the {onto['exported']} weights: {onto['why']}")
+        for mode in ONTO:
+            m = onto[mode]
+            agreement = next(k for k in m if k.endswith("_agreement"))
+            lines.append(
+                f"    onto {mode}: max |logit diff| to (a) {m['max_abs_logit_diff']:.3g}, {agreement.replace('_', ' ')} {m[agreement]:.4f}, loss {m['loss']:.4f} (as trained {onto['trained']['loss']:.4f})"
+            )
     if "merged_export" in report:
         m = report["merged_export"]
         lines.append(

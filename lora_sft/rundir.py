@@ -273,15 +273,17 @@ class FidelityReport(Record):
     passed: bool
     problems: list[str]
     merged_export: dict[str, Any] | None = None
+    merge_onto: dict[str, Any] | None = None  # --merged: both merges (dequantized, original) against the trained model
 
     def to_json(self) -> dict[str, Any]:
         out = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("merged_export", "serving_warnings", "passed", "problems")
+            if f.name not in ("merged_export", "merge_onto", "serving_warnings", "passed", "problems")
         }
-        if self.merged_export is not None:
-            out["merged_export"] = self.merged_export
+        for optional in ("merged_export", "merge_onto"):
+            if getattr(self, optional) is not None:
+                out[optional] = getattr(self, optional)
         return out | {"serving_warnings": self.serving_warnings, "passed": self.passed, "problems": self.problems}
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -32,20 +34,28 @@ def exported(tiny_run, tmp_path_factory):
 
 
 @pytest.mark.e2e
-def test_merged_export_equals_unmerged_and_reports_the_quantization_gap(exported):
+def test_merged_export_is_the_trained_model_and_reports_the_quantization_gap(exported):
     _, out, printed = exported
     report = json.loads((out / "fidelity.json").read_text())
     assert report["passed"] and report["held_out"] and report["samples"] == 8
-    b_c, a_c = report["pairs"]["b_vs_c"], report["pairs"]["a_vs_c"]
+    d_c, a_c, a_b = report["pairs"]["d_vs_c"], report["pairs"]["a_vs_c"], report["pairs"]["a_vs_b"]
+    assert "b_vs_c" not in report["pairs"]  # merged onto the dequantized weights (d), the default, not onto (b)
     # fp32 rounding of W + BA vs W x + B(A x): the export's own bound, 1e-4 + 1e-5 * max |logit|
-    assert b_c["max_abs_logit_diff"] <= report["tolerance"] <= 1e-4 + 1e-5 * 50, (b_c, report["tolerance"])
-    assert b_c["greedy_agreement"] == 1.0 and b_c["mean_kl"] < 1e-6
-    assert abs(report["perplexity"]["b"] - report["perplexity"]["c"]) / report["perplexity"]["b"] < 1e-5
+    assert d_c["max_abs_logit_diff"] <= report["tolerance"] <= 1e-4 + 1e-5 * 50, (d_c, report["tolerance"])
+    assert d_c["greedy_agreement"] == 1.0 and d_c["mean_kl"] < 1e-6
+    # the export, loaded back with plain transformers, is the 4-bit model as trained
+    assert a_c["max_abs_logit_diff"] <= 1e-4 and a_c["greedy_agreement"] == 1.0
+    assert abs(report["perplexity"]["a"] - report["perplexity"]["c"]) / report["perplexity"]["a"] < 1e-5
     # the 4-bit model as trained is not the unquantized one: the gap is measured and shown, not hidden
-    assert a_c["max_abs_logit_diff"] > 1e-3 and a_c["mean_kl"] > 0 and set(a_c) == set(b_c)
+    assert a_b["max_abs_logit_diff"] > 1e-2 and a_b["mean_kl"] > 0 and set(a_b) == set(a_c)
+    onto = report["merge_onto"]
+    assert onto["exported"] == "dequantized" and onto["data"] == "8 samples of the eval split (held out)"
+    assert onto["dequantized"]["max_abs_logit_diff"] == a_c["max_abs_logit_diff"]
+    assert onto["original"]["max_abs_logit_diff"] > 1e-2 and onto["original"]["greedy_agreement"] < 1.0
     assert report["loaded_plain"]["adapter"]["vs_b"]["max_abs_logit_diff"] <= 1e-5
     assert not report["loaded_plain"]["merged"]["lora_sft_imported"]
     assert "a_vs_c: max |logit diff|" in printed and "<- quantization gap" in printed and "peak memory" in printed
+    assert "merged onto the dequantized weights: the default:" in printed
     memory = report["merged_export"]
     assert memory["peak_memory_mb"] > 0 and memory["shards"] >= 2 and memory["weights_mb"] > 0
 
@@ -63,7 +73,13 @@ def test_merged_export_equals_unmerged_and_reports_the_quantization_gap(exported
             card.startswith("---\nlibrary_name: ") and "base_model:" not in card and "https://github.com/" not in card
         )
         assert "The base model is a local folder, `tiny-llama" in card
-        assert "## Fidelity" in card and "| b_vs_c |" in card and "## Serving" in card
+        assert "## Fidelity" in card and "| d_vs_c |" in card and "## Serving" in card
+        # which weights the merged model was merged onto, and why, with both merges side by side
+        assert (
+            "## Merge\n\nThe merged model was merged onto the **dequantized** weights: the default: merged onto the 4-bit weights dequantized as in training, so the export is the model that was trained and evaluated"
+            in card
+        )
+        assert "| dequantized (exported) | " in card and "| original | " in card
         assert (
             '"evaluation": {' in card and "## Recipe" in card
         )  # the eval section's results, and the recipe as trained
@@ -76,13 +92,15 @@ def test_merged_export_equals_unmerged_and_reports_the_quantization_gap(exported
 
 @pytest.mark.e2e
 def test_exports_load_with_plain_transformers_and_peft(exported, tmp_path):
-    """A fresh interpreter without lora_sft loads the merged folder and base + adapter; both give the unmerged logits."""
+    """A fresh interpreter without lora_sft loads the merged folder and base + adapter: the merged model gives the
+    logits of the 4-bit model as trained, the adapter on the unquantized base those of that base + adapter."""
     run_dir, out, _ = exported
     run = open_run(run_dir)
     batch = run.collate(list(run.bundle().eval.select(range(4))))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         unmerged = run.model("fp32")(**inputs).logits
+        trained = run.model()(**inputs).logits
     torch.save(inputs, tmp_path / "inputs.pt")
     script = textwrap.dedent(f"""
         import sys, torch
@@ -99,8 +117,31 @@ def test_exports_load_with_plain_transformers_and_peft(exported, tmp_path):
     proc = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logits = torch.load(tmp_path / "logits.pt")
-    assert (logits["merged"] - unmerged).abs().max().item() <= 1e-4 + 1e-5 * unmerged.abs().max().item()
+    assert (logits["merged"] - trained).abs().max().item() <= 1e-4
     assert (logits["adapter"] - unmerged).abs().max().item() <= 1e-5
+
+
+@pytest.mark.e2e
+def test_merge_report_losses_equal_an_independent_computation(exported):
+    """merge_onto's losses are the models' own loss (transformers' loss from labels) on the report's samples: the
+    model as trained, the export loaded back (dequantized) and the merge onto the original weights."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir, out, _ = exported
+    onto = json.loads((out / "fidelity.json").read_text())["merge_onto"]
+    run = open_run(run_dir).unpacked()
+    batch = run.collate(list(run.bundle().eval.select(range(8))))
+    models = {
+        "trained": run.model(),
+        "dequantized": AutoModelForCausalLM.from_pretrained(out / "merged"),
+        "original": run.model("fp32").merge_and_unload(),
+    }
+    for name, model in models.items():
+        with torch.no_grad():
+            loss = model.eval()(**batch).loss.item()
+        assert onto[name]["loss"] == pytest.approx(loss, rel=1e-5), name
+        assert onto[name]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5), name
+    assert onto["original"]["loss"] != pytest.approx(onto["trained"]["loss"], rel=1e-3)
 
 
 def snapshot(root) -> dict:
@@ -110,25 +151,28 @@ def snapshot(root) -> dict:
 @pytest.mark.e2e
 def test_export_fails_when_the_merge_changes_the_model(exported, tmp_path, capsys):
     """A failed check writes nothing: no folder at a new --out (nor the parents made for it), and an earlier export
-    stays byte for byte with no staging folder beside it; the printed report still shows the numbers."""
+    stays byte for byte with no staging folder beside it; the printed report still shows the numbers. The check
+    compares the merged model with what was merged: (d) onto the dequantized weights, (b) with --onto original."""
     run_dir, previous, _ = exported
     before = snapshot(previous)
-    for out, kept in (
-        (tmp_path / "new" / "export", "nothing was written"),
-        (previous, "the earlier export there is unchanged"),
+    for out, kept, onto, unmerged in (
+        (tmp_path / "new" / "export", "nothing was written", [], "d"),
+        (previous, "the earlier export there is unchanged", ["--onto", "original"], "b"),
     ):
-        assert (
-            main(["export", str(run_dir), "--merged", "--samples", "2", "--tolerance", "1e-9", "--out", str(out)]) == 1
-        )
+        args = ["export", str(run_dir), "--merged", *onto, "--samples", "2", "--tolerance", "1e-9", "--out", str(out)]
+        assert main(args) == 1
         captured = capsys.readouterr()
         err = [line for line in captured.err.splitlines() if line.startswith("error:")]
         assert (
             len(err) == 1
-            and "the merged model differs from the unmerged one (b vs c)" in err[0]
+            and f"the merged model differs from the unmerged one ({unmerged} vs c)" in err[0]
             and "tolerance 1e-09" in err[0]
         )
         assert err[0].endswith(f"; {kept} ({out}); the report is printed above")
-        assert "b_vs_c: max |logit diff|" in captured.out and "tolerance 1e-09" in captured.out
+        assert f"{unmerged}_vs_c: max |logit diff|" in captured.out and "tolerance 1e-09" in captured.out
+        # what was merged onto shows in the distance to the model as trained
+        to_trained = float(re.search(r"a_vs_c: max \|logit diff\| ([^,]+),", captured.out).group(1))
+        assert to_trained > 1e-2 if onto else to_trained <= 1e-4
         assert not list(out.parent.glob(f".{out.name}.*")), "a staging folder was left behind"
     assert not (tmp_path / "new").exists(), "a merged model that failed its check must not be left to ship"
     assert snapshot(previous) == before
@@ -222,3 +266,45 @@ def test_run_commands_have_help_and_refuse_a_folder_that_is_not_a_run(tmp_path, 
             f"error: {tmp_path}: not a finished run directory (recipe.yaml is missing); pass the output_dir of a run that `train` completed"
         ]
     assert not any(tmp_path.iterdir()), "a refused command must write nothing"
+
+
+@pytest.mark.unit
+def test_onto_is_checked_before_anything_is_loaded(tmp_path, capsys):
+    """A bad --onto value, or --onto without --merged: one line naming the flag, exit 2, nothing written."""
+    assert main(["export", str(tmp_path), "--merged", "--onto", "4bit"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: python -m lora_sft export: argument --onto: invalid choice: '4bit' (choose from 'dequantized', 'original') (see python -m lora_sft export --help)"
+    ]
+    assert main(["export", str(tmp_path), "--onto", "original"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --onto original: says what the merged model is merged onto, and there is none without --merged; add --merged or leave --onto out"
+    ]
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.unit
+def test_merge_report_says_which_data_and_which_merge_scores_better():
+    """Without an eval split the losses are on train rows and the report says so; the `why` names the better merge."""
+    from types import SimpleNamespace
+
+    from lora_sft.export import _onto_report
+
+    torch.manual_seed(0)
+    targets = torch.randint(0, 5, (12,))
+    trained = torch.randn(12, 5)
+    outputs = {"a": Outputs(trained, targets), "c": Outputs(trained + 1e-6, targets)}
+    worse = Outputs(trained + torch.randn(12, 5), targets)  # the original merge, further from (a)
+    run = SimpleNamespace(recipe=SimpleNamespace(task="classification"))
+    report = _onto_report(run, "dequantized", outputs, {"original": worse}, held_out=False, samples=12)
+    assert report["data"] == "12 train rows (the run has no eval split: not held out)"
+    assert report["exported"] == "dequantized" and set(report["original"]) == set(report["dequantized"])
+    ce = torch.nn.functional.cross_entropy
+    assert report["original"]["loss"] == pytest.approx(ce(worse.logits, targets).item())
+    assert report["trained"]["perplexity"] == pytest.approx(math.exp(ce(trained, targets).item()))
+    assert report["original"]["label_agreement"] == (worse.logits.argmax(-1) == trained.argmax(-1)).float().mean()
+    lower = report["dequantized"]["loss"] <= report["original"]["loss"]
+    assert lower and "loss on the 12 train samples" in report["why"] and "lower than" in report["why"]
+    swapped = _onto_report(run, "original", {**outputs, "c": worse}, {"dequantized": outputs["c"]}, False, 12)
+    assert swapped["why"].startswith("chosen with --onto original") and swapped["why"].endswith(
+        "(confirm it with a larger --samples; --onto dequantized exports that one)"
+    )

@@ -170,14 +170,16 @@ def test_new_rows_train_and_export_reloads(bare_llama, tmp_path, write_recipe, c
     tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
     assert tokenizer.eos_token == "<|im_end|>" and len(tokenizer) == n + 2
 
-    # export: the adapter on the plain base grown to the tokenizer, and the merged model, reproduce (b)
-    assert main(["export", str(run), "--merged"]) == 0
+    # export: the adapter on the plain base grown to the tokenizer, and the merge onto the original weights,
+    # reproduce (b); the merge onto the dequantized weights (in memory here) reproduces the trained model, rows too
+    assert main(["export", str(run), "--merged", "--onto", "original"]) == 0
     out = capsys.readouterr().out
     assert "added special tokens (trainable_token_indices)" in out
     report = json.loads((run / "export" / "fidelity.json").read_text())
     assert report["passed"]
     assert report["loaded_plain"]["adapter"]["vs_b"]["max_abs_logit_diff"] <= report["tolerance"]
     assert report["pairs"]["b_vs_c"]["max_abs_logit_diff"] <= report["tolerance"]
+    assert report["merge_onto"]["dequantized"]["max_abs_logit_diff"] <= report["tolerance"]  # fp32 merge rounding
     merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged")
     assert merged.get_input_embeddings().num_embeddings == n + 2
     assert merged.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
