@@ -78,8 +78,8 @@ def loss_figure(records: list[dict], name: str) -> Figure:
     lr.set_ylabel("learning rate")
     lr.plot(*series(records, "learning_rate"), color="C2", linestyle="--", alpha=0.7, label="learning rate")
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    lines = axes.get_lines() + lr.get_lines()
-    axes.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    lines = [*axes.get_lines(), *lr.get_lines()]
+    axes.legend(lines, [str(line.get_label()) for line in lines], loc="upper right")
     return figure
 
 

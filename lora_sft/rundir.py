@@ -509,7 +509,11 @@ class RunDir:
     def remove_run(self) -> None:
         """`--overwrite`: remove every artifact a run writes (ARTIFACTS and their .tmp files), the marker last;
         anything else in the folder (a file of the user's) stays."""
-        names = [n for n in ARTIFACTS if n != MARKER] + [f"{n}.tmp" for n in (MARKER, MANIFEST, SUMMARY, LOSS_PLOT)] + [MARKER]
+        names = (
+            [n for n in ARTIFACTS if n != MARKER]
+            + [f"{n}.tmp" for n in (MARKER, MANIFEST, SUMMARY, LOSS_PLOT)]
+            + [MARKER]
+        )
         for name in names:
             path = self.root / name
             if path.is_dir() and not path.is_symlink():

@@ -25,7 +25,12 @@ from .recipe import Recipe
 from .rundir import RunDir
 
 # the modules a tracker's integration imports (any one of them will do)
-MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",), "trackio": ("trackio",)}
+MODULES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "trackio": ("trackio",),
+}
 
 
 def problems(recipe: Recipe) -> list[str]:

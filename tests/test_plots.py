@@ -147,13 +147,19 @@ def test_plot_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsy
     (tmp_path / "notes").mkdir()
     monkeypatch.chdir(tmp_path)
     cases = [
-        (["plot", "notes"], "notes: not a run directory (it has no .lora_sft-run); pass the output_dir of a `train` run"),
+        (
+            ["plot", "notes"],
+            "notes: not a run directory (it has no .lora_sft-run); pass the output_dir of a `train` run",
+        ),
         (["plot", "nowhere"], "nowhere: no such folder; pass the output_dir of a `train` run"),
         (
             ["plot", "run", "--metric", "accuracy"],
             "--metric accuracy: run has no 'accuracy' in metrics.jsonl; its metrics: epoch, eval_loss, loss, grad_norm, learning_rate, train_runtime, train_loss",
         ),
-        (["plot", "run", "--out", "notes"], "--out notes: cannot tell the format; give a file name ending in .png, .svg, .pdf"),
+        (
+            ["plot", "run", "--out", "notes"],
+            "--out notes: cannot tell the format; give a file name ending in .png, .svg, .pdf",
+        ),
         (["plot", "run", "--out", "x/y.png"], f"--out x/y.png: the folder {tmp_path / 'x'} does not exist"),
     ]
     for argv, error in cases:

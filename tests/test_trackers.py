@@ -128,7 +128,11 @@ def test_wandb_offline_run_has_the_metrics_the_name_and_the_recipe(tracked):
     kinds = [r.WhichOneof("record_type") for r in records]
     [named] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert named.display_name == "tracked-run" and kinds[-1] == "exit"  # finished, after the last evaluation
-    history = [{i.key: json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
+    history = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}  # "train/loss" is nested
+        for r in records
+        if r.HasField("history")
+    ]
     for key, metric in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
         assert [(h["train/global_step"], h[key]) for h in history if key in h] == series(run, metric)
     updates = {i.key: json.loads(i.value_json) for r in records if r.HasField("config") for i in r.config.update}
@@ -155,7 +159,11 @@ def test_mlflow_run_has_the_metrics_the_name_and_the_recipe(tracked, monkeypatch
 
 @pytest.mark.unit
 def test_flat_config_keeps_numbers_and_writes_lists_and_nulls_as_json():
-    recipe = {"task": "causal_lm", "lora": {"rank": 8, "rslora": False, "target_modules": ["q_proj"]}, "hub": {"repo_id": None}}
+    recipe = {
+        "task": "causal_lm",
+        "lora": {"rank": 8, "rslora": False, "target_modules": ["q_proj"]},
+        "hub": {"repo_id": None},
+    }
     assert trackers.flat_config(recipe) == {
         "recipe.task": "causal_lm",
         "recipe.lora.rank": 8,
