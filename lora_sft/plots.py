@@ -77,6 +77,7 @@ def loss_figure(records: list[dict], name: str) -> Figure:
     lr = axes.twinx()
     lr.set_ylabel("learning rate")
     lr.plot(*series(records, "learning_rate"), color="C2", linestyle="--", alpha=0.7, label="learning rate")
+    lr.set_ylim(bottom=0)  # the schedule as it is: warmup from 0, decay towards 0
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     lines = [*axes.get_lines(), *lr.get_lines()]
     axes.legend(lines, [str(line.get_label()) for line in lines], loc="upper right")
