@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 from typing import Any
+from urllib.parse import urlparse
 
 from transformers import TrainerCallback
 
@@ -43,7 +44,30 @@ def problems(recipe: Recipe) -> list[str]:
             out.append(
                 f"{where}: mlflow, but the environment sets DISABLE_MLFLOW_INTEGRATION=TRUE, which turns transformers' MLflow reporting off; unset it, or remove mlflow from report_to"
             )
+        elif name == "mlflow" and (problem := mlflow_store_problem()):
+            out.append(f"{where}: mlflow: {problem}")
     return out
+
+
+def mlflow_store_problem() -> str | None:
+    """Where MLflow would write (MLFLOW_TRACKING_URI, or its default) and it would refuse only once training has
+    begun: a local folder store, which MLflow 3 keeps only behind MLFLOW_ALLOW_FILE_STORE=true, or a database
+    (MLflow 3's default, sqlite:///mlflow.db) without SQLAlchemy, which the mlflow-skinny client leaves out."""
+    import mlflow
+    from mlflow import environment_variables
+
+    uri = mlflow.get_tracking_uri()
+    scheme = urlparse(uri).scheme
+    allow_files = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)  # MLflow 3's switch
+    if scheme in ("", "file") and allow_files is not None and not allow_files.get():
+        return f"the tracking store {uri} is a local folder, which MLflow {mlflow.__version__} refuses unless MLFLOW_ALLOW_FILE_STORE=true; set that, or set MLFLOW_TRACKING_URI to your tracking server (http://...)"
+    if (
+        scheme.split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql")
+        and importlib.util.find_spec("sqlalchemy") is None
+    ):
+        how = "MLflow's default store" if "MLFLOW_TRACKING_URI" not in os.environ else "MLFLOW_TRACKING_URI"
+        return f"{how} {uri} is a database, which needs the full MLflow package (pip install mlflow; lora-sft[mlflow] is the mlflow-skinny client); or set MLFLOW_TRACKING_URI to your tracking server (http://...)"
+    return None
 
 
 def flat_config(recipe: dict[str, Any], prefix: str = "recipe") -> dict[str, Any]:

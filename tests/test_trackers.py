@@ -193,3 +193,38 @@ def test_a_tracker_without_its_package_is_a_recipe_error(tiny_llama, write_recip
     # one tracker given as a word is a list of one
     monkeypatch.setattr(importlib.util, "find_spec", real)
     assert main(["validate", str(path), "train.report_to=tensorboard"]) == 0
+
+
+@pytest.mark.unit
+def test_an_mlflow_store_mlflow_would_refuse_once_training_began_is_a_recipe_error(monkeypatch, tmp_path):
+    import mlflow
+
+    from lora_sft.recipe import Recipe
+
+    recipe = Recipe.model_validate(
+        {
+            "task": "causal_lm",
+            "output_dir": "out",
+            "model": {"path": "m"},
+            "data": {"format": "alpaca", "train": "t.jsonl"},
+            "train": {"report_to": ["mlflow"]},
+        }
+    )
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    folder = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", folder)
+    assert trackers.problems(recipe) == [
+        f"train.report_to: mlflow: the tracking store {folder} is a local folder, which MLflow {mlflow.__version__} refuses unless MLFLOW_ALLOW_FILE_STORE=true; set that, or set MLFLOW_TRACKING_URI to your tracking server (http://...)"
+    ]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert trackers.problems(recipe) == []
+    database = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", database)
+    assert trackers.problems(recipe) == [
+        f"train.report_to: mlflow: MLFLOW_TRACKING_URI {database} is a database, which needs the full MLflow package (pip install mlflow; lora-sft[mlflow] is the mlflow-skinny client); or set MLFLOW_TRACKING_URI to your tracking server (http://...)"
+    ]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert trackers.problems(recipe) == []
+    assert not list(tmp_path.iterdir())  # nothing was created to find this out
