@@ -173,18 +173,28 @@ def test_flat_config_keeps_numbers_and_writes_lists_and_nulls_as_json():
     }
 
 
+def reporting(model: str, *names: str) -> dict:
+    """A recipe reporting to `names`."""
+    return {
+        "task": "causal_lm",
+        "output_dir": "out",
+        "model": {"path": model},
+        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
+        "train": {"report_to": list(names)},
+    }
+
+
+def uninstall(monkeypatch, module: str) -> None:
+    """`module` looks not installed to importlib (what the preflight asks)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+
+
 @pytest.mark.unit
 def test_a_tracker_without_its_package_is_a_recipe_error(tiny_llama, write_recipe, monkeypatch, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    recipe = {
-        "task": "causal_lm",
-        "output_dir": "out",
-        "model": {"path": str(tiny_llama)},
-        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl")},
-        "train": {"report_to": ["tensorboard", "wandb"]},
-    }
-    path = write_recipe(recipe)
+    uninstall(monkeypatch, "wandb")
+    path = write_recipe(reporting(str(tiny_llama), "tensorboard", "wandb"))
     monkeypatch.chdir(path.parent)
     assert main(["validate", str(path)]) == 2
     assert capsys.readouterr().err.splitlines() == [
@@ -201,30 +211,21 @@ def test_an_mlflow_store_mlflow_would_refuse_once_training_began_is_a_recipe_err
 
     from lora_sft.recipe import Recipe
 
-    recipe = Recipe.model_validate(
-        {
-            "task": "causal_lm",
-            "output_dir": "out",
-            "model": {"path": "m"},
-            "data": {"format": "alpaca", "train": "t.jsonl"},
-            "train": {"report_to": ["mlflow"]},
-        }
-    )
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    folder = f"file:{tmp_path / 'mlruns'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", folder)
-    assert trackers.problems(recipe) == [
-        f"train.report_to: mlflow: the tracking store {folder} is a local folder, which MLflow {mlflow.__version__} refuses unless MLFLOW_ALLOW_FILE_STORE=true; set that, or set MLFLOW_TRACKING_URI to your tracking server (http://...)"
-    ]
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    assert trackers.problems(recipe) == []
-    database = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", database)
-    assert trackers.problems(recipe) == [
-        f"train.report_to: mlflow: MLFLOW_TRACKING_URI {database} is a database, which needs the full MLflow package (pip install mlflow; lora-sft[mlflow] is the mlflow-skinny client); or set MLFLOW_TRACKING_URI to your tracking server (http://...)"
-    ]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert trackers.problems(recipe) == []
+    recipe = Recipe.model_validate(reporting("unused", "mlflow"))
+    uninstall(monkeypatch, "sqlalchemy")
+    folder, database = f"file:{tmp_path / 'mlruns'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    refused_folder = f"the tracking store {folder} is a local folder, which MLflow {mlflow.__version__} refuses unless MLFLOW_ALLOW_FILE_STORE=true; set that, or set MLFLOW_TRACKING_URI to your tracking server (http://...)"
+    refused_database = f"MLFLOW_TRACKING_URI {database} is a database, which needs the full MLflow package (pip install mlflow; lora-sft[mlflow] is the mlflow-skinny client); or set MLFLOW_TRACKING_URI to your tracking server (http://...)"
+    for uri, allow_files, refused in (
+        (folder, None, refused_folder),
+        (folder, "true", None),
+        (database, None, refused_database),  # no SQLAlchemy: the mlflow-skinny client
+        ("http://127.0.0.1:5000", None, None),
+    ):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        if allow_files is None:
+            monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+        else:
+            monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", allow_files)
+        assert trackers.problems(recipe) == ([f"train.report_to: mlflow: {refused}"] if refused else []), uri
     assert not list(tmp_path.iterdir())  # nothing was created to find this out
