@@ -1,4 +1,4 @@
-"""The commands that work on a finished run directory (or an export): export, eval, generate, push.
+"""The commands that work on a run directory (or an export): export, eval, generate, push, plot.
 
 cli.py hands them their sub-parsers here, so the shared command-line module stays small.
 """
@@ -104,6 +104,13 @@ def _generate(args) -> int:
         reply = generate_text(model, run.tokenizer, prompt, args.max_new_tokens, chat)
         history.append({"role": "assistant", "content": reply})
         print(f"model> {reply}", flush=True)
+    return 0
+
+
+def _plot(args) -> int:
+    from .plots import plot
+
+    plot(args.run_dirs, out=args.out, metric=args.metric)
     return 0
 
 
@@ -213,3 +220,18 @@ def add_run_commands(sub, common) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="list the files and sizes that would be uploaded, upload nothing"
     )
+
+    pl = sub.add_parser(
+        "plot",
+        parents=[common],
+        help="plot a metric of one or more runs against step",
+        description="Draw a metric from each run's metrics.jsonl against the optimizer step, one line per run labelled with its name (the run directory's folder name); works on a run still training. Each run directory also has its own loss.png (train and eval loss, learning rate), redrawn at every checkpoint.",
+    )
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (the output_dir of `train` runs)")
+    pl.add_argument("--out", help="the image to write: .png, .svg or .pdf (default ./plot.png)")
+    pl.add_argument(
+        "--metric",
+        default="loss",
+        help="any metric in metrics.jsonl: loss, eval_loss, learning_rate, grad_norm, eval_accuracy, ... (default loss)",
+    )
+    pl.set_defaults(handler=_plot)

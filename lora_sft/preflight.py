@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import checkpoint, distributed, planner
+from . import checkpoint, distributed, planner, trackers
 from . import data as data_stage
 from . import model as model_stage
 from .errors import UserError
@@ -195,6 +195,7 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
     if source is not None:
         problems += model_stage.init_problems(recipe, source)  # lora.init against the base (quant.mode, weight files)
     problems += fsdp_problems(recipe)  # FSDP against the base, the adapter init, the device, the launcher
+    problems += trackers.problems(recipe)  # train.report_to: each tracker's package is installed
     attempt(check_hardware, recipe)
     # output_dir must be a folder of its own (not the working directory, the data's, a folder of other files)
     attempt(checkpoint.check_output_dir, recipe, source.path if source is not None and source.origin != "hub" else None)

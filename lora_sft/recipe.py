@@ -267,6 +267,10 @@ MEMORY_UNITS = {
 }
 
 
+# train.report_to: the experiment trackers lora_sft passes to the Trainer (each an extra of its own: lora-sft[wandb])
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
 # train.optimizer values that are bitsandbytes optimizers (8-bit states or paged memory)
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
@@ -328,6 +332,27 @@ class TrainSection(Section):
     """{patience, metric, min_delta}: stop when the eval metric stops improving; needs eval_steps, an eval split and save_steps equal to eval_steps; adapter/ then holds the best checkpoint (summary.json `early_stopping`)."""
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     """Several processes (torchrun, accelerate launch): `ddp` gives every GPU the whole 4-bit model and splits the batches; `fsdp` (FSDP-QLoRA, for a model that does not fit one GPU) also splits the model, its LoRA weights, gradients and optimizer states among the GPUs, stores the 4-bit weights in the compute dtype (bnb_4bit_quant_storage, so FSDP can shard them) and wraps each decoder layer; `auto`: what the launcher says (FSDP under an accelerate FSDP config, else DDP). One process alone trains as usual."""
+
+    report_to: list[str] = []
+    """Experiment trackers that also get the run's metrics, with the run's name (its output_dir folder's name) and the recipe as the run's config (keys `recipe.lora.rank`, ...): any of tensorboard (event files in RUN_DIR/tensorboard), wandb, mlflow, trackio; each needs its package, `pip install "lora-sft[wandb]"`. metrics.jsonl and loss.png are written either way."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # `report_to: wandb`, as TrainingArguments takes it
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'? " if close else "report_to: [] for none; " if name == "none" else ""
+                raise ValueError(f"unknown tracker {name!r} ({hint}lora_sft reports to {', '.join(TRACKERS)})")
+        if len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"{twice} is listed twice; list each tracker once")
+        return names
 
     @field_validator("memory_budget", mode="before")
     @classmethod

@@ -6,6 +6,8 @@ a run's lifecycle (create, reopen for resume, finish, overwrite, open a finished
     recipe.yaml       the fully resolved recipe, defaults filled in
     manifest.json     library versions, seed, data fingerprint, start and end time
     metrics.jsonl     one JSON object per logged step and per eval
+    loss.png          train and eval loss and the learning rate against step, redrawn at each checkpoint (plots.py)
+    tensorboard/      (train.report_to: tensorboard) TensorBoard's event files
     summary.json      final losses, eval metrics before and after, tokens, speed, peak memory, wall time
     checkpoints/      Trainer checkpoints, written atomically, resumable with `train --resume` (checkpoint.py)
     eval.md           (`eval`) the base / fine-tuned table; its numbers are summary.json `evaluation`
@@ -29,6 +31,7 @@ import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -54,7 +57,21 @@ ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 EVAL_REPORT = "eval.md"
 EXPORT = "export"
-ARTIFACTS = (MARKER, RECIPE, MANIFEST, METRICS, SUMMARY, ADAPTER, CHECKPOINTS, EVAL_REPORT, EXPORT)
+LOSS_PLOT = "loss.png"
+TENSORBOARD = "tensorboard"
+ARTIFACTS = (
+    MARKER,
+    RECIPE,
+    MANIFEST,
+    METRICS,
+    LOSS_PLOT,
+    TENSORBOARD,
+    SUMMARY,
+    ADAPTER,
+    CHECKPOINTS,
+    EVAL_REPORT,
+    EXPORT,
+)
 EXPORT_MARKER = ".lora_sft-export"  # written first into an export folder
 EXPORT_ADAPTER, EXPORT_MERGED, FIDELITY = "adapter", "merged", "fidelity.json"  # inside an export folder
 CARD = "README.md"  # the model card, in adapter/ (and in an export's adapter/ and merged/)
@@ -90,10 +107,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json(path: Path, value) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` writes the file next to `path`, which then replaces `path` in one step: a reader (or a run
+    killed meanwhile) sees the old file or the new one, never half of one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    write(tmp)
     tmp.replace(path)
+
+
+def write_json(path: Path, value) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str) + "\n"))
 
 
 def entries(folder: Path, n: int = 2) -> str:
@@ -309,12 +332,19 @@ class RunDir:
         self.recipe = self.root / RECIPE
         self.manifest = self.root / MANIFEST
         self.metrics = self.root / METRICS
+        self.loss_plot = self.root / LOSS_PLOT
+        self.tensorboard = self.root / TENSORBOARD
         self.summary = self.root / SUMMARY
         self.adapter = self.root / ADAPTER
         self.checkpoints = self.root / CHECKPOINTS
         self.eval_report = self.root / EVAL_REPORT
         self.export = self.root / EXPORT
         self.card = self.adapter / CARD
+
+    @property
+    def name(self) -> str:
+        """The run's name: its folder's (what `plot` labels it with, and the trackers' run name)."""
+        return self.root.name
 
     # -- what the folder holds
     def holds_run(self) -> bool:
@@ -348,10 +378,15 @@ class RunDir:
     def read_summary(self) -> Summary | None:
         return Summary.from_json(read_json(self.summary)) if self.summary.is_file() else None
 
+    def read_metrics(self) -> list[dict]:
+        """metrics.jsonl's records, in order (without a line that a running or killed process left half-written)."""
+        if not self.metrics.is_file():
+            return []
+        return [record for line in self.metrics.read_text().splitlines() if isinstance(record := _record(line), dict)]
+
     def logged_eval_before(self) -> dict | None:
         """The eval of the untrained model that the first part of a resumed run logged at step 0."""
-        for line in self.metrics.read_text().splitlines():
-            record = _record(line) or {}
+        for record in self.read_metrics():
             if record.get("step") == 0 and any(k.startswith("eval_") for k in record):
                 return record
         return None
@@ -476,7 +511,11 @@ class RunDir:
     def remove_run(self) -> None:
         """`--overwrite`: remove every artifact a run writes (ARTIFACTS and their .tmp files), the marker last;
         anything else in the folder (a file of the user's) stays."""
-        names = [n for n in ARTIFACTS if n != MARKER] + [f"{n}.tmp" for n in (MARKER, MANIFEST, SUMMARY)] + [MARKER]
+        names = (
+            [n for n in ARTIFACTS if n != MARKER]
+            + [f"{n}.tmp" for n in (MARKER, MANIFEST, SUMMARY, LOSS_PLOT)]
+            + [MARKER]
+        )
         for name in names:
             path = self.root / name
             if path.is_dir() and not path.is_symlink():

@@ -27,7 +27,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from . import checkpoint, distributed, planner, progress
+from . import checkpoint, distributed, planner, plots, progress, trackers
 from . import data as data_stage
 from . import loss as loss_stage
 from . import model as model_stage
@@ -213,7 +213,8 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         length_column_name=data_stage.LENGTH,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        report_to="none",
+        report_to=list(t.report_to) or "none",  # train.report_to: transformers' integrations (`trackers`)
+        run_name=RunDir(recipe.output_dir).name,
         label_names=["labels"],  # peft's forward(*args, **kwargs) hides them from Trainer's signature check
         remove_unused_columns=False,  # the collator needs every column the data stage made
         dataloader_num_workers=0,
@@ -403,7 +404,7 @@ def build_trainer(
 
     guard = Guard(recipe, run_dir.checkpoints, log)
     args = training_arguments(recipe, checkpoint.staging(run_dir.checkpoints), has_eval=bool(bundle.eval))
-    callbacks: list[TrainerCallback] = [RunLog(run_dir), SaveLastStep(), guard, RankSeeds()]
+    callbacks: list[TrainerCallback] = [RunLog(run_dir), plots.LossPlot(run_dir), SaveLastStep(), guard, RankSeeds()]
     if data_stage.groups_by_length(recipe):
         callbacks.append(SeedLengthGroups())
     if stop := recipe.train.early_stopping:
@@ -432,6 +433,7 @@ def build_trainer(
             run_dir.checkpoints, recipe.train.save_total_limit, trainer.counts, checkpoint.identity(recipe.saved_dict())
         )
     )
+    trackers.attach(trainer, recipe, run_dir)  # train.report_to: TensorBoard's folder, the recipe as the run's config
     return trainer
 
 

@@ -20,6 +20,7 @@ CONTRACT = [
     "recipe.yaml",
     "manifest.json",
     "metrics.jsonl",
+    "loss.png",
     "summary.json",
     "checkpoints",
 ]

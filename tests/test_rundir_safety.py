@@ -94,6 +94,7 @@ def test_overwrite_refuses_a_foreign_folder_and_removes_only_a_runs_files(tiny_l
         "recipe.yaml",
         "manifest.json",
         "metrics.jsonl",
+        "loss.png",
         "summary.json",
         "adapter",
         "checkpoints",
@@ -118,6 +119,7 @@ def test_overwrite_refuses_a_foreign_folder_and_removes_only_a_runs_files(tiny_l
         "recipe.yaml",
         "manifest.json",
         "metrics.jsonl",
+        "loss.png",
         "summary.json",
         "adapter",
         "checkpoints",
@@ -222,6 +224,9 @@ def test_a_run_is_recognised_by_its_marker_or_a_lora_sft_manifest(tmp_path):
     assert run.holds_run() and run.marker.is_file()
     (run.root / "mine.txt").write_text("keep")
     (run.root / "summary.json.tmp").write_text("{")
+    for name in ("loss.png", "loss.png.tmp", "tensorboard/events.out.tfevents.1"):  # the plot, the trackers' files
+        (run.root / name).parent.mkdir(exist_ok=True)
+        (run.root / name).write_bytes(b"written by the run")
     run.remove_run()
     assert [p.name for p in run.root.iterdir()] == ["mine.txt"]
     assert set(ARTIFACTS) >= {
