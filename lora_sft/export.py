@@ -4,6 +4,7 @@
       adapter/                 adapter_model.safetensors, adapter_config.json, tokenizer + chat template, README.md card
       merged/                  (--merged) base unquantized in --dtype with the adapter merged in: sharded
                                safetensors, config, generation config, tokenizer, README.md card
+      gguf/                    (--gguf, implies --merged) <name>-<type>.gguf and an Ollama Modelfile (gguf_export.py)
       fidelity.json            the three-way comparison below, the load checks, serving warnings, peak memory
 
 The fidelity report runs the same held-out samples through (a) the 4-bit base + adapter as trained,
@@ -303,6 +304,10 @@ def _card_sections(report: dict) -> str:
         lines.append(
             f"| {pair} | {m['max_abs_logit_diff']:.3g} | {m['mean_kl']:.3g} | {m['perplexity_change']:+.4g} | {m['greedy_agreement']:.4f} |"
         )
+    if report.get("gguf"):
+        from .gguf_export import card_section
+
+        lines += ["", card_section(report["gguf"]).rstrip("\n")]
     lines += ["", "## Serving", ""]
     lines += [f"- warning: {w}" for w in report["serving_warnings"]] or [
         "No known refusal by vLLM-style adapter servers."
@@ -419,6 +424,7 @@ def export(
     samples: int = 8,
     tolerance: float | None = None,
     max_shard_size: int | str = "2GB",
+    gguf: str | None = None,
     log=print,
 ) -> dict:
     shard_size = shard_bytes(max_shard_size)
@@ -429,8 +435,13 @@ def export(
     run = open_run(run_dir).unpacked()  # the fidelity samples one per row, as plain transformers gets them
     out = Path(out).expanduser().resolve() if out else run.root / EXPORT
     check_out(run.root, out)
+    if gguf:  # GGUF is written from the merged model
+        from .gguf_export import check_ready
+
+        check_ready(run.plan.config.model_type, run.recipe.task)
+        merged = True
     with staged(out) as staging:
-        report = _write(run, staging, out, merged, dtype, samples, tolerance, shard_size, log)
+        report = _write(run, staging, out, merged, dtype, samples, tolerance, shard_size, log, gguf)
     log(f"exported: {out}")
     hub = run.recipe.hub
     if hub.repo_id and hub.after == "export":
@@ -450,6 +461,7 @@ def _write(
     tolerance: float | None,
     max_shard_size: int,
     log,
+    gguf: str | None = None,
 ) -> dict:
     """Write the export into `staging`; raises FidelityError (nothing is then kept) when a check fails."""
     folder = ExportDir(staging)
@@ -522,6 +534,14 @@ def _write(
                 f"the merged model differs from the unmerged one (b vs c) by max |logit diff| {report['pairs']['b_vs_c']['max_abs_logit_diff']:.3g}, tolerance {tol:.3g}"
             )
 
+    if gguf:
+        from .gguf_export import export_gguf
+
+        ids, masks = batch["input_ids"][:4].tolist(), batch["attention_mask"][:4].tolist()
+        prompts = [[t for t, m in zip(row, mask) if m] for row, mask in zip(ids, masks)]  # a few samples, unpadded
+        report["gguf"] = export_gguf(merged_dir, folder.gguf, run.root.name, gguf, prompts, log)
+        problems += report["gguf"].get("problems", [])
+
     adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     report["serving_warnings"] = serving_warnings(adapter_config)
     report["passed"] = not problems
@@ -558,4 +578,8 @@ def format_report(report: dict) -> str:
         lines.append(
             f"  merged export: {m['weights_mb']} MB of weights in {m['shards']} shard(s), peak memory {m['peak_memory_mb']} MB ({m['peak_memory_kind']})"
         )
+    if "gguf" in report:
+        from .gguf_export import report_line
+
+        lines.append(report_line(report["gguf"]))
     return "\n".join(lines)

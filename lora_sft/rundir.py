@@ -57,6 +57,7 @@ EXPORT = "export"
 ARTIFACTS = (MARKER, RECIPE, MANIFEST, METRICS, SUMMARY, ADAPTER, CHECKPOINTS, EVAL_REPORT, EXPORT)
 EXPORT_MARKER = ".lora_sft-export"  # written first into an export folder
 EXPORT_ADAPTER, EXPORT_MERGED, FIDELITY = "adapter", "merged", "fidelity.json"  # inside an export folder
+EXPORT_GGUF = "gguf"  # inside an export folder: the .gguf file and the Ollama Modelfile (gguf_export.py)
 CARD = "README.md"  # the model card, in adapter/ (and in an export's adapter/ and merged/)
 ADAPTER_CONFIG = "adapter_config.json"  # peft's name: what makes adapter/ an adapter
 MARKER_VERSION = 1
@@ -273,15 +274,18 @@ class FidelityReport(Record):
     passed: bool
     problems: list[str]
     merged_export: dict[str, Any] | None = None
+    gguf: dict[str, Any] | None = None  # the GGUF file and its llama.cpp load check (gguf_export.check)
 
     def to_json(self) -> dict[str, Any]:
         out = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("merged_export", "serving_warnings", "passed", "problems")
+            if f.name not in ("merged_export", "gguf", "serving_warnings", "passed", "problems")
         }
         if self.merged_export is not None:
             out["merged_export"] = self.merged_export
+        if self.gguf is not None:
+            out["gguf"] = self.gguf
         return out | {"serving_warnings": self.serving_warnings, "passed": self.passed, "problems": self.problems}
 
 
@@ -504,6 +508,7 @@ class ExportDir:
         self.marker = root / EXPORT_MARKER
         self.adapter = root / EXPORT_ADAPTER
         self.merged = root / EXPORT_MERGED
+        self.gguf = root / EXPORT_GGUF
         self.fidelity = root / FIDELITY
 
     def is_export(self) -> bool:

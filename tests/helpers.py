@@ -31,18 +31,27 @@ def build_tokenizer(
     pad="<|endoftext|>",
     bos=None,
     template=CHATML,
+    split_regex: str | None = None,
 ):
     """A byte-level BPE tokenizer with special tokens and a chat template.
 
     With vocab_size 0 it learns no merges: every ASCII character is one token, so a test can write
-    the expected label mask of a text by hand, character by character.
+    the expected label mask of a text by hand, character by character. `split_regex` splits text with that
+    regex before the byte-level step (as Qwen2's and Llama 3's tokenizers do) instead of GPT-2's.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_regex:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     size = vocab_size or len(alphabet) + len(specials)
     tok.train_from_iterator(

@@ -1,0 +1,245 @@
+"""GGUF export: a tiny trained Llama and a tiny Qwen2 converted and loaded with llama.cpp (llama-cpp-python),
+logits compared with the merged transformers model; the Modelfile per template family; the refusals.
+
+The llama.cpp tests carry the marker `gguf` (left out of a plain run; `.ci/run` installs the gguf extra and runs
+`pytest -m gguf`); the others run everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import CHATML, REPO, build_tokenizer, hub_env
+
+from lora_sft import gguf_export
+from lora_sft.cli import main
+from lora_sft.data.templates import NAMED
+from lora_sft.errors import RunError, UserError
+
+CORPUS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()
+QWEN2_REGEX = next(regex for regex, name in gguf_export.PRE_TOKENIZERS.items() if name == "qwen2")
+
+
+def save_tiny_qwen2(path: Path) -> tuple[Path, object]:
+    """A 2-layer random Qwen2 (q/k/v biases, tied embeddings, embedding rows padded past the tokenizer) with a
+    Qwen2-style BPE tokenizer (its split regex) and a chatml template."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer(CORPUS, split_regex=QWEN2_REGEX)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer) + 16,  # rows the tokenizer never produces, as Qwen2 pads its vocabulary
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.3,  # logits far apart, so a tie between two tokens is not what decides a test
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+def prompts(tokenizer) -> list[list[int]]:
+    chat = [{"role": "user", "content": "Count the words.\n\npillow silver"}]
+    return [
+        tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False),
+        tokenizer("Below is an instruction that describes a task.")["input_ids"],
+    ]
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+# ---------------------------------------------------------------- llama.cpp round trips (marker gguf)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    """`export --gguf` (f16) of the tiny trained Llama, as a user runs it."""
+    run_dir, hub, _ = tiny_run
+    out = tmp_path_factory.mktemp("gguf-export") / "export"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", str(run_dir), "--gguf", "--samples", "4", "--out", str(out)]) == 0
+    return run_dir, out, hub, printed.getvalue()
+
+
+@pytest.mark.gguf
+def test_trained_llama_f16_gguf_gives_the_merged_models_logits_in_llama_cpp(exported):
+    _, out, _, printed = exported
+    report = json.loads((out / "fidelity.json").read_text())
+    entry = report["gguf"]
+    assert entry["checked"] and entry["passed"] and report["passed"], entry["problems"]
+    assert entry["file"] == "run-f16.gguf" and (out / "gguf" / "run-f16.gguf").is_file()
+    assert entry["prompts"] == 4 and entry["positions"] > 4 * 8
+    assert entry["max_abs_logit_diff"] <= 1e-2 * entry["max_abs_logit"]
+    assert entry["greedy_identical_prompts"] == 4  # 16 greedy tokens each, token for token
+    assert all(g["transformers"] == g["llama_cpp"] and len(g["llama_cpp"]) == 16 for g in entry["greedy"])
+    assert entry["tokenizer_identical_prompts"] == 4
+    assert (out / "merged" / "config.json").is_file()  # --gguf implies --merged
+    types = tensor_types(out / "gguf" / "run-f16.gguf")
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+    assert "gguf run-f16.gguf loaded with llama.cpp vs merged" in printed
+    modelfile = (out / "gguf" / "Modelfile").read_text()
+    assert "FROM ./run-f16.gguf\n" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    for card in (out / "adapter" / "README.md", out / "merged" / "README.md"):
+        text = card.read_text()
+        assert "llama-cli -m gguf/run-f16.gguf -cnv" in text, card
+        assert "ollama create run-f16 -f Modelfile && ollama run run-f16" in text, card
+
+
+@pytest.mark.gguf
+@pytest.mark.parametrize("gguf_type", ["q8_0", "bf16"])
+def test_trained_llama_q8_0_and_bf16_ggufs_agree_with_the_merged_model(exported, gguf_type, tmp_path):
+    _, out, _, _ = exported
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    entry = gguf_export.export_gguf(out / "merged", tmp_path, "tiny", gguf_type, prompts(tokenizer))
+    assert entry["checked"] and entry["passed"], entry["problems"]
+    assert entry["greedy_agreement"] >= 0.9
+    assert tensor_types(tmp_path / f"tiny-{gguf_type}.gguf")["blk.1.ffn_down.weight"] == gguf_type.upper()
+
+
+@pytest.mark.gguf
+def test_push_uploads_the_gguf_and_modelfile_with_the_export(exported, tmp_path):
+    _, out, hub, _ = exported
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_sft", "push", str(out), "--repo-id", "me/tiny-gguf"],
+        env=hub_env(hub.url, tmp_path / "hf-home"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pushed = hub.files[("me/tiny-gguf", "main")]
+    for name in ("gguf/run-f16.gguf", "gguf/Modelfile", "merged/README.md", "fidelity.json"):
+        assert pushed[name] == (out / name).read_bytes(), name
+
+
+@pytest.mark.gguf
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0", "bf16"])
+def test_tiny_qwen2_gguf_round_trip(gguf_type, tmp_path):
+    merged, tokenizer = save_tiny_qwen2(tmp_path / "qwen2")
+    entry = gguf_export.export_gguf(merged, tmp_path / "gguf", "qwen2", gguf_type, prompts(tokenizer))
+    assert entry["checked"] and entry["passed"], entry["problems"]
+    assert entry["tokenizer_identical_prompts"] == 2
+    if gguf_type == "f16":
+        assert entry["max_abs_logit_diff"] <= 1e-2 * entry["max_abs_logit"]
+        assert entry["greedy_identical_prompts"] == 2
+    assert entry["greedy_agreement"] >= 0.9
+    import gguf
+
+    reader = gguf.GGUFReader(str(tmp_path / "gguf" / f"qwen2-{gguf_type}.gguf"))
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(tokenizer) + 16
+    assert reader.fields["tokenizer.chat_template"].contents() == CHATML
+    assert "blk.0.attn_q.bias" in tensor_types(tmp_path / "gguf" / f"qwen2-{gguf_type}.gguf")
+
+
+# ---------------------------------------------------------------- without llama.cpp
+
+
+@pytest.mark.e2e
+def test_gguf_refuses_an_unsupported_architecture_before_writing(tiny_run, tmp_path, capsys, monkeypatch):
+    run_dir, _, _ = tiny_run
+    monkeypatch.setattr(gguf_export, "ARCHITECTURES", {"qwen2": ("qwen2", False)})  # as if llama were not supported
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--gguf-type", "q8_0", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --gguf: architecture 'llama' is not supported; GGUF export supports qwen2"
+    )
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.unit
+def test_gguf_refuses_other_architectures_and_classifiers_in_one_line(tmp_path):
+    with pytest.raises(UserError) as e:
+        gguf_export.check_supported("gpt_neox", "causal_lm")
+    assert e.value.problems == [
+        "--gguf: architecture 'gpt_neox' is not supported; GGUF export supports llama, mistral, qwen2"
+    ]
+    with pytest.raises(UserError) as e:
+        gguf_export.check_supported("llama", "classification")
+    assert e.value.problems == [
+        "--gguf: a classification run has a classification head; llama.cpp runs causal LMs only"
+    ]
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    with pytest.raises(UserError):
+        gguf_export.write(tmp_path / "merged", tmp_path / "gguf", "x", "f16")
+    assert not (tmp_path / "gguf").exists()
+
+
+LLAMA3_MODELFILE = '''# Ollama: ollama create NAME -f Modelfile && ollama run NAME
+FROM ./m-q8_0.gguf
+
+# the llama3 chat template, as the model was trained with
+TEMPLATE """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+
+{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>
+
+"""
+
+PARAMETER stop "<|eot_id|>"
+PARAMETER stop "<|start_header_id|>"
+'''
+
+
+@pytest.mark.unit
+def test_modelfile_for_each_template_family():
+    assert gguf_export.modelfile("m-q8_0.gguf", NAMED["llama3"], "<|eot_id|>") == LLAMA3_MODELFILE
+    chatml = gguf_export.modelfile("m-f16.gguf", CHATML, "<|endoftext|>")
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}' in chatml
+    stops = [line for line in chatml.splitlines() if line.startswith("PARAMETER stop")]
+    assert stops == [
+        'PARAMETER stop "<|endoftext|>"',
+        'PARAMETER stop "<|im_end|>"',
+        'PARAMETER stop "<|im_start|>"',
+    ]
+    mistral = gguf_export.modelfile("m-f16.gguf", NAMED["mistral"], "</s>")
+    assert '{{ else if eq .Role "user" }}[INST] {{ .Content }} [/INST]' in mistral
+    assert '{{ else if eq .Role "assistant" }} {{ .Content }}</s>{{ end }}' in mistral
+    assert [line for line in mistral.splitlines() if line.startswith("PARAMETER")] == [
+        'PARAMETER stop "</s>"',
+        'PARAMETER stop "[INST]"',
+    ]
+    other = gguf_export.modelfile("m-f16.gguf", "{{ messages[0]['content'] }}", "<eos>")
+    assert "TEMPLATE" not in other.replace("no TEMPLATE", "")
+    assert "Ollama renders chats\n# with the template embedded in the GGUF (tokenizer.chat_template)" in other
+    assert other.splitlines()[1] == "FROM ./m-f16.gguf" and other.endswith('PARAMETER stop "<eos>"\n')
+
+
+@pytest.mark.unit
+def test_vocabulary_types_and_pre_tokenizer(tmp_path):
+    import gguf
+
+    build_tokenizer(CORPUS[:20]).save_pretrained(tmp_path / "gpt2")
+    vocab = gguf_export.vocabulary(tmp_path / "gpt2", 420)
+    assert (vocab.model, vocab.pre) == ("gpt2", "gpt-2")
+    assert vocab.tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert vocab.types[:3] == [gguf.TokenType.CONTROL] * 3 and vocab.types[3] == gguf.TokenType.NORMAL
+    assert vocab.tokens[400:] == [f"[PAD{i}]" for i in range(400, 420)]
+    assert set(vocab.types[400:]) == {gguf.TokenType.UNUSED}
+    build_tokenizer(CORPUS[:20], split_regex=QWEN2_REGEX).save_pretrained(tmp_path / "qwen2")
+    assert gguf_export.vocabulary(tmp_path / "qwen2", 400).pre == "qwen2"
+    with pytest.raises(RunError, match="embedding rows"):
+        gguf_export.vocabulary(tmp_path / "gpt2", 100)
