@@ -168,12 +168,12 @@ def vocabulary(folder: Path, n_vocab: int) -> Vocabulary:
             types.append(gguf.TokenType.UNUSED)
         else:
             tokens.append(text)
-            if i in added:
+            if text == model.get("unk_token"):
+                types.append(gguf.TokenType.UNKNOWN)
+            elif i in added:
                 types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
             elif spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
                 types.append(gguf.TokenType.BYTE)
-            elif text == model.get("unk_token"):
-                types.append(gguf.TokenType.UNKNOWN)
             else:
                 types.append(gguf.TokenType.NORMAL)
         # SentencePiece merges by score; a converted tokenizer keeps its pieces in score order, so -id ranks them
@@ -193,6 +193,15 @@ def _pre_tokenizer(pre: dict | None) -> str:
     return "default"
 
 
+def adds(tokenizer) -> dict[str, bool]:
+    """Whether the tokenizer adds a BOS / EOS to a text: asked directly (its configs spell it many ways)."""
+    ids = tokenizer("a")["input_ids"]
+    return {
+        "bos": tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id],
+        "eos": tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id],
+    }
+
+
 def _add_tokenizer(writer, folder: Path, vocab: Vocabulary) -> None:
     import gguf
     from transformers import AutoTokenizer
@@ -204,11 +213,8 @@ def _add_tokenizer(writer, folder: Path, vocab: Vocabulary) -> None:
     writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
     special = gguf.SpecialVocab(folder, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
-    # whether a BOS / EOS is added is what the tokenizer does, asked directly (configs spell it many ways)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer("a")["input_ids"]
-    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
-    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
+    special.add_special_token.update(adds(tokenizer))
     if special.chat_template is None and tokenizer.chat_template:
         special.chat_template = tokenizer.chat_template
     special.add_to_gguf(writer, quiet=True)
@@ -348,22 +354,27 @@ def write(merged: Path, out_dir: Path, name: str, gguf_type: str, log=print) -> 
 
 # ---------------------------------------------------------------- the Ollama Modelfile
 
-# Ollama TEMPLATEs (Go templates) for the chat-template families lora_sft names (data/templates.py); the
-# GGUF's BOS is added by llama.cpp itself, so none starts with it.
+# Ollama TEMPLATEs (Go templates) for the chat-template families lora_sft names (data/templates.py), with the stop
+# tokens each needs besides the EOS. Ollama passes the system prompt as .System (from a chat or the Modelfile's
+# SYSTEM), so it is written once, first, and system messages are skipped in .Messages. The GGUF's BOS is added by
+# llama.cpp itself, so no template starts with it.
 OLLAMA_TEMPLATES = {
     "chatml": (
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+        "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+        '{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+        "{{- end }}<|im_start|>assistant\n",
         ["<|im_end|>", "<|im_start|>"],
     ),
     "llama3": (
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
-        "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+        '{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+        "{{ .Content }}<|eot_id|>{{ end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
         ["<|eot_id|>", "<|start_header_id|>"],
     ),
     "mistral": (
-        '{{- range .Messages }}{{- if eq .Role "system" }}{{ .Content }}\n\n'
-        '{{ else if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
-        '{{ else if eq .Role "assistant" }} {{ .Content }}{{ EOS }}{{ end }}{{- end }}',
+        "{{- if .System }}{{ .System }}\n\n{{ end }}"
+        '{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
+        '{{- else if eq .Role "assistant" }} {{ .Content }}{{ EOS }}{{- end }}{{- end }}',
         ["[INST]"],
     ),
 }
@@ -472,6 +483,7 @@ def check(gguf_path: Path, merged: Path, gguf_type: str, prompts: list[list[int]
 
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
+    add_bos = adds(tokenizer)["bos"]
     n_ctx = max(len(p) for p in prompts) + GREEDY_STEPS + 8
     llm = Llama(model_path=str(gguf_path), logits_all=True, verbose=False, n_ctx=n_ctx, n_gpu_layers=0, seed=0)
     diff = scale = 0.0
@@ -491,14 +503,10 @@ def check(gguf_path: Path, merged: Path, gguf_type: str, prompts: list[list[int]
         cpp_tokens = _greedy(_llama_stepper(llm), ids, GREEDY_STEPS)
         greedy_same += hf_tokens == cpp_tokens
         greedy.append({"transformers": hf_tokens, "llama_cpp": cpp_tokens})
-        # the same text must become the same tokens in both tokenizers
-        text = tokenizer.decode(ids, skip_special_tokens=False)
-        tokenized_same += (
-            llm.tokenize(
-                text.encode(), add_bos=tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id], special=True
-            )
-            == tokenizer(text)["input_ids"]
-        )
+        # the same text must become the same tokens in both tokenizers (each adds its BOS, if it adds one, itself)
+        body = ids[1:] if add_bos and ids[:1] == [tokenizer.bos_token_id] else ids
+        text = str(tokenizer.decode(body, skip_special_tokens=False))  # one sequence: a str
+        tokenized_same += llm.tokenize(text.encode(), add_bos=add_bos, special=True) == tokenizer(text)["input_ids"]
     llm.close()
     result: dict[str, Any] = {
         "checked": True,

@@ -21,7 +21,8 @@ os.environ.setdefault(
 # Tokenized data is cached per test session, never in the user's cache.
 os.environ.setdefault("LORA_SFT_CACHE", tempfile.mkdtemp(prefix="lora_sft-cache-"))
 
-KINDS = ("unit", "e2e", "launch", "gpu", "gguf")  # what a test does: see [tool.pytest.ini_options] markers in pyproject.toml
+# what a test does: see [tool.pytest.ini_options] markers in pyproject.toml
+KINDS = ("unit", "e2e", "launch", "gpu", "gguf")
 
 
 def pytest_collection_modifyitems(config, items):

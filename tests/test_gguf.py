@@ -53,6 +53,58 @@ def save_tiny_qwen2(path: Path) -> tuple[Path, object]:
     return path, tokenizer
 
 
+def build_spm_tokenizer():
+    """A SentencePiece-style (Llama 2 / Mistral) tokenizer as transformers saves one: BPE with byte fallback, "▁" for
+    spaces, <unk> <s> </s> then the 256 byte pieces, then the learned pieces; it adds <s>; a mistral chat template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def spm_model(**kwargs):
+        tok = Tokenizer(models.BPE(unk_token="<unk>", **kwargs))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        return tok
+
+    learner = spm_model()
+    learner.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    learned = json.loads(learner.to_str())["model"]
+    fixed = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    pieces = [t for t, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]) if t != "<unk>"]
+    vocab = {t: i for i, t in enumerate(fixed + pieces)}
+    tok = spm_model(vocab=vocab, merges=[tuple(m) for m in learned["merges"]], byte_fallback=True, fuse_unk=True)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=NAMED["mistral"]
+    )
+
+
+def save_tiny_mistral(path: Path) -> tuple[Path, object]:
+    """A 2-layer random Mistral (GQA, head_dim set apart from hidden / heads) with a SentencePiece-style tokenizer."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = build_spm_tokenizer()
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    MistralForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
 def prompts(tokenizer) -> list[list[int]]:
     chat = [{"role": "user", "content": "Count the words.\n\npillow silver"}]
     return [
@@ -155,6 +207,16 @@ def test_tiny_qwen2_gguf_round_trip(gguf_type, tmp_path):
     assert "blk.0.attn_q.bias" in tensor_types(tmp_path / "gguf" / f"qwen2-{gguf_type}.gguf")
 
 
+@pytest.mark.gguf
+def test_tiny_mistral_gguf_round_trip_with_a_sentencepiece_vocabulary(tmp_path):
+    merged, tokenizer = save_tiny_mistral(tmp_path / "mistral")
+    entry = gguf_export.export_gguf(merged, tmp_path / "gguf", "mistral", "f16", prompts(tokenizer))
+    assert entry["checked"] and entry["passed"], entry["problems"]
+    assert entry["max_abs_logit_diff"] <= 1e-2 * entry["max_abs_logit"]
+    assert entry["greedy_identical_prompts"] == entry["tokenizer_identical_prompts"] == 2
+    assert "[INST] {{ .Content }} [/INST]" in (tmp_path / "gguf" / "Modelfile").read_text()
+
+
 # ---------------------------------------------------------------- without llama.cpp
 
 
@@ -193,9 +255,11 @@ LLAMA3_MODELFILE = '''# Ollama: ollama create NAME -f Modelfile && ollama run NA
 FROM ./m-q8_0.gguf
 
 # the llama3 chat template, as the model was trained with
-TEMPLATE """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+TEMPLATE """{{- if .System }}<|start_header_id|>system<|end_header_id|>
 
-{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>
+{{ .System }}<|eot_id|>{{ end }}{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+
+{{ .Content }}<|eot_id|>{{ end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>
 
 """
 
@@ -208,7 +272,11 @@ PARAMETER stop "<|start_header_id|>"
 def test_modelfile_for_each_template_family():
     assert gguf_export.modelfile("m-q8_0.gguf", NAMED["llama3"], "<|eot_id|>") == LLAMA3_MODELFILE
     chatml = gguf_export.modelfile("m-f16.gguf", CHATML, "<|endoftext|>")
-    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}' in chatml
+    assert (
+        '{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+        in chatml
+    )
+    assert chatml.count('"""') == 2 and '<|im_start|>assistant\n"""' in chatml
     stops = [line for line in chatml.splitlines() if line.startswith("PARAMETER stop")]
     assert stops == [
         'PARAMETER stop "<|endoftext|>"',
@@ -216,8 +284,8 @@ def test_modelfile_for_each_template_family():
         'PARAMETER stop "<|im_start|>"',
     ]
     mistral = gguf_export.modelfile("m-f16.gguf", NAMED["mistral"], "</s>")
-    assert '{{ else if eq .Role "user" }}[INST] {{ .Content }} [/INST]' in mistral
-    assert '{{ else if eq .Role "assistant" }} {{ .Content }}</s>{{ end }}' in mistral
+    assert '{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ .Content }} [/INST]' in mistral
+    assert '{{- else if eq .Role "assistant" }} {{ .Content }}</s>{{- end }}' in mistral
     assert [line for line in mistral.splitlines() if line.startswith("PARAMETER")] == [
         'PARAMETER stop "</s>"',
         'PARAMETER stop "[INST]"',
@@ -241,5 +309,17 @@ def test_vocabulary_types_and_pre_tokenizer(tmp_path):
     assert set(vocab.types[400:]) == {gguf.TokenType.UNUSED}
     build_tokenizer(CORPUS[:20], split_regex=QWEN2_REGEX).save_pretrained(tmp_path / "qwen2")
     assert gguf_export.vocabulary(tmp_path / "qwen2", 400).pre == "qwen2"
+    tokenizer = build_spm_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "spm")
+    vocab = gguf_export.vocabulary(tmp_path / "spm", len(tokenizer))
+    assert (vocab.model, vocab.pre) == ("llama", None)
+    assert vocab.types[:4] == [
+        gguf.TokenType.UNKNOWN,
+        gguf.TokenType.CONTROL,
+        gguf.TokenType.CONTROL,
+        gguf.TokenType.BYTE,
+    ]
+    assert vocab.tokens[3] == "<0x00>" and vocab.types[258] == gguf.TokenType.BYTE
+    assert vocab.types[259] == gguf.TokenType.NORMAL and vocab.scores[259] > vocab.scores[260]
     with pytest.raises(RunError, match="embedding rows"):
         gguf_export.vocabulary(tmp_path / "gpt2", 100)
