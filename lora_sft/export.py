@@ -438,7 +438,7 @@ def export(
     if gguf:  # GGUF is written from the merged model
         from .gguf_export import check_ready
 
-        check_ready(run.plan.config.model_type, run.recipe.task)
+        check_ready(run.plan.config.to_dict(), run.recipe.task)
         merged = True
     with staged(out) as staging:
         report = _write(run, staging, out, merged, dtype, samples, tolerance, shard_size, log, gguf)

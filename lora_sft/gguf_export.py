@@ -19,14 +19,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from .errors import RunError, UserError
 
-GgufType = Literal["f16", "bf16", "q8_0"]
-GGUF_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0")
 # config.json model_type -> llama.cpp architecture, and whether q/k are permuted for llama.cpp's rope
 # (HF's llama rotates halves; llama.cpp's llama rope rotates adjacent pairs; qwen2 uses the halves (NEOX) rope)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -53,9 +51,10 @@ def check_supported(model_type: str, task: str) -> None:
         )
 
 
-def check_ready(model_type: str, task: str) -> None:
-    """`export --gguf`, checked before anything is written: a supported model and the gguf package installed."""
-    check_supported(model_type, task)
+def check_ready(config: dict, task: str) -> None:
+    """`export --gguf`, checked before anything is written: a supported model and rope, the gguf package installed."""
+    check_supported(config.get("model_type", "?"), task)
+    _rope(config)
     try:
         import gguf  # noqa: F401
     except ImportError:

@@ -323,3 +323,32 @@ def test_vocabulary_types_and_pre_tokenizer(tmp_path):
     assert vocab.types[259] == gguf.TokenType.NORMAL and vocab.scores[259] > vocab.scores[260]
     with pytest.raises(RunError, match="embedding rows"):
         gguf_export.vocabulary(tmp_path / "gpt2", 100)
+
+
+@pytest.mark.unit
+def test_llama3_rope_scaling_becomes_llama_cpps_rope_freqs_and_other_scalings_are_refused(tmp_path):
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    tokenizer = build_tokenizer(CORPUS[:20])
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0}
+    rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4
+    )
+    config.rope_parameters = rope
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama3")
+    tokenizer.save_pretrained(tmp_path / "llama3")
+    path = gguf_export.write(tmp_path / "llama3", tmp_path / "gguf", "llama3", "f16")
+    reader = gguf.GGUFReader(str(path))
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / 500000.0 ** (np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(freqs, plain / scaled.numpy(), rtol=1e-5)  # what llama.cpp divides each by
+    assert reader.fields["llama.rope.freq_base"].contents() == 500000.0
+    with pytest.raises(UserError, match="rope scaling 'dynamic' has no llama.cpp equivalent"):
+        gguf_export.check_ready(config.to_dict() | {"rope_parameters": {"rope_type": "dynamic"}}, "causal_lm")
