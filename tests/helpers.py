@@ -64,6 +64,17 @@ def build_tokenizer(
     )
 
 
+# the tiny decoders' shape: 2 layers of width 64, 4 heads of 16 (2 key/value heads), MLP 128
+TINY_DIMS = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+
 def save_tiny_llama(path: Path, tokenizer, tied: bool = False) -> Path:
     """A 2-layer random Llama sized for `tokenizer`, saved with it as safetensors (seeded: the same weights each time)."""
     import torch
@@ -72,12 +83,7 @@ def save_tiny_llama(path: Path, tokenizer, tied: bool = False) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **TINY_DIMS,
         tie_word_embeddings=tied,
         initializer_range=0.3,  # wide enough that LoRA on the layers can move the frozen lm_head's logits
         bos_token_id=None,

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CHATML, REPO, build_tokenizer, hub_env
+from helpers import CHATML, REPO, TINY_DIMS, build_tokenizer, hub_env
 
 from lora_sft import gguf_export
 from lora_sft.cli import main
@@ -36,12 +36,7 @@ def save_tiny_qwen2(path: Path) -> tuple[Path, object]:
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=len(tokenizer) + 16,  # rows the tokenizer never produces, as Qwen2 pads its vocabulary
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **TINY_DIMS,
         tie_word_embeddings=True,
         initializer_range=0.3,  # logits far apart, so a tie between two tokens is not what decides a test
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
@@ -89,13 +84,8 @@ def save_tiny_mistral(path: Path) -> tuple[Path, object]:
     torch.manual_seed(0)
     config = MistralConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DIMS,
         head_dim=32,
-        max_position_embeddings=512,
         initializer_range=0.3,
         bos_token_id=1,
         eos_token_id=2,
@@ -336,9 +326,7 @@ def test_llama3_rope_scaling_becomes_llama_cpps_rope_freqs_and_other_scalings_ar
     tokenizer = build_tokenizer(CORPUS[:20])
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0}
     rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4
-    )
+    config = LlamaConfig(vocab_size=len(tokenizer), **TINY_DIMS)
     config.rope_parameters = rope
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama3")
@@ -350,5 +338,8 @@ def test_llama3_rope_scaling_becomes_llama_cpps_rope_freqs_and_other_scalings_ar
     plain = 1.0 / 500000.0 ** (np.arange(0, 16, 2) / 16)
     np.testing.assert_allclose(freqs, plain / scaled.numpy(), rtol=1e-5)  # what llama.cpp divides each by
     assert reader.fields["llama.rope.freq_base"].contents() == 500000.0
-    with pytest.raises(UserError, match="rope scaling 'dynamic' has no llama.cpp equivalent"):
+    with pytest.raises(UserError) as e:
         gguf_export.check_ready(config.to_dict() | {"rope_parameters": {"rope_type": "dynamic"}}, "causal_lm")
+    assert e.value.problems == [
+        "--gguf: rope scaling 'dynamic' has no llama.cpp equivalent here (default, linear, yarn, llama3)"
+    ]
