@@ -471,13 +471,48 @@ def _llama_stepper(llm) -> Any:
 
 def check(gguf_path: Path, merged: Path, gguf_type: str, prompts: list[list[int]]) -> dict:
     """Load the GGUF with llama.cpp on CPU and compare it with the merged model in transformers (fp32) on `prompts`:
-    max |logit diff| at every prompt position, next-token argmax agreement, and 16 greedy tokens per prompt."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+    max |logit diff| at every prompt position, next-token argmax agreement, and 16 greedy tokens per prompt.
+
+    It runs in a child interpreter: llama.cpp is native code, and a crash there (an instruction the CPU or VM does
+    not allow, say) must fail the check, not kill the export before it removes its staging folder."""
+    import importlib.util
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    if importlib.util.find_spec("llama_cpp") is None:
         return not_checked()
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps([str(gguf_path), str(merged), gguf_type, prompts]))
+        root = str(Path(__file__).resolve().parents[1])
+        code = f"import sys; sys.path.insert(0, {root!r}); from lora_sft.gguf_export import _measure_job; _measure_job(sys.argv[1])"
+        proc = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return json.loads(job.with_suffix(".out.json").read_text())
+    how = signal.Signals(-proc.returncode).name if proc.returncode < 0 else f"exit {proc.returncode}"
+    last = [line for line in proc.stderr.splitlines() if re.search(r"error|assert", line, re.IGNORECASE)][-1:]
+    problem = (
+        f"llama.cpp (llama-cpp-python) failed running {gguf_path.name} ({how}{': ' + last[0] if last else ''}); "
+        "if its build is at fault, rebuild it for this machine (CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install --force-reinstall --no-cache-dir llama-cpp-python) "
+        "or uninstall it to export without the load check"
+    )
+    return {"checked": True, "passed": False, "problems": [problem]}
+
+
+def _measure_job(job_file: str) -> None:
+    job = Path(job_file)
+    gguf_path, merged, gguf_type, prompts = json.loads(job.read_text())
+    result = _measure(Path(gguf_path), Path(merged), gguf_type, prompts)
+    job.with_suffix(".out.json").write_text(json.dumps(result))
+
+
+def _measure(gguf_path: Path, merged: Path, gguf_type: str, prompts: list[list[int]]) -> dict:
+    """What `check` reports, measured in this interpreter."""
     import llama_cpp
     import torch
+    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
@@ -556,6 +591,8 @@ def export_gguf(merged: Path, out_dir: Path, name: str, gguf_type: str, prompts:
 def report_line(entry: dict) -> str:
     if not entry.get("checked"):
         return f"  gguf {entry['file']}: not load-checked ({entry['why']})"
+    if "max_abs_logit_diff" not in entry:
+        return f"  gguf {entry['file']}: {'; '.join(entry['problems'])}"
     return (
         f"  gguf {entry['file']} loaded with llama.cpp vs merged: max |logit diff| {entry['max_abs_logit_diff']:.3g} "
         f"(max |logit| {entry['max_abs_logit']:.3g}), next-token agreement {entry['greedy_agreement']:.4f}, "
