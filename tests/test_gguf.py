@@ -343,3 +343,13 @@ def test_llama3_rope_scaling_becomes_llama_cpps_rope_freqs_and_other_scalings_ar
     assert e.value.problems == [
         "--gguf: rope scaling 'dynamic' has no llama.cpp equivalent here (default, linear, yarn, llama3)"
     ]
+
+
+@pytest.mark.gguf
+def test_a_gguf_llama_cpp_cannot_load_fails_the_check_with_the_reason(tmp_path):
+    merged, tokenizer = save_tiny_qwen2(tmp_path / "qwen2")
+    bad = tmp_path / "bad-f16.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))  # a header and nothing else
+    entry = gguf_export.check(bad, merged, "f16", prompts(tokenizer))
+    assert entry["checked"] and not entry["passed"]
+    assert entry["problems"][0].startswith("llama.cpp (llama-cpp-python) failed running bad-f16.gguf (exit 1: "), entry
