@@ -353,3 +353,23 @@ def test_a_gguf_llama_cpp_cannot_load_fails_the_check_with_the_reason(tmp_path):
     entry = gguf_export.check(bad, merged, "f16", prompts(tokenizer))
     assert entry["checked"] and not entry["passed"]
     assert entry["problems"][0].startswith("llama.cpp (llama-cpp-python) failed running bad-f16.gguf (exit 1: "), entry
+
+
+@pytest.mark.unit
+def test_without_llama_cpp_the_gguf_entry_says_it_was_not_checked_and_how_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else find_spec(name, *a)
+    )
+    entry = gguf_export.check(tmp_path / "m-f16.gguf", tmp_path, "f16", [[1, 2]])
+    assert entry == {
+        "checked": False,
+        "why": "llama-cpp-python is not installed, so the GGUF was not loaded; pip install 'lora-sft[gguf]' and export again to check it",
+    }
+    card = gguf_export.card_section(entry | {"file": "m-f16.gguf", "size_mb": 1.5})
+    assert (
+        "llama-cli -m gguf/m-f16.gguf -cnv\ncd gguf && ollama create m-f16 -f Modelfile && ollama run m-f16\n" in card
+    )
+    assert card.endswith(f"Not load-checked: {entry['why']}.\n")
