@@ -23,7 +23,26 @@ from lora_sft.data.templates import NAMED
 from lora_sft.errors import RunError, UserError
 
 CORPUS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()
+CHAT = [{"role": "user", "content": "Count the words.\n\npillow silver"}, {"role": "assistant", "content": "2"}]
 QWEN2_REGEX = next(regex for regex, name in gguf_export.PRE_TOKENIZERS.items() if name == "qwen2")
+
+
+def fit(model, tokenizer, steps: int = 30):
+    """A few steps on the example texts, so the model's next token is clear: 16 greedy steps of a random model meet
+    near-ties that any rounding (f16 weights, llama.cpp's f16 KV cache) flips, which says nothing of the conversion."""
+    import torch
+
+    texts = [*CORPUS[:16], *(tokenizer.apply_chat_template([m], tokenize=False) for m in CHAT)]
+    rows = [ids[:64] for ids in tokenizer(texts)["input_ids"]]
+    ids = torch.tensor([row + [0] * (64 - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (64 - len(row)) for row in rows])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
 
 
 def save_tiny_qwen2(path: Path) -> tuple[Path, object]:
@@ -38,12 +57,12 @@ def save_tiny_qwen2(path: Path) -> tuple[Path, object]:
         vocab_size=len(tokenizer) + 16,  # rows the tokenizer never produces, as Qwen2 pads its vocabulary
         **TINY_DIMS,
         tie_word_embeddings=True,
-        initializer_range=0.3,  # logits far apart, so a tie between two tokens is not what decides a test
+        initializer_range=0.05,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    Qwen2ForCausalLM(config).save_pretrained(path)
+    fit(Qwen2ForCausalLM(config), tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path, tokenizer
 
@@ -86,19 +105,18 @@ def save_tiny_mistral(path: Path) -> tuple[Path, object]:
         vocab_size=len(tokenizer),
         **TINY_DIMS,
         head_dim=32,
-        initializer_range=0.3,
+        initializer_range=0.05,
         bos_token_id=1,
         eos_token_id=2,
     )
-    MistralForCausalLM(config).save_pretrained(path)
+    fit(MistralForCausalLM(config), tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path, tokenizer
 
 
 def prompts(tokenizer) -> list[list[int]]:
-    chat = [{"role": "user", "content": "Count the words.\n\npillow silver"}]
     return [
-        tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False),
+        tokenizer.apply_chat_template(CHAT[:1], add_generation_prompt=True, tokenize=True, return_dict=False),
         tokenizer("Below is an instruction that describes a task.")["input_ids"],
     ]
 
