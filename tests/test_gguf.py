@@ -172,7 +172,9 @@ def test_trained_llama_q8_0_and_bf16_ggufs_agree_with_the_merged_model(exported,
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out / "merged")
-    entry = gguf_export.export_gguf(out / "merged", tmp_path, "tiny", gguf_type, prompts(tokenizer))
+    # ~200 positions: the tiny Llama (initializer 0.3) amplifies rounding layer by layer, so its agreement is ~0.93
+    instructions = [tokenizer(json.loads(row)["instruction"])["input_ids"] for row in CORPUS[:8]]
+    entry = gguf_export.export_gguf(out / "merged", tmp_path, "tiny", gguf_type, prompts(tokenizer) + instructions)
     assert entry["checked"] and entry["passed"], entry["problems"]
     assert entry["greedy_agreement"] >= 0.9
     assert tensor_types(tmp_path / f"tiny-{gguf_type}.gguf")["blk.1.ffn_down.weight"] == gguf_type.upper()
