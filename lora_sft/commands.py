@@ -55,6 +55,7 @@ def _export(args) -> int:
         tolerance=args.tolerance,
         max_shard_size=args.max_shard_size,
         onto=args.onto,
+        gguf=args.gguf_type or ("f16" if args.gguf else None),
     )
     return 0
 
@@ -181,6 +182,16 @@ def add_run_commands(sub, common) -> None:
         type=shard_size,
         default="2GB",
         help="largest safetensors shard of the merged model (default 2GB)",
+    )
+    e.add_argument(
+        "--gguf",
+        action="store_true",
+        help="also write gguf/NAME-TYPE.gguf for llama.cpp / Ollama and an Ollama Modelfile (implies --merged; llama, mistral, qwen2)",
+    )
+    e.add_argument(
+        "--gguf-type",
+        choices=["f16", "bf16", "q8_0"],
+        help="GGUF weight type (default f16; implies --gguf); q8_0 is about half the size",
     )
 
     v = command(

@@ -4,6 +4,7 @@
       adapter/                 adapter_model.safetensors, adapter_config.json, tokenizer + chat template, README.md card
       merged/                  (--merged) the base in --dtype with the adapter merged in (--onto below): sharded
                                safetensors, config, generation config, tokenizer, README.md card
+      gguf/                    (--gguf, implies --merged) <name>-<type>.gguf and an Ollama Modelfile (gguf_export.py)
       fidelity.json            the comparisons below, the load checks, serving warnings, peak memory
 
 --onto dequantized (the default) merges the adapter onto the 4-bit weights dequantized exactly as bitsandbytes
@@ -386,6 +387,10 @@ def _card_sections(report: dict) -> str:
         )
     if "merge_onto" in report:
         lines += ["", *_merge_section(report["merge_onto"])]
+    if report.get("gguf"):
+        from .gguf_export import card_section
+
+        lines += ["", card_section(report["gguf"]).rstrip("\n")]
     lines += ["", "## Serving", ""]
     lines += [f"- warning: {w}" for w in report["serving_warnings"]] or [
         "No known refusal by vLLM-style adapter servers."
@@ -529,11 +534,13 @@ def export(
     samples: int = 8,
     tolerance: float | None = None,
     max_shard_size: int | str = "2GB",
+    gguf: str | None = None,
     log=print,
     onto: MergeOnto | None = None,
 ) -> dict:
     """`onto`: what --merged merges the adapter onto; None is the default, dequantized (given without --merged, an error)."""
     shard_size = shard_bytes(max_shard_size)
+    merged = merged or bool(gguf)  # GGUF is written from the merged model (so --gguf takes --onto too)
     if onto is not None and onto not in ONTO:
         raise UserError(f"--onto: {onto!r} is not a merge target; give one of {', '.join(ONTO)}")
     if onto is not None and not merged:
@@ -547,8 +554,14 @@ def export(
     run = open_run(run_dir).unpacked()  # the fidelity samples one per row, as plain transformers gets them
     out = Path(out).expanduser().resolve() if out else run.root / EXPORT
     check_out(run.root, out)
+    if gguf:
+        from .gguf_export import check_ready
+
+        check_ready(run.plan.config.to_dict(), run.recipe.task)
     with staged(out) as staging:
-        report = _write(run, staging, out, merged, onto or "dequantized", dtype, samples, tolerance, shard_size, log)
+        report = _write(
+            run, staging, out, merged, onto or "dequantized", dtype, samples, tolerance, shard_size, log, gguf
+        )
     log(f"exported: {out}")
     hub = run.recipe.hub
     if hub.repo_id and hub.after == "export":
@@ -569,6 +582,7 @@ def _write(
     tolerance: float | None,
     max_shard_size: int,
     log,
+    gguf: str | None = None,
 ) -> dict:
     """Write the export into `staging`; raises FidelityError (nothing is then kept) when a check fails."""
     folder = ExportDir(staging)
@@ -621,6 +635,14 @@ def _write(
         memory["weights_mb"] = round(weight_bytes / 2**20, 1)
         memory["shards"] = len(list(merged_dir.glob("*.safetensors")))
         report["merged_export"] = memory
+
+    if gguf:
+        from .gguf_export import export_gguf
+
+        ids, masks = batch["input_ids"][:4].tolist(), batch["attention_mask"][:4].tolist()
+        prompts = [[t for t, m in zip(row, mask) if m] for row, mask in zip(ids, masks)]  # a few samples, unpadded
+        report["gguf"] = export_gguf(merged_dir, folder.gguf, run.root.name, gguf, prompts, log)
+        problems += report["gguf"].get("problems", [])
 
     adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     report["serving_warnings"] = serving_warnings(adapter_config)
@@ -784,4 +806,8 @@ def format_report(report: dict) -> str:
         lines.append(
             f"  merged export: {m['weights_mb']} MB of weights in {m['shards']} shard(s), peak memory {m['peak_memory_mb']} MB ({m['peak_memory_kind']})"
         )
+    if "gguf" in report:
+        from .gguf_export import report_line
+
+        lines.append(report_line(report["gguf"]))
     return "\n".join(lines)

@@ -74,6 +74,7 @@ ARTIFACTS = (
 )
 EXPORT_MARKER = ".lora_sft-export"  # written first into an export folder
 EXPORT_ADAPTER, EXPORT_MERGED, FIDELITY = "adapter", "merged", "fidelity.json"  # inside an export folder
+EXPORT_GGUF = "gguf"  # inside an export folder: the .gguf file and the Ollama Modelfile (gguf_export.py)
 CARD = "README.md"  # the model card, in adapter/ (and in an export's adapter/ and merged/)
 ADAPTER_CONFIG = "adapter_config.json"  # peft's name: what makes adapter/ an adapter
 MARKER_VERSION = 1
@@ -297,14 +298,15 @@ class FidelityReport(Record):
     problems: list[str]
     merged_export: dict[str, Any] | None = None
     merge_onto: dict[str, Any] | None = None  # --merged: both merges (dequantized, original) against the trained model
+    gguf: dict[str, Any] | None = None  # the GGUF file and its llama.cpp load check (gguf_export.check)
 
     def to_json(self) -> dict[str, Any]:
         out = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("merged_export", "merge_onto", "serving_warnings", "passed", "problems")
+            if f.name not in ("merged_export", "merge_onto", "gguf", "serving_warnings", "passed", "problems")
         }
-        for optional in ("merged_export", "merge_onto"):
+        for optional in ("merged_export", "merge_onto", "gguf"):
             if getattr(self, optional) is not None:
                 out[optional] = getattr(self, optional)
         return out | {"serving_warnings": self.serving_warnings, "passed": self.passed, "problems": self.problems}
@@ -545,6 +547,7 @@ class ExportDir:
         self.marker = root / EXPORT_MARKER
         self.adapter = root / EXPORT_ADAPTER
         self.merged = root / EXPORT_MERGED
+        self.gguf = root / EXPORT_GGUF
         self.fidelity = root / FIDELITY
 
     def is_export(self) -> bool:

@@ -21,11 +21,12 @@ os.environ.setdefault(
 # Tokenized data is cached per test session, never in the user's cache.
 os.environ.setdefault("LORA_SFT_CACHE", tempfile.mkdtemp(prefix="lora_sft-cache-"))
 
-KINDS = ("unit", "e2e", "launch", "gpu")  # what a test does: see [tool.pytest.ini_options] markers in pyproject.toml
+# what a test does: see [tool.pytest.ini_options] markers in pyproject.toml
+KINDS = ("unit", "e2e", "launch", "gpu", "gguf")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test says what it does with exactly one of the markers unit / e2e / launch / gpu; gpu tests skip without CUDA."""
+    """Every test says what it does with exactly one of the markers unit / e2e / launch / gpu / gguf; gpu tests skip without CUDA."""
     wrong = [
         f"{item.nodeid} ({', '.join(kinds) or 'none'})"
         for item in items

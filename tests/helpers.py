@@ -31,18 +31,27 @@ def build_tokenizer(
     pad="<|endoftext|>",
     bos=None,
     template=CHATML,
+    split_regex: str | None = None,
 ):
     """A byte-level BPE tokenizer with special tokens and a chat template.
 
     With vocab_size 0 it learns no merges: every ASCII character is one token, so a test can write
-    the expected label mask of a text by hand, character by character.
+    the expected label mask of a text by hand, character by character. `split_regex` splits text with that
+    regex before the byte-level step (as Qwen2's and Llama 3's tokenizers do) instead of GPT-2's.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_regex:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     size = vocab_size or len(alphabet) + len(specials)
     tok.train_from_iterator(
@@ -55,6 +64,17 @@ def build_tokenizer(
     )
 
 
+# the tiny decoders' shape: 2 layers of width 64, 4 heads of 16 (2 key/value heads), MLP 128
+TINY_DIMS = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+
 def save_tiny_llama(path: Path, tokenizer, tied: bool = False) -> Path:
     """A 2-layer random Llama sized for `tokenizer`, saved with it as safetensors (seeded: the same weights each time)."""
     import torch
@@ -63,12 +83,7 @@ def save_tiny_llama(path: Path, tokenizer, tied: bool = False) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **TINY_DIMS,
         tie_word_embeddings=tied,
         initializer_range=0.3,  # wide enough that LoRA on the layers can move the frozen lm_head's logits
         bos_token_id=None,
