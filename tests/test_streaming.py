@@ -1,0 +1,153 @@
+"""data.streaming (CPU, tiny Llama, real Trainer).
+
+- The stream hands the Trainer exactly the samples the whole-data stage makes (same tokens, same labels, file
+  order with shuffle off), and a streamed run trains on them with the same per-step losses (within 1e-6) as the
+  non-streamed run: one batch holds the whole data, so the order the Trainer draws it in does not matter.
+- Streaming + packing + shuffle, killed with SIGKILL mid-run (test_resume's helpers) and resumed, logs the same
+  per-step losses and writes the same adapter as the unbroken streamed run, bitwise; the run crosses blocks and
+  passes over the data, and is killed inside a block.
+- A bad row past the first block passes `validate` (which says it checked the first block) and stops `train`
+  with its file:line, exit 2. Streaming under a launcher is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import REPO, adapter, build_tokenizer, losses, write_jsonl
+from test_resume import _signal_at, _start
+
+from lora_sft import data as data_stage
+from lora_sft.checkpoint import EXTRA, checkpoints
+from lora_sft.cli import main
+from lora_sft.data import stream
+from lora_sft.errors import UserError
+from lora_sft.recipe import Recipe
+
+ROWS = [json.loads(line) for line in (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()]
+
+
+def recipe_dict(tiny_llama, folder: Path, rows: list, data: dict | None = None, **train) -> dict:
+    source = write_jsonl(folder / "train.jsonl", rows)
+    return {
+        "task": "causal_lm",
+        "output_dir": str(folder / "run"),
+        "seed": 7,
+        "model": {"path": str(tiny_llama)},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"format": "alpaca", "train": str(source), "max_length": 64, "streaming": True, **(data or {})},
+        "train": {
+            "lr": 1e-2,
+            "max_steps": 3,
+            "micro_batch_size": 8,
+            "grad_accum": 1,
+            "warmup": 1,
+            "logging_steps": 1,
+            "save_steps": 1,
+            "eval_before": False,
+            "gradient_checkpointing": False,
+            **train,
+        },
+    }
+
+
+def _write(recipe: dict, folder: Path) -> Path:
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.unit
+def test_stream_yields_the_whole_data_stages_samples(tmp_path):
+    tokenizer = build_tokenizer([json.dumps(r) for r in ROWS])
+    recipe = Recipe.model_validate(
+        recipe_dict("unused", tmp_path, ROWS[:20], {"shuffle": False, "stream_buffer": 7}, max_steps=1)
+    )
+    whole = data_stage.build(
+        recipe.model_copy(update={"data": recipe.data.model_copy(update={"streaming": False})}), tokenizer
+    )
+    streamed = stream.build(recipe, tokenizer, stream.check(recipe))
+    items = iter(streamed.train)
+    got = [next(items) for _ in range(2 * len(whole.train))]  # two passes: the stream loops
+    want = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in whole.train]
+    assert got == want + want
+    assert streamed.stats["train"]["rows"] == 7  # the first block only: what validate checks
+
+
+@pytest.mark.e2e
+def test_streamed_run_equals_whole_data_run(tiny_llama, tmp_path):
+    runs = {}
+    for streaming in (False, True):
+        folder = tmp_path / str(streaming)
+        folder.mkdir()
+        recipe = recipe_dict(tiny_llama, folder, ROWS[:8], {"shuffle": False, "streaming": streaming})
+        assert main(["train", str(_write(recipe, folder))]) == 0
+        runs[streaming] = folder / "run"
+    whole, streamed = losses(runs[False]), losses(runs[True])
+    assert [s for s, _ in streamed] == [1, 2, 3]
+    assert [s for s, _ in whole] == [1, 2, 3]
+    assert all(abs(a - b) <= 1e-6 for (_, a), (_, b) in zip(whole, streamed)), (whole, streamed)
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs.values()]
+    assert summaries[0]["tokens_trained"] == summaries[1]["tokens_trained"]
+
+
+STEPS = 6
+
+
+@pytest.mark.e2e
+def test_streamed_packed_killed_and_resumed_equals_unbroken(tiny_llama, tmp_path, capsys):
+    # 24 rows in blocks of 10: about 5 packed rows a block, 4 rows a step, so 6 steps cross blocks and passes
+    settings = {"packing": True, "stream_buffer": 10}
+    train = {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "save_total_limit": 2}
+    recipes = {}
+    for name in ("unbroken", "killed"):
+        (tmp_path / name).mkdir()
+        recipe = recipe_dict(tiny_llama, tmp_path / name, ROWS[:24], settings, **train)
+        recipe["lora"]["dropout"] = 0.1  # the resumed RNG must match too
+        recipes[name] = _write(recipe, tmp_path / name)
+    killed = tmp_path / "killed" / "run"
+    proc = _start(recipes["killed"])
+    _signal_at([(proc, killed, 4, signal.SIGKILL)])
+    assert main(["train", str(recipes["unbroken"])]) == 0  # while the other one starts
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "summary.json").exists()
+    saved = json.loads((checkpoints(killed / "checkpoints")[-1] / EXTRA.format("stream")).read_text())
+    assert saved["consumed"] % 4 == 0 and set(saved["position"]) == {"passes", "block", "source", "row", "skip"}
+
+    assert main(["train", str(recipes["killed"]), "--resume"]) == 0
+    unbroken = tmp_path / "unbroken" / "run"
+    assert losses(killed) == losses(unbroken)
+    assert [s for s, _ in losses(killed)] == list(range(1, STEPS + 1))
+    ref, got = adapter(unbroken), adapter(killed)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    summary = json.loads((unbroken / "summary.json").read_text())
+    assert summary["tokens_seen"] == json.loads((killed / "summary.json").read_text())["tokens_seen"]
+
+
+@pytest.mark.e2e
+def test_bad_row_mid_stream_stops_with_its_place(tiny_llama, tmp_path, capsys):
+    rows = ROWS[:11] + [{"instruction": "no output here"}] + ROWS[11:20]
+    recipe = _write(recipe_dict(tiny_llama, tmp_path, rows, {"stream_buffer": 10}, max_steps=4), tmp_path)
+    assert main(["validate", str(recipe)]) == 0
+    assert (
+        "streamed in blocks of 10 rows (the first 10 checked now, the rest as they are read)" in capsys.readouterr().out
+    )
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {tmp_path / 'train.jsonl'}:12: "), err
+
+
+@pytest.mark.unit
+def test_streaming_under_a_launcher_is_refused(tmp_path, monkeypatch):
+    recipe = Recipe.model_validate(recipe_dict("unused", tmp_path, ROWS[:4]))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(UserError) as e:
+        stream.check(recipe)
+    assert e.value.problems == [
+        "data.streaming: streaming trains in one process (the stream is not split between processes); run without torchrun or accelerate launch, or set data.streaming: false"
+    ]
