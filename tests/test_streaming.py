@@ -26,8 +26,9 @@ from lora_sft import data as data_stage
 from lora_sft.checkpoint import EXTRA, checkpoints
 from lora_sft.cli import main
 from lora_sft.data import stream
+from lora_sft.data.read import stream_source
 from lora_sft.errors import UserError
-from lora_sft.recipe import Recipe
+from lora_sft.recipe import Recipe, Source
 
 ROWS = [json.loads(line) for line in (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()]
 
@@ -85,7 +86,8 @@ def test_streamed_run_equals_whole_data_run(tiny_llama, tmp_path):
     for streaming in (False, True):
         folder = tmp_path / str(streaming)
         folder.mkdir()
-        recipe = recipe_dict(tiny_llama, folder, ROWS[:8], {"shuffle": False, "streaming": streaming})
+        held_out = str(write_jsonl(folder / "eval.jsonl", ROWS[40:44]))
+        recipe = recipe_dict(tiny_llama, folder, ROWS[:8], {"shuffle": False, "streaming": streaming, "eval": held_out})
         assert main(["train", str(_write(recipe, folder))]) == 0
         runs[streaming] = folder / "run"
     whole, streamed = losses(runs[False]), losses(runs[True])
@@ -94,6 +96,7 @@ def test_streamed_run_equals_whole_data_run(tiny_llama, tmp_path):
     assert all(abs(a - b) <= 1e-6 for (_, a), (_, b) in zip(whole, streamed)), (whole, streamed)
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs.values()]
     assert summaries[0]["tokens_trained"] == summaries[1]["tokens_trained"]
+    assert abs(summaries[0]["eval_loss"] - summaries[1]["eval_loss"]) <= 1e-6  # data.eval, read whole either way
 
 
 STEPS = 6
@@ -151,3 +154,34 @@ def test_streaming_under_a_launcher_is_refused(tmp_path, monkeypatch):
     assert e.value.problems == [
         "data.streaming: streaming trains in one process (the stream is not split between processes); run without torchrun or accelerate launch, or set data.streaming: false"
     ]
+
+
+class _FakeHubStream:
+    """What datasets' load_dataset(..., streaming=True) returns, as far as the stream uses it: iteration and skip."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def skip(self, n: int) -> _FakeHubStream:
+        return _FakeHubStream(self.rows[n:])
+
+
+@pytest.mark.unit
+def test_hub_source_is_read_with_datasets_streaming(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return _FakeHubStream(ROWS[:5])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    source = Source(path="someone/alpaca-like", format="alpaca")
+    rows = list(stream_source(source, "data.train", start=3))
+    assert [r.value for r in rows] == ROWS[3:5]
+    assert [r.place for r in rows] == ["someone/alpaca-like[train] row 4", "someone/alpaca-like[train] row 5"]
+    assert calls == [("someone/alpaca-like", {"name": None, "split": "train", "revision": None, "streaming": True})]
