@@ -21,6 +21,7 @@ import torch
 import yaml
 from helpers import REPO, adapter, build_tokenizer, losses, write_jsonl
 from test_resume import _signal_at, _start
+from test_resume import recipe_dict as resume_recipe
 
 from lora_sft import data as data_stage
 from lora_sft.checkpoint import EXTRA, checkpoints
@@ -34,27 +35,15 @@ ROWS = [json.loads(line) for line in (REPO / "data/examples/alpaca.jsonl").read_
 
 
 def recipe_dict(tiny_llama, folder: Path, rows: list, data: dict | None = None, **train) -> dict:
+    """test_resume's recipe (alpaca, max_length 64, a checkpoint every step) streaming `rows`, without dropout."""
+    recipe = resume_recipe(
+        tiny_llama, folder / "run", **{"max_steps": 3, "micro_batch_size": 8, "grad_accum": 1} | train
+    )
     source = write_jsonl(folder / "train.jsonl", rows)
-    return {
-        "task": "causal_lm",
-        "output_dir": str(folder / "run"),
-        "seed": 7,
-        "model": {"path": str(tiny_llama)},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"format": "alpaca", "train": str(source), "max_length": 64, "streaming": True, **(data or {})},
-        "train": {
-            "lr": 1e-2,
-            "max_steps": 3,
-            "micro_batch_size": 8,
-            "grad_accum": 1,
-            "warmup": 1,
-            "logging_steps": 1,
-            "save_steps": 1,
-            "eval_before": False,
-            "gradient_checkpointing": False,
-            **train,
-        },
-    }
+    recipe["data"] |= {"train": str(source), "streaming": True, **(data or {})}
+    recipe["lora"]["dropout"] = 0.0
+    recipe["train"]["eval_before"] = False
+    return recipe
 
 
 def _write(recipe: dict, folder: Path) -> Path:
@@ -106,7 +95,7 @@ STEPS = 6
 def test_streamed_packed_killed_and_resumed_equals_unbroken(tiny_llama, tmp_path, capsys):
     # 24 rows in blocks of 10: about 5 packed rows a block, 4 rows a step, so 6 steps cross blocks and passes
     settings = {"packing": True, "stream_buffer": 10}
-    train = {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "save_total_limit": 2}
+    train = {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2}
     recipes = {}
     for name in ("unbroken", "killed"):
         (tmp_path / name).mkdir()
@@ -134,15 +123,16 @@ def test_streamed_packed_killed_and_resumed_equals_unbroken(tiny_llama, tmp_path
 
 @pytest.mark.e2e
 def test_bad_row_mid_stream_stops_with_its_place(tiny_llama, tmp_path, capsys):
-    rows = ROWS[:11] + [{"instruction": "no output here"}] + ROWS[11:20]
-    recipe = _write(recipe_dict(tiny_llama, tmp_path, rows, {"stream_buffer": 10}, max_steps=4), tmp_path)
+    rows = ROWS[:39] + [{"instruction": "no output here"}] + ROWS[39:45]
+    recipe = _write(recipe_dict(tiny_llama, tmp_path, rows, {"stream_buffer": 10}, max_steps=6), tmp_path)
     assert main(["validate", str(recipe)]) == 0
     assert (
         "streamed in blocks of 10 rows (the first 10 checked now, the rest as they are read)" in capsys.readouterr().out
     )
     assert main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: {tmp_path / 'train.jsonl'}:12: "), err
+    assert err[-1].startswith(f"error: {tmp_path / 'train.jsonl'}:40: "), err
+    assert checkpoints(tmp_path / "run" / "checkpoints")  # it stopped mid-stream, after steps were trained and saved
 
 
 @pytest.mark.unit
