@@ -27,7 +27,7 @@ from lora_sft import data as data_stage
 from lora_sft.checkpoint import EXTRA, checkpoints
 from lora_sft.cli import main
 from lora_sft.data import stream
-from lora_sft.data.read import stream_source
+from lora_sft.data.read import read_source, stream_source
 from lora_sft.errors import UserError
 from lora_sft.recipe import Recipe, Source
 
@@ -175,3 +175,20 @@ def test_hub_source_is_read_with_datasets_streaming(monkeypatch):
     assert [r.value for r in rows] == ROWS[3:5]
     assert [r.place for r in rows] == ["someone/alpaca-like[train] row 4", "someone/alpaca-like[train] row 5"]
     assert calls == [("someone/alpaca-like", {"name": None, "split": "train", "revision": None, "streaming": True})]
+
+
+@pytest.mark.unit
+def test_stream_source_from_any_row_equals_read_source(tmp_path):
+    """A folder of a .jsonl (blank lines, a BOM, CRLF, a bad line), a .txt and a .csv: from every start row, the
+    stream gives read_source's rows from there, places included."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = [json.dumps(r) for r in ROWS[:4]]
+    (folder / "a.jsonl").write_bytes(("\ufeff" + lines[0] + "\r\n\n" + lines[1] + "\n{oops\n  \n" + lines[2]).encode())
+    (folder / "b.txt").write_text("one line\n\nanother line\n")
+    (folder / "c.csv").write_text("text\nfirst\nsecond\n")
+    source = Source(path=str(folder), format="text")
+    whole = read_source(source, "data.train")
+    assert len(whole) == 8
+    for start in range(len(whole) + 1):
+        assert list(stream_source(source, "data.train", start)) == whole[start:], start
