@@ -43,6 +43,7 @@ STAGING = ".staging"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE = "trainer_state.json"  # Trainer's name; it holds the step
 COUNTS = "lora_sft_counts.json"  # the trainer's own running totals (tokens seen and trained)
+EXTRA = "lora_sft_{}.json"  # a state saved beside the counts (`AtomicCheckpoints` extras): lora_sft_stream.json
 
 
 def fsync_tree(folder: Path) -> None:
@@ -113,8 +114,9 @@ class AtomicCheckpoints(TrainerCallback):
     clears, marks, moves and rotates, and only once every process has written its files; the marker holds the
     counts summed over the processes. A failure there stops every process (`distributed.agree`)."""
 
-    def __init__(self, folder: Path, keep: int, counts, identity: dict | None = None):
+    def __init__(self, folder: Path, keep: int, counts, identity: dict | None = None, extras=None):
         self.folder, self.keep, self.counts, self.identity = folder, keep, counts, identity
+        self.extras = extras  # state -> {name: JSON value}: saved as EXTRA files before the marker (data.streaming)
         self.saving: int | None = None  # the step whose checkpoint Trainer is writing now
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -140,17 +142,20 @@ class AtomicCheckpoints(TrainerCallback):
             # load_best_model_at_end: Trainer recorded the best checkpoint where it wrote it (staging); it is read
             # from where it lands, at the end and after a resume (so its saved state says so too)
             state.best_model_checkpoint = str(self.folder / Path(best).name)
+        extra = self.extras(state) if self.extras is not None else {}
         distributed.agree()  # every process has written its files (its rng_state_N.pth)
-        distributed.on_main(self._complete, state, counts, moved)
+        distributed.on_main(self._complete, state, counts, moved, extra)
         self.saving = None
 
-    def _complete(self, state, counts: dict, best_moved: bool) -> None:
+    def _complete(self, state, counts: dict, best_moved: bool, extra: dict[str, Any]) -> None:
         """Mark the staged checkpoint complete, move it into place, keep the last `keep`."""
         name = f"checkpoint-{state.global_step}"
         written, target = staging(self.folder) / name, self.folder / name
         best = getattr(state, "best_model_checkpoint", None)
         if best_moved:
             state.save_to_json(str(written / STATE))
+        for name, value in extra.items():
+            (written / EXTRA.format(name)).write_text(json.dumps(value))
         fsync_tree(written)
         (written / COUNTS).write_text(json.dumps(counts))  # the completion marker, after every other file is on disk
         fsync_tree(written)
@@ -482,6 +487,15 @@ def reopen(run_dir: RunDir, checkpoint: Path, recipe_dict: dict) -> Manifest | N
     """Continue a run directory from `checkpoint`: a save cut short is cleared, the run directory reopened."""
     shutil.rmtree(staging(run_dir.checkpoints), ignore_errors=True)
     return run_dir.reopen(step_of(checkpoint), checkpoint, recipe_dict)
+
+
+def read_extra(checkpoint: Path, name: str) -> Any:
+    """A state `AtomicCheckpoints` saved beside the counts (its `extras`), or a RunError if the checkpoint lacks it."""
+    path = checkpoint / EXTRA.format(name)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot read {path} ({type(e).__name__}); resume from a checkpoint this run wrote") from None
 
 
 def restore_counts(trainer, checkpoint: Path) -> None:

@@ -658,6 +658,10 @@ def fixes(recipe: Recipe, work: Workload, limit: int, micro: int, ckpt: bool) ->
 
 def sequence_of(bundle: Any) -> int | None:
     """The longest tokenized training row, when the data was tokenized."""
-    if bundle is None or bundle.train is None or not len(bundle.train):
+    if bundle is None or bundle.train is None:
+        return None
+    if bundle.stats.get("train", {}).get("streamed"):  # data.streaming: any row may come, up to max_length
+        return None
+    if not len(bundle.train):
         return None
     return max(len(row) for row in bundle.train["input_ids"])

@@ -18,6 +18,7 @@ import torch
 from . import checkpoint, distributed, planner, trackers
 from . import data as data_stage
 from . import model as model_stage
+from .data import stream
 from .errors import UserError
 from .recipe import Recipe
 
@@ -95,7 +96,7 @@ def _tokenizer_problems(
     ):  # only then can an id fall outside the embedding (and rows hold no None for EOS)
         ids = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None]
         for split in (bundle.train, bundle.eval) if bundle else ():
-            if split is not None and len(split):
+            if split is not None and not isinstance(split, stream.StreamDataset) and len(split):
                 ids.append(max(max(row) for row in split["input_ids"]))
         if ids and max(ids) >= vocab:
             problems.append(
@@ -165,7 +166,7 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
             problems.extend(e.problems)
             return None
 
-    checked = attempt(data_stage.check, recipe)
+    checked = attempt(stream.check if recipe.data.streaming else data_stage.check, recipe)
     source = attempt(model_stage.resolve_source, recipe)
     plan = tokenizer = bundle = note = None
     if source is not None:
@@ -187,7 +188,7 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
     if plan is not None and tokenizer is not None:
         model_stage.plan_tokens(plan, tokenizer, model_stage.added_token_ids(tokenizer))
     if tokenizer is not None and checked is not None:
-        bundle = attempt(data_stage.build, recipe, tokenizer, checked)
+        bundle = attempt(stream.build if recipe.data.streaming else data_stage.build, recipe, tokenizer, checked)
     if tokenizer is not None:
         problems += _tokenizer_problems(recipe, tokenizer, plan, bundle)
     if plan is not None:
@@ -276,7 +277,8 @@ def describe_plan(
         else "none"
     )
     # the Trainer steps through what was tokenized: packed rows, text chunks, samples left after dropping
-    steps = train_steps(recipe, len(bundle.train) if bundle is not None else len(checked.train), processes)
+    sized = bundle is not None and not d.streaming  # a stream has no length (data.streaming needs max_steps)
+    steps = train_steps(recipe, len(bundle.train) if sized else len(checked.train), processes)
     quant = (
         "unquantized"
         if q.mode == "none"
@@ -307,7 +309,9 @@ def describe_plan(
             lines.append(f"adapter size: about {adapter_size(plan.trainable_params)} (the trainable params in fp32)")
     formats = ", ".join(sorted(d.formats()))
     arranged = ", packed" if d.packing else ", grouped by length" if data_stage.groups_by_length(recipe) else ""
-    data_line = f"data: {formats}{arranged}, {len(checked.train)} train rows, {len(checked.eval)} eval rows ({eval_from}), max_length {d.max_length}"
+    streamed = f"streamed in blocks of {d.stream_buffer} rows (the first {len(checked.train)} checked now, the rest as they are read)"
+    train_rows = streamed if d.streaming else f"{len(checked.train)} train rows"
+    data_line = f"data: {formats}{arranged}, {train_rows}, {len(checked.eval)} eval rows ({eval_from}), max_length {d.max_length}"
     if bundle is not None and d.packing and "packed_rows" in bundle.stats.get("train", {}):
         data_line += f", packed into {bundle.stats['train']['packed_rows']} rows"
     if checked.labels:

@@ -195,6 +195,10 @@ class DataSection(Section):
     """Cache the tokenized data by a fingerprint of the data, these options and the tokenizer ($LORA_SFT_CACHE, default ~/.cache/lora_sft)."""
     labels: list[str] | None = None
     """classification: label names, in id order. Default: the sorted distinct labels of the train rows."""
+    streaming: bool = False
+    """Read the train data as a stream instead of whole: local files row by row (.jsonl and .txt line by line; .json, .csv and .parquet a file at a time) or a hub dataset with datasets' streaming mode (nothing downloaded whole), checked, tokenized and packed on the fly, in blocks of stream_buffer rows; the data loops until train.max_steps (required: the length is unknown). A bad row stops the run with its file:line; `validate` checks the first stream_buffer rows. Resume is exact (the stream position is saved in each checkpoint). causal_lm only; not with eval_fraction (use data.eval, read whole), source weights, an explicit group_by_length, lora.init eva, or a launcher (one process only)."""
+    stream_buffer: int = Field(1000, ge=1)
+    """data.streaming: rows per block. Each block's rows are shuffled together (data.shuffle; seeded by seed, the pass and the block) and its samples packed together (data.packing: best-fit into rows of max_length), so memory stays bounded by it; larger mixes and packs better."""
 
     def sources(self, split: str) -> list[Source]:
         """The train or eval data as a list of sources, each with its format filled in."""
@@ -215,12 +219,30 @@ class DataSection(Section):
                     raise ValueError(f"{split}[{i}] ({s.path}) has no format; set data.format or the source's format")
         if isinstance(self.train, list) and not self.train:
             raise ValueError("train is an empty list; name at least one source")
+        if self.streaming:
+            self._streamable()
         if isinstance(self.add_special_tokens, list):
             if any(not t or t != t.strip() for t in self.add_special_tokens):
                 raise ValueError("add_special_tokens: a token is empty or has surrounding spaces")
             if len(set(self.add_special_tokens)) != len(self.add_special_tokens):
                 raise ValueError("add_special_tokens has duplicates")
         return self
+
+    def _streamable(self) -> None:
+        """data.streaming: what needs the whole train data at once cannot stream."""
+        if self.eval_fraction > 0:
+            raise ValueError(
+                "streaming cannot hold out eval_fraction of a stream it never holds whole; set data.eval to a file (read whole) instead"
+            )
+        if "group_by_length" in self.model_fields_set and self.group_by_length:
+            raise ValueError(
+                "streaming cannot group by length (that sorts the whole data); remove group_by_length or set it to false"
+            )
+        weighted = [s.path for s in self.sources("train") if s.weight is not None]
+        if weighted:
+            raise ValueError(
+                f"streaming reads each source once per pass, so a source weight cannot be honoured ({weighted[0]}); remove weight, or repeat the rows in the file"
+            )
 
     def formats(self) -> set[str]:
         # every source has a format once validated (`_consistent`)
@@ -447,6 +469,25 @@ class Recipe(Section):
         if formats and (self.task == "classification") != (formats == {"classification"}):
             want = "classification" if self.task == "classification" else "alpaca, prompt_completion, messages or text"
             raise ValueError(f"task {self.task} needs data.format {want} (got {', '.join(sorted(formats))})")
+        return self
+
+    @model_validator(mode="after")
+    def _stream_settings(self) -> Recipe:
+        """data.streaming: the settings of other sections a stream needs or cannot serve."""
+        if not self.data.streaming:
+            return self
+        if self.train.max_steps is None:
+            raise ValueError(
+                "data.streaming: true needs train.max_steps (a stream has no known length, so epochs cannot be counted); set train.max_steps"
+            )
+        if self.task != "causal_lm":
+            raise ValueError(
+                "data.streaming: true needs task causal_lm (classification reads every label first); set data.streaming: false"
+            )
+        if self.lora.init == "eva":
+            raise ValueError(
+                "data.streaming: true cannot run lora.init eva (its data pass needs a sized dataset); use another lora.init or data.streaming: false"
+            )
         return self
 
     def where(self, *path: str | int) -> str:

@@ -31,6 +31,7 @@ from . import checkpoint, distributed, planner, plots, progress, trackers
 from . import data as data_stage
 from . import loss as loss_stage
 from . import model as model_stage
+from .data import stream
 from .guard import Guard, guarded
 from .preflight import Ready, batch_text, prepare
 from .recipe import Recipe
@@ -218,6 +219,9 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, has_eval: bool) -
         label_names=["labels"],  # peft's forward(*args, **kwargs) hides them from Trainer's signature check
         remove_unused_columns=False,  # the collator needs every column the data stage made
         dataloader_num_workers=0,
+        # data.streaming: the stream restores its own position from the checkpoint (`stream`), so Trainer must not
+        # skip the trained batches again by iterating them
+        ignore_data_skip=recipe.data.streaming,
         dataloader_pin_memory=torch.cuda.is_available(),
         neftune_noise_alpha=t.neftune_alpha,  # Trainer's hook on the input embeddings, active in train mode only
         # early stopping: Trainer tracks the best evaluation and loads its checkpoint when training ends
@@ -407,6 +411,8 @@ def build_trainer(
     callbacks: list[TrainerCallback] = [RunLog(run_dir), plots.LossPlot(run_dir), SaveLastStep(), guard, RankSeeds()]
     if data_stage.groups_by_length(recipe):
         callbacks.append(SeedLengthGroups())
+    if recipe.data.streaming:
+        callbacks.append(stream.LoaderSeed())  # a resumed stream draws the dropout masks of the unbroken run
     if stop := recipe.train.early_stopping:
         callbacks.append(EarlyStoppingCallback(stop.patience, stop.min_delta))
     trainer = CountingTrainer(
@@ -427,10 +433,20 @@ def build_trainer(
     trainer.add_callback(
         progress.Progress(log, trainer.counts, lambda logged: _eval_metrics(logged, recipe.task), terminal)
     )
-    # saved with each checkpoint, checked on resume: the token totals and what a resumed run must share
+    # saved with each checkpoint, checked on resume: the token totals and what a resumed run must share; a stream's
+    # position (data.streaming: the items of micro_batch_size x grad_accum per step)
+    extras = (
+        stream.saver(bundle.train, args.per_device_train_batch_size * args.gradient_accumulation_steps)
+        if isinstance(bundle.train, stream.StreamDataset)
+        else None
+    )
     trainer.add_callback(
         checkpoint.AtomicCheckpoints(
-            run_dir.checkpoints, recipe.train.save_total_limit, trainer.counts, checkpoint.identity(recipe.saved_dict())
+            run_dir.checkpoints,
+            recipe.train.save_total_limit,
+            trainer.counts,
+            checkpoint.identity(recipe.saved_dict()),
+            extras,
         )
     )
     trackers.attach(trainer, recipe, run_dir)  # train.report_to: TensorBoard's folder, the recipe as the run's config
@@ -488,6 +504,8 @@ def train(recipe: Recipe, trainer: CountingTrainer, resume_from: Path | None):
     """The training loop under its guards. Returns Trainer's output, the tokens seen before it, its seconds."""
     if resume_from:
         checkpoint.restore_counts(trainer, resume_from)
+        if isinstance(trainer.train_dataset, stream.StreamDataset):  # data.streaming: where its steps ended
+            trainer.train_dataset.restore(checkpoint.read_extra(resume_from, "stream"))
     seen_before, train_start = trainer.tokens_seen, time.perf_counter()
     saves = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, checkpoint.AtomicCheckpoints))
     with guarded(recipe, trainer), checkpoint.save_errors(saves), warnings.catch_warnings():

@@ -55,7 +55,11 @@ LENGTH = "length"  # the token count of an unpacked causal_lm sample (Trainer's 
 
 def groups_by_length(recipe: Recipe) -> bool:
     """data.group_by_length where it acts: causal_lm samples, unpacked (packed rows are all about max_length)."""
-    return recipe.data.group_by_length and recipe.task == "causal_lm" and not recipe.data.packing
+    return (
+        recipe.data.group_by_length
+        and recipe.task == "causal_lm"
+        and not (recipe.data.packing or recipe.data.streaming)
+    )
 
 
 MAX_PROBLEMS = 20  # problem lines a data check prints; the rest are counted in one more line

@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -305,3 +305,108 @@ def read_source(source: Source, where: str) -> list[Row]:
             found = [_bad(f"{path}:1", f"the file holds no rows; add data or remove it from {where.split(': ')[-1]}")]
         rows.extend(found)
     return rows
+
+
+# ---------------------------------------------------------------- streaming (data.streaming)
+
+
+class _Skip:
+    """Rows still to pass over before a stream starts (a resumed run's position): counted, not parsed."""
+
+    def __init__(self, count: int):
+        self.left = count
+        self.seen = 0  # rows met so far, skipped or not (a file that adds none holds no rows)
+
+
+def _stream_lines(path: Path, parse: Callable[[str, str], Row], skip: _Skip) -> Iterator[Row]:
+    """A .jsonl or .txt file row by row, as `_jsonl` / `_txt` read it whole: lines end at \n only, blank ones skipped,
+    a byte order mark dropped; a line that is not UTF-8 is a bad row at its line."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            place = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+            except UnicodeDecodeError as e:
+                bad = _bad(place, f"invalid UTF-8 (byte {e.start} of the line); save the file as UTF-8")
+                skip.seen += 1
+                if skip.left:
+                    skip.left -= 1
+                    continue
+                yield bad
+                continue
+            if n == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            skip.seen += 1
+            if skip.left:  # a row before the stream's start: counted, not parsed
+                skip.left -= 1
+                continue
+            yield parse(place, line)
+
+
+def _jsonl_row(place: str, line: str) -> Row:
+    try:
+        return _row(place, _parse(line))
+    except json.JSONDecodeError as e:
+        return _bad(place, f"invalid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return _bad(place, "JSON nested too deeply to read; flatten the row")
+
+
+def _txt_row(place: str, line: str) -> Row:
+    return Row(place, {"text": line})
+
+
+STREAMED: dict[str, Callable[[str, str], Row]] = {".jsonl": _jsonl_row, ".txt": _txt_row}
+
+
+def _file_rows(path: Path, where: str, skip: _Skip) -> Iterator[Row]:
+    """One file's rows for a stream: .jsonl and .txt line by line, the other types read whole (as `read_source`)."""
+    before = skip.seen
+    suffix = path.suffix.lower()
+    try:
+        rows = _stream_lines(path, STREAMED[suffix], skip) if suffix in STREAMED else iter(READERS[suffix](path))
+        for row in rows:
+            if suffix not in STREAMED:
+                skip.seen += 1
+            if skip.left and suffix not in STREAMED:
+                skip.left -= 1
+                continue
+            yield row
+    except OSError as e:
+        yield _bad(
+            str(path),
+            f"cannot read the file ({e.strerror}); fix its permissions or remove it from {where.split(': ')[-1]}",
+        )
+        return
+    except UserError as e:  # the file as a whole (invalid UTF-8 in a file read whole)
+        yield from (Row(str(path), None, p) for p in e.problems)
+        return
+    if skip.seen == before:
+        yield _bad(f"{path}:1", f"the file holds no rows; add data or remove it from {where.split(': ')[-1]}")
+
+
+def stream_source(source: Source, where: str, start: int = 0) -> Iterator[Row]:
+    """A source's rows one at a time, in `read_source`'s order and with its places, from its `start`-th row on (the
+    rows before are counted, not parsed, in .jsonl and .txt files). A hub dataset is read with datasets'
+    streaming mode (`load_dataset(..., streaming=True)`): nothing is downloaded whole."""
+    files = files_of(source, where)
+    if files is None:
+        import datasets
+
+        try:
+            hub = datasets.load_dataset(
+                source.path, name=source.subset, split=source.split, revision=source.revision, streaming=True
+            )
+        except Exception as e:  # the hub and datasets raise many kinds; all mean "cannot load this source"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(
+                f"{where}: cannot stream hub dataset {source.path!r} split {source.split!r} ({first}); check the id, split and network, or use a local file"
+            ) from None
+        for i, value in enumerate(hub.skip(start) if start else hub, start + 1):
+            yield _row(f"{source.path}[{source.split}] row {i}", value)
+        return
+    skip = _Skip(start)
+    for path in files:
+        yield from _file_rows(path, where, skip)
