@@ -6,6 +6,7 @@ turns of the trained roles (assistant by default), each turn's end-of-turn token
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -228,19 +229,28 @@ def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: O
 MAX_DERIVED_LABELS = 4096  # label ids above this need data.labels: numbering up to them would allocate a class per id
 
 
-def label_names(examples: list[Example], given: list[str] | None) -> list[str]:
-    """The label names in id order: the recipe's list, else derived from the (train) rows."""
+def label_names(examples: Iterable[Example], given: list[str] | None) -> list[str]:
+    """The label names in id order: the recipe's list, else derived from the (train) rows, read once in order."""
     if given is not None:
         return given
-    names = {e.label for e in examples if isinstance(e.label, str)}
-    ids = {e.label for e in examples if isinstance(e.label, int)}
+    names: set[str] = set()
+    ids: set[int] = set()
+    first: Example | None = None
+    top: Example | None = None  # the first row with the highest label id
+    for e in examples:
+        first = first or e
+        if isinstance(e.label, str):
+            names.add(e.label)
+        elif isinstance(e.label, int):
+            ids.add(e.label)
+            if top is None or e.label > top.label:  # type: ignore[operator]
+                top = e
     if names and ids:
-        raise UserError(
-            f"{examples[0].place}: labels mix names and ids; use one kind, or list the names in data.labels"
-        )
-    if not ids:
+        assert first is not None
+        raise UserError(f"{first.place}: labels mix names and ids; use one kind, or list the names in data.labels")
+    if top is None:
         return sorted(names)
-    top_id, top = max(((e.label, e) for e in examples if isinstance(e.label, int)), key=lambda pair: pair[0])
+    top_id = int(top.label)  # type: ignore[arg-type]
     if top_id >= MAX_DERIVED_LABELS:
         raise UserError(
             f"{top.place}: label id {top_id} would make {top_id + 1} classes (more than {MAX_DERIVED_LABELS}); list the labels in data.labels"
@@ -448,3 +458,19 @@ def tokenize_classification(example: Example, tokenizer, opts: Options, labels: 
         return Tokenized([], too_long=True)
     enc = tokenizer(example.text, example.text_pair, truncation=True, max_length=opts.max_length)
     return Tokenized([{**{k: list(v) for k, v in enc.items()}, "labels": label_id(example, labels)}], truncated=True)
+
+
+def tokenize_one(example: Example, tokenizer, opts: Options, labels: list[str] | None) -> Tokenized:
+    """`tokenize` (or `tokenize_classification` with labels) of one row; a row the template cannot render or
+    mask gives its problem lines instead of raising, so they are reported with the others."""
+    try:
+        if labels is not None:
+            return tokenize_classification(example, tokenizer, opts, labels)
+        return tokenize(example, tokenizer, opts)
+    except UserError as e:
+        return Tokenized([], problems=e.problems)
+
+
+def tokenize_batch(examples: list[Example], tokenizer, opts: Options, labels: list[str] | None) -> list[Tokenized]:
+    """`tokenize_one` of each row, the same samples and masks, with the tokenizer called on the batch at once."""
+    return [tokenize_one(e, tokenizer, opts, labels) for e in examples]
