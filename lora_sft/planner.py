@@ -660,4 +660,6 @@ def sequence_of(bundle: Any) -> int | None:
     """The longest tokenized training row, when the data was tokenized."""
     if bundle is None or bundle.train is None or not len(bundle.train):
         return None
-    return max(len(row) for row in bundle.train["input_ids"])
+    from .data import lengths
+
+    return int(lengths(bundle.train).max())  # from the Arrow column: no row becomes Python objects

@@ -511,6 +511,17 @@ def build(recipe: Recipe, tokenizer, checked: Checked | None = None) -> DataBund
     return DataBundle(train, evals, checked.labels, key, stats)
 
 
+def lengths(dataset: Dataset) -> np.ndarray:
+    """The token count of each row, from the Arrow column's offsets (no row becomes Python objects)."""
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
+
+
+def largest_token(dataset: Dataset) -> int | None:
+    """The largest token id in the rows, from the Arrow column."""
+    top = pc.max(pc.list_flatten(dataset.with_format("arrow")["input_ids"])).as_py()
+    return None if top is None else int(top)
+
+
 class CausalCollator:
     """Pads a batch on the right: input_ids with the pad id, labels with -100, attention_mask with 0."""
 
