@@ -417,7 +417,7 @@ def _trained(labels: pa.ChunkedArray | pa.Array) -> int:
     return int(trained.sum() - trained[starts].sum())
 
 
-GATHER = 8 * table.BATCH  # samples gathered into an output file at once
+GATHER = 2 * table.BATCH  # samples gathered into an output file at once
 
 
 def _write_split(tok: _Tokens, idx: np.ndarray, path: Path, recipe: Recipe, labels, stats: dict) -> Dataset | None:

@@ -136,7 +136,8 @@ def fingerprint(source: Source, where: str) -> str:
     return digest.hexdigest()
 
 
-CHUNK = 1 << 24  # bytes read at once where a file is streamed
+CHUNK = 1 << 22  # a file up to this size is read whole; a larger one is streamed
+PIECE = 1 << 20  # bytes checked at once when a large file is checked to be UTF-8
 
 
 def _not_utf8(path: Path, line: int, byte: int) -> UserError:
@@ -148,7 +149,7 @@ def _check_utf8(path: Path) -> None:
     character holds the byte \\n, so a chunk never splits one)."""
     offset = lines = 0
     with path.open("rb") as f:
-        while chunk := f.read(CHUNK) + f.readline():
+        while chunk := f.read(min(PIECE, CHUNK)) + f.readline():
             try:
                 chunk.decode("utf-8")
             except UnicodeDecodeError as e:

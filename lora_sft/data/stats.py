@@ -39,5 +39,5 @@ def stats_lines(bundle: DataBundle, split: str, lengths_histogram: bool = True) 
         lines.append(f"  packed into {s['packed_rows']} rows, packing efficiency {s['packing_efficiency']:.1%}")
     if not lengths_histogram:
         return lines
-    lengths = row_lengths(data) if data is not None else []
+    lengths = row_lengths(data) if data is not None else np.zeros(0, np.int64)
     return lines + ["  lengths (tokens per row):"] + histogram(lengths)
