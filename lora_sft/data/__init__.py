@@ -427,31 +427,29 @@ def _write_split(tok: _Tokens, idx: np.ndarray, path: Path, recipe: Recipe, labe
     if not len(idx):
         return None
     assert tok.samples is not None
-    samples, writer, trained = tok.samples, table.ArrowWriter(path), 0
+    samples, writer, trained = table.Gatherer(tok.samples), table.ArrowWriter(path), 0
     if recipe.data.packing and labels is None:
         bins = bins_of(tok.lengths[idx], recipe.data.max_length)
         order = np.lexsort((np.arange(len(idx)), bins))  # row by row, the data order inside a row
         ends = np.cumsum(np.bincount(bins))
-        for n, first_bin in enumerate(range(0, len(ends), GATHER // 4)):
+        for first_bin in range(0, len(ends), GATHER // 4):
             a = int(ends[first_bin - 1]) if first_bin else 0
             b = int(ends[min(first_bin + GATHER // 4, len(ends)) - 1])
-            chunk = samples.take(pa.array(idx[order[a:b]]))
+            chunk = samples.take(idx[order[a:b]])
             trained += _trained(chunk["labels"])
             writer.write_batch(pack_columns(chunk, bins[order[a:b]]))
-            if n % 8 == 7:
-                tok.release()
+            tok.release()
         stats["packing_efficiency"] = stats["tokens"] / (len(ends) * recipe.data.max_length)
         stats["packed_rows"] = len(ends)
     else:
-        for n, a in enumerate(range(0, len(idx), GATHER)):
-            chunk = samples.take(pa.array(idx[a : a + GATHER]))
+        for a in range(0, len(idx), GATHER):
+            chunk = samples.take(idx[a : a + GATHER])
             if labels is None:
                 trained += _trained(chunk["labels"])
                 # for data.group_by_length: Trainer reads the lengths from this column, not from every row
                 chunk = chunk.append_column(LENGTH, pc.list_value_length(chunk["input_ids"]).cast(pa.int64()))
             writer.write_batch(chunk)
-            if n % 8 == 7:
-                tok.release()
+            tok.release()
     writer.close()
     tok.release()
     stats["trained_tokens"] = stats["tokens"] if labels is not None else trained

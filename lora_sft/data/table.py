@@ -83,6 +83,33 @@ class Mapped:
             self.map.madvise(mmap.MADV_DONTNEED)
 
 
+class Gatherer:
+    """Rows of a table by index, in the order asked. Arrow's `take` on a column of many chunks first copies the
+    whole column into one array, so each gather would cost memory in proportion to all the rows; here each chunk
+    gives only its own rows, and only the gathered rows are put in order."""
+
+    def __init__(self, table: pa.Table):
+        self.batches = table.to_batches()
+        self.starts = np.cumsum([0] + [len(b) for b in self.batches])
+
+    def take(self, idx: np.ndarray) -> pa.Table:
+        which = np.searchsorted(self.starts, idx, side="right") - 1
+        order = np.argsort(which, kind="stable")
+        rows, chunks = idx[order], which[order]
+        bounds = np.flatnonzero(np.diff(chunks)) + 1
+        parts = [
+            self.batches[int(part[0])].take(pa.array(got - self.starts[int(part[0])]))
+            for got, part in zip(np.split(rows, bounds), np.split(chunks, bounds))
+            if len(part)
+        ]
+        if not parts:
+            return pa.Table.from_batches([self.batches[0].slice(0, 0)])
+        grouped = pa.Table.from_batches(parts).combine_chunks()  # rows in `order`
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return grouped.take(pa.array(inverse))
+
+
 class ArrowWriter:
     """Rows (dicts with the same keys) appended to an Arrow stream file one batch at a time."""
 
@@ -162,11 +189,10 @@ class Examples(Sequence[Example]):
 
     def batches(self, size: int = BATCH) -> Iterator[list[Example]]:
         column = self.rows.table.column(EXAMPLE)
-        for n, start in enumerate(range(0, len(self.order), size), 1):
+        for start in range(0, len(self.order), size):
             taken = column.take(pa.array(self.order[start : start + size]))
+            self.rows.release()
             yield [pickle.loads(b) for b in taken.to_pylist()]
-            if n % 16 == 0:
-                self.rows.release()
 
     def __iter__(self) -> Iterator[Example]:
         for batch in self.batches():
