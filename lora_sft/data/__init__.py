@@ -4,6 +4,10 @@
 left with nothing to train, packs, and caches the result by a fingerprint of the data, the data
 options and the tokenizer. Every row is checked before anything is written, and every problem is
 reported at once, in file order (at most MAX_PROBLEMS lines, then a count of the rest).
+
+Rows never all live as Python objects: they are read, checked and tokenized a batch at a time into Arrow
+files (table.py), memory-mapped; shuffles, the eval split, weights, the gate, statistics and packing work
+on arrays of row numbers and lengths, and the splits are gathered from the files by index.
 """
 
 from __future__ import annotations
