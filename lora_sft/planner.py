@@ -664,4 +664,6 @@ def sequence_of(bundle: Any) -> int | None:
         return None
     if not len(bundle.train):
         return None
-    return max(len(row) for row in bundle.train["input_ids"])
+    from .data import lengths
+
+    return int(lengths(bundle.train).max())  # from the Arrow column: no row becomes Python objects

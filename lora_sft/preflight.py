@@ -97,7 +97,7 @@ def _tokenizer_problems(
         ids = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None]
         for split in (bundle.train, bundle.eval) if bundle else ():
             if split is not None and not isinstance(split, stream.StreamDataset) and len(split):
-                ids.append(max(max(row) for row in split["input_ids"]))
+                ids.append(data_stage.largest_token(split) or 0)
         if ids and max(ids) >= vocab:
             problems.append(
                 f"{where}: the tokenizer gives token id {max(ids)} but config.json has vocab_size {vocab} (the embedding has no row for it): the tokenizer ({len(tokenizer)} tokens) and the model do not belong together"

@@ -189,8 +189,8 @@ class DataSection(Section):
     """causal_lm without packing: batches of samples of similar lengths, so less padding. The samples are shuffled (seeded by `seed`, anew each epoch, so a resumed run continues the same order), cut into stretches of up to 50 optimizer steps (a quarter of an epoch when that is less) and each stretch sorted by length; the longest batch comes first, so a run that cannot fit in memory fails at once. The eval loss before, during and after training is measured on length-grouped batches too. Packed rows are all about max_length long and classification keeps the plain shuffle: there it does nothing."""
     shuffle: bool = True
     """Shuffle the rows (seeded by `seed`) before limits, weights and the eval split."""
-    num_proc: int = Field(1, ge=1)
-    """Processes that tokenize."""
+    num_proc: int | None = Field(None, ge=1)
+    """Processes that tokenize. Default: the available cores, at most 8 (one process for under 4,000 rows)."""
     cache: bool = True
     """Cache the tokenized data by a fingerprint of the data, these options and the tokenizer ($LORA_SFT_CACHE, default ~/.cache/lora_sft)."""
     labels: list[str] | None = None

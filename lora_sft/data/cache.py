@@ -7,18 +7,23 @@ later run would pick up. Bump VERSION when the tokenized layout or the masking r
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .table import Mapped
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-VERSION = "lora_sft-data-3"  # 2: assistant-first chats mask the header; rows split before weights; 3: a length column
+VERSION = "lora_sft-data-4"  # 2: assistant-first chats mask the header; rows split before weights; 3: a length column; 4: Arrow files, checked rows
 
 
 def root() -> Path:
@@ -59,26 +64,73 @@ class Cached:
 
 
 def load(key: str) -> Cached | None:
-    from datasets import load_from_disk
+    """The tokenized splits, memory-mapped (nothing is read until a row is)."""
+    from datasets import Dataset
 
     folder = root() / key
     if not (folder / "meta.json").is_file():
         return None
     meta = json.loads((folder / "meta.json").read_text())
-    # `save` wrote each split as one Dataset (load_from_disk's annotation also covers a DatasetDict)
-    evals = cast("Dataset", load_from_disk(str(folder / "eval"))) if (folder / "eval").is_dir() else None
-    return Cached(cast("Dataset", load_from_disk(str(folder / "train"))), evals, meta)
+    evals = Dataset.from_file(str(folder / "eval.arrow")) if (folder / "eval.arrow").is_file() else None
+    return Cached(Dataset.from_file(str(folder / "train.arrow")), evals, meta)
 
 
 def save(key: str, train: Dataset, evals: Dataset | None, meta: dict) -> None:
+    """Keep the splits (each one Arrow file, as `data.build` writes them) under `key`."""
+    files = {f"{name}.arrow": _file_of(d) for name, d in (("train", train), ("eval", evals)) if d is not None}
+    _store(key, files, {"meta.json": json.dumps(meta)})
+
+
+@dataclass
+class CachedRows:
+    rows: Mapped  # every checked row
+    train: np.ndarray  # the row numbers of the train examples, in order
+    eval: np.ndarray
+    labels: list[str] | None
+
+
+def load_checked(key: str) -> CachedRows | None:
+    folder = root() / key
+    if not (folder / "meta.json").is_file():
+        return None
+    meta = json.loads((folder / "meta.json").read_text())
+    return CachedRows(
+        Mapped(folder / "checked.arrow"), np.load(folder / "train.npy"), np.load(folder / "eval.npy"), meta["labels"]
+    )
+
+
+def save_checked(key: str, rows: Path, train: np.ndarray, evals: np.ndarray, labels: list[str] | None) -> None:
+    """Keep the checked rows (the Arrow file `data.check` wrote) and the train and eval orders under `key`."""
+    arrays = {}
+    for name, order in (("train.npy", train), ("eval.npy", evals)):
+        buffer = io.BytesIO()
+        np.save(buffer, order)
+        arrays[name] = buffer.getvalue()
+    _store(
+        key, {"checked.arrow": rows} if rows.is_file() else {}, arrays | {"meta.json": json.dumps({"labels": labels})}
+    )
+
+
+def _file_of(dataset: Dataset) -> Path:
+    (only,) = dataset.cache_files  # data.build writes each split as one file
+    return Path(only["filename"])
+
+
+def _store(key: str, files: dict[str, Path], small: dict[str, str | bytes]) -> None:
+    """A cache folder: `files` linked in (a hard link: no copy, the file is already on this disk), then the small
+    files, meta.json last (its presence marks a complete cache); built in a temporary folder and renamed into place."""
     final = root() / key
     tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    train.save_to_disk(str(tmp / "train"))
-    if evals is not None:
-        evals.save_to_disk(str(tmp / "eval"))
-    (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete cache
+    for name, path in files.items():
+        try:
+            os.link(path, tmp / name)
+        except OSError:  # another file system: copy
+            shutil.copyfile(path, tmp / name)
+    for name in sorted(small, key=lambda n: n == "meta.json"):
+        value = small[name]
+        (tmp / name).write_bytes(value if isinstance(value, bytes) else value.encode())
     try:
         tmp.rename(final)
     except OSError:  # another run cached the same key first; theirs is as good

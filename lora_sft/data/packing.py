@@ -9,29 +9,54 @@ to -100: in a packed row it would be the target of the previous sample's last to
 from __future__ import annotations
 
 import bisect
+import heapq
+from collections.abc import Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from ..tokens import IGNORE_INDEX as IGNORE
 from ..tokens import mask_first
 
 
-def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Bins of sample indices, each summing to <= capacity: longest first, into the fullest bin it fits."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (space left, bin index), sorted
-    for i in order:
-        at = bisect.bisect_left(free, (lengths[i], -1))
-        if at < len(free):
-            space, b = free.pop(at)
+def bins_of(lengths: Sequence[int] | np.ndarray, capacity: int) -> np.ndarray:
+    """The bin of each sample, best-fit decreasing: longest first (equal lengths in data order), each into the
+    fullest bin it fits (equally full: the first opened), else a new bin. Bins are numbered as they open.
+    Open bins are kept by the space they have left (a heap of bin numbers per space), so each sample costs
+    a bisection over at most `capacity` space values, whatever the number of samples."""
+    sizes = np.asarray(lengths, dtype=np.int64)
+    out = np.empty(len(sizes), np.int64)
+    spaces: list[int] = []  # the space values some open bin has, ascending
+    open_bins: dict[int, list[int]] = {}  # space left -> the bins with that much, a heap
+    opened = 0
+    for i in np.argsort(-sizes, kind="stable").tolist():
+        size = int(sizes[i])
+        at = bisect.bisect_left(spaces, size)
+        if at < len(spaces):
+            space = spaces[at]
+            b = heapq.heappop(open_bins[space])
+            if not open_bins[space]:
+                del open_bins[space], spaces[at]
         else:
-            space, b = capacity, len(bins)
-            bins.append([])
-        bins[b].append(i)
-        if space - lengths[i] > 0:
-            bisect.insort(free, (space - lengths[i], b))
-    return bins
+            space, b, opened = capacity, opened, opened + 1
+        out[i] = b
+        if space - size > 0:
+            if space - size not in open_bins:
+                open_bins[space - size] = []
+                bisect.insort(spaces, space - size)
+            heapq.heappush(open_bins[space - size], b)
+    return out
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of sample indices, each summing to <= capacity (`bins_of`), each bin's samples in the order they were placed."""
+    bins = bins_of(lengths, capacity)
+    out: list[list[int]] = [[] for _ in range(int(bins.max()) + 1 if len(bins) else 0)]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        out[int(bins[i])].append(i)
+    return out
 
 
 def pack(samples: list[dict], max_length: int) -> tuple[list[dict], float]:
@@ -47,6 +72,27 @@ def pack(samples: list[dict], max_length: int) -> tuple[list[dict], float]:
         rows.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     tokens = sum(len(s["input_ids"]) for s in samples)
     return rows, tokens / (len(rows) * max_length) if rows else 0.0
+
+
+def pack_columns(samples: pa.Table, bins: np.ndarray) -> pa.Table:
+    """`pack` on Arrow columns: `samples` (input_ids, labels) in row order, `bins` the row of each, ascending.
+    The same rows: the samples laid end to end, each sample's first label -100, positions restarting at 0."""
+    lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.cumsum(lengths) - lengths
+    ids = pc.list_flatten(samples["input_ids"]).to_numpy(zero_copy_only=False)
+    labels = pc.list_flatten(samples["labels"]).to_numpy(zero_copy_only=False).copy()
+    labels[starts[lengths > 0]] = IGNORE  # mask_first
+    positions = np.arange(len(ids)) - np.repeat(starts, lengths)
+    row_ends = (
+        np.cumsum(np.bincount(bins - bins[0], weights=lengths).astype(np.int64)) if len(bins) else np.zeros(0, np.int64)
+    )
+    offsets = pa.array(np.concatenate([[0], row_ends]).astype(np.int32))
+    column = {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": positions,
+    }
+    return pa.table({k: pa.ListArray.from_arrays(offsets, pa.array(v.astype(np.int32))) for k, v in column.items()})
 
 
 class PackedCollator:

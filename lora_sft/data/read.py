@@ -127,10 +127,49 @@ def fingerprint(source: Source, where: str) -> str:
         digest.update(_hub(source, where)._fingerprint.encode())
     for f in files or []:
         try:
-            digest.update(str(f).encode() + b"\0" + f.read_bytes())
+            digest.update(str(f).encode() + b"\0")
+            with f.open("rb") as stream:  # in chunks: a file larger than memory is hashed all the same
+                while chunk := stream.read(CHUNK):
+                    digest.update(chunk)
         except OSError as e:
             raise UserError(f"{where}: cannot read {f} ({e.strerror})") from None
     return digest.hexdigest()
+
+
+CHUNK = 1 << 22  # a file up to this size is read whole; a larger one is streamed
+PIECE = 1 << 20  # bytes checked at once when a large file is checked to be UTF-8
+
+
+def _not_utf8(path: Path, line: int, byte: int) -> UserError:
+    return UserError(f"{path}:{line}: invalid UTF-8 (byte {byte}); save the file as UTF-8")
+
+
+def _check_utf8(path: Path) -> None:
+    """UserError at the first byte that is not UTF-8, read in chunks that end at a newline (no UTF-8
+    character holds the byte \\n, so a chunk never splits one)."""
+    offset = lines = 0
+    with path.open("rb") as f:
+        while chunk := f.read(min(PIECE, CHUNK)) + f.readline():
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, lines + chunk[: e.start].count(b"\n") + 1, offset + e.start) from None
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+
+
+def _stream_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number from 1, text) of a UTF-8 file: split on \\n only, a trailing \\r dropped, the byte order
+    mark dropped. A file up to CHUNK bytes is read whole; a larger one is checked to be UTF-8 first (so a bad
+    byte reports that file alone, as when it is read whole), then read line by line."""
+    if path.stat().st_size <= CHUNK:
+        for n, line in enumerate(_decode(path).split("\n"), 1):
+            yield n, line.removesuffix("\r")
+        return
+    _check_utf8(path)
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):  # binary lines end at \n only
+            line = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+            yield n, line.removeprefix("\ufeff") if n == 1 else line
 
 
 def _decode(path: Path) -> str:
@@ -139,14 +178,8 @@ def _decode(path: Path) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: invalid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+        raise _not_utf8(path, data[: e.start].count(b"\n") + 1, e.start) from None
     return text.removeprefix("\ufeff")
-
-
-def _lines(text: str) -> list[str]:
-    """Lines split on \n only: U+2028, form feeds and the like inside a JSON string are text, not line breaks."""
-    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 class _Duplicated(dict):
@@ -198,19 +231,17 @@ def _row(place: str, value: Any) -> Row:
     return Row(place, value)
 
 
-def _jsonl(path: Path) -> list[Row]:
-    rows: list[Row] = []
-    for n, line in enumerate(_lines(_decode(path)), 1):
+def _jsonl(path: Path) -> Iterator[Row]:
+    for n, line in _stream_lines(path):
         if not line.strip():
             continue
         place = f"{path}:{n}"
         try:
-            rows.append(_row(place, _parse(line)))
+            yield _row(place, _parse(line))
         except json.JSONDecodeError as e:
-            rows.append(_bad(place, f"invalid JSON ({e.msg} at column {e.colno})"))
+            yield _bad(place, f"invalid JSON ({e.msg} at column {e.colno})")
         except RecursionError:
-            rows.append(_bad(place, "JSON nested too deeply to read; flatten the row"))
-    return rows
+            yield _bad(place, "JSON nested too deeply to read; flatten the row")
 
 
 def _json(path: Path) -> list[Row]:
@@ -265,11 +296,12 @@ def _parquet(path: Path) -> list[Row]:
     return [_row(f"{path}: row {i + 1}", r) for i, r in enumerate(records)]
 
 
-def _txt(path: Path) -> list[Row]:
-    return [Row(f"{path}:{n}", {"text": line}) for n, line in enumerate(_lines(_decode(path)), 1) if line.strip()]
+def _txt(path: Path) -> Iterator[Row]:
+    return (Row(f"{path}:{n}", {"text": line}) for n, line in _stream_lines(path) if line.strip())
 
 
-READERS: dict[str, Callable[[Path], list[Row]]] = {
+# .jsonl and .txt are read line by line; a .json, .csv or .parquet file is read whole (one at a time)
+READERS: dict[str, Callable[[Path], Iterable[Row]]] = {
     ".jsonl": _jsonl,
     ".json": _json,
     ".csv": _csv,
@@ -282,29 +314,44 @@ def read_source(source: Source, where: str) -> list[Row]:
     """Every row of a source, in file order, each a dict with its place; a row (or a file) that cannot
     be read is a Row with its `problem`, so the caller reports them all at once. UserError for a
     source that cannot be found or loaded at all."""
+    return list(iter_source(source, where))
+
+
+def iter_source(source: Source, where: str) -> Iterator[Row]:
+    """`read_source` one row at a time, so a large source is never held whole (UserError at the first step)."""
     files = files_of(source, where)
     if files is None:
-        rows = [_row(f"{source.path}[{source.split}] row {i + 1}", r) for i, r in enumerate(_hub(source, where))]
-        if not rows:
+        empty = True
+        for i, r in enumerate(_hub(source, where)):
+            empty = False
+            yield _row(f"{source.path}[{source.split}] row {i + 1}", r)
+        if empty:
             raise UserError(f"{where}: hub dataset {source.path!r} split {source.split!r} has no rows")
-        return rows
-    rows = []
+        return
     for path in files:
-        try:
-            found = READERS[path.suffix.lower()](path)
-        except OSError as e:
-            found = [
-                _bad(
-                    str(path),
-                    f"cannot read the file ({e.strerror}); fix its permissions or remove it from {where.split(': ')[-1]}",
-                )
-            ]
-        except UserError as e:  # the file as a whole (invalid UTF-8)
-            found = [Row(str(path), None, p) for p in e.problems]
-        if not found:
-            found = [_bad(f"{path}:1", f"the file holds no rows; add data or remove it from {where.split(': ')[-1]}")]
-        rows.extend(found)
-    return rows
+        yield from _file_rows(path, where)
+
+
+def _file_rows(path: Path, where: str) -> Iterator[Row]:
+    empty = True
+    try:
+        for row in READERS[path.suffix.lower()](path):
+            empty = False
+            yield row
+    except OSError as e:
+        if empty:
+            empty = False
+            yield _bad(
+                str(path),
+                f"cannot read the file ({e.strerror}); fix its permissions or remove it from {where.split(': ')[-1]}",
+            )
+        else:  # the file went away while it was read
+            raise UserError(f"{where}: cannot read {path} ({e.strerror})") from None
+    except UserError as e:  # the file as a whole (invalid UTF-8): checked before its first row
+        empty = False
+        yield from (Row(str(path), None, p) for p in e.problems)
+    if empty:
+        yield _bad(f"{path}:1", f"the file holds no rows; add data or remove it from {where.split(': ')[-1]}")
 
 
 # ---------------------------------------------------------------- streaming (data.streaming)
@@ -318,7 +365,7 @@ class _Skip:
         self.seen = 0  # rows met so far, skipped or not (a file that adds none holds no rows)
 
 
-def _stream_lines(path: Path, parse: Callable[[str, str], Row], skip: _Skip) -> Iterator[Row]:
+def _streamed_lines(path: Path, parse: Callable[[str, str], Row], skip: _Skip) -> Iterator[Row]:
     """A .jsonl or .txt file row by row, as `_jsonl` / `_txt` read it whole: lines end at \n only, blank ones skipped,
     a byte order mark dropped; a line that is not UTF-8 is a bad row at its line."""
     with path.open("rb") as f:
@@ -361,12 +408,12 @@ def _txt_row(place: str, line: str) -> Row:
 STREAMED: dict[str, Callable[[str, str], Row]] = {".jsonl": _jsonl_row, ".txt": _txt_row}
 
 
-def _file_rows(path: Path, where: str, skip: _Skip) -> Iterator[Row]:
+def _streamed_file_rows(path: Path, where: str, skip: _Skip) -> Iterator[Row]:
     """One file's rows for a stream: .jsonl and .txt line by line, the other types read whole (as `read_source`)."""
     before = skip.seen
     suffix = path.suffix.lower()
     try:
-        rows = _stream_lines(path, STREAMED[suffix], skip) if suffix in STREAMED else iter(READERS[suffix](path))
+        rows = _streamed_lines(path, STREAMED[suffix], skip) if suffix in STREAMED else iter(READERS[suffix](path))
         for row in rows:
             if suffix not in STREAMED:
                 skip.seen += 1
@@ -409,4 +456,4 @@ def stream_source(source: Source, where: str, start: int = 0) -> Iterator[Row]:
         return
     skip = _Skip(start)
     for path in files:
-        yield from _file_rows(path, where, skip)
+        yield from _streamed_file_rows(path, where, skip)

@@ -4,19 +4,23 @@ gates dropped, packing, and a histogram of row lengths. `preview` prints them, `
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
 
 from . import DataBundle
+from . import lengths as row_lengths
 
 
-def histogram(lengths: list[int], width: int = 40, buckets: int = 8) -> list[str]:
+def histogram(lengths: Sequence[int] | np.ndarray, width: int = 40, buckets: int = 8) -> list[str]:
     """Lines of a text histogram of `lengths` in `buckets` equal ranges, bars up to `width` characters."""
-    if not lengths:
+    if not len(lengths):
         return []
-    top = max(lengths)
+    values = np.asarray(lengths, dtype=np.int64)
+    top = int(values.max())
     step = max(1, -(-top // buckets))
-    counts = Counter(min(n // step, buckets - 1) for n in lengths)
-    most = max(counts.values())
+    counts = np.bincount(np.minimum(values // step, buckets - 1), minlength=buckets).tolist()
+    most = max(counts)
     return [
         f"  {b * step:>6}-{(b + 1) * step - 1:<6} {'#' * max(1, round(width * counts[b] / most)) if counts[b] else '':<{width}} {counts[b]}"
         for b in range(buckets)
@@ -35,5 +39,5 @@ def stats_lines(bundle: DataBundle, split: str, lengths_histogram: bool = True) 
         lines.append(f"  packed into {s['packed_rows']} rows, packing efficiency {s['packing_efficiency']:.1%}")
     if not lengths_histogram:
         return lines
-    lengths = [len(r["input_ids"]) for r in data] if data is not None else []
+    lengths = row_lengths(data) if data is not None else np.zeros(0, np.int64)
     return lines + ["  lengths (tokens per row):"] + histogram(lengths)

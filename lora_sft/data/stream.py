@@ -21,7 +21,7 @@ import hashlib
 import itertools
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -33,7 +33,7 @@ from .. import distributed
 from ..errors import UserError
 from ..recipe import Recipe
 from ..tokens import count_trained
-from . import Checked, DataBundle, _capped, _where, options
+from . import Checked, DataBundle, _where, options, table
 from . import cache as data_cache
 from .formats import Example, Tokenized, check_row, tokenize
 from .packing import pack
@@ -42,6 +42,8 @@ from .read import fingerprint as source_fingerprint
 
 if TYPE_CHECKING:
     from datasets import Dataset
+
+    from .table import Examples
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def _check(recipe: Recipe, row: Row, index: int) -> Example:
     return check_row(row, source.format, source.columns, options(recipe))
 
 
-def _tokenized(examples: list[Example], tokenizer, recipe: Recipe) -> list[Tokenized]:
+def _tokenized(examples: Sequence[Example], tokenizer, recipe: Recipe) -> list[Tokenized]:
     opts = options(recipe)
     return [tokenize(e, tokenizer, opts) for e in examples]
 
@@ -221,10 +223,13 @@ def check(recipe: Recipe) -> Checked:
     head, problems = _head(recipe)
     evals, eval_problems = _eval_rows(recipe)
     if problems or eval_problems:
-        raise UserError(_capped(problems + eval_problems))
+        capped = table.Problems()
+        capped.add(problems + eval_problems)
+        raise capped.error()
     if not head:
         raise UserError(f"{recipe.where('data', 'train')}: the stream holds no rows")
-    return Checked(head, evals, None)
+    # lists, not Examples files: only stream.build reads them, as sequences (the stream is never gathered by index)
+    return Checked(cast("Examples", head), cast("Examples", evals), None)
 
 
 def fingerprint(recipe: Recipe, tokenizer) -> str:
@@ -259,7 +264,7 @@ def _stats(results: list[Tokenized], items: list[dict], recipe: Recipe) -> dict[
     return stats
 
 
-def _gate(recipe: Recipe, examples: list[Example], results: list[Tokenized]) -> None:
+def _gate(recipe: Recipe, examples: Sequence[Example], results: list[Tokenized]) -> None:
     """The max_dropped gate, on the first block: what it says of the first rows it says of the stream."""
     untrained = [e for e, r in zip(examples, results) if r.untrained]
     share = len(untrained) / len(examples)
