@@ -174,7 +174,9 @@ def test_nonfinite_loss_before_any_checkpoint_says_to_start_again(tiny_llama, tm
 
 def test_an_error_during_training_starts_a_line_of_its_own(tiny_llama, tmp_path, write_recipe):
     """The training progress bar is ended before the error is printed, so `grep ^error:` finds it (a subprocess
-    whose file-size limit makes the first checkpoint fail; no checkpoint exists, so it says --overwrite, not --resume)."""
+    whose file-size limit makes the first checkpoint fail; no checkpoint exists, so it says --overwrite, not --resume).
+    `validate` fills the data cache first, without the limit: the data stage writes Arrow files (in the cache, or in
+    the temporary folder with data.cache false), which the limit would cut short before training starts."""
     import os
     import subprocess
     import sys
@@ -186,8 +188,10 @@ def test_an_error_during_training_starts_a_line_of_its_own(tiny_llama, tmp_path,
         resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))  # the adapter alone is 32 KiB
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "LORA_SFT_CACHE": str(tmp_path / "cache")}
+    filled = subprocess.run([sys.executable, "-m", "lora_sft", "validate", str(path)], capture_output=True, env=env)
+    assert filled.returncode == 0, filled.stderr[-2000:]
     proc = subprocess.run(
-        [sys.executable, "-m", "lora_sft", "train", str(path), "data.cache=false"],
+        [sys.executable, "-m", "lora_sft", "train", str(path)],
         capture_output=True,
         text=True,
         env=env,
