@@ -242,6 +242,10 @@ def _report(error: BaseException, lines: list[str], code: int) -> int:
     _end_progress_line()
     for line in lines:
         print(f"error: {line}", file=sys.stderr, flush=True)
+    # bad input leaves nothing behind, and `stop` may leave by os._exit, which skips atexit (no data stage ran:
+    # nothing to remove, and nothing to import)
+    if (table := sys.modules.get("lora_sft.data.table")) is not None:
+        table.remove_work_dirs()
     stop(error, code)
     return code
 

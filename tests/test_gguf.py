@@ -209,7 +209,9 @@ def test_tiny_qwen2_gguf_round_trip(gguf_type, tmp_path):
     assert entry["tokenizer_identical_prompts"] == 2
     if gguf_type == "f16":
         assert entry["max_abs_logit_diff"] <= 1e-2 * entry["max_abs_logit"]
-        assert entry["greedy_identical_prompts"] == 2
+        # identical for 16 steps, or parted only where transformers' own two best tokens are within the f16
+        # tolerance (a near-tie of the tiny model: a clean-clone CI build of llama.cpp parted one prompt there)
+        assert entry["greedy_identical_prompts"] + entry["greedy_ties"] == 2, entry
     assert entry["greedy_agreement"] >= 0.9
     import gguf
 

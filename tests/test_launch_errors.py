@@ -200,7 +200,9 @@ def test_two_processes_write_one_run_directory(tiny_llama, work):
         "step 2/2",
     ]
     assert proc.stdout.count("\nsummary\n") == 1 and "%|" not in proc.stderr, proc.stderr[-3000:]
-    assert len(list((work.parent / "cache" / "tokenized").iterdir())) == 1  # tokenized once, no leftovers
+    # checked and tokenized once (one cache entry each), no process's work folder left behind
+    entries = [p.name for p in (work.parent / "cache" / "tokenized").iterdir()]
+    assert len(entries) == 2 and not [n for n in entries if n.startswith("lora_sft-work-")], entries
 
 
 # ---------------------------------------------------------------- unit: a process that is not the main one

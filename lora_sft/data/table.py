@@ -9,6 +9,7 @@ samples are stored as int32 lists, one Arrow row per sample.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import mmap
 import os
 import pickle
@@ -57,11 +58,30 @@ class Problems:
 def work_dir(under: Path | None) -> Path:
     """A folder for this process's Arrow files, removed when the process exits; under the cache root when the
     cache is on (so a finished file moves into the cache by a rename), else in the temporary folder."""
+    if not _WORK_DIRS and not _MADE:
+        atexit.register(remove_work_dirs)
     if under is not None:
+        _MADE.extend(reversed([p for p in (under, *under.parents) if not p.exists()]))  # outermost first
         under.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"lora_sft-work-{os.getpid()}-", dir=under))
-    atexit.register(shutil.rmtree, folder, True)
+    _WORK_DIRS.append(folder)
     return folder
+
+
+_WORK_DIRS: list[Path] = []  # this process's work folders (`work_dir`)
+_MADE: list[Path] = []  # the folders above them that `work_dir` created (the cache root on a first run)
+
+
+def remove_work_dirs() -> None:
+    """Remove this process's work folders, and the folders created to hold them if nothing else went there (a
+    first run that stopped at bad input leaves no cache folder): at exit, or before a process leaves without the
+    interpreter's exit (`distributed.stop`'s os._exit, which skips atexit)."""
+    while _WORK_DIRS:
+        shutil.rmtree(_WORK_DIRS.pop(), ignore_errors=True)
+    while _MADE:
+        with contextlib.suppress(OSError):  # not empty: the cache holds something now, keep it
+            _MADE[-1].rmdir()
+        _MADE.pop()
 
 
 class Mapped:
