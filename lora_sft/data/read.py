@@ -231,17 +231,21 @@ def _row(place: str, value: Any) -> Row:
     return Row(place, value)
 
 
+def _jsonl_row(place: str, line: str) -> Row:
+    try:
+        return _row(place, _parse(line))
+    except json.JSONDecodeError as e:
+        return _bad(place, f"invalid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return _bad(place, "JSON nested too deeply to read; flatten the row")
+
+
+def _txt_row(place: str, line: str) -> Row:
+    return Row(place, {"text": line})
+
+
 def _jsonl(path: Path) -> Iterator[Row]:
-    for n, line in _stream_lines(path):
-        if not line.strip():
-            continue
-        place = f"{path}:{n}"
-        try:
-            yield _row(place, _parse(line))
-        except json.JSONDecodeError as e:
-            yield _bad(place, f"invalid JSON ({e.msg} at column {e.colno})")
-        except RecursionError:
-            yield _bad(place, "JSON nested too deeply to read; flatten the row")
+    return (_jsonl_row(f"{path}:{n}", line) for n, line in _stream_lines(path) if line.strip())
 
 
 def _json(path: Path) -> list[Row]:
@@ -297,7 +301,7 @@ def _parquet(path: Path) -> list[Row]:
 
 
 def _txt(path: Path) -> Iterator[Row]:
-    return (Row(f"{path}:{n}", {"text": line}) for n, line in _stream_lines(path) if line.strip())
+    return (_txt_row(f"{path}:{n}", line) for n, line in _stream_lines(path) if line.strip())
 
 
 # .jsonl and .txt are read line by line; a .json, .csv or .parquet file is read whole (one at a time)
@@ -390,19 +394,6 @@ def _streamed_lines(path: Path, parse: Callable[[str, str], Row], skip: _Skip) -
                 skip.left -= 1
                 continue
             yield parse(place, line)
-
-
-def _jsonl_row(place: str, line: str) -> Row:
-    try:
-        return _row(place, _parse(line))
-    except json.JSONDecodeError as e:
-        return _bad(place, f"invalid JSON ({e.msg} at column {e.colno})")
-    except RecursionError:
-        return _bad(place, "JSON nested too deeply to read; flatten the row")
-
-
-def _txt_row(place: str, line: str) -> Row:
-    return Row(place, {"text": line})
 
 
 STREAMED: dict[str, Callable[[str, str], Row]] = {".jsonl": _jsonl_row, ".txt": _txt_row}
