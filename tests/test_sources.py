@@ -101,6 +101,44 @@ def test_cache_hits_and_rebuilds_when_anything_it_depends_on_changes(tmp_path, r
     assert not changed.stats.get("cached") and len(changed.train) == 6
 
 
+def test_a_later_process_trusts_the_fingerprint_of_unchanged_files(tmp_path, recipe_for, monkeypatch):
+    """The data's sha256 is kept beside the cache with the files' stat data, so a later run on a large unchanged file
+    does not read it to find its cache; an edit that keeps the size changes the stat data and is hashed again; a run
+    stopped by a bad row keeps nothing."""
+    import lora_sft.data as data_stage
+
+    monkeypatch.setenv("LORA_SFT_CACHE", str(tmp_path / "cache"))
+    memo = tmp_path / "cache" / "fingerprints"
+    tok = build_tokenizer(["x"], vocab_size=0)
+    path = tmp_path / "t.jsonl"
+    write_jsonl(path, rows(5))
+    recipe = recipe_for(str(path), format="prompt_completion")
+    first = build(recipe, tok)
+    assert len(list(memo.iterdir())) == 1
+
+    def unread(source, where):
+        raise AssertionError(f"{where} was read again")
+
+    hashed = data_stage.source_fingerprint
+    monkeypatch.setattr(data_stage, "_FINGERPRINTS", {})  # a new process
+    monkeypatch.setattr(data_stage, "source_fingerprint", unread)
+    again = build(recipe, tok)
+    assert again.stats.get("cached") and again.fingerprint == first.fingerprint
+
+    write_jsonl(path, rows(5, "s"))  # the same size, other bytes
+    with pytest.raises(AssertionError, match="was read again"):
+        build(recipe, tok)
+    monkeypatch.setattr(data_stage, "source_fingerprint", hashed)
+    changed = build(recipe, tok)
+    assert not changed.stats.get("cached") and changed.fingerprint != first.fingerprint
+    assert len(list(memo.iterdir())) == 2
+
+    path.write_text(path.read_text() + "not json\n")
+    with pytest.raises(UserError, match=r"t\.jsonl:6"):
+        build(recipe, tok)
+    assert len(list(memo.iterdir())) == 2
+
+
 def test_parallel_tokenization_gives_the_same_samples(tmp_path, recipe_for):
     tok = build_tokenizer(["x"], vocab_size=0)
     write_jsonl(tmp_path / "t.jsonl", rows(40))

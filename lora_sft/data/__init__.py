@@ -13,6 +13,7 @@ on arrays of row numbers and lengths, and the splits are gathered from the files
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -217,6 +218,7 @@ def check(recipe: Recipe) -> Checked:
         raise
     if key is not None:
         cache.save_checked(key, checked.train.rows.path, checked.train.order, checked.eval.order, checked.labels)
+        _remember_fingerprints()
     return checked
 
 
@@ -256,7 +258,21 @@ def options(recipe: Recipe) -> Options:
     return Options(d.max_length, d.truncation, d.train_on_inputs, d.train_turns, tuple(d.train_roles))
 
 
-_FINGERPRINTS: dict[tuple, str] = {}  # a source's fingerprint by its files' sizes and times: hashed once a process
+_FINGERPRINTS: dict[str, str] = {}  # a source's fingerprint by its stamp (`_stamp`): hashed once a process
+_UNSAVED: dict[str, str] = {}  # fingerprints hashed here that the cache does not know yet (cache.remember_fingerprints)
+
+
+def _stamp(source: Source, where: str) -> str | None:
+    """The source's options and its files' paths, sizes, inodes and times: while it holds, so do the files'
+    bytes (as git's index assumes). None for a hub dataset or a file that cannot be read (hashed every time)."""
+    try:
+        files = files_of(source, where)
+        if files is None:
+            return None
+        stats = [(str(f), (st := f.stat()).st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) for f in files]
+    except OSError:
+        return None
+    return json.dumps([source.model_dump_json(), stats])
 
 
 def _source_fingerprints(recipe: Recipe) -> list[str]:
@@ -264,18 +280,22 @@ def _source_fingerprints(recipe: Recipe) -> list[str]:
     for split in ("train", "eval"):
         for i, source in enumerate(recipe.data.sources(split)):
             where = _where(recipe, split, i)
-            try:
-                files = files_of(source, where)
-                stamp = (
-                    None if files is None else tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-                )
-            except OSError:
-                stamp = None
-            memo = (source.model_dump_json(), stamp)
-            if stamp is None or memo not in _FINGERPRINTS:
-                _FINGERPRINTS[memo] = source_fingerprint(source, where)
-            out.append(_FINGERPRINTS[memo])
+            stamp = _stamp(source, where)
+            if stamp is None:
+                out.append(source_fingerprint(source, where))
+                continue
+            if stamp not in _FINGERPRINTS:
+                known = cache.known_fingerprint(stamp) if recipe.data.cache else None
+                _FINGERPRINTS[stamp] = known or source_fingerprint(source, where)
+                if known is None:
+                    _UNSAVED[stamp] = _FINGERPRINTS[stamp]
+            out.append(_FINGERPRINTS[stamp])
     return out
+
+
+def _remember_fingerprints() -> None:
+    cache.remember_fingerprints(_UNSAVED)
+    _UNSAVED.clear()
 
 
 def _data_options(recipe: Recipe) -> str:
@@ -514,6 +534,7 @@ def build(recipe: Recipe, tokenizer, checked: Checked | None = None) -> DataBund
     stats = {"train": train_stats, "eval": eval_stats}
     if recipe.data.cache:
         cache.save(key, train, evals, {"labels": checked.labels, "stats": stats})
+        _remember_fingerprints()
     return DataBundle(train, evals, checked.labels, key, stats)
 
 

@@ -56,6 +56,36 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
+def _fingerprints_dir() -> Path:
+    return root().parent / "fingerprints"
+
+
+def known_fingerprint(stamp: str) -> str | None:
+    """A source's fingerprint (the sha256 of its bytes) that an earlier run computed for files with exactly this
+    stamp (paths, sizes, inodes, modification and change times): a second run on a large file need not read it
+    again, as git's index trusts a file's stat data."""
+    try:
+        return (_fingerprints_dir() / _name(stamp)).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def remember_fingerprints(found: dict[str, str]) -> None:
+    """Keep `known_fingerprint`'s answers (stamp -> fingerprint); called once the data was cached, so a run that
+    stopped at bad input writes nothing."""
+    folder = _fingerprints_dir()
+    for stamp, digest in found.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / _name(stamp)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(digest)
+        tmp.replace(path)
+
+
+def _name(stamp: str) -> str:
+    return hashlib.sha256(stamp.encode()).hexdigest()
+
+
 @dataclass
 class Cached:
     train: Dataset
