@@ -4,7 +4,8 @@ A causal LM's forward turns every position into a full-vocabulary row of logits,
 padding never reach the loss. Here the decoder runs as in the model's own forward (the same modules, so LoRA
 layers, NEFTune's hook on the embeddings and gradient checkpointing all act as usual), then only the hidden
 states whose next-token target is trained are kept (`tokens.next_token_targets`: the state at t predicts the
-label at t + 1), and the output layer + cross-entropy run over them in chunks of CHUNK_POSITIONS:
+label at t + 1), and the output layer + cross-entropy run over them in chunks (`chunk_positions`: CHUNK_POSITIONS, fewer for a large vocabulary, so that one chunk's
+logits stay near CHUNK_ELEMENTS values):
 
 - frozen output layer (a plain nn.Linear, the usual case): `_FrozenHeadCrossEntropy` computes each chunk's
   logits (fp32 for the cross-entropy), its loss and, when a gradient is needed, the gradient w.r.t. the chunk's
@@ -38,7 +39,22 @@ from torch.nn import functional as F
 
 from .tokens import is_target, next_token_targets
 
-CHUNK_POSITIONS = 1024  # selected positions per output-layer chunk: at most this many x vocab fp32 logits live at once
+CHUNK_POSITIONS = 1024  # selected positions per output-layer chunk at most
+# logits per chunk at most (128 MiB in fp32): with Llama-3's 128,256 tokens a chunk is 261 positions, not 1,024, and
+# the loss's peak (the chunk's logits and the cross-entropy's temporaries) drops from about 1.7 GiB to 0.4 GiB on an
+# 8B model, still a matmul large enough to keep a GPU busy
+CHUNK_ELEMENTS = 2**25
+
+
+def chunk_positions(vocab: int) -> int:
+    """Selected positions per output-layer chunk for a vocabulary of `vocab` tokens."""
+    return max(1, min(CHUNK_POSITIONS, CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+def _head_chunk(head: nn.Module) -> int:
+    weight = getattr(head, "weight", None)  # nn.Linear, and peft's wrappers (LoRA, modules_to_save, trainable tokens)
+    return chunk_positions(weight.shape[0]) if isinstance(weight, torch.Tensor) else CHUNK_POSITIONS
+
 
 # transformers' causal LMs whose forward is exactly `hidden = decoder(...); logits = lm_head(hidden); loss =
 # ForCausalLMLoss(logits, labels)` (read in transformers 5.24), so the path here gives what their forward gives.
@@ -158,7 +174,7 @@ class TargetLoss:
 
 def target_loss(model: nn.Module, inputs: dict[str, torch.Tensor], count_correct: bool = False) -> TargetLoss:
     """The decoder on `inputs` (every model input but `labels`), then the output layer and cross-entropy on the
-    positions whose next-token target is trained, CHUNK_POSITIONS at a time. Only for a model
+    positions whose next-token target is trained, `chunk_positions` at a time. Only for a model
     `plain_path_reason` accepts."""
     from peft import PeftModel
     from torch.nn.parallel import DistributedDataParallel
@@ -217,14 +233,14 @@ def _frozen_chunks(
     with_grad: bool,
     count_correct: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
-    """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, CHUNK_POSITIONS rows at a time;
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, `chunk_positions` rows at a time;
     with `with_grad` also its gradient w.r.t. `hidden` (softmax - one-hot, times the weight), with
     `count_correct` how many targets the argmax gets right."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if with_grad else None
-    correct = 0
-    for start in range(0, hidden.shape[0], CHUNK_POSITIONS):
-        part = slice(start, start + CHUNK_POSITIONS)
+    correct, size = 0, chunk_positions(weight.shape[0])
+    for start in range(0, hidden.shape[0], size):
+        part = slice(start, start + size)
         logits = F.linear(hidden[part], weight, bias).float()  # the cross-entropy in fp32, as ForCausalLMLoss
         rows = torch.arange(logits.shape[0], device=logits.device)
         wanted = targets[part]
@@ -268,9 +284,9 @@ def _checkpointed(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, 
     from torch.utils.checkpoint import checkpoint
 
     total: torch.Tensor = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    correct = 0
-    for start in range(0, hidden.shape[0], CHUNK_POSITIONS):
-        part, wanted = hidden[start : start + CHUNK_POSITIONS], targets[start : start + CHUNK_POSITIONS]
+    correct, size = 0, _head_chunk(head)
+    for start in range(0, hidden.shape[0], size):
+        part, wanted = hidden[start : start + size], targets[start : start + size]
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_cross_entropy, head, part, wanted, use_reentrant=False)
         else:
@@ -285,8 +301,9 @@ def _checkpointed(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, 
 
 def _correct(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> int:
     """How many targets the argmax of the logits predicts, chunk by chunk (no gradient)."""
+    size = _head_chunk(head)
     with torch.no_grad():
         return sum(
-            int((head(hidden[s : s + CHUNK_POSITIONS]).argmax(-1) == targets[s : s + CHUNK_POSITIONS]).sum())
-            for s in range(0, hidden.shape[0], CHUNK_POSITIONS)
+            int((head(hidden[s : s + size]).argmax(-1) == targets[s : s + size]).sum())
+            for s in range(0, hidden.shape[0], size)
         )

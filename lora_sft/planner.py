@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import UserError
-from .loss import CHUNK_POSITIONS as LOSS_CHUNK_POSITIONS  # the loss's output layer runs this many positions at a time
+from .loss import chunk_positions  # the loss's output layer runs this many positions at a time
 from .recipe import Recipe, memory_bytes
 
 if TYPE_CHECKING:
@@ -373,10 +373,10 @@ def estimate(recipe: Recipe, work: Workload, micro_batch: int, checkpointing: bo
         )
     terms.append(Term("activations", act, how))
     if work.causal:
-        # the loss runs the output layer on at most LOSS_CHUNK_POSITIONS positions at a time: fp32 logits, their
+        # the loss runs the output layer on at most `chunk_positions(vocab)` positions at a time: fp32 logits, their
         # log-softmax kept for the backward and its gradient (3 x 4 bytes), plus the compute-dtype logits before the
         # upcast when that is not fp32
-        positions = min(tokens, LOSS_CHUNK_POSITIONS)
+        positions = min(tokens, chunk_positions(s.vocab))
         per = 12 + (p if p != 4 else 0)
         terms.append(
             Term("loss logits", positions * s.vocab * per, f"{positions:,} positions x {s.vocab:,} vocab x {per} bytes")

@@ -223,16 +223,21 @@ class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("limit", ["positions", "elements"])
 @pytest.mark.parametrize("head", ["frozen", "lora"])
-def test_no_positions_by_vocab_tensor_in_forward_or_backward(tmp_path, monkeypatch, head):
+def test_no_positions_by_vocab_tensor_in_forward_or_backward(tmp_path, monkeypatch, head, limit):
     """A vocabulary of 4096 and 600 positions (300+ of them trained) in chunks of 64: no tensor created in
     forward or backward, and none saved for backward, reaches 2 chunks' worth of logits; the plain path
-    (the control) makes the full `positions x vocab` logits."""
+    (the control) makes the full `positions x vocab` logits. The chunk is bounded by its positions
+    (CHUNK_POSITIONS) or, for a large vocabulary, by its logits (CHUNK_ELEMENTS)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    monkeypatch.setattr(loss_stage, "CHUNK_POSITIONS", 64)
     vocab, batch, length = 4096, 2, 300
+    if limit == "positions":
+        monkeypatch.setattr(loss_stage, "CHUNK_POSITIONS", 64)
+    else:
+        monkeypatch.setattr(loss_stage, "CHUNK_ELEMENTS", 64 * vocab + vocab // 2)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab,
@@ -267,6 +272,16 @@ def test_no_positions_by_vocab_tensor_in_forward_or_backward(tmp_path, monkeypat
     assert largest < 2 * 64 * vocab and saved < 2 * 64 * vocab, (largest, saved, full)
     plain_largest, _ = measure(lambda: model(**inputs).loss)
     assert plain_largest >= full  # the control: the plain path does make them
+
+
+@pytest.mark.unit
+def test_a_larger_vocabulary_gets_fewer_positions_per_chunk():
+    """Chunks hold CHUNK_POSITIONS positions, or fewer where that many rows of logits would pass CHUNK_ELEMENTS
+    values: Llama-2/Mistral (32,000) keep 1,024, Llama-3 (128,256) 261, Gemma (256,000) 131."""
+    assert loss_stage.CHUNK_POSITIONS == 1024 and loss_stage.CHUNK_ELEMENTS == 2**25
+    sizes = {v: loss_stage.chunk_positions(v) for v in (4096, 32000, 128256, 151936, 256000)}
+    assert sizes == {4096: 1024, 32000: 1024, 128256: 261, 151936: 220, 256000: 131}
+    assert all(n * v <= loss_stage.CHUNK_ELEMENTS for v, n in sizes.items() if n < loss_stage.CHUNK_POSITIONS)
 
 
 # ---------------------------------------------------------------- the Trainer and `eval`
