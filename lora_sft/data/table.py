@@ -93,6 +93,7 @@ class Mapped:
         self.path = path
         self.map: mmap.mmap | None = None
         self.table = pa.table({EXAMPLE: pa.array([], pa.binary())})  # nothing was written: no rows
+        self._gatherer: Gatherer | None = None
         if path.is_file() and path.stat().st_size:
             with open(path, "rb") as f:
                 self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -101,6 +102,12 @@ class Mapped:
     def release(self) -> None:
         if self.map is not None and hasattr(mmap, "MADV_DONTNEED"):
             self.map.madvise(mmap.MADV_DONTNEED)
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """The rows `rows` in that order (`Gatherer`: only the chunks holding them are read)."""
+        if self._gatherer is None:
+            self._gatherer = Gatherer(self.table)
+        return self._gatherer.take(rows)
 
 
 class Gatherer:
@@ -208,9 +215,9 @@ class Examples(Sequence[Example]):
         return pickle.loads(self.rows.table.column(EXAMPLE)[int(self.order[i])].as_py())
 
     def batches(self, size: int = BATCH) -> Iterator[list[Example]]:
-        column = self.rows.table.column(EXAMPLE)
         for start in range(0, len(self.order), size):
-            taken = column.take(pa.array(self.order[start : start + size]))
+            # not the column's own take: on a column of many chunks it first copies all of them into one array
+            taken = self.rows.take(self.order[start : start + size]).column(EXAMPLE)
             self.rows.release()
             yield [pickle.loads(b) for b in taken.to_pylist()]
 
