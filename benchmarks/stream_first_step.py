@@ -11,8 +11,10 @@ counted. Target (issue 14): a 1M-row source trains its first step within 30 s of
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -55,6 +57,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--no-packing", action="store_true")
     ap.add_argument("--stream-buffer", type=int, default=1000)
+    ap.add_argument(
+        "--out", default=str(REPO / "benchmarks/results"), help="folder for stream-<date>.md; '' writes none"
+    )
     args = ap.parse_args()
 
     from data_throughput import write_rows
@@ -94,13 +99,24 @@ def main() -> None:
         first, end = first_step_seconds(path, folder / "run")
         size = rows.stat().st_size
         summary = json.loads((folder / "run" / "summary.json").read_text())
-    print("| rows | file | packing | stream_buffer | first step | whole run | peak memory |")
-    print("|---|---|---|---|---|---|---|")
-    print(
+    lines = [
+        "| rows | file | packing | stream_buffer | first step | whole run | peak memory |",
+        "|---|---|---|---|---|---|---|",
         f"| {args.rows:,} | {size / 2**20:,.0f} MiB | {'on' if not args.no_packing else 'off'} | {args.stream_buffer} "
-        f"| {first:.1f} s | {end:.1f} s | {summary['peak_memory_mb']:,.0f} MB |"
-    )
+        f"| {first:.1f} s | {end:.1f} s | {summary['peak_memory_mb']:,.0f} MB |",
+    ]
+    print("\n".join(lines))
     print(f"(writing the rows took {written:.1f} s, not counted)")
+    if args.out:
+        machine = f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}"
+        command = " ".join(["python benchmarks/stream_first_step.py", *sys.argv[1:]])
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"stream-{datetime.date.today()}.md"
+        head = [] if path.is_file() else ["# data.streaming: seconds from `train` starting to step 1", ""]
+        with path.open("a") as f:
+            f.write("\n".join([*head, f"`{command}`, {datetime.date.today()}, {machine}:", "", *lines, ""]) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
