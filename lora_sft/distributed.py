@@ -207,15 +207,26 @@ def main_only(method: Callable[P, T]) -> Callable[P, T | None]:
     return wrapper
 
 
-def total(value: N) -> N:
-    """The sum of `value` over every process (a count or a sum each process keeps for its own batches)."""
+def _gathered(value: T) -> list[T]:
+    """Every process's `value`, in rank order (alone, or before the process group: this one's)."""
     if not world().distributed or not started():
-        return value
+        return [value]
     import torch.distributed as dist
 
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
-    return sum(values)
+    return values
+
+
+def total(value: N) -> N:
+    """The sum of `value` over every process (a count or a sum each process keeps for its own batches)."""
+    return sum(_gathered(value))
+
+
+def least(value: T, key: Callable[[T], Any]) -> T:
+    """The least of every process's `value` by `key`, the same on every process (the first in rank order on a
+    tie)."""
+    return min(_gathered(value), key=key)
 
 
 def finish() -> None:

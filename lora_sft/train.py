@@ -65,6 +65,16 @@ def run(
         # the free memory may differ now: keep the micro batch the checkpoint trained with (its data order)
         kept = checkpoint.micro_batch_of(start.resume_from) or recipe.train.micro_batch_size
         memory = planner.plan_memory(recipe, memory.work, memory.device, keep_micro_batch=kept)
+    if memory is not None and me.distributed:
+        # DDP's processes step together: each planned against its own GPU's free memory, so they may have picked
+        # different micro batches; all train with the smallest pick (checkpointing on where a process needs it)
+        mine = memory
+        memory = distributed.least(memory, key=lambda m: (m.micro_batch_size, not m.gradient_checkpointing))
+        if (memory.micro_batch_size, memory.gradient_checkpointing) != (
+            mine.micro_batch_size,
+            mine.gradient_checkpointing,
+        ):
+            log("the processes' devices differ in free memory: every process trains with the smallest pick")
     if memory is not None:
         log("\n".join(memory.lines(me.size)))  # before a weight is loaded
         recipe = memory.apply(recipe)  # the settings training uses; the run directory saves the recipe as written

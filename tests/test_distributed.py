@@ -99,10 +99,14 @@ def env() -> dict[str, str]:
     }
 
 
-def launch(command: list[str], log: Path) -> subprocess.Popen:
-    """A launcher, its output in `log` (a pipe nobody reads while the test waits could fill and stop it)."""
+def launch(command: list[str], log: Path, first_path: Path | None = None) -> subprocess.Popen:
+    """A launcher, its output in `log` (a pipe nobody reads while the test waits could fill and stop it);
+    `first_path`: a folder put before the checkout on the processes' PYTHONPATH."""
+    environment = env()
+    if first_path is not None:
+        environment["PYTHONPATH"] = os.pathsep.join([str(first_path), environment["PYTHONPATH"]])
     with log.open("w") as out:
-        return subprocess.Popen(command, cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=REPO, env=environment, stdout=out, stderr=subprocess.STDOUT)
 
 
 def kill_all(proc: subprocess.Popen) -> None:
@@ -171,6 +175,54 @@ def test_two_processes_train_what_one_process_trains_at_twice_the_micro_batch(ti
     assert (summary(run)["global_batch"], summary(reference)["global_batch"]) == (8, 8)
     marker = json.loads((checkpoints(run / "checkpoints")[-1] / COUNTS).read_text())  # the last step's checkpoint
     assert (marker["recipe"]["processes"], marker["tokens_seen"]) == (2, summary(run)["tokens_seen"])
+
+
+# rank 1's device has less free memory than rank 0's: its plan picks micro batch 1 where rank 0's picks 8
+SMALLER_DEVICE = """
+import dataclasses, os
+if os.environ.get("RANK") == "1":
+    from lora_sft import planner
+
+    planned = planner.plan_memory
+
+    def plan_memory(recipe, work, *args, **kwargs):
+        plan = planned(recipe, work, *args, **kwargs)
+        effective = plan.micro_batch_size * plan.grad_accum
+        estimate = planner.estimate(recipe, work, 1, plan.gradient_checkpointing)
+        return dataclasses.replace(plan, micro_batch_size=1, grad_accum=effective, estimate=estimate)
+
+    planner.plan_memory = plan_memory
+"""
+
+
+@pytest.mark.launch
+def test_processes_whose_devices_differ_train_with_the_smallest_memory_pick(tiny_llama, tmp_path):
+    """train.memory_budget auto: each process plans against its own device's free memory. When rank 1's plan picks
+    micro batch 1 (x grad_accum 8) and rank 0's micro batch 8 (x 1), both train with micro batch 1 and the run is
+    the one-process run at micro batch 2 x 8 (had each kept its own pick, the ranks would split the data
+    differently)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SMALLER_DEVICE)
+    two = write_recipe(
+        tmp_path / "two", tiny_llama, 16, micro_batch_size=4, grad_accum=2, max_steps=2, memory_budget="auto"
+    )
+    one = write_recipe(tmp_path / "one", tiny_llama, 16, micro_batch_size=2, grad_accum=8, max_steps=2)
+    log = tmp_path / "two.log"
+    proc = launch([*TORCHRUN, "-m", "lora_sft", "train", str(two)], log, first_path=site)
+    assert main(["train", str(one)]) == 0
+    code, out = finish(proc, log)
+    assert code == 0, out[-3000:]
+    assert out.count("the processes' devices differ in free memory: every process trains with the smallest pick") == 1
+    assert "memory estimate per process (2 processes, each holding the whole model)" in out
+    assert (
+        "at micro batch 1," in out
+        and "processes: 2, global batch 16 (micro batch 1 x 8 accumulated x 2 processes)" in out
+    )
+    got, want = losses(tmp_path / "two" / "run"), losses(tmp_path / "one" / "run")
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2]
+    assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(got, want, strict=True)), (got, want)
+    assert summary(tmp_path / "two" / "run")["global_batch"] == 16
 
 
 @pytest.mark.unit
