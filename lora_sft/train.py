@@ -530,11 +530,26 @@ def train(recipe: Recipe, trainer: CountingTrainer, resume_from: Path | None):
 
 
 def evaluate_after(recipe: Recipe, trainer: CountingTrainer) -> dict | None:
-    """The trained model on the eval split (what summary.json `eval` reports)."""
+    """The trained model on the eval split (what summary.json `eval` reports): the evaluation Trainer ran at the
+    last step when there was one (eval_steps dividing the steps) and the model is still the one it scored, else a
+    new one."""
     if not trainer.eval_dataset:
         return None
+    if (last := _evaluated_at_the_end(trainer)) is not None:
+        return _eval_metrics(last, recipe.task)
     with guarded(recipe, trainer, "the evaluation after training"):
         return _eval_metrics(trainer.evaluate(), recipe.task)
+
+
+def _evaluated_at_the_end(trainer: CountingTrainer) -> dict | None:
+    """Trainer's record of an evaluation at the last step, or None (none there, or early stopping loaded the best
+    checkpoint since)."""
+    if trainer.args.load_best_model_at_end:
+        return None
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if not evals or evals[-1].get("step") != trainer.state.global_step:
+        return None
+    return {k: v for k, v in evals[-1].items() if k != "step"}
 
 
 def summarize(

@@ -89,7 +89,10 @@ def test_tensorboard_has_the_scalars_of_metrics_jsonl_and_the_recipe(tracked):
     for tag, metric in (("train/loss", "loss"), ("eval/loss", "eval_loss"), ("train/learning_rate", "learning_rate")):
         logged = series(run, metric)
         assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(tag)] == logged, tag
-    assert [s for s, _ in series(run, "eval_loss")] == [0, 2, 4, 4]  # before, during, at the last step, after
+    # before, during, and at the last step: that evaluation is also the one after training (summary.json), not
+    # run a second time
+    assert [s for s, _ in series(run, "eval_loss")] == [0, 2, 4]
+    assert run.read_summary().eval_loss == series(run, "eval_loss")[-1][1]
     start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
     expected = config(run)
