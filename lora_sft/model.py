@@ -340,6 +340,8 @@ def plan_model(recipe: Recipe, source: ModelSource, labels: list[str] | None) ->
                 getattr(model, "all_tied_weights_keys", None) or {}
             )
             plan.output_embedding = None if tied else names[id(output)]
+            if tied and output.weight is not embedding.weight:  # an empty model is not tied yet: count it once
+                plan.total_params -= output.weight.numel()
     return plan
 
 

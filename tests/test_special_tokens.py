@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from helpers import REPO, build_tokenizer, save_tiny_llama
+from transformers import AutoModelForCausalLM
 
 from lora_sft import model as model_stage
 from lora_sft.cli import main
@@ -82,8 +83,11 @@ def test_tied_embeddings_train_the_rows_once(tmp_path, write_recipe):
     tokenizer = model_stage.load_tokenizer(recipe, source)
     plan = model_stage.plan_model(recipe, source, None)
     n = plan.rows
+    # the tied weight counted once, as in the loaded model (transformers 5 ties it only at load)
+    assert plan.total_params == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(bare).parameters())
     model_stage.plan_tokens(plan, tokenizer, model_stage.added_token_ids(tokenizer))
     assert plan.output_embedding is None and plan.trainable_tokens == {"model.embed_tokens": [n, n + 1]}
+    assert plan.total_params == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(bare).parameters()) + 2 * 64
     base = model_stage.load_base(recipe, plan)
     embedding = base.get_input_embeddings().weight
     assert embedding.shape[0] == n + 2 and base.get_output_embeddings().weight is embedding
