@@ -351,7 +351,7 @@ def test_fsdp_divides_the_model_not_the_activations_llama_3_70b_on_2_gpus_by_han
     assert {t.name: t.bytes for t in e.terms} == expected
     assert round(e.total / 2**30, 2) == 33.41  # per GPU: does not fit 24 GB
     single = planner.estimate(recipe, planner.workload(recipe, None, LLAMA_70B, device="cuda", shards=0), 1, True)
-    assert round(single.total / 2**30, 2) == 50.4  # DDP: every GPU holds all of it
+    assert round(single.total / 2**30, 2) == 48.99  # DDP: every GPU holds all of it
     assert "fsdp gathered" not in {t.name for t in single.terms}
 
 
