@@ -337,7 +337,7 @@ class TrainSection(Section):
     logging_steps: int = Field(10, ge=1)
     """Log loss and learning rate every N optimizer steps (to the console and metrics.jsonl)."""
     eval_steps: int | None = Field(None, ge=1)
-    """Also evaluate every N steps; by default only before and after training."""
+    """Also evaluate every N steps and at the last step (that evaluation is also the one after training); by default only before and after training."""
     eval_before: bool = True
     """Measure the untrained base on the eval split first (summary.json `eval_before`)."""
     save_steps: int = Field(500, ge=1)
