@@ -446,8 +446,8 @@ def _trained(labels: pa.ChunkedArray | pa.Array) -> int:
 
 
 GATHER = table.BATCH // 2  # samples gathered into an output file at once: each gather from the memory-mapped
-# samples maps the pages around every sample it reads (the kernel maps 64 KiB around a fault), so fewer at once keeps
-# the resident set small whatever the number of samples
+# samples maps the pages around every sample it reads (the kernel maps 64 KiB, or a whole large folio, around a
+# fault), so fewer at once keeps that part of the resident set small whatever the number of samples
 
 
 def _write_split(tok: _Tokens, idx: np.ndarray, path: Path, recipe: Recipe, labels, stats: dict) -> Dataset | None:
