@@ -4,8 +4,8 @@ A causal LM's forward turns every position into a full-vocabulary row of logits,
 padding never reach the loss. Here the decoder runs as in the model's own forward (the same modules, so LoRA
 layers, NEFTune's hook on the embeddings and gradient checkpointing all act as usual), then only the hidden
 states whose next-token target is trained are kept (`tokens.next_token_targets`: the state at t predicts the
-label at t + 1), and the output layer + cross-entropy run over them in chunks (`chunk_positions`: CHUNK_POSITIONS, fewer for a large vocabulary, so that one chunk's
-logits stay near CHUNK_ELEMENTS values):
+label at t + 1), and the output layer + cross-entropy run over them in chunks (`chunk_positions`: CHUNK_POSITIONS,
+fewer for a large vocabulary, so that one chunk's logits stay within CHUNK_ELEMENTS values):
 
 - frozen output layer (a plain nn.Linear, the usual case): `_FrozenHeadCrossEntropy` computes each chunk's
   logits (fp32 for the cross-entropy), its loss and, when a gradient is needed, the gradient w.r.t. the chunk's

@@ -531,8 +531,8 @@ def train(recipe: Recipe, trainer: CountingTrainer, resume_from: Path | None):
 
 def evaluate_after(recipe: Recipe, trainer: CountingTrainer) -> dict | None:
     """The trained model on the eval split (what summary.json `eval` reports): the evaluation Trainer ran at the
-    last step when there was one (eval_steps dividing the steps) and the model is still the one it scored, else a
-    new one."""
+    last step when there was one (with train.eval_steps Trainer evaluates there) and the model is still the one it
+    scored, else a new one."""
     if not trainer.eval_dataset:
         return None
     if (last := _evaluated_at_the_end(trainer)) is not None:
