@@ -68,12 +68,11 @@ def run(
     if memory is not None and me.distributed:
         # DDP's processes step together: each planned against its own GPU's free memory, so they may have picked
         # different micro batches; all train with the smallest pick (checkpointing on where a process needs it)
-        mine = memory
-        memory = distributed.least(memory, key=lambda m: (m.micro_batch_size, not m.gradient_checkpointing))
-        if (memory.micro_batch_size, memory.gradient_checkpointing) != (
-            mine.micro_batch_size,
-            mine.gradient_checkpointing,
-        ):
+        def pick(m: planner.MemoryPlan) -> tuple[int, bool]:
+            return m.micro_batch_size, not m.gradient_checkpointing
+
+        mine, memory = memory, distributed.least(memory, key=pick)
+        if pick(memory) != pick(mine):
             log("the processes' devices differ in free memory: every process trains with the smallest pick")
     if memory is not None:
         log("\n".join(memory.lines(me.size)))  # before a weight is loaded

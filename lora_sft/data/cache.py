@@ -74,8 +74,9 @@ def remember_fingerprints(found: dict[str, str]) -> None:
     """Keep `known_fingerprint`'s answers (stamp -> fingerprint); called once the data was cached, so a run that
     stopped at bad input writes nothing."""
     folder = _fingerprints_dir()
-    for stamp, digest in found.items():
+    if found:
         folder.mkdir(parents=True, exist_ok=True)
+    for stamp, digest in found.items():
         path = folder / _name(stamp)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         tmp.write_text(digest)
