@@ -555,7 +555,7 @@ def export(
     out = Path(out).expanduser().resolve() if out else run.root / EXPORT
     check_out(run.root, out)
     if gguf:
-        from .gguf_export import check_ready
+        from .gguf_write import check_ready
 
         check_ready(run.plan.config.to_dict(), run.recipe.task)
     with staged(out) as staging:

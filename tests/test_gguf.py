@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 from helpers import CHATML, REPO, TINY_DIMS, build_tokenizer, hub_env
 
-from lora_sft import gguf_export
+from lora_sft import gguf_export, gguf_write
 from lora_sft.cli import main
 from lora_sft.data.templates import NAMED
 from lora_sft.errors import RunError, UserError
 
 CORPUS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()
 CHAT = [{"role": "user", "content": "Count the words.\n\npillow silver"}, {"role": "assistant", "content": "2"}]
-QWEN2_REGEX = next(regex for regex, name in gguf_export.PRE_TOKENIZERS.items() if name == "qwen2")
+QWEN2_REGEX = next(regex for regex, name in gguf_write.PRE_TOKENIZERS.items() if name == "qwen2")
 
 
 def fit(model, tokenizer, steps: int = 30):
@@ -150,8 +150,15 @@ def test_trained_llama_f16_gguf_gives_the_merged_models_logits_in_llama_cpp(expo
     assert entry["file"] == "run-f16.gguf" and (out / "gguf" / "run-f16.gguf").is_file()
     assert entry["prompts"] == 4 and entry["positions"] > 4 * 8
     assert entry["max_abs_logit_diff"] <= 1e-2 * entry["max_abs_logit"]
-    assert entry["greedy_identical_prompts"] == 4  # 16 greedy tokens each, token for token
-    assert all(g["transformers"] == g["llama_cpp"] and len(g["llama_cpp"]) == 16 for g in entry["greedy"])
+    # 16 greedy tokens each, token for token; a path may part only where transformers has the two tokens within the
+    # f16 tolerance of each other (a near-tie that llama.cpp's f16 KV cache may flip, as a build for another CPU did)
+    assert entry["greedy_identical_prompts"] + entry["greedy_ties"] == 4, entry["greedy"]
+    for g in entry["greedy"]:
+        assert len(g["llama_cpp"]) == 16
+        if g["transformers"] != g["llama_cpp"]:
+            part = g["parted_at"]
+            assert g["transformers"][:part] == g["llama_cpp"][:part]
+            assert g["logit_gap"] <= 1e-2 * entry["max_abs_logit"]
     assert entry["tokenizer_identical_prompts"] == 4
     assert (out / "merged" / "config.json").is_file()  # --gguf implies --merged
     types = tensor_types(out / "gguf" / "run-f16.gguf")
@@ -239,7 +246,7 @@ def test_tiny_mistral_gguf_round_trip_with_a_sentencepiece_vocabulary(tmp_path):
 @pytest.mark.e2e
 def test_gguf_refuses_an_unsupported_architecture_before_writing(tiny_run, tmp_path, capsys, monkeypatch):
     run_dir, _, _ = tiny_run
-    monkeypatch.setattr(gguf_export, "ARCHITECTURES", {"qwen2": ("qwen2", False)})  # as if llama were not supported
+    monkeypatch.setattr(gguf_write, "ARCHITECTURES", {"qwen2": ("qwen2", False)})  # as if llama were not supported
     out = tmp_path / "export"
     assert main(["export", str(run_dir), "--gguf-type", "q8_0", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -251,19 +258,19 @@ def test_gguf_refuses_an_unsupported_architecture_before_writing(tiny_run, tmp_p
 @pytest.mark.unit
 def test_gguf_refuses_other_architectures_and_classifiers_in_one_line(tmp_path):
     with pytest.raises(UserError) as e:
-        gguf_export.check_supported("gpt_neox", "causal_lm")
+        gguf_write.check_supported("gpt_neox", "causal_lm")
     assert e.value.problems == [
         "--gguf: architecture 'gpt_neox' is not supported; GGUF export supports llama, mistral, qwen2"
     ]
     with pytest.raises(UserError) as e:
-        gguf_export.check_supported("llama", "classification")
+        gguf_write.check_supported("llama", "classification")
     assert e.value.problems == [
         "--gguf: a classification run has a classification head; llama.cpp runs causal LMs only"
     ]
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "config.json").write_text(json.dumps({"model_type": "phi3"}))
     with pytest.raises(UserError):
-        gguf_export.write(tmp_path / "merged", tmp_path / "gguf", "x", "f16")
+        gguf_write.write(tmp_path / "merged", tmp_path / "gguf", "x", "f16")
     assert not (tmp_path / "gguf").exists()
 
 
@@ -317,17 +324,17 @@ def test_vocabulary_types_and_pre_tokenizer(tmp_path):
     import gguf
 
     build_tokenizer(CORPUS[:20]).save_pretrained(tmp_path / "gpt2")
-    vocab = gguf_export.vocabulary(tmp_path / "gpt2", 420)
+    vocab = gguf_write.vocabulary(tmp_path / "gpt2", 420)
     assert (vocab.model, vocab.pre) == ("gpt2", "gpt-2")
     assert vocab.tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert vocab.types[:3] == [gguf.TokenType.CONTROL] * 3 and vocab.types[3] == gguf.TokenType.NORMAL
     assert vocab.tokens[400:] == [f"[PAD{i}]" for i in range(400, 420)]
     assert set(vocab.types[400:]) == {gguf.TokenType.UNUSED}
     build_tokenizer(CORPUS[:20], split_regex=QWEN2_REGEX).save_pretrained(tmp_path / "qwen2")
-    assert gguf_export.vocabulary(tmp_path / "qwen2", 400).pre == "qwen2"
+    assert gguf_write.vocabulary(tmp_path / "qwen2", 400).pre == "qwen2"
     tokenizer = build_spm_tokenizer()
     tokenizer.save_pretrained(tmp_path / "spm")
-    vocab = gguf_export.vocabulary(tmp_path / "spm", len(tokenizer))
+    vocab = gguf_write.vocabulary(tmp_path / "spm", len(tokenizer))
     assert (vocab.model, vocab.pre) == ("llama", None)
     assert vocab.types[:4] == [
         gguf.TokenType.UNKNOWN,
@@ -338,7 +345,7 @@ def test_vocabulary_types_and_pre_tokenizer(tmp_path):
     assert vocab.tokens[3] == "<0x00>" and vocab.types[258] == gguf.TokenType.BYTE
     assert vocab.types[259] == gguf.TokenType.NORMAL and vocab.scores[259] > vocab.scores[260]
     with pytest.raises(RunError, match="embedding rows"):
-        gguf_export.vocabulary(tmp_path / "gpt2", 100)
+        gguf_write.vocabulary(tmp_path / "gpt2", 100)
 
 
 @pytest.mark.unit
@@ -357,7 +364,7 @@ def test_llama3_rope_scaling_becomes_llama_cpps_rope_freqs_and_other_scalings_ar
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama3")
     tokenizer.save_pretrained(tmp_path / "llama3")
-    path = gguf_export.write(tmp_path / "llama3", tmp_path / "gguf", "llama3", "f16")
+    path = gguf_write.write(tmp_path / "llama3", tmp_path / "gguf", "llama3", "f16")
     reader = gguf.GGUFReader(str(path))
     freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
@@ -365,7 +372,7 @@ def test_llama3_rope_scaling_becomes_llama_cpps_rope_freqs_and_other_scalings_ar
     np.testing.assert_allclose(freqs, plain / scaled.numpy(), rtol=1e-5)  # what llama.cpp divides each by
     assert reader.fields["llama.rope.freq_base"].contents() == 500000.0
     with pytest.raises(UserError) as e:
-        gguf_export.check_ready(config.to_dict() | {"rope_parameters": {"rope_type": "dynamic"}}, "causal_lm")
+        gguf_write.check_ready(config.to_dict() | {"rope_parameters": {"rope_type": "dynamic"}}, "causal_lm")
     assert e.value.problems == [
         "--gguf: rope scaling 'dynamic' has no llama.cpp equivalent here (default, linear, yarn, llama3)"
     ]

@@ -1,0 +1,344 @@
+"""The GGUF converter: a merged model folder (safetensors, config.json, tokenizer files) written as one GGUF file
+that llama.cpp, Ollama and LM Studio load.
+
+It writes with the `gguf` package (its writer, tensor-name map, SpecialVocab, quantizers): the architecture's
+metadata from config.json, the tokenizer (vocabulary, merges, special tokens, chat template) from tokenizer.json,
+and the tensors one at a time, so memory holds one tensor, not the model. `ARCHITECTURES` says which
+transformers models it converts and how; gguf_export.py checks the file in llama.cpp and writes the Modelfile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import RunError, UserError
+
+INSTALL = "pip install 'lora-sft[gguf]'"
+
+# config.json model_type -> llama.cpp architecture, and whether q/k are permuted for llama.cpp's rope
+# (HF's llama rotates halves; llama.cpp's llama rope rotates adjacent pairs; qwen2 uses the halves (NEOX) rope)
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+# the pre-tokenizer regexes llama.cpp knows, by its name for them (tokenizer.ggml.pre)
+_LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS = {
+    _LLAMA3_REGEX: "llama-bpe",
+    _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+": "gpt-2",
+}
+
+
+def check_supported(model_type: str, task: str) -> None:
+    """Refuse (one line, before anything is written) a model this converter cannot write."""
+    if task != "causal_lm":
+        raise UserError(f"--gguf: a {task} run has a classification head; llama.cpp runs causal LMs only")
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"--gguf: architecture {model_type!r} is not supported; GGUF export supports {', '.join(sorted(ARCHITECTURES))}"
+        )
+
+
+def check_ready(config: dict, task: str) -> None:
+    """`export --gguf`, checked before anything is written: a supported model and rope, the gguf package installed."""
+    check_supported(config.get("model_type", "?"), task)
+    _rope(config)
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError(f"--gguf: the gguf package is not installed; {INSTALL}") from None
+
+
+def file_name(name: str, gguf_type: str) -> str:
+    slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "model"
+    return f"{slug}-{gguf_type}.gguf"
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _rope(config: dict) -> dict:
+    """rope_theta and rope scaling, from transformers 5's rope_parameters or the older rope_theta/rope_scaling."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if params["rope_type"] not in ("default", "linear", "yarn", "llama3"):
+        raise UserError(
+            f"--gguf: rope scaling {params['rope_type']!r} has no llama.cpp equivalent here (default, linear, yarn, llama3)"
+        )
+    return params
+
+
+def _llama3_freq_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """llama.cpp's rope_freqs tensor for llama3 rope scaling: what each frequency is divided by."""
+    factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope["original_max_position_embeddings"]
+    freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def _add_architecture(writer, config: dict, n_vocab: int, file_type) -> dict:
+    import gguf
+
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    if head_dim != hidden // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(file_type)
+    rope = _rope(config)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope["rope_type"] in ("linear", "yarn"):
+        kind = gguf.RopeScalingType.LINEAR if rope["rope_type"] == "linear" else gguf.RopeScalingType.YARN
+        writer.add_rope_scaling_type(kind)
+        writer.add_rope_scaling_factor(rope["factor"])
+        if rope.get("original_max_position_embeddings"):
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    return rope | {"head_dim": head_dim}
+
+
+# ---------------------------------------------------------------- the tokenizer
+
+
+@dataclass
+class Vocabulary:
+    model: str  # tokenizer.ggml.model: gpt2 (byte-level BPE) or llama (SentencePiece-style, byte fallback)
+    pre: str | None  # tokenizer.ggml.pre for gpt2
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+
+
+def vocabulary(folder: Path, n_vocab: int) -> Vocabulary:
+    """The tokens of tokenizer.json in id order, padded to the embedding rows, typed as llama.cpp reads them."""
+    import gguf
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"--gguf: {folder} has no tokenizer.json; GGUF export needs a fast (tokenizers) tokenizer")
+    spec = json.loads(path.read_text())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise UserError(
+            f"--gguf: a {model.get('type')} tokenizer is not supported; GGUF export writes BPE (gpt2, llama3, qwen2) and SentencePiece-BPE (llama, mistral) vocabularies"
+        )
+    spm = bool(model.get("byte_fallback"))
+    by_id = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    if max(by_id) >= n_vocab:
+        raise RunError(f"--gguf: the tokenizer has ids up to {max(by_id)} but the model only {n_vocab} embedding rows")
+    tokens, scores, types = [], [], []
+    for i in range(n_vocab):
+        text = by_id.get(i)
+        if text is None:  # embedding rows the tokenizer never produces (vocab padded to a multiple)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(text)
+            if text == model.get("unk_token"):
+                types.append(gguf.TokenType.UNKNOWN)
+            elif i in added:
+                types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+            elif spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+                types.append(gguf.TokenType.BYTE)
+            else:
+                types.append(gguf.TokenType.NORMAL)
+        # SentencePiece merges by score; a converted tokenizer keeps its pieces in score order, so -id ranks them
+        scores.append(-float(i) if spm else 0.0)
+    pre = None if spm else _pre_tokenizer(spec.get("pre_tokenizer"))
+    return Vocabulary("llama" if spm else "gpt2", pre, tokens, scores, [int(t) for t in types])
+
+
+def _pre_tokenizer(pre: dict | None) -> str:
+    """llama.cpp's name for the tokenizer's splitting regex; 'default' (logged by the caller) when unknown."""
+    steps = (pre or {}).get("pretokenizers") or ([pre] if pre else [])
+    for step in steps:
+        if step.get("type") == "Split" and (regex := step.get("pattern", {}).get("Regex")) in PRE_TOKENIZERS:
+            return PRE_TOKENIZERS[regex]
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            return "gpt-2"
+    return "default"
+
+
+def adds(tokenizer) -> dict[str, bool]:
+    """Whether the tokenizer adds a BOS / EOS to a text: asked directly (its configs spell it many ways)."""
+    ids = tokenizer("a")["input_ids"]
+    return {
+        "bos": tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id],
+        "eos": tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id],
+    }
+
+
+def _add_tokenizer(writer, folder: Path, vocab: Vocabulary) -> None:
+    import gguf
+    from transformers import AutoTokenizer
+
+    writer.add_tokenizer_model(vocab.model)
+    if vocab.pre:
+        writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    special = gguf.SpecialVocab(folder, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    special.add_special_token.update(adds(tokenizer))
+    if special.chat_template is None and tokenizer.chat_template:
+        special.chat_template = tokenizer.chat_template
+    special.add_to_gguf(writer, quiet=True)
+
+
+# ---------------------------------------------------------------- tensors
+
+
+@dataclass
+class _Tensor:
+    gguf_name: str
+    file: Path | None  # the safetensors shard; None for a computed tensor
+    hf_name: str
+    shape: tuple[int, ...]
+    qtype: Any  # gguf.GGMLQuantizationType
+    permute_heads: int = 0  # q/k: heads to permute for llama.cpp's rope; 0 none
+    data: np.ndarray | None = None  # a computed tensor (rope_freqs)
+
+
+def _qtype(shape: tuple[int, ...], gguf_type: str):
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if len(shape) == 1:
+        return Q.F32  # norms and biases: llama.cpp keeps them in f32
+    if gguf_type == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        return Q.F16  # rows that do not fill whole q8_0 blocks
+    return {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[gguf_type]
+
+
+def _plan_tensors(folder: Path, config: dict, arch, permute: bool, gguf_type: str) -> list[_Tensor]:
+    import gguf
+    from safetensors import safe_open
+
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    planned = []
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None:
+                    raise RunError(f"--gguf: {file.name}: tensor {name} has no GGUF name for {config['model_type']}")
+                shape = tuple(f.get_slice(name).get_shape())
+                heads_to_permute = 0
+                if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
+                    heads_to_permute = heads
+                elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
+                    heads_to_permute = kv_heads
+                planned.append(_Tensor(gguf_name, file, name, shape, _qtype(shape, gguf_type), heads_to_permute))
+    return planned
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rotate-half q/k rows to the adjacent-pair order llama.cpp's llama rope expects."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor_data(t: _Tensor) -> np.ndarray:
+    import gguf
+    from safetensors import safe_open
+
+    if t.data is not None:
+        data = t.data
+    else:
+        with safe_open(str(t.file), framework="pt") as f:
+            data = f.get_tensor(t.hf_name).float().numpy()
+    if t.permute_heads:
+        data = _permute(data, t.permute_heads)
+    Q = gguf.GGMLQuantizationType
+    if t.qtype == Q.F32:
+        return data.astype(np.float32)
+    if t.qtype == Q.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data.astype(np.float32), t.qtype)
+
+
+def write(merged: Path, out_dir: Path, name: str, gguf_type: str, log=print) -> Path:
+    """Convert the merged folder to out_dir/<name>-<type>.gguf, one tensor in memory at a time; returns the file."""
+    import gguf
+
+    config = json.loads((merged / "config.json").read_text())
+    check_supported(config.get("model_type", "?"), "causal_lm")
+    arch_name, permute = ARCHITECTURES[config["model_type"]]
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    file_type = {
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[gguf_type]
+    tensors = _plan_tensors(merged, config, arch, permute, gguf_type)
+    n_vocab = next(t.shape[0] for t in tensors if t.gguf_name == "token_embd.weight")
+    vocab = vocabulary(merged, n_vocab)
+    if vocab.pre == "default":
+        log(
+            "gguf warning: the tokenizer's pre-tokenizer is not one llama.cpp names; it will split text its default way"
+        )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / file_name(name, gguf_type)
+    writer = gguf.GGUFWriter(path, arch_name)
+    writer.add_name(name)
+    rope = _add_architecture(writer, config, n_vocab, file_type)
+    if rope["rope_type"] == "llama3":
+        factors = _llama3_freq_factors(rope, rope["head_dim"])
+        tensors.insert(
+            0,
+            _Tensor(
+                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                None,
+                "",
+                factors.shape,
+                gguf.GGMLQuantizationType.F32,
+                data=factors,
+            ),
+        )
+    _add_tokenizer(writer, merged, vocab)
+    for t in tensors:
+        byte_shape = (
+            t.shape
+            if t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            else gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
+        )
+        dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(
+            t.qtype, np.uint8
+        )
+        nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
+        writer.add_tensor_info(t.gguf_name, byte_shape, np.dtype(dtype), nbytes, raw_dtype=t.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        writer.write_tensor_data(_tensor_data(t))
+    writer.close()
+    return path
