@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, gguf_source
 from .errors import UserError
+from .gguf_source import GGUFFile
 from .recipe import LoraSection, QuantSection, Recipe
 from .tokens import label_config
 
@@ -59,11 +60,22 @@ class ConfigUnusable(UserError):
 @dataclass
 class ModelSource:
     path: str  # what from_pretrained gets
-    origin: str  # "local folder", "hub", or the package that ships it
+    origin: str  # "local folder", "hub", "GGUF file NAME", or the package that ships it
+    gguf: GGUFFile | None = None  # a GGUF base: the file; `path` is the folder it is converted into (gguf_source)
+
+    def weights_ready(self) -> None:
+        """A GGUF base: its dequantized weights written into the converted folder (once), before they are read."""
+        if self.gguf is not None:
+            gguf_source.materialize(self.gguf, Path(self.path))
 
 
 def resolve_source(recipe: Recipe) -> ModelSource:
     name = recipe.model.path
+    if gguf_source.named(recipe):
+        where = recipe.where("model", "gguf_file" if recipe.model.gguf_file else "path")
+        gguf = gguf_source.inspect(*gguf_source.locate(recipe), where)
+        converted = gguf_source.prepare(gguf, where)  # config and tokenizer from the metadata, no tensor read
+        return ModelSource(str(converted), f"GGUF file {gguf.name} ({gguf.origin})", gguf)
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
@@ -453,8 +465,8 @@ def check_weights(recipe: Recipe, plan: ModelPlan) -> list[str]:
     """The weight files of a local model, checked without loading them: each safetensors header parses
     and fits its file, and together they hold every tensor the model built from config.json expects, in
     its shape (a classification task's new head and tied copies excepted). Hub models are not checked."""
-    if plan.source.origin == "hub":
-        return []
+    if plan.source.origin == "hub" or plan.source.gguf is not None:
+        return []  # a GGUF's tensor table was checked by gguf_source.inspect; lora_sft writes the folder itself
     folder, where = Path(plan.source.path), recipe.where("model", "path")
     files, problems = _weight_files(folder)
     if problems:
@@ -593,6 +605,7 @@ def load_base(
     one line on a classification head (transformers' own load report is not printed)."""
     import bitsandbytes as bnb
 
+    plan.source.weights_ready()
     with _quiet_load():
         loaded = task_class(recipe.task).from_pretrained(
             plan.source.path,
@@ -779,7 +792,7 @@ def init_problems(recipe: Recipe, source: ModelSource) -> list[str]:
         return [
             f"{where}: loftq reads the unquantized weights from local safetensors files when it runs, and {recipe.model.path} is a hub id; download the model to a folder and set model.path to it"
         ]
-    if not _weight_files(Path(source.path))[0]:
+    if source.gguf is None and not _weight_files(Path(source.path))[0]:  # a GGUF's are written before LoftQ runs
         return [
             f"{where}: loftq reads the unquantized weights from safetensors files, and {source.path} has none; convert the weights to safetensors"
         ]

