@@ -27,17 +27,20 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from safetensors import SafetensorError
 from transformers import TrainerCallback
 
-from . import distributed
+from . import distributed, gguf_source
 from .distributed import world
 from .errors import RunError, UserError
 from .recipe import Recipe
 from .rundir import MANIFEST, RECIPE, Manifest, RunDir, check_writable, entries
+
+if TYPE_CHECKING:
+    from .model import ModelPlan
 
 STAGING = ".staging"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -412,10 +415,12 @@ def belongs(checkpoint: Path, recipe: Recipe, targets: list[str]) -> str | None:
 
 
 def start(
-    recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprint: str, targets: list[str] | None = None
+    recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprint: str, plan: ModelPlan | None = None
 ) -> Start:
     """Decide what to do with output_dir; raises UserError before anything is written.
-    `targets` are the modules the plan adapts (plan.targets), checked against a checkpoint's adapter."""
+    `plan`: the model plan, whose targets (the modules it adapts) are checked against a checkpoint's adapter, and
+    whose GGUF file (a GGUF base) against the one the run was trained from."""
+    targets = plan.targets if plan is not None else None
     run_dir = RunDir(recipe.output_dir)
     held = run_dir.holds_run()
     where = recipe.where("output_dir")
@@ -466,6 +471,8 @@ def start(
         ) from None
     if not changed and manifest.get("data_fingerprint") != fingerprint:
         changed.append("the contents of the data files")
+    if plan is not None and (why := gguf_source.changed(manifest.get("model_file"), plan.source.gguf)):
+        changed.append(why)
     if changed:
         raise UserError(
             f"--resume refused, the recipe changed since {run_dir.recipe}: {'; '.join(changed)}; undo the change or start a new run (another output_dir or --overwrite)"

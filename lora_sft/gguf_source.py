@@ -81,6 +81,17 @@ class GGUFFile:
         return EXACT_DTYPES.get(self.file_type, "float32")
 
 
+def changed(recorded: dict | None, now: GGUFFile | None) -> str | None:
+    """Why the GGUF a run was trained from (its manifest's `model_file`) is not the file the recipe names now, or None
+    (the same bytes, or no GGUF at all)."""
+    if recorded is None or now is None or recorded.get("sha256") == now.sha256:
+        return None
+    return (
+        f"the GGUF file changed since the run was trained: {now.path} has sha256 {now.sha256[:12]}..., the run "
+        f"recorded {recorded.get('name')} with {str(recorded.get('sha256'))[:12]}... ({recorded.get('size', '?'):,} bytes)"
+    )
+
+
 def named(recipe) -> bool:
     """The recipe's model is a GGUF file (a .gguf path, model.gguf_file, or a packaged GGUF's short name)."""
     m = recipe.model
@@ -147,7 +158,7 @@ def inspect(path: Path, origin: str, where: str) -> GGUFFile:
         raise UserError(f"{where}: cannot read {path} ({e.strerror})") from None
     if head != MAGIC:
         raise UserError(
-            f"{where}: {path.name} is not a GGUF file (it starts with {head!r}, a GGUF with b'GGUF'); point model.path to a .gguf model file"
+            f"{where}: {path.name} is not a GGUF file (it starts with {head!r}; a GGUF file starts with b'GGUF'); point model.path to a .gguf model file"
         )
     try:
         from gguf import GGUFReader

@@ -538,6 +538,10 @@ def load_tokenizer(recipe: Recipe, source: ModelSource) -> PreTrainedTokenizerBa
     from .data import templates
 
     templates.apply(tokenizer, recipe.data.chat_template, recipe.where("data", "chat_template"))
+    if source.gguf is not None and not tokenizer.chat_template and "messages" in recipe.data.formats():
+        raise UserError(
+            f"{recipe.where('model', 'path')}: {source.gguf.name} has no chat template (its metadata has no tokenizer.chat_template) and data.format messages renders every chat with one; set data.chat_template (chatml, llama3, mistral or a .jinja file)"
+        )
     _check_template_syntax(recipe, tokenizer)
     if recipe.task == "causal_lm":
         _add_special_tokens(recipe, tokenizer)

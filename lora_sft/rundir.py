@@ -42,6 +42,7 @@ import torch
 import yaml
 
 from . import data as data_stage
+from . import gguf_source
 from . import model as model_stage
 from .distributed import main_only
 from .errors import UserError
@@ -183,12 +184,17 @@ class Manifest(Record):
     model_source: str
     versions: dict[str, str]
     resumed: list[dict[str, Any]] = field(default_factory=list)  # one entry per --resume: from_step, checkpoint
+    model_file: dict[str, Any] | None = None  # a GGUF base: its name, size, sha256, type (gguf_source.GGUFFile.record)
 
-    OPTIONAL = ("resumed",)
+    OPTIONAL = ("resumed", "model_file")
 
     @classmethod
-    def new(cls, seed: int, fingerprint: str, data_stats: dict, model_source: str) -> Manifest:
-        return cls(now(), None, sys.argv, seed, fingerprint, data_stats, model_source, versions())
+    def new(
+        cls, seed: int, fingerprint: str, data_stats: dict, model_source: str, model_file: dict | None = None
+    ) -> Manifest:
+        return cls(
+            now(), None, sys.argv, seed, fingerprint, data_stats, model_source, versions(), model_file=model_file
+        )
 
 
 @dataclass
@@ -659,6 +665,10 @@ def open_run(path: str | Path, eval_file: str | None = None) -> FinishedRun:
         recipe = recipe.model_copy(update={"data": data})
         checked = data_stage.check(recipe)
     source = model_stage.resolve_source(recipe)
+    if why := gguf_source.changed(run_dir.read_manifest().get("model_file"), source.gguf):
+        raise UserError(
+            f"{recipe.where('model', 'path')}: {why}; the adapter belongs to the file it was trained on: put that file back"
+        )
     plan = model_stage.plan_model(recipe, source, checked.labels)
     tokenizer = model_stage.load_tokenizer(recipe, model_stage.ModelSource(str(run_dir.adapter), "run directory"))
     model_stage.plan_tokens(plan, tokenizer, None)  # special tokens the run added: the base grows rows for them

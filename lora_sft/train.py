@@ -92,7 +92,7 @@ def preflight(recipe: Recipe, resume: str | bool | None, overwrite: bool) -> tup
     overwritten; to resume, the data fingerprint (data, data options, tokenizer) must match and the checkpoint
     must belong to this recipe (its recipe hash, its adapter's modules and rank)."""
     ready = prepare(recipe).ready()
-    return ready, checkpoint.start(recipe, resume, overwrite, ready.bundle.fingerprint, ready.plan.targets)
+    return ready, checkpoint.start(recipe, resume, overwrite, ready.bundle.fingerprint, ready.plan)
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -178,8 +178,13 @@ def open_run_dir(
     else:
         if start and start.replace:
             run_dir.remove_run()  # --overwrite, and only now that the new run is ready to go; the user's own files stay
+        gguf = plan.source.gguf
         manifest = Manifest.new(
-            recipe.seed, bundle.fingerprint, bundle.stats, f"{plan.source.path} ({plan.source.origin})"
+            recipe.seed,
+            bundle.fingerprint,
+            bundle.stats,
+            f"{plan.source.path} ({plan.source.origin})",
+            gguf.record() if gguf else None,
         )
         run_dir.create(recipe.saved_dict(), manifest)
     log(f"run directory: {run_dir.root}")
