@@ -309,36 +309,26 @@ def materialize(gguf: GGUFFile, folder: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet():
-    """transformers' GGUF progress bars ('Converting and de-quantizing GGUF tensors') only on a terminal."""
+    """transformers' GGUF loader draws a tqdm bar of its own ('Converting and de-quantizing GGUF tensors'), outside
+    its logging switch: off the terminal, stderr is held while it runs and given back without the bar's lines."""
+    import io
     import sys
 
     from transformers.utils import logging as transformers_logging
 
-    bars = transformers_logging.is_progress_bar_enabled()
-    if not sys.stderr.isatty():
-        transformers_logging.disable_progress_bar()
+    if sys.stderr.isatty():
+        yield
+        return
+    held, bars = io.StringIO(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar
     try:
-        with _no_tqdm():
+        with contextlib.redirect_stderr(held):
             yield
     finally:
         if bars:
             transformers_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _no_tqdm():
-    """transformers' GGUF loader draws its own tqdm bar (not through its logging switch): off unless on a terminal."""
-    import sys
-
-    if sys.stderr.isatty():
-        yield
-        return
-    saved = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = saved
+        kept = [
+            line for line in held.getvalue().replace("\r", "\n").splitlines() if line and "GGUF tensors" not in line
+        ]
+        if kept:
+            print("\n".join(kept), file=sys.stderr)

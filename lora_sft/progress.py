@@ -156,6 +156,11 @@ def summary_lines(summary: Summary, run_dir: RunDir) -> list[str]:
     for name in dict.fromkeys([*before, *after]):
         if isinstance(before.get(name), float | int) or isinstance(after.get(name), float | int):
             rows.append((f"eval {name}", f"{_metric(before.get(name))} → {_metric(after.get(name))}"))
+    if (evaluation := summary.evaluation) is not None:  # the eval section: what the Trainer's eval does not measure
+        for name, value in evaluation.fine_tuned.items():
+            if name not in after and isinstance(value, float | int):
+                was = (evaluation.base or {}).get(name)
+                rows.append((f"held-out {name}", f"{_metric(was) + ' → ' if was is not None else ''}{_metric(value)}"))
     if summary.skipped_steps:
         rows.append(("skipped steps", ", ".join(map(str, summary.skipped_steps))))
     if stop := summary.early_stopping:

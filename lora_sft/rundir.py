@@ -207,8 +207,11 @@ class Evaluation(Record):
     samples: list[dict[str, Any]]
     base: dict[str, Any] | None = None
     generation_skipped: str | None = None  # why no generation metrics
+    # the model the responses were generated with, per model measured: what it is, its max |logit diff| to the model
+    # scored (the one as trained) on the eval samples, the seconds it took (evaluation.generator)
+    generation: dict[str, Any] | None = None
 
-    OPTIONAL = ("base", "generation_skipped")
+    OPTIONAL = ("base", "generation_skipped", "generation")
 
     def to_json(self) -> dict[str, Any]:
         out = (
@@ -216,7 +219,8 @@ class Evaluation(Record):
             | ({"base": self.base} if self.base else {})
             | {"fine_tuned": self.fine_tuned, "samples": self.samples}
         )
-        return out | ({"generation_skipped": self.generation_skipped} if self.generation_skipped else {})
+        out |= {"generation_skipped": self.generation_skipped} if self.generation_skipped else {}
+        return out | ({"generation": self.generation} if self.generation else {})
 
     def table(self) -> list[str]:
         """The metrics as a markdown table: base | fine-tuned | change, or fine-tuned alone."""
