@@ -71,3 +71,90 @@ def test_compare_takes_the_best_of_each_tool_and_pairs_runs_on_the_same_tokens(m
         ("lora_sft_ungrouped", "same tokens (trl_default)", 3.0, 0.56, True),
         ("lora_sft_packing", "same tokens (trl_packing_fp32)", 4.0, 0.5, True),
     ]
+
+
+@pytest.mark.unit
+def test_the_same_tokens_pair_takes_the_first_trl_run_that_ran(monkeypatch):
+    """--model smollm2 runs TRL in fp32 and padding-free only: lora_sft_ungrouped pairs with the padding-free run, which
+    consumes the same batches as TRL's default (the same sampler)."""
+
+    def run(name, tool, speed, memory, trained):
+        return {"run": name, "tool": tool, "micro_batch": 8, "trained_tokens_per_s": speed,
+                "peak_memory_mib": memory, "last_loss": 0.1, "trained_tokens": trained}  # fmt: skip
+
+    results = [
+        run("lora_sft_ungrouped", "lora_sft", 40.0, 3000.0, 800),
+        run("trl_padding_free_fp32", "trl", 10.0, 3000.0, 800),
+        run("trl_padding_free_fp32_no_recompute", "trl", 20.0, 4000.0, 800),
+    ]
+    rows = [(c["against"], c["trained_tokens_per_s_ratio"]) for c in _vs_trl(monkeypatch).compare(results)]
+    assert rows == [
+        ("TRL best (trl_padding_free_fp32_no_recompute)", 2.0),
+        ("same tokens (trl_padding_free_fp32)", 4.0),
+    ]
+
+
+@pytest.mark.unit
+def test_loss_table_has_a_column_per_run_and_a_row_per_step(monkeypatch):
+    runs = [
+        {"run": "lora_sft", "micro_batch": 8, "trained_tokens": 800, "losses": [0.5, 0.25]},
+        {"run": "trl_padding_free_fp32", "micro_batch": 8, "trained_tokens": 800, "losses": [0.5, 0.26, 0.1]},
+        {"run": "trl_fp32", "micro_batch": 8, "error": "exit 1"},
+    ]
+    lines = _vs_trl(monkeypatch).loss_table(runs)
+    assert lines[3] == "| step | lora_sft (800) | trl_padding_free_fp32 (800) |"
+    assert lines[5:] == ["| 1 | 0.5000 | 0.5000 |", "| 2 | 0.2500 | 0.2600 |", "| 3 |  | 0.1000 |"]
+
+
+@pytest.mark.unit
+def test_smollm2_case_uses_the_quickstart_recipe_and_reads_its_rows_in_order(monkeypatch):
+    import json
+
+    import yaml
+
+    vs = _vs_trl(monkeypatch)
+    recipe = yaml.safe_load((REPO / vs.BASES["smollm2"]).read_text())
+    setup = vs.smollm2_setup("cpu", quick=False)
+    assert (setup.max_length, setup.lr, setup.seed, setup.rows_file) == (
+        recipe["data"]["max_length"],
+        recipe["train"]["lr"],
+        recipe["seed"],
+        recipe["data"]["train"],
+    )
+    assert {mb for _, mb in setup.runs} == {recipe["train"]["micro_batch_size"]}
+    assert all(name in vs.RUNS for name, _ in setup.runs)
+    assert {vs.RUNS[name][0] for name, _ in setup.runs} == {"lora_sft", "trl"}
+
+    quick = vs.smollm2_setup("cpu", quick=True)
+    rows, lengths = vs.read_rows(quick, vs.build_tokenizer(vs.make_words(__import__("random").Random(0), 200)))
+    first = [json.loads(line)["messages"] for line in (REPO / quick.rows_file).read_text().splitlines()[: quick.rows]]
+    assert [r["messages"] for r in rows] == first and len(lengths) == quick.rows == len(rows)
+
+
+@pytest.mark.unit
+def test_both_tools_leave_a_tied_output_layer_unquantized_and_tied(monkeypatch, tmp_path):
+    """SmolLM2's output layer is the input embedding's weight: lora_sft's 4-bit load (the heads skipped) and the TRL
+    worker's (lm_head skipped) both keep it one unquantized, frozen matrix under LoRA all-linear."""
+    pytest.importorskip("trl")
+    import torch
+    from helpers import build_tokenizer, save_tiny_llama
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_sft.model import quantization_config
+    from lora_sft.recipe import QuantSection
+
+    vs = _vs_trl(monkeypatch)
+    folder = save_tiny_llama(tmp_path / "tied", build_tokenizer(["a tied model"] * 4), tied=True)
+    configs = {
+        "lora_sft": quantization_config(QuantSection(mode="nf4", double_quant=True), ["lm_head"]),
+        "trl": vs.trl_quantization(torch.float32),
+    }
+    for tool, config in configs.items():
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=config, dtype=torch.float32, device_map={"": "cpu"}
+        )
+        model.requires_grad_(False)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+        layer = vs.output_layer(get_peft_model(model, lora))
+        assert layer == {"class": "Linear", "dtype": "float32", "quantized": False, "tied": True, "trains": False}, tool
