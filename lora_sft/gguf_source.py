@@ -54,6 +54,21 @@ SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)  # llama.c
 # general.file_type -> the dtype the dequantized tensors are kept in (exactly); any other type: fp32
 EXACT_DTYPES = {1: "float16", 32: "bfloat16"}  # MOSTLY_F16, MOSTLY_BF16
 CHUNK = 1 << 22
+# The converted folder's layout version, part of its name: a conversion that changes what a folder holds gets a
+# new name, so a folder made by an older lora_sft is never read as a newer one.
+CONVERTED = "v2"
+# tokenizer.ggml.pre -> the tokenizers pre-tokenizer the model was trained with, where transformers' GGUF reader
+# gives a plain ByteLevel one instead: SmolLM's splits every digit apart first (llama.cpp's "smollm": \p{N}, then
+# GPT-2's regex). Without it "2024" is one token in training and four in llama.cpp.
+PRE_TOKENIZERS = {
+    "smollm": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,7 @@ class GGUFFile:
     file_type: int  # general.file_type (llama.cpp's LlamaFileType)
     file_type_name: str  # e.g. MOSTLY_Q4_1
     chat_template: bool  # tokenizer.chat_template is set
+    pre_tokenizer: str  # tokenizer.ggml.pre: llama.cpp's name for how text is split before BPE ("" when unset)
     origin: str  # "local file", "hub", or the package that ships it
 
     @property
@@ -197,6 +213,7 @@ def inspect(path: Path, origin: str, where: str) -> GGUFFile:
         file_type=file_type,
         file_type_name=type_name,
         chat_template="tokenizer.chat_template" in fields,
+        pre_tokenizer=str(_field(reader, "tokenizer.ggml.pre") or ""),
         origin=origin,
     )
 
@@ -240,7 +257,7 @@ def folder_of(gguf: GGUFFile) -> Path:
     """The converted folder of this file (by its sha256) in lora_sft's cache."""
     from .data import cache
 
-    return cache.root().parent / "gguf" / gguf.sha256[:32]
+    return cache.root().parent / "gguf" / f"{gguf.sha256[:32]}-{CONVERTED}"
 
 
 @contextlib.contextmanager
@@ -280,8 +297,21 @@ def prepare(gguf: GGUFFile, where: str) -> Path:
         config.dtype = gguf.weights_dtype()
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _restore_pre_tokenizer(tmp, gguf.pre_tokenizer)
         (tmp / RECORD).write_text(json.dumps(gguf.record() | {"converted_from": str(gguf.path)}, indent=2) + "\n")
     return folder
+
+
+def _restore_pre_tokenizer(folder: Path, pre: str) -> None:
+    """Give the saved tokenizer the pre-tokenizer `pre` names (PRE_TOKENIZERS) where transformers read a plain
+    ByteLevel one from the GGUF."""
+    file = folder / "tokenizer.json"
+    if pre not in PRE_TOKENIZERS or not file.is_file():
+        return
+    tokenizer = json.loads(file.read_text())
+    if (tokenizer.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
+        tokenizer["pre_tokenizer"] = PRE_TOKENIZERS[pre]
+        file.write_text(json.dumps(tokenizer, ensure_ascii=False, indent=2))
 
 
 def materialize(gguf: GGUFFile, folder: Path) -> None:
@@ -314,19 +344,16 @@ def _quiet():
     import io
     import sys
 
-    from transformers.utils import logging as transformers_logging
+    from .progress import bars_on_terminal_only
 
     if sys.stderr.isatty():
         yield
         return
-    held, bars = io.StringIO(), transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # its "Loading weights" bar
+    held = io.StringIO()
     try:
-        with contextlib.redirect_stderr(held):
+        with bars_on_terminal_only(), contextlib.redirect_stderr(held):  # and its "Loading weights" bar
             yield
     finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
         kept = [
             line for line in held.getvalue().replace("\r", "\n").splitlines() if line and "GGUF tensors" not in line
         ]

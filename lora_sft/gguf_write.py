@@ -177,6 +177,9 @@ def vocabulary(folder: Path, n_vocab: int) -> Vocabulary:
 def _pre_tokenizer(pre: dict | None) -> str:
     """llama.cpp's name for the tokenizer's splitting regex; 'default' (logged by the caller) when unknown."""
     steps = (pre or {}).get("pretokenizers") or ([pre] if pre else [])
+    types = [step.get("type") for step in steps]
+    if types == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # every digit apart, then GPT-2's regex (SmolLM, SmolLM2)
     for step in steps:
         if step.get("type") == "Split" and (regex := step.get("pattern", {}).get("Regex")) in PRE_TOKENIZERS:
             return PRE_TOKENIZERS[regex]

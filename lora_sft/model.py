@@ -668,20 +668,17 @@ def load_base(
 def _quiet_load():
     """Around from_pretrained: transformers' load report (a new classification head listed as MISSING, "newly
     initialized") is not printed, load_base says it in one line; its "Loading weights" bars only on a terminal."""
-    import sys
-
     from transformers.utils import logging as transformers_logging
 
-    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    from .progress import bars_on_terminal_only
+
+    verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
-    if not sys.stderr.isatty():
-        transformers_logging.disable_progress_bar()
     try:
-        yield
+        with bars_on_terminal_only():
+            yield
     finally:
         transformers_logging.set_verbosity(verbosity)
-        if bars:
-            transformers_logging.enable_progress_bar()
 
 
 def _grow_embeddings(model: PreTrainedModel, plan: ModelPlan) -> None:

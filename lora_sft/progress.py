@@ -13,6 +13,7 @@ train.RunLog's, unchanged. The main process alone prints under a launcher: the o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import sys
@@ -44,6 +45,24 @@ def clock(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+@contextlib.contextmanager
+def bars_on_terminal_only():
+    """transformers' progress bars ("Loading weights", "Writing model shards") inside the block only when stderr is
+    a terminal: in a log file or a pipe they are noise."""
+    import sys
+
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def quiet_libraries() -> None:

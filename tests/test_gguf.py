@@ -145,8 +145,8 @@ def exported(tiny_run, tmp_path_factory):
 def test_trained_llama_f16_gguf_gives_the_merged_models_logits_in_llama_cpp(exported):
     _, out, _, printed = exported
     report = json.loads((out / "fidelity.json").read_text())
-    entry = report["gguf"]
-    assert entry["checked"] and entry["passed"] and report["passed"], entry["problems"]
+    entry = report["gguf"]["conversion"]  # the f16 file against the merged folder (the serving check: test_real_model)
+    assert entry["checked"] and entry["passed"] and report["passed"], report["problems"]
     assert entry["file"] == "run-f16.gguf" and (out / "gguf" / "run-f16.gguf").is_file()
     assert entry["prompts"] == 4 and entry["positions"] > 4 * 8
     assert entry["max_abs_logit_diff"] <= 1e-2 * entry["max_abs_logit"]
@@ -322,6 +322,7 @@ def test_modelfile_for_each_template_family():
 @pytest.mark.unit
 def test_vocabulary_types_and_pre_tokenizer(tmp_path):
     import gguf
+    from tokenizers import pre_tokenizers
 
     build_tokenizer(CORPUS[:20]).save_pretrained(tmp_path / "gpt2")
     vocab = gguf_write.vocabulary(tmp_path / "gpt2", 420)
@@ -332,6 +333,12 @@ def test_vocabulary_types_and_pre_tokenizer(tmp_path):
     assert set(vocab.types[400:]) == {gguf.TokenType.UNUSED}
     build_tokenizer(CORPUS[:20], split_regex=QWEN2_REGEX).save_pretrained(tmp_path / "qwen2")
     assert gguf_write.vocabulary(tmp_path / "qwen2", 400).pre == "qwen2"
+    smollm = build_tokenizer(CORPUS[:20])
+    smollm.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    smollm.save_pretrained(tmp_path / "smollm")
+    assert gguf_write.vocabulary(tmp_path / "smollm", 400).pre == "smollm"
     tokenizer = build_spm_tokenizer()
     tokenizer.save_pretrained(tmp_path / "spm")
     vocab = gguf_write.vocabulary(tmp_path / "spm", len(tokenizer))
@@ -401,7 +408,12 @@ def test_without_llama_cpp_the_gguf_entry_says_it_was_not_checked_and_how_to_ins
         "checked": False,
         "why": "llama-cpp-python is not installed, so the GGUF was not loaded; pip install 'lora-sft[gguf]' and export again to check it",
     }
-    card = gguf_export.card_section(entry | {"file": "m-f16.gguf", "size_mb": 1.5})
+    card = gguf_export.card_section(
+        {
+            "conversion": entry | {"file": "m-f16.gguf", "size_mb": 1.5},
+            "files": [{"type": "f16", "file": "m-f16.gguf", "size_mb": 1.5, "modelfile": "Modelfile"}],
+        }
+    )
     assert (
         "llama-cli -m gguf/m-f16.gguf -cnv\ncd gguf && ollama create m-f16 -f Modelfile && ollama run m-f16\n" in card
     )
