@@ -206,12 +206,19 @@ def target_loss(model: nn.Module, inputs: dict[str, torch.Tensor], count_correct
 
 
 def causal_lm_loss(
-    model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    num_items_in_batch: torch.Tensor | int | None = None,
+    tally: list[int] | None = None,
 ) -> torch.Tensor:
     """The loss as transformers' ForCausalLMLoss normalizes it: summed over the targets and divided by
     `num_items_in_batch` when given (Trainer counts the targets of all the step's micro batches, so gradient
-    accumulation sums to the mean over the step), else the mean over this batch's targets."""
-    scored = target_loss(model, inputs)
+    accumulation sums to the mean over the step), else the mean over this batch's targets. `tally` (an
+    evaluation): [targets the argmax got right, targets] of this batch are added to it."""
+    scored = target_loss(model, inputs, count_correct=tally is not None)
+    if tally is not None:
+        tally[0] += scored.correct or 0
+        tally[1] += scored.targets
     if num_items_in_batch is None:
         return scored.loss_sum / scored.targets if scored.targets else scored.loss_sum / 0.0  # no target: nan, as CE
     if torch.is_tensor(num_items_in_batch):

@@ -271,6 +271,9 @@ class CountingTrainer(Trainer):
             0.0  # summed over the scored tokens (classification: samples) of the evaluation running now
         )
         self.eval_loss_count = 0
+        # causal LM evaluation: [targets the argmax got right, targets scored] on the chunked path (token accuracy,
+        # what `eval` reports too); the plain path does not count, and then no accuracy is reported
+        self.eval_correct = [0, 0]
 
     def counts(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.counted}
@@ -296,7 +299,10 @@ class CountingTrainer(Trainer):
         ):
             with self.accelerator.autocast():  # the model's forward runs under it (mixed precision): so does this
                 loss = loss_stage.causal_lm_loss(
-                    model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None
+                    model,
+                    inputs,
+                    num_items_in_batch if self.model_accepts_loss_kwargs else None,
+                    tally=None if model.training else self.eval_correct,
                 )
             if (
                 self.args.average_tokens_across_devices
@@ -337,12 +343,15 @@ class CountingTrainer(Trainer):
     ):
         """Trainer's loop reports the mean of per-batch mean losses; replace it with the token-weighted mean
         before `evaluate` logs it (metrics.jsonl, summary.json and `eval` then agree)."""
-        self.eval_loss_sum, self.eval_loss_count = 0.0, 0
+        self.eval_loss_sum, self.eval_loss_count, self.eval_correct = 0.0, 0, [0, 0]
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         # under a launcher each process scored its share of the eval split: the mean is over all of them
         loss_sum, count = distributed.total(self.eval_loss_sum), distributed.total(self.eval_loss_count)
         if count and output.metrics is not None:
             output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / count
+            correct, scored = distributed.total(self.eval_correct[0]), distributed.total(self.eval_correct[1])
+            if scored == count:  # every scored token counted (the chunked path throughout)
+                output.metrics[f"{metric_key_prefix}_token_accuracy"] = correct / scored
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -623,8 +632,10 @@ def after_training(
         if recipe.eval.after_train:
             from .evaluation import evaluate_run
 
+            summary = run_dir.read_summary()  # what the Trainer measured on the eval split before and after
+            measured = {"base": summary.eval_before, "fine_tuned": summary.eval} if summary is not None else None
             with guarded(recipe, trainer, "the recipe's eval section (eval.after_train)"):
-                evaluate_run(run_dir.root, base=recipe.eval.base, log=log)
+                evaluate_run(run_dir.root, base=recipe.eval.base, log=log, measured=measured)
     finally:
         run_dir.write_card(labels)
     if recipe.hub.repo_id and recipe.hub.after == "train":

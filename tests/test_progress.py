@@ -86,6 +86,8 @@ def test_the_summary_table_holds_summary_json_and_every_file(tiny_run):
         "peak memory",
         "train loss",
         *(f"eval {k}" for k in summary["eval"]),
+        # what only the eval section measured: the generation metrics, base -> fine-tuned
+        *(f"held-out {k}" for k in summary["evaluation"]["fine_tuned"] if k not in summary["eval"]),
     ]
     wall, train = re.fullmatch(r"(\S+) \(training (\S+)\)", rows["time"]).groups()  # type: ignore[union-attr]
     assert _seconds(wall) == round(summary["wall_time_s"]) and _seconds(train) == round(summary["train_time_s"])
