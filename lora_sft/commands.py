@@ -56,6 +56,7 @@ def _export(args) -> int:
         max_shard_size=args.max_shard_size,
         onto=args.onto,
         gguf=args.gguf_type or ("f16" if args.gguf else None),
+        max_drift=args.max_drift,
     )
     return 0
 
@@ -167,15 +168,19 @@ def add_run_commands(sub, common) -> None:
     e.add_argument(
         "--dtype",
         choices=["bf16", "fp16", "fp32"],
-        default="fp32",
-        help="dtype of the unquantized base and the merged weights (default fp32)",
+        help="dtype of the unquantized base and the merged weights (default 16-bit: bf16 where the base's config is bf16, else fp16; fp32 merges without rounding)",
     )
     e.add_argument("--out", help="export folder (default RUN_DIR/export)")
-    e.add_argument("--samples", type=count(1), default=8, help="held-out samples for the fidelity report (default 8)")
+    e.add_argument(
+        "--samples",
+        type=count(1),
+        default=8,
+        help="held-out samples for the fidelity report, at least (default 8; causal LMs: as many more as make 512 tokens, train rows when the eval split is small)",
+    )
     e.add_argument(
         "--tolerance",
         type=tolerance,
-        help="max |logit diff| allowed between merged and unmerged (default by dtype: fp32 1e-4 + 1e-5 * max |logit|)",
+        help="max |logit diff| allowed between merged and unmerged (default: by dtype, fp32 1e-4 + 1e-5 x max |logit|, fp16 1e-2 + 1e-2 x, bf16 5e-2 + 5e-2 x, plus twice the dtype's measured rounding of the trained model)",
     )
     e.add_argument(
         "--max-shard-size",
@@ -186,12 +191,17 @@ def add_run_commands(sub, common) -> None:
     e.add_argument(
         "--gguf",
         action="store_true",
-        help="also write gguf/NAME-TYPE.gguf for llama.cpp / Ollama and an Ollama Modelfile (implies --merged; llama, mistral, qwen2)",
+        help="also write gguf/NAME-TYPE.gguf for llama.cpp / Ollama and an Ollama Modelfile, checked for serving parity in llama.cpp (implies --merged)",
     )
     e.add_argument(
         "--gguf-type",
-        choices=["f16", "bf16", "q8_0"],
-        help="GGUF weight type (default f16; implies --gguf); q8_0 is about half the size",
+        metavar="TYPES",
+        help="GGUF weight types, comma-separated: f16 (default), bf16, q8_0, q6_k, q5_k_m, q4_k_m; or auto (with --max-drift): the smallest that stays within the drift budget (implies --gguf)",
+    )
+    e.add_argument(
+        "--max-drift",
+        type=tolerance,
+        help="with --gguf-type auto: the largest mean KL divergence (nats per token, held-out) from the model as trained that a GGUF may have",
     )
 
     v = command(

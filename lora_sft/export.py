@@ -65,6 +65,14 @@ ExportDtype = Literal["bf16", "fp16", "fp32"]
 MergeOnto = Literal["dequantized", "original"]
 ONTO: tuple[MergeOnto, ...] = ("dequantized", "original")
 TOLERANCE = {"fp32": (1e-4, 1e-5), "fp16": (1e-2, 1e-2), "bf16": (5e-2, 5e-2)}
+# A merge in a 16-bit dtype rounds every merged weight once more; the rounding of the trained model to the same dtype
+# (max |d - a|, measured on the same samples) is the scale of that, so the tolerance adds twice it to the floor above.
+ROUNDING_MARGIN = 2
+# The fidelity verdict is taken on at least this many scored positions (causal LMs): eval rows first, then train rows
+# when the eval split is too small, at most MAX_SAMPLES rows.
+MIN_POSITIONS = 512
+MAX_SAMPLES = 64
+FORWARD_ROWS = 4  # rows per forward pass: a 49k vocabulary x 256 positions x 4 bytes is 50 MB of logits per row
 # Ranks vLLM's --max-lora-rank accepts (its default is 16).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Linear layers of decoder blocks that vLLM's LoRA layers cover across the common architectures.
@@ -98,6 +106,13 @@ VLLM_TARGETS = {
 }
 
 
+PARITY_FAILED = "PARITY-FAILED.txt"  # in export/gguf/ when a GGUF failed its serving check (the files are kept)
+
+
+class ServingParityError(UserError):
+    """A GGUF does not serve as the model was trained: exit 2, the files kept for inspection and marked failed."""
+
+
 class FidelityError(RunError):
     """The merged (or re-loaded) model does not reproduce the unmerged one: exit 1, one line."""
 
@@ -113,13 +128,15 @@ class Outputs:
     targets: torch.Tensor  # (positions,), the next token / label, IGNORE_INDEX where none
 
 
-def positions(run: FinishedRun, batch: dict, logits: torch.Tensor) -> Outputs:
+def positions(run: FinishedRun, batch: dict, logits: torch.Tensor, flat: bool = False) -> Outputs:
+    """The scored positions of `batch`: the logits at every unpadded position (`flat`: already cut to them, as
+    plain_load saves them) with their next-token targets; a classifier's logits with its labels."""
     logits = logits.float().cpu()
     if run.recipe.task == "classification":
         return Outputs(logits, batch["labels"].cpu())
     mask = batch["attention_mask"].bool().cpu()
     labels = batch["labels"].cpu()
-    return Outputs(logits[mask], tokens.next_token_targets(labels)[mask])
+    return Outputs(logits if flat else logits[mask], tokens.next_token_targets(labels)[mask])
 
 
 def loss(out: Outputs) -> float:
@@ -147,10 +164,15 @@ def compare(ref: Outputs, other: Outputs) -> dict:
 
 
 def forward(run: FinishedRun, model, batch: dict) -> Outputs:
+    """`model`'s outputs on the scored positions of `batch`, FORWARD_ROWS rows at a time."""
     device = next(model.parameters()).device
+    parts = []
     with torch.no_grad():
-        logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
-    return positions(run, batch, logits)
+        for start in range(0, len(batch["input_ids"]), FORWARD_ROWS):
+            rows = {k: v[start : start + FORWARD_ROWS] for k, v in batch.items()}
+            logits = model(**{k: v.to(device) for k, v in rows.items() if k != "labels"}).logits
+            parts.append(positions(run, rows, logits))
+    return Outputs(torch.cat([p.logits for p in parts]), torch.cat([p.targets for p in parts]))
 
 
 # ---------------------------------------------------------------- serving compatibility
@@ -237,10 +259,14 @@ def load_plain(
     dtype: str,
     max_new_tokens: int = 8,
     n_prompts: int = 2,
+    quantized: tuple[str, ...] = (),
 ) -> dict[str, tuple[Outputs, dict]]:
     """Run plain_load.py in one fresh interpreter on exported folders, {name: (model, adapter or None)};
-    per name, the logits and what it generated or predicted."""
+    per name, the logits and what it generated or predicted. The loads named in `quantized` load their base with
+    the BitsAndBytesConfig the run trained with (`model.quantization_config`), as the card's 4-bit snippet does."""
     from safetensors.torch import load_file, save_file
+
+    from .model import quantization_config
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -271,6 +297,9 @@ def load_plain(
                     "adapter": a,
                     "resize_to": run.plan.vocab_rows if a else None,
                     "config_overrides": head if a else {},
+                    "quantization": quantization_config(run.recipe.quant, run.plan.heads).to_dict()  # type: ignore[union-attr]
+                    if name in quantized
+                    else None,
                     "out": str(tmp / name),
                 }
                 for name, (m, a) in loads.items()
@@ -295,7 +324,8 @@ def load_plain(
                 result["generated_text"] = [
                     run.tokenizer.decode(g, skip_special_tokens=False) for g in result.pop("generated")
                 ]
-            results[name] = (positions(run, batch, load_file(str(tmp / name / "logits.safetensors"))["logits"]), result)
+            logits = load_file(str(tmp / name / "logits.safetensors"))["logits"]
+            results[name] = (positions(run, batch, logits, flat=True), result)
     return results
 
 
@@ -361,7 +391,10 @@ def save_merged(run: FinishedRun, full, folder: Path, max_shard_size: int | str 
         full.generation_config.eos_token_id = run.tokenizer.eos_token_id
         full.generation_config.pad_token_id = run.tokenizer.pad_token_id
     full.config.use_cache = True
-    full.save_pretrained(folder, max_shard_size=max_shard_size)
+    from .progress import bars_on_terminal_only
+
+    with bars_on_terminal_only():
+        full.save_pretrained(folder, max_shard_size=max_shard_size)
     run.tokenizer.save_pretrained(folder)
     return sum(p.numel() * p.element_size() for p in full.parameters())
 
@@ -369,11 +402,22 @@ def save_merged(run: FinishedRun, full, folder: Path, max_shard_size: int | str 
 # ---------------------------------------------------------------- the export
 
 
+def samples_words(samples: int, train_samples: int) -> str:
+    """What the fidelity samples are: held out, train rows (no eval split), or both (a small eval split)."""
+    if not train_samples:
+        return f"{samples} held-out samples"
+    if train_samples == samples:
+        return f"{samples} train rows (the run has no eval split: not held out)"
+    return (
+        f"{samples} samples ({samples - train_samples} held-out, {train_samples} train rows: the eval split is small)"
+    )
+
+
 def _card_sections(report: dict) -> str:
     lines = [
         "## Fidelity",
         "",
-        f"{report['samples']} {'held-out' if report['held_out'] else 'train (no eval split)'} samples, {report['positions']} scored positions; "
+        f"{samples_words(report['samples'], report.get('train_samples', 0))}, {report['positions']} scored positions, tolerance {report['tolerance']:.3g} ({report.get('tolerance_rule', '')}); "
         f"(a) {report['models']['a']}, (b) {report['models']['b']}"
         + (f", (c) {report['models']['c']}" if "c" in report["models"] else "")
         + ".",
@@ -423,6 +467,79 @@ def _merge_section(onto: dict) -> list[str]:
         f"| (the model as trained: 4-bit base + adapter) | 0 | 1 | {trained['loss']:.4f} | {trained['perplexity']:.4f} |"
     )
     return lines
+
+
+def _base_reference(run: FinishedRun) -> tuple[str, str]:
+    """What a snippet passes to from_pretrained for the base, and a comment line when it needs one."""
+    source, name = run.plan.source, run.recipe.model.path
+    if source.gguf is not None:
+        return (
+            source.path,
+            f"# the GGUF base ({source.gguf.name}) as the model folder lora_sft converted it to: transformers loads a\n"
+            "# GGUF itself (gguf_file=) only unquantized, and cannot give it a BitsAndBytesConfig\n",
+        )
+    if Path(name).expanduser().exists():
+        return f"path/to/{Path(name).name}", ""
+    return name, ""
+
+
+def use_it(run: FinishedRun, report: dict, merged: bool) -> str | None:
+    """The cards' "Use it" section of a causal LM: the ways to load the export, closest to the model as trained
+    first, each with its measured distance (max |logit diff|, greedy agreement on the fidelity samples)."""
+    if run.recipe.task != "causal_lm":
+        return None
+    from .model import compute_dtype
+
+    base, note = _base_reference(run)
+    dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}[report["dtype"]]
+    head = "from transformers import AutoModelForCausalLM, AutoTokenizer"
+    adapter = 'model = PeftModel.from_pretrained(base, "path/to/adapter")\ntokenizer = AutoTokenizer.from_pretrained("path/to/adapter")'
+    options = []
+    if "adapter_4bit" in report["loaded_plain"]:
+        q = run.recipe.quant
+        settings = (
+            "load_in_8bit=True"
+            if q.mode == "int8"
+            else f'load_in_4bit=True,\n    bnb_4bit_quant_type="{q.mode}",\n    bnb_4bit_use_double_quant={q.double_quant},\n    bnb_4bit_compute_dtype={compute_dtype(q)},'
+        )
+        code = (
+            f"import torch\nfrom peft import PeftModel\n{head}, BitsAndBytesConfig\n\n"
+            f"quantization = BitsAndBytesConfig(\n    {settings}\n    llm_int8_skip_modules={run.plan.heads!r},\n)\n"
+            f'{note}base = AutoModelForCausalLM.from_pretrained("{base}", quantization_config=quantization)\n{adapter}'
+        )
+        options.append(
+            (report["loaded_plain"]["adapter_4bit"]["vs_a"], f"the base in {q.mode} as trained + the adapter", code)
+        )
+    if merged:
+        code = f'import torch\n{head}\n\nmodel = AutoModelForCausalLM.from_pretrained("path/to/merged", dtype={dtype})\ntokenizer = AutoTokenizer.from_pretrained("path/to/merged")'
+        options.append((report["pairs"]["a_vs_c"], f"the merged model ({report['dtype']})", code))
+    code = f'import torch\nfrom peft import PeftModel\n{head}\n\n{note}base = AutoModelForCausalLM.from_pretrained("{base}", dtype={dtype})\n{adapter}'
+    options.append((report["pairs"]["a_vs_b"], f"the unquantized base ({report['dtype']}) + the adapter", code))
+    options.sort(key=lambda o: o[0]["max_abs_logit_diff"])
+    lines = [
+        "## Use it",
+        "",
+        f"Closest to the model as trained first (measured by the export on {samples_words(report['samples'], report.get('train_samples', 0))}):",
+        "",
+    ]
+    for i, (m, what, code) in enumerate(options, 1):
+        lines += [
+            f"{i}. {what}: max |logit diff| {m['max_abs_logit_diff']:.3g}, greedy agreement {m['greedy_agreement']:.4f}",
+            "",
+            "```python",
+            code,
+            "```",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _with_use_it(card: str, section: str | None) -> str:
+    """`card` with its "## Use it" section (up to "## Recipe") replaced by `section`."""
+    if section is None or "## Use it" not in card:
+        return card
+    before, rest = card.split("## Use it", 1)
+    return before + section + "\n## Recipe" + rest.split("## Recipe", 1)[1]
 
 
 def _merged_card(adapter_card: str, task: str, sections: str) -> str:
@@ -529,7 +646,7 @@ def staged(out: Path):
 def export(
     run_dir: str | Path,
     merged: bool = False,
-    dtype: ExportDtype = "fp32",
+    dtype: ExportDtype | None = None,
     out: str | Path | None = None,
     samples: int = 8,
     tolerance: float | None = None,
@@ -537,9 +654,14 @@ def export(
     gguf: str | None = None,
     log=print,
     onto: MergeOnto | None = None,
+    max_drift: float | None = None,
 ) -> dict:
-    """`onto`: what --merged merges the adapter onto; None is the default, dequantized (given without --merged, an error)."""
+    """`onto`: what --merged merges the adapter onto; None is the default, dequantized (given without --merged, an
+    error). `dtype` None: 16-bit (`default_dtype`). `gguf`: GGUF types, comma-separated, or auto with `max_drift`."""
     shard_size = shard_bytes(max_shard_size)
+    from .gguf_export import parse_types
+
+    gguf_types = parse_types(gguf, max_drift) if gguf else []
     merged = merged or bool(gguf)  # GGUF is written from the merged model (so --gguf takes --onto too)
     if onto is not None and onto not in ONTO:
         raise UserError(f"--onto: {onto!r} is not a merge target; give one of {', '.join(ONTO)}")
@@ -552,15 +674,34 @@ def export(
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
         raise UserError(f"--tolerance: {tolerance} is not a tolerance; give a finite number of 0 or more, e.g. 1e-4")
     run = open_run(run_dir).unpacked()  # the fidelity samples one per row, as plain transformers gets them
+    dtype = dtype or default_dtype(run)
     out = Path(out).expanduser().resolve() if out else run.root / EXPORT
     check_out(run.root, out)
     if gguf:
+        from .gguf_export import check_quantizer
         from .gguf_write import check_ready
 
         check_ready(run.plan.config.to_dict(), run.recipe.task)
+        check_quantizer(gguf_types)
     with staged(out) as staging:
         report = _write(
-            run, staging, out, merged, onto or "dequantized", dtype, samples, tolerance, shard_size, log, gguf
+            run,
+            staging,
+            out,
+            merged,
+            onto or "dequantized",
+            dtype,
+            samples,
+            tolerance,
+            shard_size,
+            log,
+            gguf_types,
+            max_drift,
+        )
+    if report.get("gguf") and not report["gguf"]["passed"]:
+        failed = report["gguf"]["problems"]
+        raise ServingParityError(
+            f"the GGUF export failed its serving check: {failed[0]}{f' (and {len(failed) - 1} more)' if len(failed) > 1 else ''}; the files are kept for inspection in {out / 'gguf'}, marked failed ({PARITY_FAILED}, fidelity.json passed: false), and push refuses them"
         )
     log(f"exported: {out}")
     hub = run.recipe.hub
@@ -569,6 +710,13 @@ def export(
 
         push(out, hub.repo_id, private=hub.private, revision=hub.revision, log=log)
     return report
+
+
+def default_dtype(run: FinishedRun) -> ExportDtype:
+    """The export's dtype when --dtype is not given: bf16 where the base's config is bf16, else fp16 (16 bits, as the
+    peers write; fp32 doubles the size for a difference the fidelity report shows to be rounding)."""
+    dtype = getattr(run.plan.config, "dtype", None) or getattr(run.plan.config, "torch_dtype", None)
+    return "bf16" if str(dtype).removeprefix("torch.") == "bfloat16" else "fp16"
 
 
 def _write(
@@ -582,19 +730,21 @@ def _write(
     tolerance: float | None,
     max_shard_size: int,
     log,
-    gguf: str | None = None,
+    gguf: list[str] | tuple[str, ...] = (),
+    max_drift: float | None = None,
 ) -> dict:
     """Write the export into `staging`; raises FidelityError (nothing is then kept) when a check fails."""
     folder = ExportDir(staging)
     folder.mark(run.root)  # first
     merged_dir, adapter_dir = folder.merged, folder.adapter
     atol, rtol = TOLERANCE[dtype]
-    batch, held_out = _fidelity_batch(run, samples)
+    batch, held = _fidelity_batch(run, samples)
     report: dict = {
         "run_dir": str(run.root),
         "dtype": dtype,
         "samples": len(batch["input_ids"]),
-        "held_out": held_out,
+        "held_out": held == len(batch["input_ids"]),
+        "train_samples": len(batch["input_ids"]) - held,
         "models": {
             "a": f"{run.recipe.quant.mode} base + adapter, as trained",
             "b": f"unquantized {dtype} base + adapter, unmerged",
@@ -612,8 +762,21 @@ def _write(
             in_memory, weight_bytes = _merge_both(run, trained, model_b, batch, dtype, onto, merged_dir, max_shard_size)
         del model_b
     del trained
-    tol = tolerance if tolerance is not None else atol + rtol * outputs["b"].logits.abs().max().item()
+    scale = outputs["b"].logits.abs().max().item()
+    # the rounding of the trained model to `dtype`: (d), the weights as trained in `dtype`, unmerged, vs (a)
+    rounding = (in_memory["d"].logits - outputs["a"].logits).abs().max().item() if merged else 0.0
+    tol = tolerance if tolerance is not None else atol + rtol * scale + ROUNDING_MARGIN * rounding
     report["tolerance"] = tol
+    report["tolerance_rule"] = (
+        "set with --tolerance"
+        if tolerance is not None
+        else f"{atol:g} + {rtol:g} x max |logit| ({scale:.3g})"
+        + (
+            f" + {ROUNDING_MARGIN} x the {dtype} rounding of the trained model (max |d - a| {rounding:.3g})"
+            if merged
+            else ""
+        )
+    )
     report["pairs"] = {"a_vs_b": compare(outputs["a"], outputs["b"])}
     report["perplexity"] = {k: perplexity(v) for k, v in outputs.items()}
 
@@ -621,9 +784,15 @@ def _write(
     loads: dict[str, tuple[str, str | None]] = {"adapter": (run.plan.source.path, str(adapter_dir))}
     if merged:
         loads["merged"] = (str(merged_dir), None)
-    plain = load_plain(run, batch, loads, dtype)
+    quantized = run.recipe.quant.mode != "none" and run.recipe.task == "causal_lm"
+    if quantized:  # the card's first snippet: the base in 4-bit exactly as trained + the adapter
+        loads["adapter_4bit"] = loads["adapter"]
+    plain = load_plain(run, batch, loads, dtype, quantized=("adapter_4bit",))
     reload, result = plain["adapter"]
     report["loaded_plain"] = {"adapter": {"vs_b": compare(outputs["b"], reload), **result}}
+    if quantized:
+        reload4, result4 = plain["adapter_4bit"]
+        report["loaded_plain"]["adapter_4bit"] = {"vs_a": compare(outputs["a"], reload4), **result4}
     problems = []
     if report["loaded_plain"]["adapter"]["vs_b"]["max_abs_logit_diff"] > tol:
         problems.append(
@@ -636,38 +805,62 @@ def _write(
         memory["shards"] = len(list(merged_dir.glob("*.safetensors")))
         report["merged_export"] = memory
 
-    if gguf:
-        from .gguf_export import export_gguf
+    serving: list[str] = []
+    if gguf and not problems:  # the merge checks first: a GGUF of a merge that failed them is not worth serving
+        from .gguf_export import export_ggufs
 
-        ids, masks = batch["input_ids"][:4].tolist(), batch["attention_mask"][:4].tolist()
-        prompts = [[t for t, m in zip(row, mask) if m] for row, mask in zip(ids, masks)]  # a few samples, unpadded
-        report["gguf"] = export_gguf(merged_dir, folder.gguf, run.root.name, gguf, prompts, log)
-        problems += report["gguf"].get("problems", [])
+        report["gguf"] = export_ggufs(run, merged_dir, folder.gguf, list(gguf), max_drift, batch, outputs["a"], log)
+        conversion = report["gguf"]["conversion"].get("problems", [])
+        problems += conversion  # the f16 file is not the merged model: nothing is kept
+        serving = [p for p in report["gguf"]["problems"] if p not in conversion]
 
     adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     report["serving_warnings"] = serving_warnings(adapter_config)
-    report["passed"] = not problems
-    report["problems"] = problems
+    report["passed"] = not problems and not serving
+    report["problems"] = problems + serving
     log(format_report(report))
     for w in report["serving_warnings"]:
         log(f"serving warning: {w}")
     if problems:  # an export that failed its check is not written at all, so it cannot be shipped by mistake
         kept = "the earlier export there is unchanged" if out.exists() else "nothing was written"
-        raise FidelityError("; ".join(problems) + f"; {kept} ({out}); the report is printed above")
+        options = (
+            "--tolerance X sets the bound"
+            if tolerance is not None
+            else f"tolerance = {report['tolerance_rule']}; --dtype fp32 merges without rounding, --tolerance X sets the bound"
+        )
+        raise FidelityError("; ".join(problems) + f" ({options}); {kept} ({out}); the report is printed above")
     folder.write_fidelity(FidelityReport.from_json(report))
+    if serving:  # kept for inspection, marked: fidelity.json `passed` false, this file, the cards; push refuses it
+        (folder.gguf / PARITY_FAILED).write_text("\n".join(serving) + "\n")
 
     card = run.dir.render_card(run.checked.labels)  # the run's own card (adapter/README.md), with the export's sections
     sections = _card_sections(report)
-    folder.write_cards(card + "\n" + sections, _merged_card(card, run.recipe.task, sections) if merged else None)
+    snippets = use_it(run, report, merged)
+    folder.write_cards(
+        _with_use_it(card, snippets) + "\n" + sections,
+        _with_use_it(_merged_card(card, run.recipe.task, sections), snippets) if merged else None,
+    )
     return report
 
 
-def _fidelity_batch(run: FinishedRun, samples: int) -> tuple[dict[str, torch.Tensor], bool]:
-    """The first `samples` rows of the eval split (held out: True), or of the train split when the run has none."""
+def _fidelity_batch(run: FinishedRun, samples: int) -> tuple[dict[str, torch.Tensor], int]:
+    """At least `samples` rows and (causal LMs) MIN_POSITIONS tokens, at most MAX_SAMPLES rows: the eval split's
+    first rows, then train rows when it is too small or missing; and how many of them are held out."""
     bundle = run.bundle()
-    held_out = bundle.eval is not None
-    data = bundle.eval if bundle.eval is not None else bundle.train
-    return run.collate([data[i] for i in range(min(samples, len(data)))]), held_out
+    enough = MIN_POSITIONS if run.recipe.task == "causal_lm" else 0
+    chosen: list[dict] = []
+    held = seen = 0
+    for data, held_out in ((bundle.eval, True), (bundle.train, False)):
+        if data is None:
+            continue
+        for i in range(len(data)):
+            if (len(chosen) >= samples and seen >= enough) or len(chosen) >= max(samples, MAX_SAMPLES):
+                break
+            item = data[i]
+            chosen.append(item)
+            held += held_out
+            seen += len(item["input_ids"])
+    return run.collate(chosen), held
 
 
 def _merge_both(
@@ -714,7 +907,9 @@ def _report_merge(
     check = f"{source}_vs_c"
     report["pairs"][check] = compare(outputs[source], outputs["c"])
     report["pairs"]["a_vs_c"] = compare(outputs["a"], outputs["c"])
-    report["merge_onto"] = _onto_report(run, onto, outputs, in_memory, report["held_out"], report["samples"])
+    report["merge_onto"] = _onto_report(
+        run, onto, outputs, in_memory, report["held_out"], report["samples"], report.get("train_samples", 0)
+    )
     diff = report["pairs"][check]["max_abs_logit_diff"]
     if diff > tol:
         return [
@@ -730,6 +925,7 @@ def _onto_report(
     in_memory: dict[str, Outputs],
     held_out: bool,
     samples: int,
+    train_samples: int | None = None,
 ) -> dict:
     """Both merges against the model as trained (a): distance, agreement, loss; which one was exported and why."""
     agreement = "label_agreement" if run.recipe.task == "classification" else "greedy_agreement"
@@ -744,11 +940,7 @@ def _onto_report(
             "perplexity": perplexity(merged),
             "measured_on": "the export, loaded back" if mode == onto else "the merge in memory (not exported)",
         }
-    data = (
-        f"{samples} samples of the eval split (held out)"
-        if held_out
-        else f"{samples} train rows (the run has no eval split: not held out)"
-    )
+    data = samples_words(samples, (0 if held_out else samples) if train_samples is None else train_samples)
     return {
         "exported": onto,
         "why": _why(onto, merges, samples, "held-out" if held_out else "train"),
@@ -780,7 +972,7 @@ def _why(onto: MergeOnto, merges: dict, samples: int, data: str) -> str:
 
 def format_report(report: dict) -> str:
     lines = [
-        f"fidelity on {report['samples']} {'held-out' if report['held_out'] else 'train'} samples ({report['positions']} positions), tolerance {report['tolerance']:.3g}:"
+        f"fidelity on {samples_words(report['samples'], report.get('train_samples', 0))} ({report['positions']} positions), tolerance {report['tolerance']:.3g} ({report.get('tolerance_rule', '')}):"
     ]
     for key, desc in report["models"].items():
         lines.append(f"  ({key}) {desc}: perplexity {report['perplexity'][key]:.4f}")
@@ -792,6 +984,11 @@ def format_report(report: dict) -> str:
         )
     adapter = report["loaded_plain"]["adapter"]["vs_b"]
     lines.append(f"  adapter loaded with plain peft vs (b): max |logit diff| {adapter['max_abs_logit_diff']:.3g}")
+    if "adapter_4bit" in report["loaded_plain"]:
+        m = report["loaded_plain"]["adapter_4bit"]["vs_a"]
+        lines.append(
+            f"  adapter on the base quantized as trained, loaded with plain transformers + peft, vs (a): max |logit diff| {m['max_abs_logit_diff']:.3g}, greedy agreement {m['greedy_agreement']:.4f}"
+        )
     if "merge_onto" in report:
         onto = report["merge_onto"]
         lines.append(f"  merged onto the {onto['exported']} weights: {onto['why']}")
@@ -807,7 +1004,8 @@ def format_report(report: dict) -> str:
             f"  merged export: {m['weights_mb']} MB of weights in {m['shards']} shard(s), peak memory {m['peak_memory_mb']} MB ({m['peak_memory_kind']})"
         )
     if "gguf" in report:
-        from .gguf_export import report_line
+        from .gguf_export import report_line, serving_line
 
-        lines.append(report_line(report["gguf"]))
+        lines.append(report_line(report["gguf"]["conversion"]))
+        lines += [serving_line(f) for f in report["gguf"]["files"] if "prompts" in f or f.get("problems")]
     return "\n".join(lines)

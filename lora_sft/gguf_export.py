@@ -57,6 +57,52 @@ OLLAMA_TEMPLATES = {
 }
 
 
+# How each family's Go TEMPLATE above renders a chat, in Python (checked against the trained prompt by the serving
+# check): the system turn (Ollama's .System: the chat's system message, else the Modelfile's SYSTEM), every other
+# message, then the assistant's opening.
+OLLAMA_TURNS = {
+    "chatml": (
+        "<|im_start|>system\n{}<|im_end|>\n",
+        "<|im_start|>{role}\n{content}<|im_end|>\n",
+        "<|im_start|>assistant\n",
+    ),
+    "llama3": (
+        "<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>",
+        "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
+}
+
+
+def ollama_prompt(family: str | None, default_system: str | None, messages: list[dict]) -> str | None:
+    """The prompt Ollama builds from `messages` with the Modelfile's TEMPLATE and SYSTEM (None where lora_sft writes
+    no TEMPLATE, or for a family whose turns are not plain open/close pairs)."""
+    if family not in OLLAMA_TURNS:
+        return None
+    system_turn, turn, opening = OLLAMA_TURNS[family]
+    system = next((m["content"] for m in messages if m["role"] == "system"), default_system)
+    text = system_turn.format(system) if system else ""
+    text += "".join(turn.format(role=m["role"], content=m["content"]) for m in messages if m["role"] != "system")
+    return text + opening
+
+
+def default_system(tokenizer) -> str | None:
+    """The system prompt the chat template inserts when a chat has none (SmolLM2's, Qwen2.5's): it goes into the
+    Modelfile as SYSTEM, or Ollama's prompt would lack what training had."""
+    family = template_family(tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None)
+    if family not in OLLAMA_TURNS:
+        return None
+    probe = "\x01probe\x01"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": probe}], tokenize=False, add_generation_prompt=True
+    )
+    head, _, tail = OLLAMA_TURNS[family][0].partition("{}")
+    start = text.find(head)
+    if start < 0 or start > text.find(probe):
+        return None
+    return text[start + len(head) : text.index(tail, start + len(head))]
+
+
 def template_family(chat_template: str | None) -> str | None:
     """chatml, llama3 or mistral from the markers a chat template writes; None for any other (or none)."""
     text = chat_template or ""
@@ -69,8 +115,9 @@ def template_family(chat_template: str | None) -> str | None:
     return None
 
 
-def modelfile(gguf_file: str, chat_template: str | None, eos_token: str | None) -> str:
-    """An Ollama Modelfile: FROM the GGUF beside it, stop tokens, and a TEMPLATE for a known family."""
+def modelfile(gguf_file: str, chat_template: str | None, eos_token: str | None, system: str | None = None) -> str:
+    """An Ollama Modelfile: FROM the GGUF beside it, stop tokens, a TEMPLATE for a known family and, where the chat
+    template inserts a default system prompt, that prompt as SYSTEM."""
     family = template_family(chat_template)
     lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_file}", ""]
     stops = list(OLLAMA_TEMPLATES[family][1]) if family else []
@@ -79,6 +126,8 @@ def modelfile(gguf_file: str, chat_template: str | None, eos_token: str | None) 
     if family:
         template = OLLAMA_TEMPLATES[family][0].replace("{{ EOS }}", eos_token or "")
         lines += [f"# the {family} chat template, as the model was trained with", f'TEMPLATE """{template}"""', ""]
+        if system:
+            lines += ["# the system prompt the chat template gives a chat that has none", f'SYSTEM """{system}"""', ""]
     else:
         lines += [
             "# no TEMPLATE: this chat template is not a chatml, llama3 or mistral one; Ollama renders chats",
@@ -89,13 +138,13 @@ def modelfile(gguf_file: str, chat_template: str | None, eos_token: str | None) 
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(merged: Path, out_dir: Path, gguf_path: Path) -> Path:
+def write_modelfile(merged: Path, out_dir: Path, gguf_path: Path, name: str = "Modelfile") -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    path = out_dir / "Modelfile"
-    path.write_text(modelfile(gguf_path.name, template, tokenizer.eos_token))
+    path = out_dir / name
+    path.write_text(modelfile(gguf_path.name, template, tokenizer.eos_token, default_system(tokenizer)))
     return path
 
 
@@ -286,22 +335,43 @@ def report_line(entry: dict) -> str:
     )
 
 
-def card_section(entry: dict, folder: str = "gguf") -> str:
-    """The model card's lines for the GGUF: the files and the commands to run them."""
-    name = Path(entry["file"]).stem
-    lines = [
-        "## Run it on your laptop (GGUF)",
-        "",
-        f"- `{folder}/{entry['file']}` ({entry['size_mb']} MB): llama.cpp, LM Studio, Ollama",
-        f"- `{folder}/Modelfile`: for Ollama",
+def card_section(gguf: dict, folder: str = "gguf") -> str:
+    """The model card's lines for the GGUF files: the files, the commands to run them, the conversion check and the
+    serving parity table."""
+    files, conversion = gguf["files"], gguf["conversion"]
+    first = files[0]
+    name = Path(first["file"]).stem
+    lines = ["## Run it on your laptop (GGUF)", ""]
+    for f in files:
+        lines.append(
+            f"- `{folder}/{f['file']}` ({f['size_mb']} MB): llama.cpp, LM Studio, Ollama (`{folder}/{f['modelfile']}`)"
+        )
+    lines += [
         "",
         "```sh",
-        f"llama-cli -m {folder}/{entry['file']} -cnv",
-        f"cd {folder} && ollama create {name} -f Modelfile && ollama run {name}",
+        f"llama-cli -m {folder}/{first['file']} -cnv",
+        f"cd {folder} && ollama create {name} -f {first['modelfile']} && ollama run {name}",
         "```",
         "",
     ]
-    if entry.get("checked"):
+    served = [f for f in files if "drift" in f]
+    if served:
+        metric = next(iter(served[0]["metrics"]), None)
+        lines += [
+            f"Served by llama.cpp (llama-cpp-python {served[0]['llama_cpp_python']}, greedy) on {served[0]['prompts']} held-out prompts, against the model as trained:",
+            "",
+            f"| file | parity | prompt tokens as trained | stops | greedy text as trained | {metric or 'metric'} (trained) | mean KL | perplexity change |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for f in served:
+            value = f"{f['metrics'][metric]:.3f} ({f['trained_metrics'][metric]:.3f})" if metric else ""
+            lines.append(
+                f"| {f['file']} | {'passed' if f['passed'] else 'FAILED'} | {f['template_identical']}/{f['prompts']} | {f['stopped']}/{f['prompts']} | "
+                f"{f['generation_identical']}/{f['prompts']} | {value} | {f['drift']['mean_kl']:.3g} | {f['drift']['perplexity_change']:+.3g} |"
+            )
+        lines.append("")
+    entry = conversion
+    if entry.get("checked") and "max_abs_logit_diff" in entry:
         lines.append(
             f"Loaded with llama.cpp (llama-cpp-python {entry['llama_cpp_python']}): max |logit diff| {entry['max_abs_logit_diff']:.3g} "
             f"(max |logit| {entry['max_abs_logit']:.3g}), next-token agreement {entry['greedy_agreement']:.4f}, "
@@ -311,3 +381,172 @@ def card_section(entry: dict, folder: str = "gguf") -> str:
     else:
         lines.append(f"Not load-checked: {entry['why']}.")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- quant types, the serving check, auto
+
+# The types `--gguf-type` takes, largest first. f16 and bf16 are written by gguf_write; the others by llama.cpp's own
+# quantizer (llama-cpp-python's llama_model_quantize binding) from the f16 (bf16 for a bf16 export) file.
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
+QUANTIZED = {
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+}
+AUTO = ("q4_k_m", "q5_k_m", "q6_k", "q8_0")  # --gguf-type auto tries these, smallest first, then the 16-bit file
+# held-out prompts of the serving check: the recipe's eval.generate, at most PARITY_PROMPTS (16 when it is 0); each
+# costs about a second per GGUF type in llama.cpp on 2 CPU cores (SmolLM2-135M, 48 new tokens)
+PARITY_PROMPTS = 32
+
+
+def parse_types(text: str, max_drift: float | None) -> list[str]:
+    """`--gguf-type`: comma-separated types, or ["auto"] (which needs --max-drift); one-line refusals."""
+    from .errors import UserError
+
+    wanted = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if wanted == ["auto"]:
+        if max_drift is None:
+            raise UserError(
+                "--gguf-type auto: picks the smallest GGUF within a drift budget; give it with --max-drift X (mean KL to the model as trained, e.g. 0.05)"
+            )
+        return wanted
+    odd = [t for t in wanted if t not in GGUF_TYPES]
+    if odd or not wanted:
+        raise UserError(
+            f"--gguf-type: {', '.join(odd) or repr(text)} is not a GGUF type; give one or more of {', '.join(GGUF_TYPES)} (comma-separated), or auto with --max-drift"
+        )
+    return list(dict.fromkeys(wanted))
+
+
+def check_quantizer(types: list[str]) -> None:
+    """Refuse, before anything is written, a type that needs llama.cpp's quantizer when llama-cpp-python is missing."""
+    import importlib.util
+
+    from .errors import UserError
+
+    need = [t for t in types if t in QUANTIZED or t == "auto"]
+    if need and importlib.util.find_spec("llama_cpp") is None:
+        raise UserError(
+            f"--gguf-type {','.join(need)}: quantizing uses llama.cpp's own quantizer from llama-cpp-python, which is not installed; {INSTALL} (f16 and bf16 need only gguf)"
+        )
+
+
+def quantize(source: Path, target: Path, gguf_type: str) -> None:
+    """`source` (an f16 or bf16 GGUF) quantized to `gguf_type` by llama.cpp, in a child interpreter (native code)."""
+    import subprocess
+    import sys
+
+    from .errors import RunError
+
+    code = (
+        "import ctypes, os, sys, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
+        "p.ftype = getattr(llama_cpp, sys.argv[3]); p.nthread = os.cpu_count() or 1; "
+        "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(source), str(target), QUANTIZED[gguf_type]], capture_output=True, text=True
+    )
+    if proc.returncode != 0 or not target.is_file():
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise RunError(f"llama.cpp could not quantize {source.name} to {gguf_type}: {last}")
+
+
+def export_ggufs(
+    run, merged: Path, out_dir: Path, types: list[str], max_drift: float | None, batch: dict, trained, log=print
+) -> dict:
+    """The GGUF files `types` asks for (or, auto, the smallest within `max_drift`), each checked for serving parity
+    (gguf_serving) against the model as trained (`trained`: its outputs on the fidelity `batch`); the fidelity
+    report's `gguf` entry. The 16-bit file is written first and load-checked against the merged folder (`check`)."""
+    from . import gguf_serving
+    from .errors import UserError
+    from .evaluation import generator
+    from .gguf_write import file_name
+
+    config = json.loads((merged / "config.json").read_text())
+    base_type = "bf16" if config.get("dtype", config.get("torch_dtype")) == "bfloat16" else "f16"
+    auto = types == ["auto"]
+    ids, masks = batch["input_ids"].tolist(), batch["attention_mask"].tolist()
+    rows = [[t for t, m in zip(row, mask) if m] for row, mask in zip(ids, masks)]  # the samples, unpadded
+    base_path = write(merged, out_dir, run.root.name, base_type, log)
+    conversion = {"file": base_path.name, "size_mb": round(base_path.stat().st_size / 2**20, 1)} | check(
+        base_path, merged, base_type, rows[:4]
+    )
+    entry: dict[str, Any] = {"conversion": conversion, "files": [], "max_drift": max_drift}
+    problems = list(conversion.get("problems", []))
+    if not conversion.get("checked"):  # no llama-cpp-python: f16/bf16 written, nothing served
+        write_modelfile(merged, out_dir, base_path)
+        entry["files"].append(
+            {"type": base_type, "file": base_path.name, "size_mb": conversion["size_mb"], "modelfile": "Modelfile"}
+        )
+        return entry | {"passed": not problems, "problems": problems}
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    family = template_family(tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None)
+    system = default_system(tokenizer)
+    bundle = run.bundle()
+    data = bundle.eval if bundle.eval is not None else bundle.train
+    model, how = generator(run, run.model(), [data[i] for i in range(min(4, len(data)))])
+    count = min(run.recipe.eval.generate, PARITY_PROMPTS) or 16
+    log(f"gguf serving check: {count} held-out prompts, references generated with {how['model']}")
+    prompts = gguf_serving.prompts(run, model, count, lambda chat: ollama_prompt(family, system, chat))
+    del model
+    candidates = [*AUTO, base_type] if auto else types
+    for gguf_type in candidates:
+        path = base_path if gguf_type == base_type else out_dir / file_name(run.root.name, gguf_type)
+        if gguf_type != base_type:
+            quantize(base_path, path, gguf_type)
+        served = gguf_serving.serve(path, prompts, rows)
+        if isinstance(served, str):
+            result = {"type": gguf_type, "file": path.name, "passed": False, "problems": [served]}
+        else:
+            drift = gguf_serving.drift(trained, served[1])
+            result = {"type": gguf_type, "file": path.name} | gguf_serving.verdict(
+                run, gguf_type, prompts, served[0], drift, max_drift
+            )
+        result["size_mb"] = round(path.stat().st_size / 2**20, 1)
+        log(serving_line(result))
+        entry["files"].append(result)
+        if auto and result["passed"]:
+            break
+    if auto:
+        chosen = next((f for f in entry["files"] if f["passed"]), None)
+        if chosen is None:
+            measured = [f for f in entry["files"] if "drift" in f]
+            closest = min(measured, key=lambda f: f["drift"]["mean_kl"]) if measured else None
+            near = (
+                f"; closest: {closest['type']} at mean KL {closest['drift']['mean_kl']:.3g}{'' if not closest['problems'] or 'max-drift' in closest['problems'][0] else ' (' + closest['problems'][0] + ')'}"
+                if closest
+                else ""
+            )
+            raise UserError(
+                f"--gguf-type auto --max-drift {max_drift:g}: no GGUF type ({', '.join(candidates)}) stays within the budget and passes the serving check{near}; raise --max-drift or export f16"
+            )
+        for f in entry["files"]:
+            if f is not chosen:
+                (out_dir / f["file"]).unlink(missing_ok=True)
+        entry["files"], entry["chosen"] = [chosen], chosen["type"]
+    elif base_type not in types:
+        base_path.unlink()  # the intermediate of the quantized files
+    for i, f in enumerate(entry["files"]):
+        f["modelfile"] = "Modelfile" if i == 0 else f"Modelfile.{f['type']}"
+        write_modelfile(merged, out_dir, out_dir / f["file"], f["modelfile"])
+        problems += f["problems"]
+    return entry | {"passed": not problems, "problems": problems, "template_family": family, "default_system": system}
+
+
+def serving_line(f: dict) -> str:
+    """One printed line per GGUF: the parity verdict, the task metric, the drift."""
+    if "drift" not in f:
+        return f"  gguf {f['file']}: {'; '.join(f['problems'])}"
+    d, metrics = f["drift"], ", ".join(f"{k} {v:.3f}" for k, v in f["metrics"].items())
+    trained = ", ".join(f"{v:.3f}" for v in f["trained_metrics"].values())
+    return (
+        f"  gguf {f['file']} ({f['size_mb']} MB) served by llama.cpp: {'PASSED' if f['passed'] else 'FAILED'}; "
+        f"prompt tokens = trained on {f['template_identical']}/{f['prompts']}"
+        + (f" (Ollama template {f['ollama_template_identical']}/{f['ollama_prompts']})" if f["ollama_prompts"] else "")
+        + f", stops {f['stopped']}/{f['prompts']} (trained {f['trained_stopped']}), greedy text = trained {f['generation_identical']}/{f['prompts']}, "
+        f"{metrics} (trained {trained}), mean KL {d['mean_kl']:.3g}, perplexity change {d['perplexity_change']:+.3g}, next-token agreement {d['greedy_agreement']:.3f}"
+    )

@@ -61,6 +61,18 @@ def check_ready(repo_id: str, where: str, upload: bool = True) -> None:
         raise UserError(f"{where}: no hub token; set HF_TOKEN or run `hf auth login`")
 
 
+def refuse_failed_export(root: Path) -> None:
+    """An export whose check failed (kept for inspection: fidelity.json `passed` false) is never uploaded."""
+    import json
+
+    for report in (root / "fidelity.json", root / "export" / "fidelity.json"):
+        if report.is_file() and json.loads(report.read_text()).get("passed") is False:
+            first = (json.loads(report.read_text()).get("problems") or ["a check failed"])[0]
+            raise UserError(
+                f"{report}: this export failed its checks ({first}) and was kept only for inspection; fix the cause and export again before pushing"
+            )
+
+
 def push(
     folder: str | Path,
     repo_id: str,
@@ -74,6 +86,7 @@ def push(
     if not root.is_dir():
         raise UserError(f"{folder}: no such folder; push a run directory, its adapter/ or an export folder")
     check_ready(repo_id, "--repo-id", upload=not dry_run)
+    refuse_failed_export(root)
     files = files_to_push(root)
     if not files:
         raise UserError(f"{folder}: nothing to push (no files)")

@@ -306,6 +306,8 @@ class FidelityReport(Record):
     serving_warnings: list[str]
     passed: bool
     problems: list[str]
+    train_samples: int = 0  # of `samples`, the train rows (no eval split, or one too small for MIN_POSITIONS)
+    tolerance_rule: str = ""  # how `tolerance` was set
     merged_export: dict[str, Any] | None = None
     merge_onto: dict[str, Any] | None = None  # --merged: both merges (dequantized, original) against the trained model
     gguf: dict[str, Any] | None = None  # the GGUF file and its llama.cpp load check (gguf_export.check)

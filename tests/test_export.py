@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lora_sft.cli import main
-from lora_sft.export import Outputs, compare, serving_warnings
+from lora_sft.export import Outputs, _fidelity_batch, compare, samples_words, serving_warnings
 from lora_sft.rundir import open_run
 
 
@@ -37,7 +37,11 @@ def exported(tiny_run, tmp_path_factory):
 def test_merged_export_is_the_trained_model_and_reports_the_quantization_gap(exported):
     _, out, printed = exported
     report = json.loads((out / "fidelity.json").read_text())
-    assert report["passed"] and report["held_out"] and report["samples"] == 8
+    # at least --samples (8) rows and 512 scored tokens: the tiny eval split, then train rows (marked)
+    eval_rows = len(open_run(report["run_dir"]).bundle().eval)
+    assert report["passed"] and report["positions"] >= 512 and report["samples"] >= 8
+    assert report["samples"] - report["train_samples"] == min(report["samples"], eval_rows)
+    assert report["held_out"] == (report["train_samples"] == 0)
     d_c, a_c, a_b = report["pairs"]["d_vs_c"], report["pairs"]["a_vs_c"], report["pairs"]["a_vs_b"]
     assert "b_vs_c" not in report["pairs"]  # merged onto the dequantized weights (d), the default, not onto (b)
     # fp32 rounding of W + BA vs W x + B(A x): the export's own bound, 1e-4 + 1e-5 * max |logit|
@@ -49,7 +53,9 @@ def test_merged_export_is_the_trained_model_and_reports_the_quantization_gap(exp
     # the 4-bit model as trained is not the unquantized one: the gap is measured and shown, not hidden
     assert a_b["max_abs_logit_diff"] > 1e-2 and a_b["mean_kl"] > 0 and set(a_b) == set(a_c)
     onto = report["merge_onto"]
-    assert onto["exported"] == "dequantized" and onto["data"] == "8 samples of the eval split (held out)"
+    assert onto["exported"] == "dequantized" and onto["data"] == samples_words(
+        report["samples"], report["train_samples"]
+    )
     assert onto["dequantized"]["max_abs_logit_diff"] == a_c["max_abs_logit_diff"]
     assert onto["original"]["max_abs_logit_diff"] > 1e-2 and onto["original"]["greedy_agreement"] < 1.0
     assert report["loaded_plain"]["adapter"]["vs_b"]["max_abs_logit_diff"] <= 1e-5
@@ -130,7 +136,7 @@ def test_merge_report_losses_equal_an_independent_computation(exported):
     run_dir, out, _ = exported
     onto = json.loads((out / "fidelity.json").read_text())["merge_onto"]
     run = open_run(run_dir).unpacked()
-    batch = run.collate(list(run.bundle().eval.select(range(8))))
+    batch, _ = _fidelity_batch(run, 8)  # the report's samples
     models = {
         "trained": run.model(),
         "dequantized": AutoModelForCausalLM.from_pretrained(out / "merged"),
@@ -159,7 +165,7 @@ def test_export_fails_when_the_merge_changes_the_model(exported, tmp_path, capsy
         (tmp_path / "new" / "export", "nothing was written", [], "d"),
         (previous, "the earlier export there is unchanged", ["--onto", "original"], "b"),
     ):
-        args = ["export", str(run_dir), "--merged", *onto, "--samples", "2", "--tolerance", "1e-9", "--out", str(out)]
+        args = ["export", str(run_dir), "--merged", "--dtype", "fp32", *onto, "--tolerance", "1e-9", "--out", str(out)]
         assert main(args) == 1
         captured = capsys.readouterr()
         err = [line for line in captured.err.splitlines() if line.startswith("error:")]
