@@ -300,6 +300,8 @@ def load_plain(
                     "quantization": quantization_config(run.recipe.quant, run.plan.heads).to_dict()  # type: ignore[union-attr]
                     if name in quantized
                     else None,
+                    # bitsandbytes' CPU path dequantizes every layer for every generated token: its logits suffice
+                    "generate": name not in quantized,
                     "out": str(tmp / name),
                 }
                 for name, (m, a) in loads.items()

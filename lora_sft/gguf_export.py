@@ -527,6 +527,8 @@ def export_ggufs(
         for f in entry["files"]:
             if f is not chosen:
                 (out_dir / f["file"]).unlink(missing_ok=True)
+        if chosen["type"] != base_type:
+            base_path.unlink()  # the 16-bit intermediate, not tried once a smaller type passed
         entry["files"], entry["chosen"] = [chosen], chosen["type"]
     elif base_type not in types:
         base_path.unlink()  # the intermediate of the quantized files

@@ -320,11 +320,14 @@ def materialize(gguf: GGUFFile, folder: Path) -> None:
         return
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, gguf.weights_dtype())
+    # the config `prepare` wrote: transformers would otherwise parse the GGUF's metadata once more for it (10 of
+    # the 26 s this takes for SmolLM2-135M on 2 cores)
+    config = AutoConfig.from_pretrained(folder)
     with _quiet():
-        model = AutoModelForCausalLM.from_pretrained(gguf.path.parent, gguf_file=gguf.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(gguf.path.parent, gguf_file=gguf.name, dtype=dtype, config=config)
     state = model.state_dict()
     tied = {t for t in (getattr(model, "all_tied_weights_keys", None) or {}) if t in state}
     tensors = {k: v.contiguous() for k, v in state.items() if k not in tied}  # a tied copy is the same tensor

@@ -7,7 +7,7 @@ attention_mask), prompts (token id lists to generate from), max_new_tokens, and 
 {model (folder or hub id), adapter (folder or null), resize_to (embedding rows the adapter's added tokens
 need, or null), config_overrides (a classification base's
 num_labels, id2label, label2id), quantization (a BitsAndBytesConfig as a dict: the base loaded in 4-bit as
-trained, or null), out (folder for logits.safetensors and result.json)}. The logits are saved at the unpadded
+trained, or null), generate (false: logits only), out (folder for logits.safetensors and result.json)}. The logits are saved at the unpadded
 positions only (causal LMs: a 49k vocabulary makes every position 200 KB), computed ROWS rows at a time.
 """
 
@@ -57,7 +57,7 @@ def load_and_run(job: dict[str, Any], load: dict[str, Any], inputs: dict[str, to
             result["predicted"] = logits.argmax(-1).tolist()
         else:
             result["generated"] = []
-            for ids in job.get("prompts", []):
+            for ids in job.get("prompts", []) if load.get("generate", True) else []:
                 prompt = torch.tensor([ids], device=device)
                 new = model.generate(
                     input_ids=prompt,

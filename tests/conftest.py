@@ -22,11 +22,11 @@ os.environ.setdefault(
 os.environ.setdefault("LORA_SFT_CACHE", tempfile.mkdtemp(prefix="lora_sft-cache-"))
 
 # what a test does: see [tool.pytest.ini_options] markers in pyproject.toml
-KINDS = ("unit", "e2e", "launch", "gpu", "gguf")
+KINDS = ("unit", "e2e", "launch", "gpu", "gguf", "real_model")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test says what it does with exactly one of the markers unit / e2e / launch / gpu / gguf; gpu tests skip without CUDA."""
+    """Every test says what it does with exactly one of the markers unit / e2e / launch / gpu / gguf / real_model; gpu tests skip without CUDA."""
     wrong = [
         f"{item.nodeid} ({', '.join(kinds) or 'none'})"
         for item in items

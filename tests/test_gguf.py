@@ -208,6 +208,32 @@ def test_push_uploads_the_gguf_and_modelfile_with_the_export(exported, tmp_path)
 
 
 @pytest.mark.gguf
+def test_a_gguf_that_fails_its_serving_check_is_kept_marked_and_never_pushed(exported, tmp_path, capsys):
+    """A budget the file cannot meet (--max-drift 1e-12: the f16 file's rounding alone is above it) fails the serving
+    check: exit 2 in one line, the files kept for inspection and marked failed, and push refuses the folder."""
+    run_dir, _, hub, _ = exported
+    out = tmp_path / "failed"
+    assert main(["export", str(run_dir), "--gguf-type", "f16", "--max-drift", "1e-12", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the GGUF export failed its serving check: f16: mean KL "), err
+    assert f"the files are kept for inspection in {out / 'gguf'}, marked failed" in err[0]
+    assert (out / "gguf" / "run-f16.gguf").is_file() and (out / "gguf" / "Modelfile").is_file()
+    assert "is above --max-drift 1e-12" in (out / "gguf" / "PARITY-FAILED.txt").read_text()
+    report = json.loads((out / "fidelity.json").read_text())
+    assert report["passed"] is False and not report["gguf"]["files"][0]["passed"]
+    assert "| run-f16.gguf | FAILED |" in (out / "merged" / "README.md").read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_sft", "push", str(out), "--repo-id", "me/failed"],
+        env=hub_env(hub.url, tmp_path / "hf-home"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "this export failed its checks" in proc.stderr, proc.stderr
+    assert ("me/failed", "main") not in hub.files
+
+
+@pytest.mark.gguf
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0", "bf16"])
 def test_tiny_qwen2_gguf_round_trip(gguf_type, tmp_path):
     merged, tokenizer = save_tiny_qwen2(tmp_path / "qwen2")
