@@ -48,8 +48,14 @@ CUDA_CONTEXT = 512 * 2**20
 # allocates is the usual gap between torch.cuda.max_memory_reserved and max_memory_allocated in LoRA training.
 CUDA_ALLOCATOR_SLACK = 0.10
 # CPU: glibc keeps freed blocks and tensors are allocated in pages; calibrated on benchmarks/planner_vs_measured.py's
-# CPU table (the peak RSS over the planned bytes, beyond the baseline).
-CPU_ALLOCATOR_SLACK = 0.15
+# CPU tables (the peak RSS over the planned bytes, beyond the baseline and CPU_STEP_RUNTIME). Small: the heap the
+# load leaves behind (the quantized layers' fp32 copies, freed) is reused by the step's activations.
+CPU_ALLOCATOR_SLACK = 0.03
+# CPU: what the first training step adds to the process whatever the model: the kernels' code pages torch touches
+# for the backward and the optimizer (libtorch_cpu is mapped, not read, until then), the autograd engine and the
+# OpenMP/oneDNN thread pools and their scratch (peak RSS of the first step over the planned tensors, measured on
+# MiniLM, SmolLM2 and a random Llama: 40-200 MiB; benchmarks/planner_vs_measured.py)
+CPU_STEP_RUNTIME = 128 * 2**20
 
 
 # ---------------------------------------------------------------- the model's shape
@@ -142,6 +148,8 @@ class Workload:
     gated_mlp: bool = True  # SwiGLU (gate, up, down) as in Llama, or a plain two-layer MLP (BERT)
     causal: bool = True  # a causal LM computes the vocabulary logits; a classifier a few labels
     shards: int = 0  # FSDP: the processes the model is divided among (train.distributed fsdp); 0: not sharded
+    # CPU: bytes per weight of the weight files when the load keeps them mapped (file dtype = compute dtype), else 0
+    mapped_file_bytes: int = 0
 
 
 def _targets_without_plan(recipe: Recipe, linears: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
@@ -162,6 +170,17 @@ def _lora_params(recipe: Recipe, targets: dict[str, tuple[int, int]]) -> int:
     # LoRA adds A (r x in) and B (out x r) per target, and DoRA a magnitude per output feature (peft's LoraLayer)
     r, dora = recipe.lora.rank, recipe.lora.dora
     return sum(r * (i + o) + (o if dora else 0) for i, o in targets.values())
+
+
+def file_dtype_bytes(config: Any) -> int:
+    """Bytes per weight of the base's weight files, from the config's dtype (fp32 when it names none: what
+    save_pretrained writes without one)."""
+    dtype = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
+    if config is not None and not isinstance(config, dict):
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
 
 
 def current_rss() -> int:
@@ -203,6 +222,7 @@ def workload(
         unquantized = shape.vocab * shape.hidden * (1 if shape.tied else 2) + (2 * shape.layers + 1) * shape.hidden
         extra, gated = 0, True
     max_length = recipe.data.max_length
+    file_bytes = file_dtype_bytes(plan.config) if plan is not None else 0  # unknown without the config
     return Workload(
         shape=shape,
         linears=linears,
@@ -217,6 +237,10 @@ def workload(
         gated_mlp=gated,
         causal=recipe.task == "causal_lm",
         shards=fsdp_shards(recipe) if shards is None else shards,
+        # on CPU transformers loads a weight of the compute dtype as a view into the memory-mapped file
+        # (safetensors), so the map stays open as long as the unquantized weights live; the layers quantized from it
+        # leave their original pages resident (measured: SmolLM2's fp32 file, 405 MiB of linear weights, all in RSS)
+        mapped_file_bytes=file_bytes if device == "cpu" and file_bytes == dtype_bytes else 0,
     )
 
 
@@ -354,6 +378,15 @@ def estimate(recipe: Recipe, work: Workload, micro_batch: int, checkpointing: bo
             f"{work.unquantized_params:,} params (embeddings, {'tied output layer' if s.tied else 'output layer'}, norms, biases, heads) x {p} bytes",
         )
     )
+    if work.mapped_file_bytes and recipe.quant.mode != "none":
+        weights = sum(i * o for i, o in work.linears.values())
+        terms.append(
+            Term(
+                "weight file pages",
+                weights * work.mapped_file_bytes,
+                f"{weights:,} linear weights x {work.mapped_file_bytes} bytes: their original values in the weight file, mapped while the unquantized weights point into it (RSS counts its pages)",
+            )
+        )
     trainable = _lora_params(recipe, work.targets) + work.extra_trainable
     # peft keeps the adapter in fp32 (autocast_adapter_dtype) and its gradients likewise
     terms.append(Term("lora weights", 4 * trainable, f"{trainable:,} trainable params x 4 bytes (fp32)"))
@@ -373,13 +406,20 @@ def estimate(recipe: Recipe, work: Workload, micro_batch: int, checkpointing: bo
         )
     terms.append(Term("activations", act, how))
     if work.causal:
-        # the loss runs the output layer on at most `chunk_positions(vocab)` positions at a time: fp32 logits, their
-        # log-softmax kept for the backward and its gradient (3 x 4 bytes), plus the compute-dtype logits before the
-        # upcast when that is not fp32
-        positions = min(tokens, chunk_positions(s.vocab))
-        per = 12 + (p if p != 4 else 0)
+        # the loss runs the output layer on at most `chunk_positions(vocab)` positions at a time (loss._frozen_chunks):
+        # a chunk's fp32 logits and logsumexp's temporary of their size (2 x 4 bytes), + the previous chunk's softmax,
+        # still referenced while the next chunk's logits are made, when there are several chunks (4 bytes more); plus
+        # the compute-dtype logits before the upcast when that is not fp32
+        chunk = chunk_positions(s.vocab)
+        positions = min(tokens, chunk)
+        per = (8 if tokens <= chunk else 12) + (p if p != 4 else 0)
+        chunks = "one chunk" if tokens <= chunk else f"chunks of {chunk:,}"
         terms.append(
-            Term("loss logits", positions * s.vocab * per, f"{positions:,} positions x {s.vocab:,} vocab x {per} bytes")
+            Term(
+                "loss logits",
+                positions * s.vocab * per,
+                f"{positions:,} positions ({chunks}) x {s.vocab:,} vocab x {per} bytes",
+            )
         )
     else:
         terms.append(Term("loss logits", 0, "a classifier's logits are a few values per row"))
@@ -393,8 +433,8 @@ def estimate(recipe: Recipe, work: Workload, micro_batch: int, checkpointing: bo
         runtime = CUDA_CONTEXT + int(CUDA_ALLOCATOR_SLACK * planned)
         how = f"CUDA context {gib(CUDA_CONTEXT)} + caching-allocator slack {CUDA_ALLOCATOR_SLACK:.0%}"
     else:
-        runtime = work.baseline + int(CPU_ALLOCATOR_SLACK * planned)
-        how = f"the process before loading {gib(work.baseline)} (measured) + allocator slack {CPU_ALLOCATOR_SLACK:.0%}"
+        runtime = work.baseline + CPU_STEP_RUNTIME + int(CPU_ALLOCATOR_SLACK * planned)
+        how = f"the process before loading {gib(work.baseline)} (measured) + the first step's kernels and threads {gib(CPU_STEP_RUNTIME)} + allocator slack {CPU_ALLOCATOR_SLACK:.0%}"
     terms.append(Term("runtime", runtime, how))
     return Estimate(work.device, micro_batch, work.sequence, checkpointing, tuple(terms), tuple(notes))
 

@@ -214,7 +214,8 @@ def draft(model: str, data: str, fmt: str | None, task: str | None, out: str) ->
         recipe = Recipe.model_validate(body)
     if plan is not None and s.rank != 16:  # planned with the default rank: the trainable count follows the rank
         plan, _ = _plan(recipe, checked.labels)
-    memory, no_estimate = preflight.plan_memory(recipe, plan, None)
+    # planned at the rows' tokenized lengths, as validate and train plan, not at max_length
+    memory, no_estimate = preflight.plan_memory(recipe, plan, _tokenized(recipe, source, plan))
 
     size = f"{params / 1e9:.2f}B parameters" if params else "parameter count unknown"
     where = plan.source.origin if plan else "not read"
@@ -231,16 +232,30 @@ def draft(model: str, data: str, fmt: str | None, task: str | None, out: str) ->
         head.append(template_line)
     head.append("")
     head += memory.lines() if memory else [no_estimate.removeprefix("note: ") if no_estimate else "no memory estimate"]
-    head += [
-        "",
-        "More memory than the GPU has: set train.memory_budget: auto (lora_sft picks the micro batch that fits),",
-        "or lower data.max_length. Every key: python -m lora_sft validate --explain " + out,
-    ]
+    head.append("")
+    if memory and memory.estimate.total > memory.device.available:  # the verdict above says "does NOT fit"
+        device = "the GPU" if memory.device.kind == "cuda" else "this machine"
+        head += [
+            f"More memory than {device} has: set train.memory_budget: auto (lora_sft picks the micro batch that fits),",
+            "or lower data.max_length.",
+        ]
+    head.append("Every key: python -m lora_sft validate --explain " + out)
     notes = {
         ("train", "grad_accum"): f"micro batches per optimizer step: {EFFECTIVE_BATCH} rows a step",
         ("lora", "alpha"): "scale alpha / rank = 2",
     }
     return render(head, body, notes)
+
+
+def _tokenized(recipe: Recipe, source: model_stage.ModelSource, plan: model_stage.ModelPlan | None):
+    """The data tokenized as validate tokenizes it (its longest row is what the planner plans for), or None where the
+    tokenizer cannot be read or a row does not tokenize: the plan is then at data.max_length, and validate says why."""
+    if plan is None:
+        return None
+    try:
+        return data_stage.build(recipe, model_stage.load_tokenizer(recipe, source))
+    except UserError:
+        return None
 
 
 def init(model: str, data: str, fmt: str | None, task: str | None, out: str) -> Path:

@@ -171,3 +171,25 @@ def test_an_existing_file_is_never_replaced(tiny_llama, tmp_path, monkeypatch, c
         "error: --out recipe.yaml: the file exists; init never replaces a file: pass another --out, or remove it"
     )
     assert (tmp_path / "recipe.yaml").read_text() == "mine\n"
+
+
+def test_the_header_plans_at_the_tokenized_lengths_and_warns_only_when_it_does_not_fit(
+    tiny_llama, tmp_path, monkeypatch
+):
+    """init's memory plan is validate's: at the longest tokenized row, not max_length; "More memory than the GPU
+    has" only when the estimate exceeds the device's memory."""
+    from lora_sft import planner
+
+    monkeypatch.chdir(tmp_path)
+    alpaca = str(REPO / "data/examples/alpaca.jsonl")
+    assert main(["init", "--model", str(tiny_llama), "--data", alpaca, "--out", "a.yaml"]) == 0
+    text = (tmp_path / "a.yaml").read_text()
+    planned = re.search(r"# memory estimate on the (?:CPU|GPU): .* sequence (\d+) \(the longest tokenized row\)", text)
+    assert planned is not None and int(planned.group(1)) < yaml.safe_load(text)["data"]["max_length"] == 512
+    assert "More memory than" not in text and "verdict: fits" in text
+
+    small = planner.DeviceMemory("cuda", 2**20, 2**20)  # a 1 MiB GPU: nothing fits
+    monkeypatch.setattr(planner.DeviceMemory, "read", classmethod(lambda cls, baseline=0: small))
+    assert main(["init", "--model", str(tiny_llama), "--data", alpaca, "--out", "b.yaml"]) == 0
+    text = (tmp_path / "b.yaml").read_text()
+    assert "verdict: does NOT fit" in text and "# More memory than the GPU has: set train.memory_budget: auto" in text

