@@ -4,7 +4,8 @@ that llama.cpp, Ollama and LM Studio load.
 It writes with the `gguf` package (its writer, tensor-name map, SpecialVocab, quantizers): the architecture's
 metadata from config.json, the tokenizer (vocabulary, merges, special tokens, chat template) from tokenizer.json,
 and the tensors one at a time, so memory holds one tensor, not the model. `ARCHITECTURES` says which
-transformers models it converts and how; gguf_export.py checks the file in llama.cpp and writes the Modelfile.
+transformers models it converts (llama, mistral, qwen2, qwen3) and how, as llama.cpp's own
+convert_hf_to_gguf.py writes them; gguf_export.py checks the file in llama.cpp and writes the Modelfile.
 """
 
 from __future__ import annotations
@@ -22,15 +23,33 @@ from .errors import RunError, UserError
 
 INSTALL = "pip install 'lora-sft[gguf]'"
 
-# config.json model_type -> llama.cpp architecture, and whether q/k are permuted for llama.cpp's rope
-# (HF's llama rotates halves; llama.cpp's llama rope rotates adjacent pairs; qwen2 uses the halves (NEOX) rope)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 # the pre-tokenizer regexes llama.cpp knows, by its name for them (tokenizer.ggml.pre)
 _LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 PRE_TOKENIZERS = {
     _LLAMA3_REGEX: "llama-bpe",
     _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2",
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+": "gpt-2",
+}
+
+
+# ---------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How a transformers model_type becomes a llama.cpp architecture (llama.cpp's convert_hf_to_gguf.py conventions)."""
+
+    name: str  # llama.cpp's name (general.architecture); tensor names come from gguf's TensorNameMap for it
+    # HF's llama q/k rows rotate halves; llama.cpp's llama rope rotates adjacent pairs (qwen uses halves: NEOX)
+    permute_qk: bool = False
+
+
+# config.json model_type -> how it is written
+ARCHITECTURES = {
+    "llama": Architecture("llama", permute_qk=True),
+    "mistral": Architecture("llama", permute_qk=True),
+    "qwen2": Architecture("qwen2"),
+    "qwen3": Architecture("qwen3"),  # q_norm / k_norm map to attn_q_norm / attn_k_norm
 }
 
 
@@ -44,10 +63,27 @@ def check_supported(model_type: str, task: str) -> None:
         )
 
 
+def check_config(config: dict, task: str) -> None:
+    """A model llama.cpp runs as transformers does: a supported architecture, rope and attention, every problem at once."""
+    model_type = config.get("model_type", "?")
+    check_supported(model_type, task)
+    problems = []
+    try:
+        _rope(config)
+    except UserError as e:
+        problems += e.problems
+    arch = ARCHITECTURES[model_type]
+    if config.get("use_sliding_window"):
+        problems.append(
+            f"--gguf: {model_type} with use_sliding_window is not supported; llama.cpp's {arch.name} attends to the whole context"
+        )
+    if problems:
+        raise UserError(problems)
+
+
 def check_ready(config: dict, task: str) -> None:
-    """`export --gguf`, checked before anything is written: a supported model and rope, the gguf package installed."""
-    check_supported(config.get("model_type", "?"), task)
-    _rope(config)
+    """`export --gguf`, checked before anything is written: a model llama.cpp runs, the gguf package installed."""
+    check_config(config, task)
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -237,11 +273,12 @@ def _qtype(shape: tuple[int, ...], gguf_type: str):
     return {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[gguf_type]
 
 
-def _plan_tensors(folder: Path, config: dict, arch, permute: bool, gguf_type: str) -> list[_Tensor]:
+def _plan_tensors(folder: Path, config: dict, arch: Architecture, gguf_type: str) -> list[_Tensor]:
     import gguf
     from safetensors import safe_open
 
-    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    gguf_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.name)
+    names = gguf.get_tensor_name_map(gguf_arch, config["num_hidden_layers"])
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     planned = []
     for file in sorted(folder.glob("*.safetensors")):
@@ -252,9 +289,9 @@ def _plan_tensors(folder: Path, config: dict, arch, permute: bool, gguf_type: st
                     raise RunError(f"--gguf: {file.name}: tensor {name} has no GGUF name for {config['model_type']}")
                 shape = tuple(f.get_slice(name).get_shape())
                 heads_to_permute = 0
-                if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
+                if arch.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
                     heads_to_permute = heads
-                elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
+                elif arch.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
                     heads_to_permute = kv_heads
                 planned.append(_Tensor(gguf_name, file, name, shape, _qtype(shape, gguf_type), heads_to_permute))
     return planned
@@ -289,15 +326,14 @@ def write(merged: Path, out_dir: Path, name: str, gguf_type: str, log=print) -> 
     import gguf
 
     config = json.loads((merged / "config.json").read_text())
-    check_supported(config.get("model_type", "?"), "causal_lm")
-    arch_name, permute = ARCHITECTURES[config["model_type"]]
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    check_config(config, "causal_lm")
+    arch = ARCHITECTURES[config["model_type"]]
     file_type = {
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[gguf_type]
-    tensors = _plan_tensors(merged, config, arch, permute, gguf_type)
+    tensors = _plan_tensors(merged, config, arch, gguf_type)
     n_vocab = next(t.shape[0] for t in tensors if t.gguf_name == "token_embd.weight")
     vocab = vocabulary(merged, n_vocab)
     if vocab.pre == "default":
@@ -307,7 +343,7 @@ def write(merged: Path, out_dir: Path, name: str, gguf_type: str, log=print) -> 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / file_name(name, gguf_type)
-    writer = gguf.GGUFWriter(path, arch_name)
+    writer = gguf.GGUFWriter(path, arch.name)
     writer.add_name(name)
     rope = _add_architecture(writer, config, n_vocab, file_type)
     if rope["rope_type"] == "llama3":
