@@ -4,7 +4,7 @@ that llama.cpp, Ollama and LM Studio load.
 It writes with the `gguf` package (its writer, tensor-name map, SpecialVocab, quantizers): the architecture's
 metadata from config.json, the tokenizer (vocabulary, merges, special tokens, chat template) from tokenizer.json,
 and the tensors one at a time, so memory holds one tensor, not the model. `ARCHITECTURES` says which
-transformers models it converts (llama, mistral, qwen2, qwen3) and how, as llama.cpp's own
+transformers models it converts (llama, mistral, qwen2, qwen3, gemma2) and how, as llama.cpp's own
 convert_hf_to_gguf.py writes them; gguf_export.py checks the file in llama.cpp and writes the Modelfile.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,46 @@ PRE_TOKENIZERS = {
 # ---------------------------------------------------------------- architectures
 
 
+def _gemma2_metadata(writer, config: dict) -> None:
+    writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    writer.add_sliding_window(config["sliding_window"])
+
+
+def _gemma2_problems(config: dict) -> list[str]:
+    """What llama.cpp's gemma2 hard-codes: softcapping on, sliding window on even layers, the query scale, tied output."""
+    problems = [
+        f"--gguf: gemma2 without {key} is not supported; llama.cpp's gemma2 always soft-caps"
+        for key in ("attn_logit_softcapping", "final_logit_softcapping")
+        if config.get(key) is None
+    ]
+    heads, hidden, layers = config["num_attention_heads"], config["hidden_size"], config["num_hidden_layers"]
+    # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for a 46-layer (27B) model
+    expected = hidden // heads if layers == 46 else (config.get("head_dim") or hidden // heads)
+    if config.get("query_pre_attn_scalar", expected) != expected:
+        problems.append(
+            f"--gguf: gemma2 query_pre_attn_scalar {config['query_pre_attn_scalar']} is not supported; llama.cpp scales queries by 1/sqrt({expected})"
+        )
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if config.get("layer_types", alternating) != alternating:
+        problems.append(
+            "--gguf: gemma2 layer_types other than sliding/full alternating from layer 0 are not supported (llama.cpp's pattern)"
+        )
+    if not config.get("tie_word_embeddings", True):
+        problems.append("--gguf: gemma2 with an untied lm_head is not supported; llama.cpp's gemma2 reuses token_embd")
+    return problems
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How a transformers model_type becomes a llama.cpp architecture (llama.cpp's convert_hf_to_gguf.py conventions)."""
 
     name: str  # llama.cpp's name (general.architecture); tensor names come from gguf's TensorNameMap for it
-    # HF's llama q/k rows rotate halves; llama.cpp's llama rope rotates adjacent pairs (qwen uses halves: NEOX)
+    # HF's llama q/k rows rotate halves; llama.cpp's llama rope rotates adjacent pairs (qwen/gemma use halves: NEOX)
     permute_qk: bool = False
+    norm_shift: float = 0.0  # added to every RMSNorm weight: Gemma's norms scale by (1 + w), llama.cpp's by w
+    metadata: Callable[[Any, dict], None] | None = None  # the keys only this architecture writes
+    problems: Callable[[dict], list[str]] | None = None  # configs llama.cpp's architecture cannot run (refused)
 
 
 # config.json model_type -> how it is written
@@ -50,6 +84,7 @@ ARCHITECTURES = {
     "mistral": Architecture("llama", permute_qk=True),
     "qwen2": Architecture("qwen2"),
     "qwen3": Architecture("qwen3"),  # q_norm / k_norm map to attn_q_norm / attn_k_norm
+    "gemma2": Architecture("gemma2", norm_shift=1.0, metadata=_gemma2_metadata, problems=_gemma2_problems),
 }
 
 
@@ -73,6 +108,8 @@ def check_config(config: dict, task: str) -> None:
     except UserError as e:
         problems += e.problems
     arch = ARCHITECTURES[model_type]
+    if arch.problems:
+        problems += arch.problems(config)
     if config.get("use_sliding_window"):
         problems.append(
             f"--gguf: {model_type} with use_sliding_window is not supported; llama.cpp's {arch.name} attends to the whole context"
@@ -128,7 +165,7 @@ def _llama3_freq_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def _add_architecture(writer, config: dict, n_vocab: int, file_type) -> dict:
+def _add_architecture(writer, config: dict, arch: Architecture, n_vocab: int, file_type) -> dict:
     import gguf
 
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
@@ -154,6 +191,8 @@ def _add_architecture(writer, config: dict, n_vocab: int, file_type) -> dict:
         writer.add_rope_scaling_factor(rope["factor"])
         if rope.get("original_max_position_embeddings"):
             writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if arch.metadata:
+        arch.metadata(writer, config)
     return rope | {"head_dim": head_dim}
 
 
@@ -259,6 +298,7 @@ class _Tensor:
     shape: tuple[int, ...]
     qtype: Any  # gguf.GGMLQuantizationType
     permute_heads: int = 0  # q/k: heads to permute for llama.cpp's rope; 0 none
+    shift: float = 0.0  # added to the weights (Gemma's 1 + w norms)
     data: np.ndarray | None = None  # a computed tensor (rope_freqs)
 
 
@@ -293,7 +333,8 @@ def _plan_tensors(folder: Path, config: dict, arch: Architecture, gguf_type: str
                     heads_to_permute = heads
                 elif arch.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
                     heads_to_permute = kv_heads
-                planned.append(_Tensor(gguf_name, file, name, shape, _qtype(shape, gguf_type), heads_to_permute))
+                shift = arch.norm_shift if name.endswith("norm.weight") else 0.0
+                planned.append(_Tensor(gguf_name, file, name, shape, _qtype(shape, gguf_type), heads_to_permute, shift))
     return planned
 
 
@@ -313,6 +354,8 @@ def _tensor_data(t: _Tensor) -> np.ndarray:
             data = f.get_tensor(t.hf_name).float().numpy()
     if t.permute_heads:
         data = _permute(data, t.permute_heads)
+    if t.shift:
+        data = data + t.shift
     Q = gguf.GGMLQuantizationType
     if t.qtype == Q.F32:
         return data.astype(np.float32)
@@ -345,7 +388,7 @@ def write(merged: Path, out_dir: Path, name: str, gguf_type: str, log=print) -> 
     path = out_dir / file_name(name, gguf_type)
     writer = gguf.GGUFWriter(path, arch.name)
     writer.add_name(name)
-    rope = _add_architecture(writer, config, n_vocab, file_type)
+    rope = _add_architecture(writer, config, arch, n_vocab, file_type)
     if rope["rope_type"] == "llama3":
         factors = _llama3_freq_factors(rope, rope["head_dim"])
         tensors.insert(
