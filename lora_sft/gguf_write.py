@@ -4,7 +4,8 @@ that llama.cpp, Ollama and LM Studio load.
 It writes with the `gguf` package (its writer, tensor-name map, SpecialVocab, quantizers): the architecture's
 metadata from config.json, the tokenizer (vocabulary, merges, special tokens, chat template) from tokenizer.json,
 and the tensors one at a time, so memory holds one tensor, not the model. `ARCHITECTURES` says which
-transformers models it converts and how; gguf_export.py checks the file in llama.cpp and writes the Modelfile.
+transformers models it converts (llama, mistral, qwen2, qwen3, gemma2) and how, as llama.cpp's own
+convert_hf_to_gguf.py writes them; gguf_export.py checks the file in llama.cpp and writes the Modelfile.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +24,67 @@ from .errors import RunError, UserError
 
 INSTALL = "pip install 'lora-sft[gguf]'"
 
-# config.json model_type -> llama.cpp architecture, and whether q/k are permuted for llama.cpp's rope
-# (HF's llama rotates halves; llama.cpp's llama rope rotates adjacent pairs; qwen2 uses the halves (NEOX) rope)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 # the pre-tokenizer regexes llama.cpp knows, by its name for them (tokenizer.ggml.pre)
 _LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 PRE_TOKENIZERS = {
     _LLAMA3_REGEX: "llama-bpe",
     _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2",
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+": "gpt-2",
+}
+
+
+# ---------------------------------------------------------------- architectures
+
+
+def _gemma2_metadata(writer, config: dict) -> None:
+    writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    writer.add_sliding_window(config["sliding_window"])
+
+
+def _gemma2_problems(config: dict) -> list[str]:
+    """What llama.cpp's gemma2 hard-codes: softcapping on, sliding window on even layers, the query scale, tied output."""
+    problems = [
+        f"--gguf: gemma2 without {key} is not supported; llama.cpp's gemma2 always soft-caps"
+        for key in ("attn_logit_softcapping", "final_logit_softcapping")
+        if config.get(key) is None
+    ]
+    heads, hidden, layers = config["num_attention_heads"], config["hidden_size"], config["num_hidden_layers"]
+    # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for a 46-layer (27B) model
+    expected = hidden // heads if layers == 46 else (config.get("head_dim") or hidden // heads)
+    if config.get("query_pre_attn_scalar", expected) != expected:
+        problems.append(
+            f"--gguf: gemma2 query_pre_attn_scalar {config['query_pre_attn_scalar']} is not supported; llama.cpp scales queries by 1/sqrt({expected})"
+        )
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if config.get("layer_types", alternating) != alternating:
+        problems.append(
+            "--gguf: gemma2 layer_types other than sliding/full alternating from layer 0 are not supported (llama.cpp's pattern)"
+        )
+    if not config.get("tie_word_embeddings", True):
+        problems.append("--gguf: gemma2 with an untied lm_head is not supported; llama.cpp's gemma2 reuses token_embd")
+    return problems
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How a transformers model_type becomes a llama.cpp architecture (llama.cpp's convert_hf_to_gguf.py conventions)."""
+
+    name: str  # llama.cpp's name (general.architecture); tensor names come from gguf's TensorNameMap for it
+    # HF's llama q/k rows rotate halves; llama.cpp's llama rope rotates adjacent pairs (qwen/gemma use halves: NEOX)
+    permute_qk: bool = False
+    norm_shift: float = 0.0  # added to every RMSNorm weight: Gemma's norms scale by (1 + w), llama.cpp's by w
+    metadata: Callable[[Any, dict], None] | None = None  # the keys only this architecture writes
+    problems: Callable[[dict], list[str]] | None = None  # configs llama.cpp's architecture cannot run (refused)
+
+
+# config.json model_type -> how it is written
+ARCHITECTURES = {
+    "llama": Architecture("llama", permute_qk=True),
+    "mistral": Architecture("llama", permute_qk=True),
+    "qwen2": Architecture("qwen2"),
+    "qwen3": Architecture("qwen3"),  # q_norm / k_norm map to attn_q_norm / attn_k_norm
+    "gemma2": Architecture("gemma2", norm_shift=1.0, metadata=_gemma2_metadata, problems=_gemma2_problems),
 }
 
 
@@ -44,10 +98,29 @@ def check_supported(model_type: str, task: str) -> None:
         )
 
 
+def check_config(config: dict, task: str) -> None:
+    """A model llama.cpp runs as transformers does: a supported architecture, rope and attention, every problem at once."""
+    model_type = config.get("model_type", "?")
+    check_supported(model_type, task)
+    problems = []
+    try:
+        _rope(config)
+    except UserError as e:
+        problems += e.problems
+    arch = ARCHITECTURES[model_type]
+    if arch.problems:
+        problems += arch.problems(config)
+    if config.get("use_sliding_window"):
+        problems.append(
+            f"--gguf: {model_type} with use_sliding_window is not supported; llama.cpp's {arch.name} attends to the whole context"
+        )
+    if problems:
+        raise UserError(problems)
+
+
 def check_ready(config: dict, task: str) -> None:
-    """`export --gguf`, checked before anything is written: a supported model and rope, the gguf package installed."""
-    check_supported(config.get("model_type", "?"), task)
-    _rope(config)
+    """`export --gguf`, checked before anything is written: a model llama.cpp runs, the gguf package installed."""
+    check_config(config, task)
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -92,7 +165,7 @@ def _llama3_freq_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def _add_architecture(writer, config: dict, n_vocab: int, file_type) -> dict:
+def _add_architecture(writer, config: dict, arch: Architecture, n_vocab: int, file_type) -> dict:
     import gguf
 
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
@@ -118,6 +191,8 @@ def _add_architecture(writer, config: dict, n_vocab: int, file_type) -> dict:
         writer.add_rope_scaling_factor(rope["factor"])
         if rope.get("original_max_position_embeddings"):
             writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if arch.metadata:
+        arch.metadata(writer, config)
     return rope | {"head_dim": head_dim}
 
 
@@ -226,6 +301,7 @@ class _Tensor:
     shape: tuple[int, ...]
     qtype: Any  # gguf.GGMLQuantizationType
     permute_heads: int = 0  # q/k: heads to permute for llama.cpp's rope; 0 none
+    shift: float = 0.0  # added to the weights (Gemma's 1 + w norms)
     data: np.ndarray | None = None  # a computed tensor (rope_freqs)
 
 
@@ -240,11 +316,12 @@ def _qtype(shape: tuple[int, ...], gguf_type: str):
     return {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[gguf_type]
 
 
-def _plan_tensors(folder: Path, config: dict, arch, permute: bool, gguf_type: str) -> list[_Tensor]:
+def _plan_tensors(folder: Path, config: dict, arch: Architecture, gguf_type: str) -> list[_Tensor]:
     import gguf
     from safetensors import safe_open
 
-    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    gguf_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.name)
+    names = gguf.get_tensor_name_map(gguf_arch, config["num_hidden_layers"])
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     planned = []
     for file in sorted(folder.glob("*.safetensors")):
@@ -255,11 +332,12 @@ def _plan_tensors(folder: Path, config: dict, arch, permute: bool, gguf_type: st
                     raise RunError(f"--gguf: {file.name}: tensor {name} has no GGUF name for {config['model_type']}")
                 shape = tuple(f.get_slice(name).get_shape())
                 heads_to_permute = 0
-                if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
+                if arch.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
                     heads_to_permute = heads
-                elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
+                elif arch.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
                     heads_to_permute = kv_heads
-                planned.append(_Tensor(gguf_name, file, name, shape, _qtype(shape, gguf_type), heads_to_permute))
+                shift = arch.norm_shift if name.endswith("norm.weight") else 0.0
+                planned.append(_Tensor(gguf_name, file, name, shape, _qtype(shape, gguf_type), heads_to_permute, shift))
     return planned
 
 
@@ -279,6 +357,8 @@ def _tensor_data(t: _Tensor) -> np.ndarray:
             data = f.get_tensor(t.hf_name).float().numpy()
     if t.permute_heads:
         data = _permute(data, t.permute_heads)
+    if t.shift:
+        data = data + t.shift
     Q = gguf.GGMLQuantizationType
     if t.qtype == Q.F32:
         return data.astype(np.float32)
@@ -292,15 +372,14 @@ def write(merged: Path, out_dir: Path, name: str, gguf_type: str, log=print) -> 
     import gguf
 
     config = json.loads((merged / "config.json").read_text())
-    check_supported(config.get("model_type", "?"), "causal_lm")
-    arch_name, permute = ARCHITECTURES[config["model_type"]]
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    check_config(config, "causal_lm")
+    arch = ARCHITECTURES[config["model_type"]]
     file_type = {
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[gguf_type]
-    tensors = _plan_tensors(merged, config, arch, permute, gguf_type)
+    tensors = _plan_tensors(merged, config, arch, gguf_type)
     n_vocab = next(t.shape[0] for t in tensors if t.gguf_name == "token_embd.weight")
     vocab = vocabulary(merged, n_vocab)
     if vocab.pre == "default":
@@ -310,9 +389,9 @@ def write(merged: Path, out_dir: Path, name: str, gguf_type: str, log=print) -> 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / file_name(name, gguf_type)
-    writer = gguf.GGUFWriter(path, arch_name)
+    writer = gguf.GGUFWriter(path, arch.name)
     writer.add_name(name)
-    rope = _add_architecture(writer, config, n_vocab, file_type)
+    rope = _add_architecture(writer, config, arch, n_vocab, file_type)
     if rope["rope_type"] == "llama3":
         factors = _llama3_freq_factors(rope, rope["head_dim"])
         tensors.insert(

@@ -272,7 +272,8 @@ def test_tiny_mistral_gguf_round_trip_with_a_sentencepiece_vocabulary(tmp_path):
 @pytest.mark.e2e
 def test_gguf_refuses_an_unsupported_architecture_before_writing(tiny_run, tmp_path, capsys, monkeypatch):
     run_dir, _, _ = tiny_run
-    monkeypatch.setattr(gguf_write, "ARCHITECTURES", {"qwen2": ("qwen2", False)})  # as if llama were not supported
+    # as if llama were not supported
+    monkeypatch.setattr(gguf_write, "ARCHITECTURES", {"qwen2": gguf_write.ARCHITECTURES["qwen2"]})
     out = tmp_path / "export"
     assert main(["export", str(run_dir), "--gguf-type", "q8_0", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -286,7 +287,7 @@ def test_gguf_refuses_other_architectures_and_classifiers_in_one_line(tmp_path):
     with pytest.raises(UserError) as e:
         gguf_write.check_supported("gpt_neox", "causal_lm")
     assert e.value.problems == [
-        "--gguf: architecture 'gpt_neox' is not supported; GGUF export supports llama, mistral, qwen2"
+        "--gguf: architecture 'gpt_neox' is not supported; GGUF export supports gemma2, llama, mistral, qwen2, qwen3"
     ]
     with pytest.raises(UserError) as e:
         gguf_write.check_supported("llama", "classification")
@@ -294,7 +295,7 @@ def test_gguf_refuses_other_architectures_and_classifiers_in_one_line(tmp_path):
         "--gguf: a classification run has a classification head; llama.cpp runs causal LMs only"
     ]
     (tmp_path / "merged").mkdir()
-    (tmp_path / "merged" / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    (tmp_path / "merged" / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     with pytest.raises(UserError):
         gguf_write.write(tmp_path / "merged", tmp_path / "gguf", "x", "f16")
     assert not (tmp_path / "gguf").exists()

@@ -1,0 +1,180 @@
+"""GGUF export of the architectures the recipe library ships besides llama / mistral / qwen2: a tiny trained Qwen3
+and Gemma 2 written as f16 by gguf_write and run in llama.cpp (llama-cpp-python), logits and greedy tokens
+compared with transformers in fp32; the configs llama.cpp cannot run, refused in one line before anything is written.
+
+The llama.cpp round trips carry the marker `gguf`, as in test_gguf.py; the refusals run everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import TINY_DIMS, build_tokenizer
+from test_gguf import CORPUS, fit, prompts, tensor_types
+
+from lora_sft import gguf_export, gguf_write
+from lora_sft.errors import UserError
+
+
+def tiny_config(model_type: str, tokenizer, **overrides):
+    """A 2-layer config of `model_type` sized for `tokenizer`; the shapes of TINY_DIMS unless `overrides` say else."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        **(TINY_DIMS | overrides),
+        initializer_range=0.05,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# what sets each apart from llama, set so that a conversion that ignored it would show in the logits
+ARCH_CONFIGS = {
+    # q_norm / k_norm, no qkv bias; head_dim 32 apart from hidden / heads (16) as Qwen3-4B's 128 is from 80; untied
+    "qwen3": {"head_dim": 32, "tie_word_embeddings": False},
+    # (1 + w) norms, pre/post attention and feed-forward norms, soft-capped attention and final logits (caps low
+    # enough to bend the tiny model's logits), a sliding window shorter than the prompts on layer 0, tied output
+    "gemma2": {
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "attn_logit_softcapping": 5.0,
+        "final_logit_softcapping": 8.0,
+        "sliding_window": 6,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+def save_tiny(path: Path, model_type: str) -> tuple[Path, object]:
+    """A tiny `model_type` fitted a few steps on the example texts (so its next token is clear), saved as the merged
+    folder an export writes: safetensors, config.json and a byte-level BPE tokenizer with a chatml template."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer(CORPUS)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, tokenizer, **ARCH_CONFIGS[model_type]))
+    fit(model, tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+def longer_prompts(tokenizer) -> list[list[int]]:
+    """The chat and text prompts of test_gguf.py and two instructions, all longer than gemma2's sliding window."""
+    return prompts(tokenizer) + [tokenizer(json.loads(row)["instruction"])["input_ids"] for row in CORPUS[:2]]
+
+
+def assert_f16_matches_transformers(entry: dict, n_prompts: int) -> None:
+    """The f16 bar of the export's own check: logits within F16_RELATIVE of the largest, 16 greedy tokens identical
+    or parted only where transformers' own two best tokens are within that tolerance (a near-tie f16 may flip)."""
+    assert entry["checked"] and entry["passed"], entry["problems"]
+    assert entry["prompts"] == n_prompts and entry["tokenizer_identical_prompts"] == n_prompts
+    tolerance = gguf_export.F16_RELATIVE * entry["max_abs_logit"]
+    assert entry["max_abs_logit_diff"] <= tolerance
+    assert entry["greedy_identical_prompts"] + entry["greedy_ties"] == n_prompts, entry["greedy"]
+    for g in entry["greedy"]:
+        if "parted_at" in g:
+            assert g["transformers"][: g["parted_at"]] == g["llama_cpp"][: g["parted_at"]]
+            assert g["logit_gap"] <= tolerance
+
+
+def fields(path: Path) -> dict:
+    import gguf
+
+    return {name: field.contents() for name, field in gguf.GGUFReader(str(path)).fields.items()}
+
+
+# ---------------------------------------------------------------- llama.cpp round trips (marker gguf)
+
+
+@pytest.mark.gguf
+def test_tiny_qwen3_f16_gguf_gives_transformers_logits_in_llama_cpp(tmp_path):
+    merged, tokenizer = save_tiny(tmp_path / "qwen3", "qwen3")
+    ids = longer_prompts(tokenizer)
+    entry = gguf_export.export_gguf(merged, tmp_path / "gguf", "qwen3", "f16", ids, log=lambda *_: None)
+    assert_f16_matches_transformers(entry, len(ids))
+    path = tmp_path / "gguf" / "qwen3-f16.gguf"
+    meta, types = fields(path), tensor_types(path)
+    assert meta["general.architecture"] == "qwen3"
+    assert meta["qwen3.attention.key_length"] == meta["qwen3.attention.value_length"] == 32
+    assert types["blk.0.attn_q_norm.weight"] == types["blk.1.attn_k_norm.weight"] == "F32"
+    assert "output.weight" in types and not any(name.endswith(".bias") for name in types)
+
+
+@pytest.mark.gguf
+def test_tiny_gemma2_f16_gguf_gives_transformers_logits_in_llama_cpp(tmp_path):
+    merged, tokenizer = save_tiny(tmp_path / "gemma2", "gemma2")
+    ids = longer_prompts(tokenizer)
+    assert min(len(p) for p in ids) > ARCH_CONFIGS["gemma2"]["sliding_window"]  # the window is exercised
+    entry = gguf_export.export_gguf(merged, tmp_path / "gguf", "gemma2", "f16", ids, log=lambda *_: None)
+    assert_f16_matches_transformers(entry, len(ids))
+    path = tmp_path / "gguf" / "gemma2-f16.gguf"
+    meta, types = fields(path), tensor_types(path)
+    assert meta["general.architecture"] == "gemma2"
+    assert meta["gemma2.attn_logit_softcapping"] == 5.0 and meta["gemma2.final_logit_softcapping"] == 8.0
+    assert meta["gemma2.attention.sliding_window"] == 6
+    for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):  # gguf's names for gemma2's four
+        assert types[f"blk.1.{norm}.weight"] == "F32", norm
+    assert "output.weight" not in types  # llama.cpp's gemma2 reads the output from token_embd
+
+
+@pytest.mark.gguf
+def test_gemma2_norms_written_without_the_plus_one_fail_the_check(tmp_path, monkeypatch):
+    """The comparison is a real one: a converter that kept HF's norm weights (llama.cpp scales by w, Gemma by 1 + w)
+    gives other logits, and the check says so."""
+    import dataclasses
+
+    merged, tokenizer = save_tiny(tmp_path / "gemma2", "gemma2")
+    wrong = dataclasses.replace(gguf_write.ARCHITECTURES["gemma2"], norm_shift=0.0)
+    monkeypatch.setitem(gguf_write.ARCHITECTURES, "gemma2", wrong)
+    entry = gguf_export.export_gguf(merged, tmp_path / "gguf", "gemma2", "f16", prompts(tokenizer), log=lambda *_: None)
+    assert entry["checked"] and not entry["passed"]
+    assert entry["max_abs_logit_diff"] > gguf_export.F16_RELATIVE * entry["max_abs_logit"]
+
+
+# ---------------------------------------------------------------- refusals (no llama.cpp)
+
+
+def config_dict(model_type: str, **overrides) -> dict:
+    return tiny_config(model_type, build_tokenizer(CORPUS[:20]), **(ARCH_CONFIGS[model_type] | overrides)).to_dict()
+
+
+@pytest.mark.unit
+def test_an_unsupported_architecture_is_refused_in_one_line_naming_the_supported_ones(tmp_path):
+    with pytest.raises(UserError) as e:
+        gguf_write.check_supported("gpt_neox", "causal_lm")
+    assert e.value.problems == [
+        "--gguf: architecture 'gpt_neox' is not supported; GGUF export supports gemma2, llama, mistral, qwen2, qwen3"
+    ]
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    with pytest.raises(UserError, match="'gemma3_text' is not supported"):
+        gguf_write.write(tmp_path / "merged", tmp_path / "gguf", "x", "f16")
+    assert not (tmp_path / "gguf").exists()
+
+
+@pytest.mark.unit
+def test_qwen3_with_a_sliding_window_is_refused():
+    with pytest.raises(UserError) as e:
+        gguf_write.check_ready(config_dict("qwen3", use_sliding_window=True), "causal_lm")
+    assert e.value.problems == [
+        "--gguf: qwen3 with use_sliding_window is not supported; llama.cpp's qwen3 attends to the whole context"
+    ]
+
+
+@pytest.mark.unit
+def test_gemma2_configs_llama_cpp_runs_otherwise_are_refused_together():
+    config = config_dict("gemma2", final_logit_softcapping=None, query_pre_attn_scalar=64, tie_word_embeddings=False)
+    with pytest.raises(UserError) as e:
+        gguf_write.check_ready(config, "causal_lm")
+    assert e.value.problems == [
+        "--gguf: gemma2 without final_logit_softcapping is not supported; llama.cpp's gemma2 always soft-caps",
+        "--gguf: gemma2 query_pre_attn_scalar 64 is not supported; llama.cpp scales queries by 1/sqrt(32)",
+        "--gguf: gemma2 with an untied lm_head is not supported; llama.cpp's gemma2 reuses token_embd",
+    ]
+    gguf_write.check_ready(config_dict("gemma2"), "causal_lm")  # the tested config passes
