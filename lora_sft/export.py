@@ -496,6 +496,13 @@ def use_it(run: FinishedRun, report: dict, merged: bool) -> str | None:
     dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}[report["dtype"]]
     head = "from transformers import AutoModelForCausalLM, AutoTokenizer"
     adapter = 'model = PeftModel.from_pretrained(base, "path/to/adapter")\ntokenizer = AutoTokenizer.from_pretrained("path/to/adapter")'
+    if json.loads((run.adapter / ADAPTER_CONFIG).read_text()).get("trainable_token_indices"):
+        adapter = (
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/adapter")\n'
+            "# the run added special tokens: the base needs embedding rows for them before the adapter loads\n"
+            "base.resize_token_embeddings(len(tokenizer))\n"
+            'model = PeftModel.from_pretrained(base, "path/to/adapter")'
+        )
     options = []
     if "adapter_4bit" in report["loaded_plain"]:
         q = run.recipe.quant

@@ -176,7 +176,7 @@ def test_new_rows_train_and_export_reloads(bare_llama, tmp_path, write_recipe, c
 
     # export: the adapter on the plain base grown to the tokenizer, and the merge onto the original weights,
     # reproduce (b); the merge onto the dequantized weights (in memory here) reproduces the trained model, rows too
-    assert main(["export", str(run), "--merged", "--onto", "original"]) == 0
+    assert main(["export", str(run), "--merged", "--onto", "original", "--dtype", "fp32"]) == 0  # rows compared bitwise
     out = capsys.readouterr().out
     assert "added special tokens (trainable_token_indices)" in out
     report = json.loads((run / "export" / "fidelity.json").read_text())
@@ -198,9 +198,11 @@ def test_new_rows_train_and_export_reloads(bare_llama, tmp_path, write_recipe, c
         if key.removesuffix(".weight") not in targets and "embed_tokens" not in key and "lm_head" not in key:
             assert torch.equal(value, base_params[key]), key
 
-    # the card's "Use it" code, run as written, loads the adapter and gives the merged model's logits
+    # the card's "Use it" code for the unquantized base (what --onto original merged onto), run as written, loads
+    # the adapter and gives the merged model's logits
     card = (run / "export" / "adapter" / "README.md").read_text()
-    code = card.split("## Use it")[1].split("```python")[1].split("```")[0]
+    use = card.split("## Use it")[1].split("## Recipe")[0]
+    code = use.split("the unquantized base (fp32) + the adapter")[1].split("```python")[1].split("```")[0]
     assert "base.resize_token_embeddings(len(tokenizer))" in code
     scope: dict = {}
     exec(
