@@ -55,7 +55,12 @@ CPU_ALLOCATOR_SLACK = 0.03
 # for the backward and the optimizer (libtorch_cpu is mapped, not read, until then), the autograd engine and the
 # OpenMP/oneDNN thread pools and their scratch (peak RSS of the first step over the planned tensors, measured on
 # MiniLM, SmolLM2 and a random Llama: 40-200 MiB; benchmarks/planner_vs_measured.py)
-CPU_STEP_RUNTIME = 128 * 2**20
+CPU_STEP_RUNTIME = 96 * 2**20
+# CPU: the forward's freed temporaries (the MLP's and attention's intermediates) stay resident: tensors under glibc's
+# mmap threshold (raised to 32 MiB once the load frees its large fp32 tensors) come from the heap, and the ones kept
+# for the backward, allocated between them, keep it from shrinking. Measured on SmolLM2 at micro batch 4 x 256: the
+# tensors saved for the backward 1,205 MiB (saved_tensors_hooks), the RSS after the forward 2,259 MiB more than before
+CPU_HEAP_FRAGMENTATION = 0.75
 
 
 # ---------------------------------------------------------------- the model's shape
@@ -405,6 +410,14 @@ def estimate(recipe: Recipe, work: Workload, micro_batch: int, checkpointing: bo
             f"{tokens:,} tokens x {s.layers} layers x {all_layers // s.layers:,} bytes per token and layer + final norm"
         )
     terms.append(Term("activations", act, how))
+    if work.device == "cpu":
+        terms.append(
+            Term(
+                "heap fragmentation",
+                int(CPU_HEAP_FRAGMENTATION * act),
+                f"{CPU_HEAP_FRAGMENTATION:.0%} of the activations: the forward's freed temporaries, kept by glibc's heap between the tensors saved for the backward (measured)",
+            )
+        )
     if work.causal:
         # the loss runs the output layer on at most `chunk_positions(vocab)` positions at a time (loss._frozen_chunks):
         # a chunk's fp32 logits and logsumexp's temporary of their size (2 x 4 bytes), + the previous chunk's softmax,

@@ -123,12 +123,14 @@ def test_a_cpu_estimate_counts_the_mapped_weight_file_and_the_first_steps_runtim
     e = planner.estimate(recipe, mapped, micro_batch=8, checkpointing=False)
     linears = sum(i * o for i, o in mapped.linears.values())
     assert linears == 106_168_320 and e.term("weight file pages") == linears * 4
+    assert e.term("heap fragmentation") == int(planner.CPU_HEAP_FRAGMENTATION * e.term("activations"))
     planned = sum(t.bytes for t in e.terms if t.name != "runtime")
     assert e.term("runtime") == 600 * 2**20 + planner.CPU_STEP_RUNTIME + int(planner.CPU_ALLOCATOR_SLACK * planned)
     assert "weight file pages" not in {t.name for t in planner.estimate(recipe, work, 8, False).terms}
     # a GPU run measures allocated memory: no file pages, no CPU runtime
     gpu = replace(mapped, device="cuda", mapped_file_bytes=0)
-    assert "weight file pages" not in {t.name for t in planner.estimate(recipe, gpu, 8, False).terms}
+    names = {t.name for t in planner.estimate(recipe, gpu, 8, False).terms}
+    assert "weight file pages" not in names and "heap fragmentation" not in names
 
 
 @pytest.mark.unit
