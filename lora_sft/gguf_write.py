@@ -4,7 +4,7 @@ that llama.cpp, Ollama and LM Studio load.
 It writes with the `gguf` package (its writer, tensor-name map, SpecialVocab, quantizers): the architecture's
 metadata from config.json, the tokenizer (vocabulary, merges, special tokens, chat template) from tokenizer.json,
 and the tensors one at a time, so memory holds one tensor, not the model. `ARCHITECTURES` says which
-transformers models it converts (llama, mistral, qwen2, qwen3, gemma2) and how, as llama.cpp's own
+transformers models it converts (llama, mistral, qwen2, qwen3, gemma2, phi3) and how, as llama.cpp's own
 convert_hf_to_gguf.py writes them; gguf_export.py checks the file in llama.cpp and writes the Modelfile.
 """
 
@@ -66,16 +66,30 @@ def _gemma2_problems(config: dict) -> list[str]:
     return problems
 
 
+def _phi3_metadata(writer, config: dict) -> None:
+    writer.add_sliding_window(config.get("sliding_window") or 0)
+
+
+def _phi3_caveats(config: dict) -> list[str]:
+    window = config.get("sliding_window")
+    if window and window < config["max_position_embeddings"]:
+        return [
+            f"gguf warning: llama.cpp runs phi3 without its sliding window ({window}); past {window} tokens it attends to the whole context"
+        ]
+    return []
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How a transformers model_type becomes a llama.cpp architecture (llama.cpp's convert_hf_to_gguf.py conventions)."""
 
     name: str  # llama.cpp's name (general.architecture); tensor names come from gguf's TensorNameMap for it
-    # HF's llama q/k rows rotate halves; llama.cpp's llama rope rotates adjacent pairs (qwen/gemma use halves: NEOX)
+    # HF's llama q/k rows rotate halves; llama.cpp's llama rope rotates adjacent pairs (qwen/gemma/phi use halves: NEOX)
     permute_qk: bool = False
     norm_shift: float = 0.0  # added to every RMSNorm weight: Gemma's norms scale by (1 + w), llama.cpp's by w
     metadata: Callable[[Any, dict], None] | None = None  # the keys only this architecture writes
     problems: Callable[[dict], list[str]] | None = None  # configs llama.cpp's architecture cannot run (refused)
+    caveats: Callable[[dict], list[str]] | None = None  # what llama.cpp runs differently (logged)
 
 
 # config.json model_type -> how it is written
@@ -85,6 +99,8 @@ ARCHITECTURES = {
     "qwen2": Architecture("qwen2"),
     "qwen3": Architecture("qwen3"),  # q_norm / k_norm map to attn_q_norm / attn_k_norm
     "gemma2": Architecture("gemma2", norm_shift=1.0, metadata=_gemma2_metadata, problems=_gemma2_problems),
+    # qkv_proj and gate_up_proj stay fused: llama.cpp's phi3 reads attn_qkv and splits ffn_up itself
+    "phi3": Architecture("phi3", metadata=_phi3_metadata, caveats=_phi3_caveats),
 }
 
 
@@ -104,12 +120,16 @@ def check_config(config: dict, task: str) -> None:
     check_supported(model_type, task)
     problems = []
     try:
-        _rope(config)
+        rope = _rope(config)
     except UserError as e:
         problems += e.problems
+        rope = {}
     arch = ARCHITECTURES[model_type]
     if arch.problems:
         problems += arch.problems(config)
+    # transformers 5 keeps it in rope_parameters, older configs beside them
+    if (partial := rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))) != 1.0:
+        problems.append(f"--gguf: partial_rotary_factor {partial} is not supported; GGUF export rotates whole heads")
     if config.get("use_sliding_window"):
         problems.append(
             f"--gguf: {model_type} with use_sliding_window is not supported; llama.cpp's {arch.name} attends to the whole context"
@@ -386,6 +406,8 @@ def write(merged: Path, out_dir: Path, name: str, gguf_type: str, log=print) -> 
         log(
             "gguf warning: the tokenizer's pre-tokenizer is not one llama.cpp names; it will split text its default way"
         )
+    for caveat in arch.caveats(config) if arch.caveats else []:
+        log(caveat)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / file_name(name, gguf_type)

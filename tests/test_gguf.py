@@ -287,7 +287,7 @@ def test_gguf_refuses_other_architectures_and_classifiers_in_one_line(tmp_path):
     with pytest.raises(UserError) as e:
         gguf_write.check_supported("gpt_neox", "causal_lm")
     assert e.value.problems == [
-        "--gguf: architecture 'gpt_neox' is not supported; GGUF export supports gemma2, llama, mistral, qwen2, qwen3"
+        "--gguf: architecture 'gpt_neox' is not supported; GGUF export supports gemma2, llama, mistral, phi3, qwen2, qwen3"
     ]
     with pytest.raises(UserError) as e:
         gguf_write.check_supported("llama", "classification")

@@ -1,5 +1,5 @@
-"""GGUF export of the architectures the recipe library ships besides llama / mistral / qwen2: a tiny trained Qwen3
-and Gemma 2 written as f16 by gguf_write and run in llama.cpp (llama-cpp-python), logits and greedy tokens
+"""GGUF export of the architectures the recipe library ships besides llama / mistral / qwen2: a tiny trained Qwen3,
+Gemma 2 and Phi-3 written as f16 by gguf_write and run in llama.cpp (llama-cpp-python), logits and greedy tokens
 compared with transformers in fp32; the configs llama.cpp cannot run, refused in one line before anything is written.
 
 The llama.cpp round trips carry the marker `gguf`, as in test_gguf.py; the refusals run everywhere.
@@ -47,6 +47,8 @@ ARCH_CONFIGS = {
         "sliding_window": 6,
         "tie_word_embeddings": True,
     },
+    # fused qkv_proj (GQA: 4 query heads, 2 key/value heads) and gate_up_proj, untied lm_head, no rope scaling
+    "phi3": {"original_max_position_embeddings": 512, "tie_word_embeddings": False},
 }
 
 
@@ -137,6 +139,26 @@ def test_gemma2_norms_written_without_the_plus_one_fail_the_check(tmp_path, monk
     assert entry["max_abs_logit_diff"] > gguf_export.F16_RELATIVE * entry["max_abs_logit"]
 
 
+@pytest.mark.gguf
+def test_tiny_phi3_f16_gguf_with_fused_qkv_and_gate_up_gives_transformers_logits_in_llama_cpp(tmp_path):
+    merged, tokenizer = save_tiny(tmp_path / "phi3", "phi3")
+    ids = longer_prompts(tokenizer)
+    # not named "phi3": llama.cpp sets special-token attributes for a general.name with "phi3" in it, looking up
+    # Phi-3's own </s> <unk> <s> <|endoftext|>, which this tokenizer lacks (a real Phi-3 tokenizer has them)
+    entry = gguf_export.export_gguf(merged, tmp_path / "gguf", "tiny", "f16", ids, log=lambda *_: None)
+    assert_f16_matches_transformers(entry, len(ids))
+    import gguf
+
+    path = tmp_path / "gguf" / "tiny-f16.gguf"
+    assert fields(path)["general.architecture"] == "phi3"
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in gguf.GGUFReader(str(path)).tensors}
+    hidden, ff, head_dim = TINY_DIMS["hidden_size"], TINY_DIMS["intermediate_size"], 16
+    qkv_rows = (TINY_DIMS["num_attention_heads"] + 2 * TINY_DIMS["num_key_value_heads"]) * head_dim
+    assert shapes["blk.0.attn_qkv.weight"] == (hidden, qkv_rows)  # GGUF lists the row length first
+    assert shapes["blk.0.ffn_up.weight"] == (hidden, 2 * ff)  # gate and up together: llama.cpp splits them
+    assert "blk.0.ffn_gate.weight" not in shapes and "blk.0.attn_q.weight" not in shapes
+
+
 # ---------------------------------------------------------------- refusals (no llama.cpp)
 
 
@@ -149,7 +171,7 @@ def test_an_unsupported_architecture_is_refused_in_one_line_naming_the_supported
     with pytest.raises(UserError) as e:
         gguf_write.check_supported("gpt_neox", "causal_lm")
     assert e.value.problems == [
-        "--gguf: architecture 'gpt_neox' is not supported; GGUF export supports gemma2, llama, mistral, qwen2, qwen3"
+        "--gguf: architecture 'gpt_neox' is not supported; GGUF export supports gemma2, llama, mistral, phi3, qwen2, qwen3"
     ]
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
@@ -178,3 +200,33 @@ def test_gemma2_configs_llama_cpp_runs_otherwise_are_refused_together():
         "--gguf: gemma2 with an untied lm_head is not supported; llama.cpp's gemma2 reuses token_embd",
     ]
     gguf_write.check_ready(config_dict("gemma2"), "causal_lm")  # the tested config passes
+
+
+@pytest.mark.unit
+def test_phi3_longrope_and_partial_rotary_are_refused_in_one_line_naming_them(tmp_path):
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}
+    config = config_dict("phi3", original_max_position_embeddings=64, rope_parameters=rope)
+    with pytest.raises(UserError) as e:
+        gguf_write.check_ready(config, "causal_lm")
+    assert e.value.problems == [
+        "--gguf: rope scaling 'longrope' has no llama.cpp equivalent here (default, linear, yarn, llama3)"
+    ]
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="longrope"):
+        gguf_write.write(tmp_path / "merged", tmp_path / "gguf", "x", "f16")
+    assert not (tmp_path / "gguf").exists()
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    with pytest.raises(UserError) as e:
+        gguf_write.check_ready(config_dict("phi3", rope_parameters=rope), "causal_lm")
+    assert e.value.problems == ["--gguf: partial_rotary_factor 0.5 is not supported; GGUF export rotates whole heads"]
+
+
+@pytest.mark.unit
+def test_a_phi3_sliding_window_llama_cpp_ignores_is_named_in_a_warning():
+    """llama.cpp runs phi3 without its sliding window (Phi-3-mini-4k's 2047 of 4096): written, and the export says so."""
+    caveats = gguf_write.ARCHITECTURES["phi3"].caveats
+    assert caveats(config_dict("phi3", sliding_window=2047, max_position_embeddings=4096)) == [
+        "gguf warning: llama.cpp runs phi3 without its sliding window (2047); past 2047 tokens it attends to the whole context"
+    ]
+    assert caveats(config_dict("phi3", sliding_window=262144)) == []  # Phi-3.5-mini's: longer than its context
