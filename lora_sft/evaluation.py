@@ -221,10 +221,15 @@ def generation_scores(
             log(f"  generate {name}: {done}/{len(pairs)} ({time.perf_counter() - began:.0f} s)")
 
     generated = generate_batch(model, run.tokenizer, [(p, chat) for p, _, chat in pairs], e.max_new_tokens, progress)
+    return generation_metrics(e.metrics, generated, [ref for _, ref, _ in pairs]), generated
+
+
+def generation_metrics(metrics: list[str], answers: list[str], references: list[str]) -> dict[str, float]:
+    """`metrics` (eval.metrics) of generated `answers` against `references`."""
     scores: dict[str, float] = {}
-    for metric in e.metrics:
-        scores |= load_metric(metric).compute(predictions=generated, references=[ref for _, ref, _ in pairs])
-    return scores, generated
+    for metric in metrics:
+        scores |= load_metric(metric).compute(predictions=answers, references=references)
+    return scores
 
 
 def generator(run, model, items: list[dict]) -> tuple[Any, dict[str, Any]]:

@@ -198,6 +198,24 @@ def _llama_stepper(llm) -> Any:
     return step
 
 
+def in_child(module: str, function: str, job: Path, quoted: str) -> str | None:
+    """Run `module.function(job)` in a child interpreter with this lora_sft on its path (llama.cpp is native code: a
+    crash there must fail a check, not the export). None when it succeeded, else how it ended and the last stderr
+    line matching the regex `quoted`: "SIGILL" or "exit 1: ValueError: ..."."""
+    import signal
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = f"import sys; sys.path.insert(0, {root!r}); from {module} import {function}; {function}(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    how = signal.Signals(-proc.returncode).name if proc.returncode < 0 else f"exit {proc.returncode}"
+    last = [line for line in proc.stderr.splitlines() if re.search(quoted, line, re.IGNORECASE)][-1:]
+    return f"{how}{': ' + last[0] if last else ''}"
+
+
 def check(gguf_path: Path, merged: Path, gguf_type: str, prompts: list[list[int]]) -> dict:
     """Load the GGUF with llama.cpp on CPU and compare it with the merged model in transformers (fp32) on `prompts`:
     max |logit diff| at every prompt position, next-token argmax agreement, and 16 greedy tokens per prompt.
@@ -205,9 +223,6 @@ def check(gguf_path: Path, merged: Path, gguf_type: str, prompts: list[list[int]
     It runs in a child interpreter: llama.cpp is native code, and a crash there (an instruction the CPU or VM does
     not allow, say) must fail the check, not kill the export before it removes its staging folder."""
     import importlib.util
-    import signal
-    import subprocess
-    import sys
     import tempfile
 
     if importlib.util.find_spec("llama_cpp") is None:
@@ -215,15 +230,11 @@ def check(gguf_path: Path, merged: Path, gguf_type: str, prompts: list[list[int]
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps([str(gguf_path), str(merged), gguf_type, prompts]))
-        root = str(Path(__file__).resolve().parents[1])
-        code = f"import sys; sys.path.insert(0, {root!r}); from lora_sft.gguf_export import _measure_job; _measure_job(sys.argv[1])"
-        proc = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True)
-        if proc.returncode == 0:
+        failure = in_child("lora_sft.gguf_export", "_measure_job", job, r"error|assert")
+        if failure is None:
             return json.loads(job.with_suffix(".out.json").read_text())
-    how = signal.Signals(-proc.returncode).name if proc.returncode < 0 else f"exit {proc.returncode}"
-    last = [line for line in proc.stderr.splitlines() if re.search(r"error|assert", line, re.IGNORECASE)][-1:]
     problem = (
-        f"llama.cpp (llama-cpp-python) failed running {gguf_path.name} ({how}{': ' + last[0] if last else ''}); "
+        f"llama.cpp (llama-cpp-python) failed running {gguf_path.name} ({failure}); "
         "if its build is at fault, rebuild it for this machine (CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install --force-reinstall --no-cache-dir llama-cpp-python) "
         "or uninstall it to export without the load check"
     )
@@ -491,7 +502,7 @@ def export_ggufs(
     model, how = generator(run, run.model(), [data[i] for i in range(min(4, len(data)))])
     count = min(run.recipe.eval.generate, PARITY_PROMPTS) or 16
     log(f"gguf serving check: {count} held-out prompts, references generated with {how['model']}")
-    prompts = gguf_serving.prompts(run, model, count, lambda chat: ollama_prompt(family, system, chat))
+    prompts = gguf_serving.prompts(run, bundle, model, count, lambda chat: ollama_prompt(family, system, chat))
     del model
     candidates = [*AUTO, base_type] if auto else types
     for gguf_type in candidates:

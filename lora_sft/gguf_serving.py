@@ -24,8 +24,6 @@ the mean KL into a budget (`--gguf-type auto` picks the smallest type within it)
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,17 +45,18 @@ class Prompts:
     references: list[str]  # the responses of the eval rows
     generated: list[str]  # the trained model's greedy responses (torch)
     stopped: list[bool]  # whether it ended its response within max_new_tokens
+    trained_metrics: dict[str, float]  # the recipe's eval.metrics of `generated` against `references`
     ollama: list[str | None]  # the prompt the Modelfile's TEMPLATE renders (None: no TEMPLATE, or not a chat)
     max_new_tokens: int
     end_of_turn: list[int]  # the tokens the run trained as the last token of a response
 
 
-def prompts(run, model, count: int, ollama_render=None) -> Prompts:
-    """Up to `count` eval rows (train rows when the run has none) as parity prompts; `model` (the model as trained,
-    or its fast equivalent) generates the reference responses. `ollama_render(messages)`: the Ollama prompt."""
-    from .evaluation import prompt_and_reference
+def prompts(run, bundle, model, count: int, ollama_render=None) -> Prompts:
+    """Up to `count` eval rows of `bundle` (the run's tokenized data; train rows when it has no eval split) as parity
+    prompts; `model` (the model as trained, or its fast equivalent) generates the reference responses.
+    `ollama_render(messages)`: the Ollama prompt."""
+    from .evaluation import generation_metrics, prompt_and_reference
 
-    bundle = run.bundle()
     data, examples = (bundle.eval, run.checked.eval) if bundle.eval is not None else (bundle.train, run.checked.train)
     aligned = len(data) == len(examples)  # rows dropped by the data stage: the sample is re-tokenized instead
     chats, texts, trained, refs, eot = [], [], [], [], set()
@@ -81,6 +80,7 @@ def prompts(run, model, count: int, ollama_render=None) -> Prompts:
             break
     e = run.recipe.eval
     generated, stopped = _reference(model, run.tokenizer, texts, chats, e.max_new_tokens)
+    trained_metrics = generation_metrics(run.recipe.eval.metrics, generated, refs)
     return Prompts(
         chats=chats,
         texts=texts,
@@ -88,6 +88,7 @@ def prompts(run, model, count: int, ollama_render=None) -> Prompts:
         references=refs,
         generated=generated,
         stopped=stopped,
+        trained_metrics=trained_metrics,
         ollama=[ollama_render(c) if ollama_render and c is not None else None for c in chats],
         max_new_tokens=e.max_new_tokens,
         end_of_turn=sorted(eot) or [run.tokenizer.eos_token_id],
@@ -176,8 +177,7 @@ def _serve_job(job_file: str) -> None:
 def serve(gguf: Path, p: Prompts, samples: list[list[int]]) -> tuple[dict, np.ndarray] | str:
     """Run the prompts and samples through llama.cpp in a child interpreter (a crash in native code fails the check,
     not the export): what it served and the samples' logits, or why it failed."""
-    import re
-    import signal
+    from .gguf_export import in_child
 
     with tempfile.TemporaryDirectory() as tmp:
         logits_file, result_file = Path(tmp) / "logits.npy", Path(tmp) / "result.json"
@@ -194,14 +194,10 @@ def serve(gguf: Path, p: Prompts, samples: list[list[int]]) -> tuple[dict, np.nd
             "result": str(result_file),
         }
         (Path(tmp) / "job.json").write_text(json.dumps(job))
-        root = str(Path(__file__).resolve().parents[1])
-        code = f"import sys; sys.path.insert(0, {root!r}); from lora_sft.gguf_serving import _serve_job; _serve_job(sys.argv[1])"
-        proc = subprocess.run([sys.executable, "-c", code, str(Path(tmp) / "job.json")], capture_output=True, text=True)
-        if proc.returncode == 0:
+        failure = in_child("lora_sft.gguf_serving", "_serve_job", Path(tmp) / "job.json", r"error|exception")
+        if failure is None:
             return json.loads(result_file.read_text()), np.load(logits_file)
-    how = signal.Signals(-proc.returncode).name if proc.returncode < 0 else f"exit {proc.returncode}"
-    last = [line for line in proc.stderr.splitlines() if re.search(r"error|exception", line, re.IGNORECASE)][-1:]
-    return f"llama.cpp (llama-cpp-python) failed serving {gguf.name} ({how}{': ' + last[0] if last else ''})"
+    return f"llama.cpp (llama-cpp-python) failed serving {gguf.name} ({failure})"
 
 
 # ---------------------------------------------------------------- the verdict
@@ -221,7 +217,7 @@ def first_difference(tokenizer, want: list[int], got: list[int]) -> str:
 
 def verdict(run, gguf_type: str, p: Prompts, served: dict, drift: dict, max_drift: float | None) -> dict:
     """The parity entry of one GGUF: what matched, the task metrics, the drift; `problems` when it fails."""
-    from .evaluation import load_metric
+    from .evaluation import generation_metrics
 
     tok = run.tokenizer
     answers = [s["text"] for s in served["served"]]
@@ -257,12 +253,7 @@ def verdict(run, gguf_type: str, p: Prompts, served: dict, drift: dict, max_drif
         problems.append(
             f"{gguf_type}: mean KL {drift['mean_kl']:.3g} to the model as trained is above --max-drift {max_drift:g}"
         )
-    scores: dict[str, float] = {}
-    for metric in run.recipe.eval.metrics:
-        scores |= load_metric(metric).compute(predictions=answers, references=p.references)
-    trained_scores: dict[str, float] = {}
-    for metric in run.recipe.eval.metrics:
-        trained_scores |= load_metric(metric).compute(predictions=p.generated, references=p.references)
+    scores = generation_metrics(run.recipe.eval.metrics, answers, p.references)
     return {
         "prompts": n,
         "chat_format": served["chat_format"],
@@ -275,7 +266,7 @@ def verdict(run, gguf_type: str, p: Prompts, served: dict, drift: dict, max_drif
         "trained_stopped": sum(p.stopped),
         "generation_identical": sum(a == g for a, g in zip(answers, p.generated)),
         "metrics": scores,
-        "trained_metrics": trained_scores,
+        "trained_metrics": p.trained_metrics,
         "drift": drift,
         "samples": [
             {"prompt": p.texts[i][-200:], "trained": p.generated[i], "served": answers[i]} for i in range(min(3, n))

@@ -66,8 +66,9 @@ def refuse_failed_export(root: Path) -> None:
     import json
 
     for report in (root / "fidelity.json", root / "export" / "fidelity.json"):
-        if report.is_file() and json.loads(report.read_text()).get("passed") is False:
-            first = (json.loads(report.read_text()).get("problems") or ["a check failed"])[0]
+        fidelity = json.loads(report.read_text()) if report.is_file() else {}
+        if fidelity.get("passed") is False:
+            first = (fidelity.get("problems") or ["a check failed"])[0]
             raise UserError(
                 f"{report}: this export failed its checks ({first}) and was kept only for inspection; fix the cause and export again before pushing"
             )

@@ -35,6 +35,7 @@ def case(tokenizer, served_ids=None, eog=True, text="Paris.", finish="stop", oll
         references=["Paris."],
         generated=["Paris."],
         stopped=[True],
+        trained_metrics={"exact_match": 1.0},
         ollama=[prompt],
         max_new_tokens=8,
         end_of_turn=[end],
