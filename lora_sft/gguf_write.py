@@ -71,12 +71,20 @@ def _phi3_metadata(writer, config: dict) -> None:
 
 
 def _phi3_caveats(config: dict) -> list[str]:
+    caveats = []
     window = config.get("sliding_window")
     if window and window < config["max_position_embeddings"]:
-        return [
+        caveats.append(
             f"gguf warning: llama.cpp runs phi3 without its sliding window ({window}); past {window} tokens it attends to the whole context"
-        ]
-    return []
+        )
+    rope = _rope(config)
+    if rope["rope_type"] == "longrope":
+        original = rope["original_max_position_embeddings"]
+        caveats.append(
+            f"gguf warning: llama.cpp picks phi3's long rope factors by its context size, not by the sequence as transformers does: "
+            f"with a context over {original} tokens (llama.cpp -c, Ollama num_ctx) even short prompts run on the long factors"
+        )
+    return caveats
 
 
 @dataclass(frozen=True)
@@ -160,11 +168,32 @@ def _rope(config: dict) -> dict:
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if params["rope_type"] == "su":  # Phi-3's first name for longrope
+        params["rope_type"] = "longrope"
+    if params["rope_type"] == "longrope" and config.get("model_type") == "phi3":
+        return params | _longrope(config, params)
     if params["rope_type"] not in ("default", "linear", "yarn", "llama3"):
         raise UserError(
-            f"--gguf: rope scaling {params['rope_type']!r} has no llama.cpp equivalent here (default, linear, yarn, llama3)"
+            f"--gguf: rope scaling {params['rope_type']!r} has no llama.cpp equivalent here (default, linear, yarn, llama3; longrope on phi3)"
         )
     return params
+
+
+def _longrope(config: dict, rope: dict) -> dict:
+    """Phi-3's longrope as llama.cpp's phi3 runs it: short and long frequency factors (tensors rope_factors_short /
+    rope_factors_long), the original context, and the attention factor transformers scales cos and sin by."""
+    original = rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not original or not long or not short or len(long) != head_dim // 2 or len(short) != head_dim // 2:
+        raise UserError(
+            f"--gguf: phi3 longrope needs original_max_position_embeddings and long_factor / short_factor of {head_dim // 2} values each"
+        )
+    factor = rope.get("factor") or config["max_position_embeddings"] / original  # as transformers' longrope
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+    return {"original_max_position_embeddings": original, "attention_factor": attention}
 
 
 def _llama3_freq_factors(rope: dict, head_dim: int) -> np.ndarray:
@@ -183,6 +212,20 @@ def _llama3_freq_factors(rope: dict, head_dim: int) -> np.ndarray:
             smooth = (old / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(out, dtype=np.float32)
+
+
+def _rope_tensors(rope: dict) -> dict:
+    """The computed rope tensors llama.cpp reads: rope_freqs (llama3), rope_factors_long / _short (phi3 longrope)."""
+    import gguf
+
+    if rope["rope_type"] == "llama3":
+        return {gguf.MODEL_TENSOR.ROPE_FREQS: _llama3_freq_factors(rope, rope["head_dim"])}
+    if rope["rope_type"] == "longrope":
+        return {
+            gguf.MODEL_TENSOR.ROPE_FACTORS_LONG: np.array(rope["long_factor"], dtype=np.float32),
+            gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT: np.array(rope["short_factor"], dtype=np.float32),
+        }
+    return {}
 
 
 def _add_architecture(writer, config: dict, arch: Architecture, n_vocab: int, file_type) -> dict:
@@ -211,6 +254,9 @@ def _add_architecture(writer, config: dict, arch: Architecture, n_vocab: int, fi
         writer.add_rope_scaling_factor(rope["factor"])
         if rope.get("original_max_position_embeddings"):
             writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if rope["rope_type"] == "longrope":  # no scaling type: llama.cpp's phi3 reads the factor tensors
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_rope_scaling_attn_factors(rope["attention_factor"])
     if arch.metadata:
         arch.metadata(writer, config)
     return rope | {"head_dim": head_dim}
@@ -414,19 +460,12 @@ def write(merged: Path, out_dir: Path, name: str, gguf_type: str, log=print) -> 
     writer = gguf.GGUFWriter(path, arch.name)
     writer.add_name(name)
     rope = _add_architecture(writer, config, arch, n_vocab, file_type)
-    if rope["rope_type"] == "llama3":
-        factors = _llama3_freq_factors(rope, rope["head_dim"])
-        tensors.insert(
-            0,
-            _Tensor(
-                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-                None,
-                "",
-                factors.shape,
-                gguf.GGMLQuantizationType.F32,
-                data=factors,
-            ),
+    tensors[:0] = [
+        _Tensor(
+            gguf.TENSOR_NAMES[kind] + ".weight", None, "", factors.shape, gguf.GGMLQuantizationType.F32, data=factors
         )
+        for kind, factors in _rope_tensors(rope).items()
+    ]
     _add_tokenizer(writer, merged, vocab)
     for t in tensors:
         byte_shape = (

@@ -1,5 +1,5 @@
 """GGUF export of the architectures the recipe library ships besides llama / mistral / qwen2: a tiny trained Qwen3,
-Gemma 2 and Phi-3 written as f16 by gguf_write and run in llama.cpp (llama-cpp-python), logits and greedy tokens
+Gemma 2 and Phi-3 (with and without Phi-3.5's longrope) written as f16 by gguf_write and run in llama.cpp (llama-cpp-python), logits and greedy tokens
 compared with transformers in fp32; the configs llama.cpp cannot run, refused in one line before anything is written.
 
 The llama.cpp round trips carry the marker `gguf`, as in test_gguf.py; the refusals run everywhere.
@@ -8,6 +8,7 @@ The llama.cpp round trips carry the marker `gguf`, as in test_gguf.py; the refus
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ ARCH_CONFIGS = {
 }
 
 
-def save_tiny(path: Path, model_type: str) -> tuple[Path, object]:
+def save_tiny(path: Path, model_type: str, **overrides) -> tuple[Path, object]:
     """A tiny `model_type` fitted a few steps on the example texts (so its next token is clear), saved as the merged
     folder an export writes: safetensors, config.json and a byte-level BPE tokenizer with a chatml template."""
     import torch
@@ -60,7 +61,9 @@ def save_tiny(path: Path, model_type: str) -> tuple[Path, object]:
 
     tokenizer = build_tokenizer(CORPUS)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, tokenizer, **ARCH_CONFIGS[model_type]))
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(model_type, tokenizer, **(ARCH_CONFIGS[model_type] | overrides))
+    )
     fit(model, tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path, tokenizer
@@ -159,6 +162,70 @@ def test_tiny_phi3_f16_gguf_with_fused_qkv_and_gate_up_gives_transformers_logits
     assert "blk.0.ffn_gate.weight" not in shapes and "blk.0.attn_q.weight" not in shapes
 
 
+def longrope(original: int) -> dict:
+    """Phi-3.5-mini's rope scaling at the tiny scale: short and long factors apart from 1 and from each other, so a
+    converter that dropped them, swapped them or lost the attention factor would show in the logits."""
+    half = TINY_DIMS["hidden_size"] // TINY_DIMS["num_attention_heads"] // 2
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.25 * i for i in range(half)],
+        "long_factor": [1.0 + 3.0 * i for i in range(half)],
+        "original_max_position_embeddings": original,
+    }
+
+
+@pytest.mark.gguf
+def test_tiny_phi3_with_longrope_gives_transformers_logits_in_llama_cpp(tmp_path):
+    """Phi-3.5-mini's longrope (4096 of 131072 there; 256 of 2048 here, so the attention factor is sqrt(1 + ln 8 /
+    ln 256)): the factor tensors and the attention factor written as llama.cpp's converter does. The check's context
+    stays within the original 256, where both transformers and llama.cpp run the short factors."""
+    import gguf
+
+    merged, tokenizer = save_tiny(
+        tmp_path / "phi3",
+        "phi3",
+        max_position_embeddings=2048,
+        original_max_position_embeddings=256,
+        rope_parameters=longrope(256),
+    )
+    ids = longer_prompts(tokenizer)
+    warnings = []
+    entry = gguf_export.export_gguf(merged, tmp_path / "gguf", "tiny", "f16", ids, log=warnings.append)
+    assert_f16_matches_transformers(entry, len(ids))
+    path = tmp_path / "gguf" / "tiny-f16.gguf"
+    meta = fields(path)
+    assert meta["phi3.rope.scaling.original_context_length"] == 256
+    assert meta["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + math.log(8) / math.log(256)) ** 0.5)
+    tensors = {t.name: t.data.tolist() for t in gguf.GGUFReader(str(path)).tensors if t.name.startswith("rope_")}
+    assert tensors == {
+        "rope_factors_long.weight": longrope(256)["long_factor"],
+        "rope_factors_short.weight": longrope(256)["short_factor"],
+    }
+    assert any("long rope factors" in w and "over 256 tokens" in w for w in warnings)
+
+
+@pytest.mark.gguf
+def test_phi3_longrope_with_the_factors_swapped_fails_the_check(tmp_path, monkeypatch):
+    """The comparison sees the factors: the long ones written as the short gives other logits, and the check says so."""
+    merged, tokenizer = save_tiny(
+        tmp_path / "phi3",
+        "phi3",
+        max_position_embeddings=2048,
+        original_max_position_embeddings=256,
+        rope_parameters=longrope(256),
+    )
+    real = gguf_write._rope_tensors
+
+    def swapped(rope):
+        out = real(rope)
+        return dict(zip(out, reversed(list(out.values())), strict=True))
+
+    monkeypatch.setattr(gguf_write, "_rope_tensors", swapped)
+    entry = gguf_export.export_gguf(merged, tmp_path / "gguf", "tiny", "f16", prompts(tokenizer), log=lambda *_: None)
+    assert entry["checked"] and not entry["passed"]
+
+
 # ---------------------------------------------------------------- refusals (no llama.cpp)
 
 
@@ -203,19 +270,27 @@ def test_gemma2_configs_llama_cpp_runs_otherwise_are_refused_together():
 
 
 @pytest.mark.unit
-def test_phi3_longrope_and_partial_rotary_are_refused_in_one_line_naming_them(tmp_path):
-    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}
-    config = config_dict("phi3", original_max_position_embeddings=64, rope_parameters=rope)
+def test_phi3_longrope_without_its_factors_and_partial_rotary_are_refused_in_one_line_naming_them(tmp_path):
+    config = config_dict("phi3", original_max_position_embeddings=64, rope_parameters=longrope(64))
+    gguf_write.check_ready(config, "causal_lm")  # Phi-3.5-mini's shape of config passes
+    config["rope_parameters"]["long_factor"] = [1.0] * 3  # a hand-edited config.json (transformers checks its own)
     with pytest.raises(UserError) as e:
         gguf_write.check_ready(config, "causal_lm")
     assert e.value.problems == [
-        "--gguf: rope scaling 'longrope' has no llama.cpp equivalent here (default, linear, yarn, llama3)"
+        "--gguf: phi3 longrope needs original_max_position_embeddings and long_factor / short_factor of 8 values each"
     ]
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="longrope"):
         gguf_write.write(tmp_path / "merged", tmp_path / "gguf", "x", "f16")
     assert not (tmp_path / "gguf").exists()
+    gguf_write.check_ready(
+        config_dict("phi3", original_max_position_embeddings=64, rope_parameters=longrope(64)), "causal_lm"
+    )
+    # longrope is phi3's: on another architecture it stays refused
+    llama = tiny_config("llama", build_tokenizer(CORPUS[:20]), rope_parameters=longrope(64)).to_dict()
+    with pytest.raises(UserError, match="rope scaling 'longrope' has no"):
+        gguf_write.check_ready(llama, "causal_lm")
     rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
     with pytest.raises(UserError) as e:
         gguf_write.check_ready(config_dict("phi3", rope_parameters=rope), "causal_lm")
