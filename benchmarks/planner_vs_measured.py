@@ -1,6 +1,7 @@
 """The memory planner's estimate against the measured peak of real training runs.
 
     python benchmarks/planner_vs_measured.py [--quick] [--device cpu|cuda] [--steps 3]
+    python benchmarks/planner_vs_measured.py --real    # the shipped quickstarts on real models, about 6 minutes
 
 For a Llama-shaped model with random weights (4 layers, hidden 256, a 32k vocabulary, saved like
 tests/helpers.save_tiny_llama) it trains lora_sft for a few steps in a subprocess per configuration: several
@@ -116,19 +117,29 @@ def run(folder: Path, model: Path, data: Path, seq: int, micro: int, ckpt: bool,
     }
     path = folder / f"recipe-{seq}-{micro}-{int(ckpt)}.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    measured = train(path, [], out, folder, device)
+    return {"seq": seq, "micro": micro, "checkpointing": ckpt, **measured}
+
+
+def train(recipe: Path, patches: list[str], out: Path, cwd: Path, device: str) -> dict:
+    """One `python -m lora_sft train` in a subprocess: its printed estimate and the peak in its summary.json."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(REPO))
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run even on a GPU machine
     proc = subprocess.run(
-        [sys.executable, "-m", "lora_sft", "train", str(path)], capture_output=True, text=True, env=env, cwd=folder
+        [sys.executable, "-m", "lora_sft", "train", str(recipe), *patches],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
     )
     if proc.returncode != 0:
-        raise SystemExit(f"run {path.name} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"run {recipe.name} {' '.join(patches)} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     terms = dict(re.findall(r"^\s+(\w[\w ]*): ([\d.]+ [GM]iB)", proc.stdout, re.M))
     total = re.search(r"memory estimate on the \w+: ([\d.]+ [GM]iB)", proc.stdout)
     if total is None:
-        raise SystemExit(f"run {path.name} printed no memory estimate:\n{proc.stdout[-3000:]}")
+        raise SystemExit(f"run {recipe.name} printed no memory estimate:\n{proc.stdout[-3000:]}")
 
     def mib(text: str) -> float:
         number, unit = text.split()
@@ -136,14 +147,69 @@ def run(folder: Path, model: Path, data: Path, seq: int, micro: int, ckpt: bool,
 
     estimate = mib(total.group(1)) - (mib(terms["runtime"]) if device == "cuda" else 0)
     return {
-        "seq": seq,
-        "micro": micro,
-        "checkpointing": ckpt,
         "estimate_mib": round(estimate, 1),
         "measured_mib": summary["peak_memory_mb"],
         "measured_kind": summary["peak_memory_kind"],
         "terms_mib": {k: mib(v) for k, v in terms.items()},
     }
+
+
+# --real: the recipes people run first, as shipped, for a few steps (the peak of a run is reached in its first
+# steps: preflight, load, the eval before training and the first optimizer step); the chat quickstart twice, as
+# benchmarks/vs_trl.py --model smollm2 trains it (activation recompute on and off)
+REAL = [
+    ("quickstart (MiniLM classifier)", "recipes/quickstart.yaml", ["train.max_steps=10"]),
+    ("chat quickstart (SmolLM2-135M from GGUF)", "recipes/quickstart-chat.yaml", ["train.max_steps=4"]),
+    (
+        "SmolLM2 benchmark, recompute on",
+        "recipes/quickstart-chat.yaml",
+        ["train.max_steps=4", "train.gradient_checkpointing=true"],
+    ),
+    (
+        "SmolLM2 benchmark, recompute off",
+        "recipes/quickstart-chat.yaml",
+        ["train.max_steps=4", "train.gradient_checkpointing=false"],
+    ),
+    # not a shape the recompute term was calibrated on (that was micro batch 8): half the batch
+    (
+        "SmolLM2, micro batch 4, recompute on",
+        "recipes/quickstart-chat.yaml",
+        ["train.max_steps=4", "train.micro_batch_size=4", "train.gradient_checkpointing=true"],
+    ),
+]
+
+
+def real_runs(folder: Path, device: str) -> list[dict]:
+    rows = []
+    for i, (label, recipe, patches) in enumerate(REAL):
+        out = folder / f"real-{i}"
+        patches = [*patches, f"output_dir={out}", "eval.after_train=false"]
+        rows.append(
+            {
+                "run": label,
+                "recipe": recipe,
+                "patches": patches[:-2],
+                **train(REPO / recipe, patches, out, REPO, device),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def real_table(rows: list[dict], device: str) -> str:
+    what = "peak RSS" if device == "cpu" else "torch.cuda.max_memory_allocated"
+    lines = [
+        f"| run | recipe + patches | estimate (MiB) | measured {what} (MiB) | error |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        err = 100 * (r["estimate_mib"] - r["measured_mib"]) / r["measured_mib"]
+        lines.append(
+            f"| {r['run']} | `{r['recipe']}` {' '.join(r['patches'])} | {r['estimate_mib']:.0f} | {r['measured_mib']:.0f} | {err:+.1f}% |"
+        )
+    worst = max(abs(r["estimate_mib"] - r["measured_mib"]) / r["measured_mib"] for r in rows)
+    lines.append(f"\nworst error: {100 * worst:.1f}% over {len(rows)} runs")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], device: str) -> str:
@@ -168,26 +234,41 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument(
+        "--real",
+        action="store_true",
+        help="the shipped quickstarts (MiniLM, SmolLM2 from its GGUF) instead of the random Llama grid; "
+        "writes planner_vs_measured-real-<device>.md",
+    )
+    parser.add_argument(
         "--out",
         default=None,
         help="the folder of planner_vs_measured-<device>.md (default benchmarks/results), as vs_trl.py's",
     )
     args = parser.parse_args()
-    configs = QUICK if args.quick else FULL
-    with tempfile.TemporaryDirectory(prefix="planner-bench-") as tmp:
-        folder = Path(tmp)
-        os.environ.setdefault("LORA_SFT_CACHE", str(folder / "cache"))
-        model = build_model(folder / "model")
-        data = write_text(folder / "text.jsonl")
-        rows = []
-        for seq, micro, ckpt in configs:
-            rows.append(run(folder, model, data, seq, micro, ckpt, args.steps, args.device))
-            print(json.dumps(rows[-1]), flush=True)
-    text = table(rows, args.device)
+    if args.real:
+        with tempfile.TemporaryDirectory(prefix="planner-bench-") as tmp:
+            text = real_table(real_runs(Path(tmp), args.device), args.device)
+        name = f"planner_vs_measured-real-{args.device}.md"
+        header = f"# The memory planner against measured peaks: real models ({args.device})\n\n"
+        header += "Each recipe as shipped, a few steps (the peak of a run falls in its first steps), after-training eval off; "
+        header += f"measured by `python benchmarks/planner_vs_measured.py --real`{' --device cuda' if args.device == 'cuda' else ''}.\n\n"
+    else:
+        configs = QUICK if args.quick else FULL
+        with tempfile.TemporaryDirectory(prefix="planner-bench-") as tmp:
+            folder = Path(tmp)
+            os.environ.setdefault("LORA_SFT_CACHE", str(folder / "cache"))
+            model = build_model(folder / "model")
+            data = write_text(folder / "text.jsonl")
+            rows = []
+            for seq, micro, ckpt in configs:
+                rows.append(run(folder, model, data, seq, micro, ckpt, args.steps, args.device))
+                print(json.dumps(rows[-1]), flush=True)
+        text = table(rows, args.device)
+        name = f"planner_vs_measured-{args.device}.md"
+        header = f"# The memory planner against measured peaks ({args.device}{', quick' if args.quick else ''})\n\n"
+        header += "Model: random Llama, 4 layers, hidden 256, intermediate 688, 32k vocabulary, nf4 + double quant, LoRA r16 all-linear, AdamW.\n\n"
     print(text)
-    out = (Path(args.out) if args.out else REPO / "benchmarks" / "results") / f"planner_vs_measured-{args.device}.md"
-    header = f"# The memory planner against measured peaks ({args.device}{', quick' if args.quick else ''})\n\n"
-    header += "Model: random Llama, 4 layers, hidden 256, intermediate 688, 32k vocabulary, nf4 + double quant, LoRA r16 all-linear, AdamW.\n\n"
+    out = (Path(args.out) if args.out else REPO / "benchmarks" / "results") / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + text + "\n")
 

@@ -61,6 +61,15 @@ CPU_STEP_RUNTIME = 96 * 2**20
 # for the backward, allocated between them, keep it from shrinking. Measured on SmolLM2 at micro batch 4 x 256: the
 # tensors saved for the backward 1,205 MiB (saved_tensors_hooks), the RSS after the forward 2,259 MiB more than before
 CPU_HEAP_FRAGMENTATION = 0.75
+# CPU, with activation recompute: the same, layer by layer. Each checkpointed layer frees its temporaries, but the
+# layer output kept for the backward is allocated after them, so the heap grows by part of a layer's temporaries per
+# layer (SmolLM2-135M, chat quickstart rows, micro batch 8: the RSS rose 27 MiB per layer through the forward; the
+# peak over the other terms was 0.41 of a layer's temporaries x its 30 layers; benchmarks/planner_vs_measured.py
+# --real). Negligible on a 4-layer model, a third of the peak on SmolLM2's 30. Only tensors under glibc's largest
+# mmap threshold come from the heap: larger ones (Llama-8B's 4,096 x 14,336 MLP temporaries) are mapped and unmapped
+# whole and leave nothing behind.
+CPU_RECOMPUTE_FRAGMENTATION = 0.41
+CPU_MMAP_THRESHOLD = 32 * 2**20
 
 
 # ---------------------------------------------------------------- the model's shape
@@ -371,6 +380,21 @@ def layer_activation_bytes(recipe: Recipe, work: Workload) -> tuple[int, int]:
     return base * s.layers + sum(per_layer.values()), base + max(per_layer.values(), default=0)
 
 
+def _heap_temporaries(work: Workload, tokens: int) -> int:
+    """The bytes of one layer's temporaries (as `layer_activation_bytes` counts them) in tensors small enough for
+    glibc to take from its heap (under CPU_MMAP_THRESHOLD); a larger tensor is mapped on its own."""
+    s, p = work.shape, work.dtype_bytes
+    h, i, hd = s.hidden, s.intermediate, s.head_dim
+    # (bytes per token, the bytes per token of one tensor of that kind)
+    kinds = [
+        (2 * (4 * h + p * h), 4 * h),  # the norms' fp32 inputs and outputs
+        (p * hd * 3 * s.heads, p * hd * s.heads),  # q, the attention output and o_proj's copy of it
+        (p * hd * 2 * s.kv_heads, p * hd * s.kv_heads),  # k, v
+        ((4 if work.gated_mlp else 2) * i * p, i * p),  # the MLP's intermediates
+    ]
+    return sum(tokens * per for per, tensor in kinds if tokens * tensor < CPU_MMAP_THRESHOLD)
+
+
 def estimate(recipe: Recipe, work: Workload, micro_batch: int, checkpointing: bool) -> Estimate:
     """The peak memory of a training step of `recipe` at this micro batch, with or without checkpointing."""
     s, p = work.shape, work.dtype_bytes
@@ -410,7 +434,16 @@ def estimate(recipe: Recipe, work: Workload, micro_batch: int, checkpointing: bo
             f"{tokens:,} tokens x {s.layers} layers x {all_layers // s.layers:,} bytes per token and layer + final norm"
         )
     terms.append(Term("activations", act, how))
-    if work.device == "cpu":
+    if work.device == "cpu" and checkpointing:
+        temporaries = s.layers * _heap_temporaries(work, tokens)
+        terms.append(
+            Term(
+                "heap fragmentation",
+                int(CPU_RECOMPUTE_FRAGMENTATION * temporaries),
+                f"{CPU_RECOMPUTE_FRAGMENTATION:.0%} of each recomputed layer's heap-allocated temporaries (tensors under {CPU_MMAP_THRESHOLD >> 20} MiB) x {s.layers} layers: freed, but kept by glibc's heap beneath the layer outputs saved after them (measured)",
+            )
+        )
+    elif work.device == "cpu":
         terms.append(
             Term(
                 "heap fragmentation",

@@ -124,6 +124,21 @@ def test_a_cpu_estimate_counts_the_mapped_weight_file_and_the_first_steps_runtim
     linears = sum(i * o for i, o in mapped.linears.values())
     assert linears == 106_168_320 and e.term("weight file pages") == linears * 4
     assert e.term("heap fragmentation") == int(planner.CPU_HEAP_FRAGMENTATION * e.term("activations"))
+    # under recompute the heap keeps part of every layer's freed temporaries, not of the few activations kept:
+    # at 8 x 256 tokens SmolLM2's are all heap-sized (2,048 x 1,536 x 4 bytes = 12 MiB, under glibc's 32 MiB)
+    short = replace(mapped, sequence=256)
+    _, one_layer = planner.layer_activation_bytes(recipe, short)
+    recomputed = planner.estimate(recipe, short, micro_batch=8, checkpointing=True)
+    per_token = planner._heap_temporaries(short, 1)
+    assert 0 < one_layer - per_token < one_layer / 50  # all but LoRA's r-wide outputs and SDPA's logsumexp
+    assert planner._heap_temporaries(short, 2048) == 2048 * per_token
+    assert recomputed.term("heap fragmentation") == int(
+        planner.CPU_RECOMPUTE_FRAGMENTATION * SMOLLM2_135M.layers * 2048 * per_token
+    )
+    assert recomputed.term("heap fragmentation") > recomputed.term("activations")  # 30 layers: it dominates
+    # at 4,096 tokens Llama-8B's temporaries are mapped whole (64 MiB a tensor), except k and v (16 MiB)
+    llama = replace(mapped, shape=planner.ModelShape(4096, 14336, 32, 32, 8, 128, 128256, False))
+    assert planner._heap_temporaries(llama, 4096) == 4096 * 4 * 128 * 2 * 8
     planned = sum(t.bytes for t in e.terms if t.name != "runtime")
     assert e.term("runtime") == 600 * 2**20 + planner.CPU_STEP_RUNTIME + int(planner.CPU_ALLOCATOR_SLACK * planned)
     assert "weight file pages" not in {t.name for t in planner.estimate(recipe, work, 8, False).terms}
