@@ -29,9 +29,11 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,29 +179,23 @@ def inspect(path: Path, origin: str, where: str) -> GGUFFile:
             f"{where}: {path.name} is not a GGUF file (it starts with {head!r}; a GGUF file starts with b'GGUF'); point model.path to a .gguf model file"
         )
     try:
-        from gguf import GGUFReader
+        import gguf
     except ImportError:
         raise UserError(f"{where}: reading a GGUF needs the gguf package; pip install 'gguf>=0.19,<0.20'") from None
     try:
-        reader = GGUFReader(path)
-    except (ValueError, IndexError, OSError, KeyError) as e:  # what a file cut short raises while its tables are read
-        raise UserError(
-            f"{where}: {path.name} is truncated or corrupt: its header and tensor table cannot be read ({e}); download or copy it again"
-        ) from None
-    fields = reader.fields
-    parts = _field(reader, "split.count")
+        meta, end = _header(path)
+    except (ValueError, IndexError, KeyError, OSError, struct.error):
+        meta, end = _read_with_gguf(path, where)  # what gguf's own reader makes of a file this one cannot walk
+    parts = meta.get("split.count")
     if isinstance(parts, int) and parts > 1:
         raise UserError(
             f"{where}: {path.name} is the first of {parts} parts of a split GGUF; merge the parts into one file first (llama.cpp: llama-gguf-split --merge {path.name} merged.gguf)"
         )
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     if end > size:
         raise UserError(
             f"{where}: {path.name} is truncated: its tensors end at byte {end:,}, the file has {size:,} (an interrupted download or copy?)"
         )
-    import gguf
-
-    file_type = _field(reader, "general.file_type")
+    file_type = meta.get("general.file_type")
     file_type = file_type if isinstance(file_type, int) else -1
     try:
         type_name = gguf.LlamaFileType(file_type).name
@@ -209,13 +205,96 @@ def inspect(path: Path, origin: str, where: str) -> GGUFFile:
         path=path.resolve(),
         size=size,
         sha256=sha256(path),
-        architecture=str(_field(reader, "general.architecture") or "?"),
+        architecture=str(meta.get("general.architecture") or "?"),
         file_type=file_type,
         file_type_name=type_name,
-        chat_template="tokenizer.chat_template" in fields,
-        pre_tokenizer=str(_field(reader, "tokenizer.ggml.pre") or ""),
+        chat_template="tokenizer.chat_template" in meta,
+        pre_tokenizer=str(meta.get("tokenizer.ggml.pre") or ""),
         origin=origin,
     )
+
+
+# GGUF value types (gguf.GGUFValueType) -> struct format of a scalar; 8 is a string, 9 an array
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """The metadata's scalar values (arrays skipped: a key with an array maps to None) and the byte where the tensor
+    data ends, read from a little-endian GGUF v2/v3 header without building the token arrays (gguf's GGUFReader
+    takes 3 s for SmolLM2's 49,152 tokens and merges). Raises ValueError / struct.error where the file is cut short
+    or not laid out so; `inspect` then asks GGUFReader."""
+    import mmap
+
+    import gguf
+
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version}")
+        at = 24
+
+        def take(fmt: str):
+            nonlocal at
+            values = struct.unpack_from("<" + fmt, m, at)
+            at += struct.calcsize("<" + fmt)
+            return values[0]
+
+        def string() -> str:
+            nonlocal at
+            n = take("Q")
+            if at + n > len(m):
+                raise ValueError("a string past the end of the file")
+            at += n
+            return bytes(m[at - n : at]).decode("utf-8", errors="replace")
+
+        def skip_array() -> None:
+            nonlocal at
+            kind, count = take("I"), take("Q")
+            if kind == 8:
+                for _ in range(count):
+                    at += 8 + struct.unpack_from("<Q", m, at)[0]
+            elif kind == 9:
+                for _ in range(count):
+                    skip_array()
+            else:
+                at += count * struct.calcsize("<" + _SCALARS[kind])
+            if at > len(m):
+                raise ValueError("an array past the end of the file")
+
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, kind = string(), take("I")
+            if kind == 8:
+                meta[key] = string()
+            elif kind == 9:
+                skip_array()
+                meta[key] = None
+            else:
+                meta[key] = take(_SCALARS[kind])
+        tensor_end = 0
+        for _ in range(n_tensors):
+            string()
+            dims = [take("Q") for _ in range(take("I"))]
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(take("I"))]
+            offset = take("Q")
+            tensor_end = max(tensor_end, offset + math.prod(dims) // block * size)
+        alignment = meta.get("general.alignment") or 32
+        data_start = -(-at // alignment) * alignment
+        return meta, data_start + tensor_end if n_tensors else 0
+
+
+def _read_with_gguf(path: Path, where: str) -> tuple[dict[str, Any], int]:
+    """The same as `_header`, by gguf's GGUFReader (every field built), or the one-line refusal of a broken file."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, OSError, KeyError) as e:  # what a file cut short raises while its tables are read
+        raise UserError(
+            f"{where}: {path.name} is truncated or corrupt: its header and tensor table cannot be read ({e}); download or copy it again"
+        ) from None
+    meta = {key: _field(reader, key) for key in reader.fields}
+    return meta, max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
 
 
 def _field(reader, key: str) -> Any:

