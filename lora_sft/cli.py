@@ -255,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv)
     except ArgumentError as e:
         return _report(UserError(str(e)), [str(e)], 2)
-    # bitsandbytes warns at import about an optional CPU inference kernel that training never uses.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes warns at import about an optional CPU inference kernel that training never uses; on an AVX512-BF16
+    # CPU it asks the `kernels` package for that kernel from the hub, which warns in offline mode that it skips its
+    # publisher check (kernels 0.19).
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # cache writes are quick; bars only add noise
     try:

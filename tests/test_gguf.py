@@ -408,7 +408,7 @@ def test_llama3_rope_scaling_becomes_llama_cpps_rope_freqs_and_other_scalings_ar
     with pytest.raises(UserError) as e:
         gguf_write.check_ready(config.to_dict() | {"rope_parameters": {"rope_type": "dynamic"}}, "causal_lm")
     assert e.value.problems == [
-        "--gguf: rope scaling 'dynamic' has no llama.cpp equivalent here (default, linear, yarn, llama3)"
+        "--gguf: rope scaling 'dynamic' has no llama.cpp equivalent here (default, linear, yarn, llama3; longrope on phi3)"
     ]
 
 
