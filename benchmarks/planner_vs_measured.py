@@ -196,36 +196,31 @@ def real_runs(folder: Path, device: str) -> list[dict]:
     return rows
 
 
-def real_table(rows: list[dict], device: str) -> str:
-    what = "peak RSS" if device == "cpu" else "torch.cuda.max_memory_allocated"
-    lines = [
-        f"| run | recipe + patches | estimate (MiB) | measured {what} (MiB) | error |",
-        "| --- | --- | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        err = 100 * (r["estimate_mib"] - r["measured_mib"]) / r["measured_mib"]
-        lines.append(
-            f"| {r['run']} | `{r['recipe']}` {' '.join(r['patches'])} | {r['estimate_mib']:.0f} | {r['measured_mib']:.0f} | {err:+.1f}% |"
-        )
-    worst = max(abs(r["estimate_mib"] - r["measured_mib"]) / r["measured_mib"] for r in rows)
-    lines.append(f"\nworst error: {100 * worst:.1f}% over {len(rows)} runs")
-    return "\n".join(lines)
-
-
-def table(rows: list[dict], device: str) -> str:
+def table(rows: list[dict], device: str, columns: dict) -> str:
+    """A Markdown table: the `columns` (header -> (alignment, a row's cell)), then estimate, measured and error."""
     what = "peak RSS (summary.json peak_memory_mb)" if device == "cpu" else "torch.cuda.max_memory_allocated"
     lines = [
-        f"| sequence | micro batch | checkpointing | estimate (MiB) | measured {what} (MiB) | error |",
-        "| ---: | ---: | :---: | ---: | ---: | ---: |",
+        f"| {' | '.join(columns)} | estimate (MiB) | measured {what} (MiB) | error |",
+        f"| {' | '.join(align for align, _ in columns.values())} | ---: | ---: | ---: |",
     ]
     for r in rows:
         err = 100 * (r["estimate_mib"] - r["measured_mib"]) / r["measured_mib"]
-        lines.append(
-            f"| {r['seq']} | {r['micro']} | {'on' if r['checkpointing'] else 'off'} | {r['estimate_mib']:.0f} | {r['measured_mib']:.0f} | {err:+.1f}% |"
-        )
+        cells = " | ".join(cell(r) for _, cell in columns.values())
+        lines.append(f"| {cells} | {r['estimate_mib']:.0f} | {r['measured_mib']:.0f} | {err:+.1f}% |")
     worst = max(abs(r["estimate_mib"] - r["measured_mib"]) / r["measured_mib"] for r in rows)
     lines.append(f"\nworst error: {100 * worst:.1f}% over {len(rows)} runs")
     return "\n".join(lines)
+
+
+GRID_COLUMNS = {
+    "sequence": ("---:", lambda r: str(r["seq"])),
+    "micro batch": ("---:", lambda r: str(r["micro"])),
+    "checkpointing": (":---:", lambda r: "on" if r["checkpointing"] else "off"),
+}
+REAL_COLUMNS = {
+    "run": ("---", lambda r: r["run"]),
+    "recipe + patches": ("---", lambda r: f"`{r['recipe']}` {' '.join(r['patches'])}"),
+}
 
 
 def main() -> None:
@@ -247,7 +242,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.real:
         with tempfile.TemporaryDirectory(prefix="planner-bench-") as tmp:
-            text = real_table(real_runs(Path(tmp), args.device), args.device)
+            text = table(real_runs(Path(tmp), args.device), args.device, REAL_COLUMNS)
         name = f"planner_vs_measured-real-{args.device}.md"
         header = f"# The memory planner against measured peaks: real models ({args.device})\n\n"
         header += "Each recipe as shipped, a few steps (the peak of a run falls in its first steps), after-training eval off; "
@@ -263,7 +258,7 @@ def main() -> None:
             for seq, micro, ckpt in configs:
                 rows.append(run(folder, model, data, seq, micro, ckpt, args.steps, args.device))
                 print(json.dumps(rows[-1]), flush=True)
-        text = table(rows, args.device)
+        text = table(rows, args.device, GRID_COLUMNS)
         name = f"planner_vs_measured-{args.device}.md"
         header = f"# The memory planner against measured peaks ({args.device}{', quick' if args.quick else ''})\n\n"
         header += "Model: random Llama, 4 layers, hidden 256, intermediate 688, 32k vocabulary, nf4 + double quant, LoRA r16 all-linear, AdamW.\n\n"

@@ -175,6 +175,14 @@ def longrope(original: int) -> dict:
     }
 
 
+# Phi-3.5-mini's shape of context (4096 of 131072 there) at the tiny scale
+LONGROPE_PHI3 = {
+    "max_position_embeddings": 2048,
+    "original_max_position_embeddings": 256,
+    "rope_parameters": longrope(256),
+}
+
+
 @pytest.mark.gguf
 def test_tiny_phi3_with_longrope_gives_transformers_logits_in_llama_cpp(tmp_path):
     """Phi-3.5-mini's longrope (4096 of 131072 there; 256 of 2048 here, so the attention factor is sqrt(1 + ln 8 /
@@ -182,13 +190,7 @@ def test_tiny_phi3_with_longrope_gives_transformers_logits_in_llama_cpp(tmp_path
     stays within the original 256, where both transformers and llama.cpp run the short factors."""
     import gguf
 
-    merged, tokenizer = save_tiny(
-        tmp_path / "phi3",
-        "phi3",
-        max_position_embeddings=2048,
-        original_max_position_embeddings=256,
-        rope_parameters=longrope(256),
-    )
+    merged, tokenizer = save_tiny(tmp_path / "phi3", "phi3", **LONGROPE_PHI3)
     ids = longer_prompts(tokenizer)
     warnings = []
     entry = gguf_export.export_gguf(merged, tmp_path / "gguf", "tiny", "f16", ids, log=warnings.append)
@@ -208,13 +210,7 @@ def test_tiny_phi3_with_longrope_gives_transformers_logits_in_llama_cpp(tmp_path
 @pytest.mark.gguf
 def test_phi3_longrope_with_the_factors_swapped_fails_the_check(tmp_path, monkeypatch):
     """The comparison sees the factors: the long ones written as the short gives other logits, and the check says so."""
-    merged, tokenizer = save_tiny(
-        tmp_path / "phi3",
-        "phi3",
-        max_position_embeddings=2048,
-        original_max_position_embeddings=256,
-        rope_parameters=longrope(256),
-    )
+    merged, tokenizer = save_tiny(tmp_path / "phi3", "phi3", **LONGROPE_PHI3)
     real = gguf_write._rope_tensors
 
     def swapped(rope):
