@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bitsandbytes.functional import has_avx512bf16
 from helpers import REPO
 
 from lora_sft import gguf_source
@@ -103,12 +104,17 @@ def test_smollm2_q8_0_and_q4_k_m_ggufs_serve_as_trained(run_dir, tmp_path):
     assert (out / "gguf" / "Modelfile.q4_k_m").read_text().count("FROM ./run-q4_k_m.gguf") == 1
     card = (out / "merged" / "README.md").read_text()
     assert "| run-q4_k_m.gguf | passed | 12/12 |" in card
-    # the card's first snippet is the one measured closest to the model as trained: the 4-bit base as trained
+    # the card's snippets in the order measured, closest to the model as trained first
     use = card.split("## Use it", 1)[1].split("## Recipe", 1)[0]
-    assert use.index("1. the base in nf4 as trained + the adapter") < use.index("the merged model (fp16)")
+    diffs = [float(d) for d in re.findall(r"^\d+\. [^\n]*: max \|logit diff\| ([\d.e+-]+),", use, re.M)]
+    assert len(diffs) == 3 and diffs == sorted(diffs), use
     assert "bnb_4bit_use_double_quant=True" in use
     plain4 = report["loaded_plain"]["adapter_4bit"]["vs_a"]
-    assert plain4["max_abs_logit_diff"] < 1e-3 and plain4["greedy_agreement"] == 1.0
+    if not has_avx512bf16():  # plain bitsandbytes computes in fp32 as training did: the 4-bit base is the closest
+        assert use.index("1. the base in nf4 as trained + the adapter") < use.index("the merged model (fp16)")
+        assert plain4["max_abs_logit_diff"] < 1e-3 and plain4["greedy_agreement"] == 1.0
+    # else plain bitsandbytes runs its bf16 CPU inference kernel (what lora_sft's guard turns off for training):
+    # further from the model as trained, measured and ranked as such
     assert "served by llama.cpp: PASSED" in printed.getvalue()
 
 
