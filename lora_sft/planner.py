@@ -362,37 +362,36 @@ def _optimizer_term(recipe: Recipe, work: Workload) -> tuple[Term, list[str]]:
 def layer_activation_bytes(recipe: Recipe, work: Workload) -> tuple[int, int]:
     """Bytes a layer keeps for its backward pass, per token: (summed over all layers, the largest layer)."""
     s, p = work.shape, work.dtype_bytes
-    h, i, hd = s.hidden, s.intermediate, s.head_dim
-    # RMSNorm/LayerNorm upcast to fp32 and keep it, plus their output in the compute dtype; two per layer
-    norms = 2 * (4 * h + p * h)
-    # SDPA keeps q, k (after RoPE), v and its output, o_proj keeps the output's contiguous copy; fp32 logsumexp per head
-    attention = p * hd * (3 * s.heads + 2 * s.kv_heads) + 4 * s.heads
-    # SwiGLU keeps gate, silu(gate), up and their product (down's input); a plain MLP its input to and output of the
-    # activation
-    mlp = (4 if work.gated_mlp else 2) * i * p
     per_layer: dict[str, int] = {}
     r, dropout = recipe.lora.rank, recipe.lora.dropout > 0
     for name, (n_in, _) in work.targets.items():
         # LoRA keeps A's output (r values) for B, and with dropout its dropped copy of the input and the mask (peft)
         layer = name.split(".layers.")[-1].split(".")[0] if ".layers." in name else name
         per_layer[layer] = per_layer.get(layer, 0) + r * p + (n_in * (p + 1) if dropout else 0)
-    base = norms + attention + mlp
+    base = sum(per for per, _ in _layer_tensors(work)) + 4 * s.heads  # + SDPA's fp32 logsumexp per head
     return base * s.layers + sum(per_layer.values()), base + max(per_layer.values(), default=0)
 
 
-def _heap_temporaries(work: Workload, tokens: int) -> int:
-    """The bytes of one layer's temporaries (as `layer_activation_bytes` counts them) in tensors small enough for
-    glibc to take from its heap (under CPU_MMAP_THRESHOLD); a larger tensor is mapped on its own."""
+def _layer_tensors(work: Workload) -> list[tuple[int, int]]:
+    """The tensors a layer keeps for its backward, by kind: (bytes per token, bytes per token of one such tensor)."""
     s, p = work.shape, work.dtype_bytes
     h, i, hd = s.hidden, s.intermediate, s.head_dim
-    # (bytes per token, the bytes per token of one tensor of that kind)
-    kinds = [
-        (2 * (4 * h + p * h), 4 * h),  # the norms' fp32 inputs and outputs
-        (p * hd * 3 * s.heads, p * hd * s.heads),  # q, the attention output and o_proj's copy of it
+    return [
+        # RMSNorm/LayerNorm upcast to fp32 and keep it, plus their output in the compute dtype; two per layer
+        (2 * (4 * h + p * h), 4 * h),
+        # SDPA keeps q, k (after RoPE), v and its output, o_proj keeps the output's contiguous copy
+        (p * hd * 3 * s.heads, p * hd * s.heads),  # q, the output, o_proj's copy
         (p * hd * 2 * s.kv_heads, p * hd * s.kv_heads),  # k, v
-        ((4 if work.gated_mlp else 2) * i * p, i * p),  # the MLP's intermediates
+        # SwiGLU keeps gate, silu(gate), up and their product (down's input); a plain MLP its input to and output of
+        # the activation
+        ((4 if work.gated_mlp else 2) * i * p, i * p),
     ]
-    return sum(tokens * per for per, tensor in kinds if tokens * tensor < CPU_MMAP_THRESHOLD)
+
+
+def _heap_temporaries(work: Workload, tokens: int) -> int:
+    """The bytes of one layer's temporaries (`_layer_tensors`) in tensors small enough for glibc to take from its heap
+    (under CPU_MMAP_THRESHOLD); a larger tensor is mapped on its own."""
+    return sum(tokens * per for per, tensor in _layer_tensors(work) if tokens * tensor < CPU_MMAP_THRESHOLD)
 
 
 def estimate(recipe: Recipe, work: Workload, micro_batch: int, checkpointing: bool) -> Estimate:
