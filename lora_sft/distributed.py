@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import torch
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
+    from lora_sft.recipe.schema import Recipe
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -117,7 +117,7 @@ def every_rank(error: E, agreed: bool = False) -> E:
 
 def _outcome(error: BaseException | None) -> tuple[str, int, list[str]] | None:
     """What other processes need to know of a failure: its kind, exit code and lines."""
-    from .errors import RunError, UserError
+    from lora_sft.errors import RunError, UserError
 
     if error is None:
         return None
@@ -151,7 +151,7 @@ def agree(error: BaseException | None = None) -> None:
         raise every_rank(error, agreed=True)
     rank, (kind, code, lines) = failed[0]
     if world().main and kind != "elsewhere":
-        from .errors import RunError, UserError
+        from lora_sft.errors import RunError, UserError
 
         lines = [f"rank {rank}: {line}" for line in lines]
         raise every_rank(UserError(lines) if kind == "user" else RunError("; ".join(lines), code), agreed=True)

@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import checkpoint, distributed, planner, trackers
-from . import data as data_stage
-from . import model as model_stage
-from .data import stream
-from .errors import UserError
-from .recipe import Recipe
+from lora_sft import data as data_stage
+from lora_sft import distributed
+from lora_sft.data import stream
+from lora_sft.errors import UserError
+from lora_sft.model import load as model_stage
+from lora_sft.model import planner
+from lora_sft.recipe.schema import Recipe
+from lora_sft.run import checkpoint, trackers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -155,7 +157,7 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
     the cache is reused); tokenizer vs model; the hardware; what the after-training steps need. Every
     independent problem is reported at once. `hub_may_be_unreachable`: a hub model that cannot be read
     becomes a note (validate) instead of an error (train)."""
-    from .commands import before_training
+    from lora_sft.cli.commands import before_training
 
     problems: list[str] = []
 

@@ -27,16 +27,18 @@ from transformers import (
     TrainingArguments,
 )
 
-from . import checkpoint, distributed, planner, plots, progress, trackers
-from . import data as data_stage
-from . import loss as loss_stage
-from . import model as model_stage
-from .data import stream
-from .guard import Guard, guarded
-from .preflight import Ready, batch_text, prepare
-from .recipe import Recipe
-from .rundir import EarlyStopped, Manifest, RunDir, Summary
-from .tokens import count_trained, perplexity
+from lora_sft import data as data_stage
+from lora_sft import distributed
+from lora_sft.data import stream
+from lora_sft.model import load as model_stage
+from lora_sft.model import loss as loss_stage
+from lora_sft.model import planner
+from lora_sft.preflight import Ready, batch_text, prepare
+from lora_sft.recipe.schema import Recipe
+from lora_sft.run import checkpoint, plots, progress, trackers
+from lora_sft.run.guard import Guard, guarded
+from lora_sft.run.rundir import EarlyStopped, Manifest, RunDir, Summary
+from lora_sft.tokens import count_trained, perplexity
 
 
 @dataclass
@@ -104,7 +106,7 @@ def setup_model(recipe: Recipe, prepared: Ready, log=print) -> torch.nn.Module:
     from transformers import set_seed
 
     set_seed(recipe.seed)  # adapter init draws from here: the same on every rank (RankSeeds: dropout)
-    from .data.stats import stats_lines
+    from lora_sft.data.stats import stats_lines
 
     bundle = prepared.bundle
     for split in ("train", "eval") if bundle.eval is not None else ("train",):
@@ -287,7 +289,7 @@ class CountingTrainer(Trainer):
             seen = int(real.sum() if real is not None else inputs["attention_mask"].sum())
             self.tokens_seen += seen
             self.tokens_trained += targets if labels.dim() > 1 else seen
-        # causal LM: logits only at trained targets (lora_sft.loss), normalized and scaled as Trainer's compute_loss
+        # causal LM: logits only at trained targets (lora_sft.model.loss), normalized and scaled as Trainer's compute_loss
         # does a model's own loss (transformers 5.24); Trainer's compute_loss for the rest: classification, label
         # smoothing or a custom loss function, an evaluation that keeps logits, a model loss.plain_path_reason refuses
         if (
@@ -427,7 +429,7 @@ def build_trainer(
     """The Trainer with its callbacks, in the order they act at a step's end: the log, the last-step save,
     the guard (a signal asks for a save), then `AtomicCheckpoints`, which sees every request to save. What is
     printed while it trains is `progress.Progress`'s (a bar when printing to a terminal, else plain lines)."""
-    from .evaluation import classification_metrics
+    from lora_sft.export.evaluation import classification_metrics
 
     guard = Guard(recipe, run_dir.checkpoints, log)
     args = training_arguments(recipe, checkpoint.staging(run_dir.checkpoints), has_eval=bool(bundle.eval))
@@ -630,7 +632,7 @@ def after_training(
     (hub.after: train)."""
     try:
         if recipe.eval.after_train:
-            from .evaluation import evaluate_run
+            from lora_sft.export.evaluation import evaluate_run
 
             summary = run_dir.read_summary()  # what the Trainer measured on the eval split before and after
             measured = {"base": summary.eval_before, "fine_tuned": summary.eval} if summary is not None else None
@@ -639,7 +641,7 @@ def after_training(
     finally:
         run_dir.write_card(labels)
     if recipe.hub.repo_id and recipe.hub.after == "train":
-        from .hub import push
+        from lora_sft.export.hub import push
 
         push(run_dir.adapter, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision, log=log)
 

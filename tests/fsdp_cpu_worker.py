@@ -29,10 +29,10 @@ def main(recipe_path: str, out: str, mode: str) -> dict:
     from transformers import TrainingArguments
 
     from lora_sft import distributed
-    from lora_sft import model as model_stage
-    from lora_sft.loss import plain_path_reason
-    from lora_sft.recipe import load_recipe
-    from lora_sft.rundir import RunDir
+    from lora_sft.model import load as model_stage
+    from lora_sft.model.loss import plain_path_reason
+    from lora_sft.recipe.schema import load_recipe
+    from lora_sft.run.rundir import RunDir
 
     if mode == "sharded":
         dist.init_process_group("gloo")

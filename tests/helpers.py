@@ -129,7 +129,7 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
 def planning_recipe(model: str, **train):
     """A recipe for the memory arithmetic of a hub model (never loaded): nf4 + double quant, bf16, LoRA r16 on every
     linear layer, sequence 2048, micro batch 1, AdamW; `train` patches its train section."""
-    from lora_sft.recipe import Recipe
+    from lora_sft.recipe.schema import Recipe
 
     return Recipe.model_validate(
         {

@@ -29,8 +29,8 @@ import torch
 import yaml
 from helpers import REPO, adapter, losses
 
-from lora_sft.checkpoint import COUNTS, checkpoints, step_of
-from lora_sft.cli import main
+from lora_sft.cli.main import main
+from lora_sft.run.checkpoint import COUNTS, checkpoints, step_of
 
 ROWS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -181,7 +181,7 @@ def test_two_processes_train_what_one_process_trains_at_twice_the_micro_batch(ti
 SMALLER_DEVICE = """
 import dataclasses, os
 if os.environ.get("RANK") == "1":
-    from lora_sft import planner
+    from lora_sft.model import planner
 
     planned = planner.plan_memory
 
@@ -310,10 +310,10 @@ from accelerate import PartialState
 from torch.nn.parallel import DistributedDataParallel
 
 from lora_sft import data as data_stage
-from lora_sft import loss as loss_stage
+from lora_sft.model import loss as loss_stage
 from lora_sft.train import RankSeeds
 from lora_sft.preflight import prepare
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.schema import load_recipe
 from lora_sft.train import setup_model
 
 state = PartialState(cpu=True, backend="gloo")

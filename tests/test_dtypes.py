@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_sft import model as model_stage
 from lora_sft import preflight
-from lora_sft.recipe import QuantSection, load_recipe
+from lora_sft.model import load as model_stage
+from lora_sft.recipe.schema import QuantSection, load_recipe
 
 pytestmark = pytest.mark.unit
 

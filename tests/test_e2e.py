@@ -19,10 +19,10 @@ from helpers import REPO
 from safetensors import safe_open
 
 from lora_sft import data as data_stage
-from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft import train as train_stage
-from lora_sft.recipe import load_recipe
+from lora_sft.model import load as model_stage
+from lora_sft.recipe.schema import load_recipe
 
 pytestmark = pytest.mark.e2e
 RANK = 4

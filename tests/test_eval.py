@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import REPO
 
-from lora_sft.cli import main
-from lora_sft.evaluation import load_metric, score, user_prompt
-from lora_sft.rundir import open_run
+from lora_sft.cli.main import main
+from lora_sft.export.evaluation import load_metric, score, user_prompt
+from lora_sft.run.rundir import open_run
 
 
 @pytest.mark.e2e

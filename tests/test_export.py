@@ -12,9 +12,9 @@ import textwrap
 import pytest
 import torch
 
-from lora_sft.cli import main
-from lora_sft.export import Outputs, _fidelity_batch, compare, samples_words, serving_warnings
-from lora_sft.rundir import open_run
+from lora_sft.cli.main import main
+from lora_sft.export.merge import Outputs, _fidelity_batch, compare, samples_words, serving_warnings
+from lora_sft.run.rundir import open_run
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_export_fails_when_the_merge_changes_the_model(exported, tmp_path, capsy
 @pytest.mark.e2e
 def test_export_replaces_only_an_earlier_export_and_checks_its_flags_first(tiny_run, tmp_path, capsys):
     from lora_sft.errors import UserError
-    from lora_sft.export import export
+    from lora_sft.export.merge import export
 
     run_dir, _, _ = tiny_run
     out = tmp_path / "export"
@@ -293,7 +293,7 @@ def test_merge_report_says_which_data_and_which_merge_scores_better():
     """Without an eval split the losses are on train rows and the report says so; the `why` names the better merge."""
     from types import SimpleNamespace
 
-    from lora_sft.export import _onto_report
+    from lora_sft.export.merge import _onto_report
 
     torch.manual_seed(0)
     targets = torch.randint(0, 5, (12,))

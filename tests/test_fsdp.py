@@ -28,11 +28,12 @@ import torch
 import yaml
 from helpers import REPO, planning_recipe
 
-from lora_sft import distributed, planner, preflight
-from lora_sft import model as model_stage
+from lora_sft import distributed, preflight
 from lora_sft import train as train_stage
-from lora_sft.loss import plain_path_reason
-from lora_sft.recipe import Recipe, load_recipe
+from lora_sft.model import load as model_stage
+from lora_sft.model import planner
+from lora_sft.model.loss import plain_path_reason
+from lora_sft.recipe.schema import Recipe, load_recipe
 
 ACCELERATE = REPO / "recipes" / "accelerate"
 LAUNCHER = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}

@@ -22,10 +22,10 @@ import pytest
 import torch
 from helpers import REPO, build_tokenizer, write_jsonl
 
-from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft import train as train_stage
-from lora_sft.recipe import load_recipe
+from lora_sft.model import load as model_stage
+from lora_sft.recipe.schema import load_recipe
 
 pytestmark = pytest.mark.gpu
 

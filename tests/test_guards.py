@@ -18,13 +18,13 @@ from helpers import REPO
 from safetensors.torch import load_file
 
 from lora_sft import data as data_stage
-from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft import train as train_stage
-from lora_sft.checkpoint import checkpoints
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.errors import RunError
-from lora_sft.recipe import load_recipe
+from lora_sft.model import load as model_stage
+from lora_sft.recipe.schema import load_recipe
+from lora_sft.run.checkpoint import checkpoints
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import REPO, build_tokenizer, save_tiny_llama, write_jsonl
 
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.data.formats import FIELDS
 
 pytestmark = pytest.mark.unit
@@ -178,7 +178,7 @@ def test_the_header_plans_at_the_tokenized_lengths_and_warns_only_when_it_does_n
 ):
     """init's memory plan is validate's: at the longest tokenized row, not max_length; "More memory than the GPU
     has" only when the estimate exceeds the device's memory."""
-    from lora_sft import planner
+    from lora_sft.model import planner
 
     monkeypatch.chdir(tmp_path)
     alpaca = str(REPO / "data/examples/alpaca.jsonl")

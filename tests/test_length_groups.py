@@ -19,7 +19,7 @@ from transformers.trainer_callback import TrainerState
 from lora_sft import data as data_stage
 from lora_sft import train as train_stage
 from lora_sft.preflight import describe_plan
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.schema import load_recipe
 
 pytestmark = pytest.mark.unit
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 from helpers import RECIPES, REPO, build_tokenizer, save_tiny_llama
 
-from lora_sft import data, model, planner
-from lora_sft.recipe import Recipe, load_recipe
+from lora_sft import data
+from lora_sft.model import load as model
+from lora_sft.model import planner
+from lora_sft.recipe.schema import Recipe, load_recipe
 from lora_sft.tokens import IGNORE_INDEX
 
 pytestmark = pytest.mark.unit

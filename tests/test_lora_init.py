@@ -14,10 +14,10 @@ import torch
 from helpers import REPO
 
 from lora_sft import data as data_stage
-from lora_sft import model as model_stage
 from lora_sft import preflight
-from lora_sft.cli import main
-from lora_sft.recipe import load_recipe
+from lora_sft.cli.main import main
+from lora_sft.model import load as model_stage
+from lora_sft.recipe.schema import load_recipe
 
 pytestmark = pytest.mark.e2e
 RANK = 4

@@ -1,4 +1,4 @@
-"""lora_sft.loss: the causal LM loss from logits at trained targets only, in chunks, equals the plain path.
+"""lora_sft.model.loss: the causal LM loss from logits at trained targets only, in chunks, equals the plain path.
 
 The plain path is the model's own forward with labels (transformers' ForCausalLMLoss over full logits). In fp32
 the selected, chunked path gives the same loss and the same gradient on every trainable parameter (1e-5):
@@ -15,11 +15,11 @@ import torch
 from helpers import REPO, build_tokenizer, save_tiny_llama
 
 from lora_sft import data as data_stage
-from lora_sft import loss as loss_stage
-from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft import train as train_stage
-from lora_sft.recipe import load_recipe
+from lora_sft.model import load as model_stage
+from lora_sft.model import loss as loss_stage
+from lora_sft.recipe.schema import load_recipe
 
 TOLERANCE = 1e-5
 
@@ -353,8 +353,8 @@ def test_evaluation_keeps_logits_only_for_classification(tiny_llama, tmp_path, w
 @pytest.mark.e2e
 def test_eval_score_equals_the_plain_path(tiny_run, monkeypatch):
     """`eval`'s loss, perplexity and token accuracy on a finished run: the same as over full logits."""
-    from lora_sft.evaluation import score
-    from lora_sft.rundir import open_run
+    from lora_sft.export.evaluation import score
+    from lora_sft.run.rundir import open_run
 
     run = open_run(tiny_run[0])
     items = list(run.bundle().eval)

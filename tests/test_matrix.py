@@ -15,8 +15,8 @@ import pytest
 import yaml
 from helpers import CHATML, REPO, write_jsonl
 
-from lora_sft.cli import main
-from lora_sft.recipe import QuantSection, load_recipe
+from lora_sft.cli.main import main
+from lora_sft.recipe.schema import QuantSection, load_recipe
 
 ALPACA = [json.loads(line) for line in (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()]
 CHAT = [json.loads(line) for line in (REPO / "data/examples/chat.jsonl").read_text().splitlines()]

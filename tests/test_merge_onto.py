@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import REPO, write_jsonl
 
-from lora_sft import model as model_stage
 from lora_sft import preflight
-from lora_sft.export import take_trained_weights
-from lora_sft.recipe import QuantSection, load_recipe
+from lora_sft.export.merge import take_trained_weights
+from lora_sft.model import load as model_stage
+from lora_sft.recipe.schema import QuantSection, load_recipe
 
 pytestmark = pytest.mark.e2e
 

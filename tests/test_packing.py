@@ -9,11 +9,11 @@ import torch
 from helpers import REPO
 
 from lora_sft import data as data_stage
-from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft import train as train_stage
 from lora_sft.data.packing import PackedCollator, best_fit_decreasing, pack
-from lora_sft.recipe import load_recipe
+from lora_sft.model import load as model_stage
+from lora_sft.recipe.schema import load_recipe
 
 
 @pytest.mark.unit

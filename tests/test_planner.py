@@ -14,11 +14,11 @@ import torch
 import yaml
 from helpers import RECIPES, REPO, planning_recipe
 
-from lora_sft import planner
-from lora_sft.checkpoint import checkpoints, micro_batch_of
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.errors import UserError
-from lora_sft.recipe import Recipe, load_recipe, memory_bytes
+from lora_sft.model import planner
+from lora_sft.recipe.schema import Recipe, load_recipe, memory_bytes
+from lora_sft.run.checkpoint import checkpoints, micro_batch_of
 
 GIB = 2**30
 

@@ -9,7 +9,7 @@ import pytest
 from helpers import REPO
 
 from lora_sft.errors import UserError
-from lora_sft.recipe import Recipe, explain, load_recipe
+from lora_sft.recipe.schema import Recipe, explain, load_recipe
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""The run directory's owner (lora_sft.rundir): a finished run opened through it, its typed records read and
+"""The run directory's owner (lora_sft.run.rundir): a finished run opened through it, its typed records read and
 written back byte for byte, and the model card rendered after the eval section, so it holds the eval table."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from lora_sft.rundir import CARD, Evaluation, FinishedRun, Manifest, RunDir, Summary, open_run
+from lora_sft.run.rundir import CARD, Evaluation, FinishedRun, Manifest, RunDir, Summary, open_run
 
 
 def _logged(stdout: str, name: str) -> dict[str, str]:

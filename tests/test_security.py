@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers import REPO
 
-from lora_sft import model as model_stage
 from lora_sft import preflight
-from lora_sft.cli import main
-from lora_sft.recipe import load_recipe
+from lora_sft.cli.main import main
+from lora_sft.model import load as model_stage
+from lora_sft.recipe.schema import load_recipe
 
 HERE = REPO / "tests" / "bad_inputs"
 

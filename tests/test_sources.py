@@ -7,10 +7,10 @@ import json
 import pytest
 from helpers import build_tokenizer, write_jsonl
 
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.data import build, check
 from lora_sft.errors import UserError
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.schema import load_recipe
 
 pytestmark = pytest.mark.unit
 

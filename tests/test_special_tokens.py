@@ -10,11 +10,11 @@ import torch
 from helpers import REPO, build_tokenizer, save_tiny_llama
 from transformers import AutoModelForCausalLM
 
-from lora_sft import model as model_stage
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.data import cache
 from lora_sft.errors import UserError
-from lora_sft.recipe import load_recipe
+from lora_sft.model import load as model_stage
+from lora_sft.recipe.schema import load_recipe
 
 MARKERS = ["<|im_start|>", "<|im_end|>"]
 
@@ -218,7 +218,7 @@ def test_new_rows_train_and_export_reloads(bare_llama, tmp_path, write_recipe, c
 
 @pytest.mark.unit
 def test_generate_stops_on_the_end_of_turn_token(bare_llama, tmp_path, write_recipe):
-    from lora_sft.evaluation import generate_text
+    from lora_sft.export.evaluation import generate_text
 
     recipe = load_recipe(_recipe(bare_llama, tmp_path, write_recipe))
     tokenizer = model_stage.load_tokenizer(recipe, model_stage.resolve_source(recipe))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback
 
-from lora_sft import checkpoint, guard
 from lora_sft import train as train_stage
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.schema import load_recipe
+from lora_sft.run import checkpoint, guard
 
 pytestmark = pytest.mark.unit
 

@@ -24,8 +24,8 @@ from transformers import TrainerCallback
 from lora_sft import preflight
 from lora_sft import train as train_stage
 from lora_sft.errors import UserError
-from lora_sft.recipe import load_recipe
-from lora_sft.rundir import RunDir
+from lora_sft.recipe.schema import load_recipe
+from lora_sft.run.rundir import RunDir
 
 ROWS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()[:24]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import RECIPES, REPO
 
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.errors import UserError
 
 pytestmark = pytest.mark.unit
@@ -110,9 +110,10 @@ def _recipe(tiny_llama, **sections) -> dict:
 
 
 def test_validate_counts_steps_over_packed_rows(tiny_llama, write_recipe, capsys):
-    from lora_sft import data, model
+    from lora_sft import data
     from lora_sft.data.packing import pack
-    from lora_sft.recipe import load_recipe
+    from lora_sft.model import load as model
+    from lora_sft.recipe.schema import load_recipe
 
     chat = {"format": "messages", "train": CHAT, "max_length": 256}
     train = {"epochs": 2, "micro_batch_size": 2}
@@ -128,8 +129,8 @@ def test_validate_counts_steps_over_packed_rows(tiny_llama, write_recipe, capsys
 
 
 def _check_weights(recipe_dict, write_recipe):
-    from lora_sft import model
-    from lora_sft.recipe import load_recipe
+    from lora_sft.model import load as model
+    from lora_sft.recipe.schema import load_recipe
 
     recipe = load_recipe(write_recipe(recipe_dict))
     plan = model.plan_model(
@@ -195,7 +196,7 @@ def test_weight_check_reads_sharded_folders(tmp_path, write_recipe):
 
 
 def test_load_base_refuses_missing_weights_but_not_a_new_head(tmp_path, write_recipe):
-    from lora_sft import model
+    from lora_sft.model import load as model
 
     folder = REPO / "tests/bad_inputs/model_missing_tensor"
     recipe, plan, _ = _check_weights(_recipe(folder, quant={"mode": "none"}), write_recipe)
@@ -233,7 +234,7 @@ def test_load_base_refuses_missing_weights_but_not_a_new_head(tmp_path, write_re
 def test_offline_variable_is_read_as_huggingface_hub_reads_it(env, named, monkeypatch):
     from huggingface_hub.constants import _is_true
 
-    from lora_sft.hub import check_ready, offline_variable
+    from lora_sft.export.hub import check_ready, offline_variable
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
         monkeypatch.delenv(name, raising=False)
@@ -252,7 +253,7 @@ def test_offline_variable_is_read_as_huggingface_hub_reads_it(env, named, monkey
 def test_metric_names_are_checked_only_offline_and_only_for_causal_lm(
     tiny_llama, tmp_path, write_recipe, capsys, monkeypatch
 ):
-    from lora_sft.evaluation import metric_problem
+    from lora_sft.export.evaluation import metric_problem
 
     assert metric_problem("rouge", "w") is None
     assert (

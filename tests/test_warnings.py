@@ -8,9 +8,9 @@ import warnings
 import pytest
 from helpers import REPO
 
-from lora_sft import model as model_stage
 from lora_sft import preflight
-from lora_sft.recipe import load_recipe
+from lora_sft.model import load as model_stage
+from lora_sft.recipe.schema import load_recipe
 
 
 def _planned(write_recipe, tiny_llama, tmp_path, data_format: str, train: str):

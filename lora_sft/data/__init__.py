@@ -29,15 +29,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ..errors import UserError
-from ..recipe import Recipe, Source
-from ..tokens import IGNORE_INDEX as IGNORE
-from . import cache, table
-from .formats import Options, check_row, label_id, label_names, tokenize_batch
-from .packing import PackedCollator, bins_of, pack_columns
-from .read import files_of, iter_source
-from .read import fingerprint as source_fingerprint
-from .table import Examples
+from lora_sft.data import cache, table
+from lora_sft.data.formats import Options, check_row, label_id, label_names, tokenize_batch
+from lora_sft.data.packing import PackedCollator, bins_of, pack_columns
+from lora_sft.data.read import files_of, iter_source
+from lora_sft.data.read import fingerprint as source_fingerprint
+from lora_sft.data.table import Examples
+from lora_sft.errors import UserError
+from lora_sft.recipe.schema import Recipe, Source
+from lora_sft.tokens import IGNORE_INDEX as IGNORE
 
 if TYPE_CHECKING:
     from datasets import Dataset

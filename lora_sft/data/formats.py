@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import UserError
-from ..tokens import IGNORE_INDEX as IGNORE
-from ..tokens import has_target
-from .read import Row
+from lora_sft.data.read import Row
+from lora_sft.errors import UserError
+from lora_sft.tokens import IGNORE_INDEX as IGNORE
+from lora_sft.tokens import has_target
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {

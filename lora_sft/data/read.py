@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError
-from ..recipe import Source
+from lora_sft.errors import UserError
+from lora_sft.recipe.schema import Source
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -29,21 +29,21 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import TrainerCallback
 
-from .. import distributed
-from ..errors import UserError
-from ..recipe import Recipe
-from ..tokens import count_trained
-from . import Checked, DataBundle, _where, options, table
-from . import cache as data_cache
-from .formats import Example, Tokenized, check_row, tokenize
-from .packing import pack
-from .read import Row, files_of, read_source, stream_source
-from .read import fingerprint as source_fingerprint
+from lora_sft import distributed
+from lora_sft.data import Checked, DataBundle, _where, options, table
+from lora_sft.data import cache as data_cache
+from lora_sft.data.formats import Example, Tokenized, check_row, tokenize
+from lora_sft.data.packing import pack
+from lora_sft.data.read import Row, files_of, read_source, stream_source
+from lora_sft.data.read import fingerprint as source_fingerprint
+from lora_sft.errors import UserError
+from lora_sft.recipe.schema import Recipe
+from lora_sft.tokens import count_trained
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from .table import Examples
+    from lora_sft.data.table import Examples
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import UserError
-from .loss import chunk_positions  # the loss's output layer runs this many positions at a time
-from .recipe import Recipe, memory_bytes
+from lora_sft.errors import UserError
+from lora_sft.model.loss import chunk_positions  # the loss's output layer runs this many positions at a time
+from lora_sft.recipe.schema import Recipe, memory_bytes
 
 if TYPE_CHECKING:
-    from .model import ModelPlan
+    from lora_sft.model.load import ModelPlan
 
 GIB = 2**30
 TABLE_NOTE = "shape from lora_sft's table of known models"
@@ -124,7 +124,7 @@ class ModelShape:
 
 def _known_table() -> dict:
     """lora_sft/known_models.json: model name -> its config fields and the other ids it goes by."""
-    return json.loads(resources.files("lora_sft").joinpath("known_models.json").read_text())["models"]
+    return json.loads(resources.files("lora_sft.model").joinpath("known_models.json").read_text())["models"]
 
 
 def known_shape(model_path: str) -> ModelShape | None:
@@ -218,8 +218,8 @@ def workload(
     """What the run holds, from the model plan (exact module shapes) or, without one, a Llama layout of `shape`.
     `sequence`: the longest tokenized row when known (else data.max_length). `shards`: the processes FSDP divides
     the model among (default: the launcher's, under train.distributed fsdp; 0 for none)."""
-    from .distributed import fsdp_shards
-    from .model import compute_dtype
+    from lora_sft.distributed import fsdp_shards
+    from lora_sft.model.load import compute_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_bytes = torch.empty((), dtype=compute_dtype(recipe.quant)).element_size()
@@ -749,6 +749,6 @@ def sequence_of(bundle: Any) -> int | None:
         return None
     if not len(bundle.train):
         return None
-    from .data import lengths
+    from lora_sft.data import lengths
 
     return int(lengths(bundle.train).max())  # from the Arrow column: no row becomes Python objects

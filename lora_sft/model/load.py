@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 from torch import nn
 
-from . import distributed, gguf_source
-from .errors import UserError
-from .gguf_source import GGUFFile
-from .recipe import LoraSection, QuantSection, Recipe
-from .tokens import label_config
+from lora_sft import distributed
+from lora_sft.errors import UserError
+from lora_sft.model import gguf_source
+from lora_sft.model.gguf_source import GGUFFile
+from lora_sft.recipe.schema import LoraSection, QuantSection, Recipe
+from lora_sft.tokens import label_config
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -535,7 +536,7 @@ def load_tokenizer(recipe: Recipe, source: ModelSource) -> PreTrainedTokenizerBa
         "tokenizer",
         lambda: AutoTokenizer.from_pretrained(source.path, revision=m.revision, trust_remote_code=m.trust_remote_code),
     )
-    from .data import templates
+    from lora_sft.data import templates
 
     templates.apply(tokenizer, recipe.data.chat_template, recipe.where("data", "chat_template"))
     if source.gguf is not None and not tokenizer.chat_template and "messages" in recipe.data.formats():
@@ -561,7 +562,7 @@ def _add_special_tokens(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> N
     (auto), or the run is refused (false); a list adds exactly those. A marker split into ordinary tokens
     would be learned as spelling, and generation could never stop on one end-of-turn token. The ids added
     are kept on the tokenizer (`added_token_ids`), and the template's end-of-turn marker becomes EOS."""
-    from .data import templates
+    from lora_sft.data import templates
 
     spec, name = recipe.data.add_special_tokens, recipe.data.chat_template
     missing = [m for m in templates.markers(name) if not _is_one_token(tokenizer, m)]
@@ -670,7 +671,7 @@ def _quiet_load():
     initialized") is not printed, load_base says it in one line; its "Loading weights" bars only on a terminal."""
     from transformers.utils import logging as transformers_logging
 
-    from .progress import bars_on_terminal_only
+    from lora_sft.run.progress import bars_on_terminal_only
 
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()

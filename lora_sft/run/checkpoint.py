@@ -33,14 +33,15 @@ import yaml
 from safetensors import SafetensorError
 from transformers import TrainerCallback
 
-from . import distributed, gguf_source
-from .distributed import world
-from .errors import RunError, UserError
-from .recipe import Recipe
-from .rundir import MANIFEST, RECIPE, Manifest, RunDir, check_writable, entries
+from lora_sft import distributed
+from lora_sft.distributed import world
+from lora_sft.errors import RunError, UserError
+from lora_sft.model import gguf_source
+from lora_sft.recipe.schema import Recipe
+from lora_sft.run.rundir import MANIFEST, RECIPE, Manifest, RunDir, check_writable, entries
 
 if TYPE_CHECKING:
-    from .model import ModelPlan
+    from lora_sft.model.load import ModelPlan
 
 STAGING = ".staging"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

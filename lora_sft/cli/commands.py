@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from .errors import UserError
+from lora_sft.errors import UserError
 
 
 def before_training(recipe, checked) -> list[str]:
@@ -28,13 +28,13 @@ def before_training(recipe, checked) -> list[str]:
                 f"{recipe.where('train', 'early_stopping', 'metric')}: {stop.metric} is measured for classification only; a causal_lm run is evaluated by eval_loss"
             )
     if recipe.task == "causal_lm":  # generation metrics; a classifier is scored with accuracy and F1
-        from .evaluation import metric_problem
+        from lora_sft.export.evaluation import metric_problem
 
         for i, name in enumerate(recipe.eval.metrics):
             if problem := metric_problem(name, recipe.where("eval", "metrics", i)):
                 problems.append(problem)
     if recipe.hub.repo_id:
-        from .hub import check_ready
+        from lora_sft.export.hub import check_ready
 
         try:
             check_ready(recipe.hub.repo_id, recipe.where("hub", "repo_id"))
@@ -44,7 +44,7 @@ def before_training(recipe, checked) -> list[str]:
 
 
 def _export(args) -> int:
-    from .export import export
+    from lora_sft.export.merge import export
 
     export(
         args.run_dir,
@@ -62,22 +62,22 @@ def _export(args) -> int:
 
 
 def _eval(args) -> int:
-    from .evaluation import evaluate_run
+    from lora_sft.export.evaluation import evaluate_run
 
     evaluate_run(args.run_dir, data_file=args.data, base=args.base)
     return 0
 
 
 def _push(args) -> int:
-    from .hub import push
+    from lora_sft.export.hub import push
 
     push(args.folder, args.repo_id, private=not args.public, revision=args.revision, dry_run=args.dry_run)
     return 0
 
 
 def _generate(args) -> int:
-    from .evaluation import generate_text, prompt_for
-    from .rundir import open_run
+    from lora_sft.export.evaluation import generate_text, prompt_for
+    from lora_sft.run.rundir import open_run
 
     run = open_run(args.run_dir)
     if run.recipe.task != "causal_lm":
@@ -110,7 +110,7 @@ def _generate(args) -> int:
 
 
 def _plot(args) -> int:
-    from .plots import plot
+    from lora_sft.run.plots import plot
 
     plot(args.run_dirs, out=args.out, metric=args.metric)
     return 0
@@ -134,7 +134,7 @@ def shard_size(text: str) -> int:
     """An argparse type: a shard size in bytes, or with a unit (200KB, 2GB, 500MiB), above 0."""
     import argparse
 
-    from .export import shard_bytes
+    from lora_sft.export.merge import shard_bytes
 
     try:
         return shard_bytes(text)
@@ -143,7 +143,7 @@ def shard_size(text: str) -> int:
 
 
 def add_run_commands(sub, common) -> None:
-    from .cli import count
+    from lora_sft.cli.main import count
 
     def command(name: str, handler, help: str, description: str, target: str = "run_dir"):
         parser = sub.add_parser(name, parents=[common], help=help, description=description)

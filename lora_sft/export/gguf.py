@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .gguf_write import INSTALL, adds, write
+from lora_sft.export.gguf_write import INSTALL, adds, write
 
 GREEDY_STEPS = 16
 F16_RELATIVE = 1e-2  # f16: max |logit diff| <= this * max |logit|
@@ -206,7 +206,7 @@ def in_child(module: str, function: str, job: Path, quoted: str) -> str | None:
     import subprocess
     import sys
 
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     code = f"import sys; sys.path.insert(0, {root!r}); from {module} import {function}; {function}(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True)
     if proc.returncode == 0:
@@ -230,7 +230,7 @@ def check(gguf_path: Path, merged: Path, gguf_type: str, prompts: list[list[int]
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps([str(gguf_path), str(merged), gguf_type, prompts]))
-        failure = in_child("lora_sft.gguf_export", "_measure_job", job, r"error|assert")
+        failure = in_child("lora_sft.export.gguf", "_measure_job", job, r"error|assert")
         if failure is None:
             return json.loads(job.with_suffix(".out.json").read_text())
     problem = (
@@ -413,7 +413,7 @@ PARITY_PROMPTS = 32
 
 def parse_types(text: str, max_drift: float | None) -> list[str]:
     """`--gguf-type`: comma-separated types, or ["auto"] (which needs --max-drift); one-line refusals."""
-    from .errors import UserError
+    from lora_sft.errors import UserError
 
     wanted = [t.strip().lower() for t in text.split(",") if t.strip()]
     if wanted == ["auto"]:
@@ -434,7 +434,7 @@ def check_quantizer(types: list[str]) -> None:
     """Refuse, before anything is written, a type that needs llama.cpp's quantizer when llama-cpp-python is missing."""
     import importlib.util
 
-    from .errors import UserError
+    from lora_sft.errors import UserError
 
     need = [t for t in types if t in QUANTIZED or t == "auto"]
     if need and importlib.util.find_spec("llama_cpp") is None:
@@ -448,7 +448,7 @@ def quantize(source: Path, target: Path, gguf_type: str) -> None:
     import subprocess
     import sys
 
-    from .errors import RunError
+    from lora_sft.errors import RunError
 
     code = (
         "import ctypes, os, sys, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
@@ -469,10 +469,10 @@ def export_ggufs(
     """The GGUF files `types` asks for (or, auto, the smallest within `max_drift`), each checked for serving parity
     (gguf_serving) against the model as trained (`trained`: its outputs on the fidelity `batch`); the fidelity
     report's `gguf` entry. The 16-bit file is written first and load-checked against the merged folder (`check`)."""
-    from . import gguf_serving
-    from .errors import UserError
-    from .evaluation import generator
-    from .gguf_write import file_name
+    from lora_sft.errors import UserError
+    from lora_sft.export import serving as gguf_serving
+    from lora_sft.export.evaluation import generator
+    from lora_sft.export.gguf_write import file_name
 
     config = json.loads((merged / "config.json").read_text())
     base_type = "bf16" if config.get("dtype", config.get("torch_dtype")) == "bfloat16" else "f16"

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import UserError
+from lora_sft.errors import UserError
 
 
 def _not_a_bool(value: Any) -> Any:

@@ -43,9 +43,9 @@ from typing import Any, Literal
 
 import torch
 
-from . import tokens
-from .errors import RunError, UserError
-from .rundir import (
+from lora_sft import tokens
+from lora_sft.errors import RunError, UserError
+from lora_sft.run.rundir import (
     ADAPTER_CONFIG,
     ARTIFACTS,
     EXPORT,
@@ -266,7 +266,7 @@ def load_plain(
     the BitsAndBytesConfig the run trained with (`model.quantization_config`), as the card's 4-bit snippet does."""
     from safetensors.torch import load_file, save_file
 
-    from .model import quantization_config
+    from lora_sft.model.load import quantization_config
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -347,7 +347,7 @@ def dequantized(layer: torch.nn.Module) -> torch.Tensor | None:
         state = weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):  # load_base keeps layers out of this layout
             raise FidelityError(
-                "a 4-bit layer was repacked for CPU inference (AVX512-BF16) and cannot be dequantized; load the run with lora_sft.model.load_base"
+                "a 4-bit layer was repacked for CPU inference (AVX512-BF16) and cannot be dequantized; load the run with lora_sft.model.load.load_base"
             )
         return bnb_f.dequantize_4bit(weight.data, state).to(layer.compute_dtype or state.dtype)
     if isinstance(layer, bnb.nn.Linear8bitLt):
@@ -393,7 +393,7 @@ def save_merged(run: FinishedRun, full, folder: Path, max_shard_size: int | str 
         full.generation_config.eos_token_id = run.tokenizer.eos_token_id
         full.generation_config.pad_token_id = run.tokenizer.pad_token_id
     full.config.use_cache = True
-    from .progress import bars_on_terminal_only
+    from lora_sft.run.progress import bars_on_terminal_only
 
     with bars_on_terminal_only():
         full.save_pretrained(folder, max_shard_size=max_shard_size)
@@ -434,7 +434,7 @@ def _card_sections(report: dict) -> str:
     if "merge_onto" in report:
         lines += ["", *_merge_section(report["merge_onto"])]
     if report.get("gguf"):
-        from .gguf_export import card_section
+        from lora_sft.export.gguf import card_section
 
         lines += ["", card_section(report["gguf"]).rstrip("\n")]
     lines += ["", "## Serving", ""]
@@ -490,7 +490,7 @@ def use_it(run: FinishedRun, report: dict, merged: bool) -> str | None:
     first, each with its measured distance (max |logit diff|, greedy agreement on the fidelity samples)."""
     if run.recipe.task != "causal_lm":
         return None
-    from .model import compute_dtype
+    from lora_sft.model.load import compute_dtype
 
     base, note = _base_reference(run)
     dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}[report["dtype"]]
@@ -668,7 +668,7 @@ def export(
     """`onto`: what --merged merges the adapter onto; None is the default, dequantized (given without --merged, an
     error). `dtype` None: 16-bit (`default_dtype`). `gguf`: GGUF types, comma-separated, or auto with `max_drift`."""
     shard_size = shard_bytes(max_shard_size)
-    from .gguf_export import parse_types
+    from lora_sft.export.gguf import parse_types
 
     gguf_types = parse_types(gguf, max_drift) if gguf else []
     merged = merged or bool(gguf)  # GGUF is written from the merged model (so --gguf takes --onto too)
@@ -687,8 +687,8 @@ def export(
     out = Path(out).expanduser().resolve() if out else run.root / EXPORT
     check_out(run.root, out)
     if gguf:
-        from .gguf_export import check_quantizer
-        from .gguf_write import check_ready
+        from lora_sft.export.gguf import check_quantizer
+        from lora_sft.export.gguf_write import check_ready
 
         check_ready(run.plan.config.to_dict(), run.recipe.task)
         check_quantizer(gguf_types)
@@ -715,7 +715,7 @@ def export(
     log(f"exported: {out}")
     hub = run.recipe.hub
     if hub.repo_id and hub.after == "export":
-        from .hub import push
+        from lora_sft.export.hub import push
 
         push(out, hub.repo_id, private=hub.private, revision=hub.revision, log=log)
     return report
@@ -816,7 +816,7 @@ def _write(
 
     serving: list[str] = []
     if gguf and not problems:  # the merge checks first: a GGUF of a merge that failed them is not worth serving
-        from .gguf_export import export_ggufs
+        from lora_sft.export.gguf import export_ggufs
 
         report["gguf"] = export_ggufs(run, merged_dir, folder.gguf, list(gguf), max_drift, batch, outputs["a"], log)
         conversion = report["gguf"]["conversion"].get("problems", [])
@@ -1013,7 +1013,7 @@ def format_report(report: dict) -> str:
             f"  merged export: {m['weights_mb']} MB of weights in {m['shards']} shard(s), peak memory {m['peak_memory_mb']} MB ({m['peak_memory_kind']})"
         )
     if "gguf" in report:
-        from .gguf_export import report_line, serving_line
+        from lora_sft.export.gguf import report_line, serving_line
 
         lines.append(report_line(report["gguf"]["conversion"]))
         lines += [serving_line(f) for f in report["gguf"]["files"] if "prompts" in f or f.get("problems")]

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
-from .distributed import main_only
-from .errors import UserError
-from .rundir import MARKER, RunDir, write_atomic
+from lora_sft.distributed import main_only
+from lora_sft.errors import UserError
+from lora_sft.run.rundir import MARKER, RunDir, write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

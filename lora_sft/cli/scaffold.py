@@ -15,14 +15,15 @@ from typing import Any
 
 import yaml
 
-from . import data as data_stage
-from . import model as model_stage
-from . import planner, preflight
-from .data import templates
-from .data.formats import FIELDS, fitting_formats
-from .data.read import read_source
-from .errors import UserError
-from .recipe import Recipe, Source
+from lora_sft import data as data_stage
+from lora_sft import preflight
+from lora_sft.data import templates
+from lora_sft.data.formats import FIELDS, fitting_formats
+from lora_sft.data.read import read_source
+from lora_sft.errors import UserError
+from lora_sft.model import load as model_stage
+from lora_sft.model import planner
+from lora_sft.recipe.schema import Recipe, Source
 
 SAMPLE_ROWS = 20  # the rows a format is detected from
 EFFECTIVE_BATCH = 16  # rows per optimizer step in every recipe init writes: micro batch x grad_accum

@@ -15,9 +15,9 @@ import os
 import sys
 from typing import get_args
 
-from . import __version__
-from .distributed import Elsewhere, finish, shared, start, stop, together, world
-from .errors import RunError, UserError
+from lora_sft import __version__
+from lora_sft.distributed import Elsewhere, finish, shared, start, stop, together, world
+from lora_sft.errors import RunError, UserError
 
 
 class ArgumentError(Exception):
@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         help="one JSON object per sample: input_ids, labels (-100 = not trained), position_ids when packed",
     )
     p.set_defaults(handler=_preview)
-    from .recipe import FORMATS, Recipe
+    from lora_sft.recipe.schema import FORMATS, Recipe
 
     i = sub.add_parser(
         "init",
@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default="recipe.yaml", metavar="FILE", help="where to write the recipe (default recipe.yaml)"
     )
     i.set_defaults(handler=_init)
-    from .commands import add_run_commands
+    from lora_sft.cli.commands import add_run_commands
 
     add_run_commands(sub, common)
     return parser
@@ -152,10 +152,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _validate(args) -> int:
-    from .recipe import explain, load_recipe
+    from lora_sft.recipe.schema import explain, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from .preflight import describe_plan, prepare
+    from lora_sft.preflight import describe_plan, prepare
 
     prepared = prepare(recipe, hub_may_be_unreachable=True)  # what train checks first, every problem at once
     if not world().main:  # under a launcher every process checks; the main one prints
@@ -172,7 +172,7 @@ def _validate(args) -> int:
 
 
 def _init(args) -> int:
-    from .scaffold import init
+    from lora_sft.cli.scaffold import init
 
     path = init(args.model, args.data, args.format, args.task, args.out)
     print(f"wrote {path}; check it with: python -m lora_sft validate {path}")
@@ -180,10 +180,12 @@ def _init(args) -> int:
 
 
 def _preview(args) -> int:
-    from .recipe import load_recipe
+    from lora_sft.recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from . import data, model, preview
+    from lora_sft import data
+    from lora_sft.cli import preview
+    from lora_sft.model import load as model
 
     checked = data.check(recipe)
     tokenizer = model.load_tokenizer(recipe, model.resolve_source(recipe))
@@ -195,18 +197,18 @@ def _preview(args) -> int:
 
 
 def _train(args) -> int:
-    from .recipe import load_recipe
+    from lora_sft.recipe.schema import load_recipe
 
     if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
         # `--resume train.lr=1e-4`: argparse took an override for --resume's optional PATH
         args.overrides, args.resume = [*args.overrides, args.resume], True
     if args.quiet:
-        from .progress import quiet_libraries
+        from lora_sft.run.progress import quiet_libraries
 
         quiet_libraries()
     start()  # under a launcher: from here the processes can wait for each other and share a failure
     recipe = together(load_recipe, args.recipe, args.overrides)
-    from .train import run
+    from lora_sft.train import run
 
     # training, then the recipe's eval and hub sections, then the summary
     run(recipe, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)

@@ -41,12 +41,12 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from . import data as data_stage
-from . import gguf_source
-from . import model as model_stage
-from .distributed import main_only
-from .errors import UserError
-from .recipe import QuantSection, Recipe, load_recipe
+from lora_sft import data as data_stage
+from lora_sft.distributed import main_only
+from lora_sft.errors import UserError
+from lora_sft.model import gguf_source
+from lora_sft.model import load as model_stage
+from lora_sft.recipe.schema import QuantSection, Recipe, load_recipe
 
 # The names of everything a run writes (and nothing else: `--overwrite` removes exactly these).
 MARKER = ".lora_sft-run"
@@ -98,7 +98,7 @@ def now() -> str:
 
 
 def versions() -> dict[str, str]:
-    from . import __version__
+    from lora_sft import __version__
 
     out = {"python": platform.python_version(), "lora_sft": __version__}
     for lib in LIBRARIES[1:]:
@@ -437,7 +437,7 @@ class RunDir:
     @main_only
     def mark(self) -> None:
         if not self.marker.is_file():
-            from . import __version__
+            from lora_sft import __version__
 
             write_json(self.marker, {"version": MARKER_VERSION, "lora_sft": __version__, "created": now()})
 
@@ -706,7 +706,7 @@ def model_card(
     if summary.get("evaluation"):  # what `eval` measured, without its sample generations
         results["evaluation"] = {k: v for k, v in summary["evaluation"].items() if k != "samples"}
         evaluation = Evaluation.from_json(summary["evaluation"])
-    from . import __version__
+    from lora_sft import __version__
 
     # `base_model` is hub metadata: a hub id, never a path that exists only on the training machine.
     # A local folder (the rule model.resolve_source applies: the path exists) is named in the text instead.

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from lora_sft.errors import UserError
 
 # short name -> (the package that ships the file, the file inside it, the install command)
 PACKAGED = {
@@ -314,7 +314,7 @@ _HASHED: dict[str, str] = {}  # a file's sha256 by its stat stamp, within this p
 def sha256(path: Path) -> str:
     """The file's sha256, remembered by its stat data (path, size, inode, times) in this process and in the data
     cache's fingerprint memo, so a second run does not read gigabytes again."""
-    from .data import cache
+    from lora_sft.data import cache
 
     st = path.stat()
     stamp = json.dumps(["gguf", str(path.resolve()), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
@@ -334,7 +334,7 @@ def sha256(path: Path) -> str:
 
 def folder_of(gguf: GGUFFile) -> Path:
     """The converted folder of this file (by its sha256) in lora_sft's cache."""
-    from .data import cache
+    from lora_sft.data import cache
 
     return cache.root().parent / "gguf" / f"{gguf.sha256[:32]}-{CONVERTED}"
 
@@ -426,7 +426,7 @@ def _quiet():
     import io
     import sys
 
-    from .progress import bars_on_terminal_only
+    from lora_sft.run.progress import bars_on_terminal_only
 
     if sys.stderr.isatty():
         yield

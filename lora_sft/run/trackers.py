@@ -22,8 +22,8 @@ from urllib.parse import urlparse
 
 from transformers import TrainerCallback
 
-from .recipe import Recipe
-from .rundir import RunDir
+from lora_sft.recipe.schema import Recipe
+from lora_sft.run.rundir import RunDir
 
 # the modules a tracker's integration imports (any one of them will do)
 MODULES = {

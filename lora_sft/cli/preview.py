@@ -10,9 +10,9 @@ import itertools
 import json
 import sys
 
-from .data import DataBundle
-from .data.stats import stats_lines
-from .tokens import IGNORE_INDEX as IGNORE
+from lora_sft.data import DataBundle
+from lora_sft.data.stats import stats_lines
+from lora_sft.tokens import IGNORE_INDEX as IGNORE
 
 GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RunError, UserError
+from lora_sft.errors import RunError, UserError
 
 INSTALL = "pip install 'lora-sft[gguf]'"
 

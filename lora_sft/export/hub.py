@@ -11,8 +11,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UserError
-from .rundir import CHECKPOINTS
+from lora_sft.errors import UserError
+from lora_sft.run.rundir import CHECKPOINTS
 
 REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]{1,96}$")
 SKIP = (f"{CHECKPOINTS}/", ".")  # a run directory's Trainer checkpoints and hidden files stay home

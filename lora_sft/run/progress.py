@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from . import checkpoint
-from .rundir import RunDir, Summary
+from lora_sft.run import checkpoint
+from lora_sft.run.rundir import RunDir, Summary
 
 
 def peak_memory_mb() -> tuple[float, str]:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import tokens
+from lora_sft import tokens
 
 
 @dataclass
@@ -55,7 +55,7 @@ def prompts(run, bundle, model, count: int, ollama_render=None) -> Prompts:
     """Up to `count` eval rows of `bundle` (the run's tokenized data; train rows when it has no eval split) as parity
     prompts; `model` (the model as trained, or its fast equivalent) generates the reference responses.
     `ollama_render(messages)`: the Ollama prompt."""
-    from .evaluation import generation_metrics, prompt_and_reference
+    from lora_sft.export.evaluation import generation_metrics, prompt_and_reference
 
     data, examples = (bundle.eval, run.checked.eval) if bundle.eval is not None else (bundle.train, run.checked.train)
     aligned = len(data) == len(examples)  # rows dropped by the data stage: the sample is re-tokenized instead
@@ -105,7 +105,7 @@ def end_of_turn(tokenizer, ids: list[int], labels: list[int]) -> int:
 
 def _reference(model, tokenizer, texts, chats, max_new_tokens) -> tuple[list[str], list[bool]]:
     """The trained model's greedy responses and whether each ended (EOS) within max_new_tokens."""
-    from .evaluation import generate_batch
+    from lora_sft.export.evaluation import generate_batch
 
     ends: list[bool] = []
     out = generate_batch(
@@ -177,7 +177,7 @@ def _serve_job(job_file: str) -> None:
 def serve(gguf: Path, p: Prompts, samples: list[list[int]]) -> tuple[dict, np.ndarray] | str:
     """Run the prompts and samples through llama.cpp in a child interpreter (a crash in native code fails the check,
     not the export): what it served and the samples' logits, or why it failed."""
-    from .gguf_export import in_child
+    from lora_sft.export.gguf import in_child
 
     with tempfile.TemporaryDirectory() as tmp:
         logits_file, result_file = Path(tmp) / "logits.npy", Path(tmp) / "result.json"
@@ -194,7 +194,7 @@ def serve(gguf: Path, p: Prompts, samples: list[list[int]]) -> tuple[dict, np.nd
             "result": str(result_file),
         }
         (Path(tmp) / "job.json").write_text(json.dumps(job))
-        failure = in_child("lora_sft.gguf_serving", "_serve_job", Path(tmp) / "job.json", r"error|exception")
+        failure = in_child("lora_sft.export.serving", "_serve_job", Path(tmp) / "job.json", r"error|exception")
         if failure is None:
             return json.loads(result_file.read_text()), np.load(logits_file)
     return f"llama.cpp (llama-cpp-python) failed serving {gguf.name} ({failure})"
@@ -217,7 +217,7 @@ def first_difference(tokenizer, want: list[int], got: list[int]) -> str:
 
 def verdict(run, gguf_type: str, p: Prompts, served: dict, drift: dict, max_drift: float | None) -> dict:
     """The parity entry of one GGUF: what matched, the task metrics, the drift; `problems` when it fails."""
-    from .evaluation import generation_metrics
+    from lora_sft.export.evaluation import generation_metrics
 
     tok = run.tokenizer
     answers = [s["text"] for s in served["served"]]
@@ -278,6 +278,6 @@ def verdict(run, gguf_type: str, p: Prompts, served: dict, drift: dict, max_drif
 
 def drift(ref, logits: np.ndarray) -> dict:
     """The GGUF's logits on the fidelity samples against the model as trained (export.compare)."""
-    from .export import Outputs, compare
+    from lora_sft.export.merge import Outputs, compare
 
     return compare(ref, Outputs(torch.from_numpy(logits), ref.targets))

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .tokens import is_target, next_token_targets
+from lora_sft.tokens import is_target, next_token_targets
 
 CHUNK_POSITIONS = 1024  # selected positions per output-layer chunk at most
 # logits per chunk at most (128 MiB in fp32): with Llama-3's 128,256 tokens a chunk is 261 positions, not 1,024, and

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .checkpoint import checkpoints
-from .distributed import agreed_signal, every_rank, world
-from .errors import RunError
-from .recipe import Recipe
+from lora_sft.distributed import agreed_signal, every_rank, world
+from lora_sft.errors import RunError
+from lora_sft.recipe.schema import Recipe
+from lora_sft.run.checkpoint import checkpoints
 
 
 def _command(recipe: Recipe, flag: str) -> str:

@@ -8,16 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from .tokens import is_target, next_token_targets, perplexity
+from lora_sft.tokens import is_target, next_token_targets, perplexity
 
-SHIPPED = Path(__file__).parent / "metrics"
+SHIPPED = Path(__file__).parents[1] / "metrics"
 
 
 def load_metric(name: str, where: str = "eval.metrics"):
     """A metric by `evaluate` name: the copy lora_sft ships, else from the hub (refused while it is off)."""
     import evaluate
 
-    from .errors import UserError
+    from lora_sft.errors import UserError
 
     if problem := metric_problem(name, where):
         raise UserError(problem)
@@ -30,7 +30,7 @@ def metric_problem(name: str, where: str) -> str | None:
     import difflib
     import os
 
-    from .hub import offline_variable
+    from lora_sft.export.hub import offline_variable
 
     shipped = sorted(p.name for p in SHIPPED.iterdir() if (p / f"{p.name}.py").is_file())
     if name in shipped:
@@ -68,7 +68,7 @@ def user_prompt(tokenizer, messages: list[dict]) -> str:
     """A chat rendered for generation with the saved chat template (the classic Alpaca prompt without one)."""
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    from .data.formats import ALPACA_PROMPT
+    from lora_sft.data.formats import ALPACA_PROMPT
 
     return ALPACA_PROMPT.format(ctx="", instruction=messages[-1]["content"], input="")
 
@@ -104,7 +104,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool
 
     ids = tokenizer(prompt, add_special_tokens=not (chat and tokenizer.chat_template), return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
-        from .errors import UserError
+        from lora_sft.errors import UserError
 
         raise UserError(
             f"prompt {prompt!r} is empty: this run continues raw text (it was trained on text rows); give it some text to continue"
@@ -127,7 +127,7 @@ def score(run, model, items: list[dict]) -> dict:
     """Loss and, by task, perplexity + token accuracy (causal_lm) or accuracy + macro F1 (classification)."""
     import torch
 
-    from .loss import plain_path_reason, target_loss
+    from lora_sft.model.loss import plain_path_reason, target_loss
 
     batch_size = run.recipe.train.micro_batch_size
     device = next(model.parameters()).device
@@ -136,7 +136,7 @@ def score(run, model, items: list[dict]) -> dict:
         for start in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in run.collate(items[start : start + batch_size]).items()}
             if run.recipe.task != "classification" and plain_path_reason(model) is None:
-                # logits only at the trained targets, a chunk at a time (lora_sft.loss): never positions x vocab
+                # logits only at the trained targets, a chunk at a time (lora_sft.model.loss): never positions x vocab
                 scored = target_loss(model, batch, count_correct=True)
                 loss_sum += float(scored.loss_sum)
                 n_loss += scored.targets
@@ -241,7 +241,7 @@ def generator(run, model, items: list[dict]) -> tuple[Any, dict[str, Any]]:
     `model` itself."""
     import torch
 
-    from .export import forward, take_trained_weights
+    from lora_sft.export.merge import forward, take_trained_weights
 
     quantized = run.recipe.quant.mode != "none"
     if not quantized or next(model.parameters()).device.type != "cpu":
@@ -270,8 +270,8 @@ def evaluate_run(
     summary.json. `measured`: {"base" / "fine_tuned": metrics} the Trainer just measured on the same eval split
     (train's eval.after_train): a causal LM's loss, perplexity and token accuracy are taken from there, not scored
     again (the same definition, the same numbers: tests/test_eval.py), and only the generations are new."""
-    from .errors import UserError
-    from .rundir import Evaluation, open_run
+    from lora_sft.errors import UserError
+    from lora_sft.run.rundir import Evaluation, open_run
 
     run = open_run(run_dir, data_file)
     held = run.bundle().eval
@@ -338,7 +338,7 @@ def evaluate_run(
 
 
 def eval_markdown(base_name: str, evaluation: dict) -> str:
-    from .rundir import Evaluation
+    from lora_sft.run.rundir import Evaluation
 
     lines = [
         f"# Evaluation of the adapter on {base_name}",
