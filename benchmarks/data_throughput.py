@@ -92,8 +92,8 @@ def load(rows: Path, fmt: str, num_proc: int, work: Path):
     """The recipe of a run on `rows` and its tokenizer (with the chatml template set)."""
     import yaml
 
-    from lora_sft.model import load as model
-    from lora_sft.recipe.schema import load_recipe
+    from lora_sft import model
+    from lora_sft.recipe.load import load_recipe
 
     recipe_path = work / f"recipe-{num_proc}.yaml"
     recipe_path.parent.mkdir(parents=True, exist_ok=True)

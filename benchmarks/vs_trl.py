@@ -298,8 +298,8 @@ def build_model(setup: Setup, tokenizer, folder: Path) -> None:
 def real_base(setup: Setup) -> Path:
     """The model folder of a real base: the GGUF that BASES' recipe names, converted by lora_sft (once, into its
     cache: config and tokenizer from the metadata, the dequantized weights). setup.model gets its shape."""
-    from lora_sft.model.load import resolve_source
-    from lora_sft.recipe.schema import load_recipe
+    from lora_sft.model.source import resolve_source
+    from lora_sft.recipe.load import load_recipe
 
     source = resolve_source(load_recipe(REPO / BASES[setup.base]))
     source.weights_ready()
@@ -545,7 +545,7 @@ def worker_lora_sft(spec: dict) -> dict:
     import yaml
 
     from lora_sft import train as train_stage
-    from lora_sft.recipe.schema import load_recipe
+    from lora_sft.recipe.load import load_recipe
 
     work = Path(spec["work"])
     recipe = {

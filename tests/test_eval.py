@@ -14,7 +14,7 @@ from helpers import REPO
 
 from lora_sft.cli.main import main
 from lora_sft.export.evaluation import load_metric, score, user_prompt
-from lora_sft.run.rundir import open_run
+from lora_sft.export.reopen import open_run
 
 
 @pytest.mark.e2e

@@ -211,7 +211,7 @@ def test_a_gguf_without_a_chat_template_needs_one_for_chat_rows(write_recipe, tm
 @pytest.mark.unit
 def test_a_packaged_gguf_that_is_not_installed_names_the_install_command(monkeypatch, write_recipe, tmp_path):
     from lora_sft.errors import UserError
-    from lora_sft.recipe.schema import load_recipe
+    from lora_sft.recipe.load import load_recipe
 
     monkeypatch.setitem(gguf_source.PACKAGED, "tiny-packaged", ("no_such_package_x", "x.gguf", "pip install x"))
     loaded = load_recipe(write_recipe(recipe(Path("tiny-packaged"), tmp_path / "run")))

@@ -22,7 +22,8 @@ from lora_sft import distributed
 from lora_sft.cli.main import _report, main
 from lora_sft.errors import RunError, UserError
 from lora_sft.run.checkpoint import COUNTS, STATE, AtomicCheckpoints, staging
-from lora_sft.run.rundir import Manifest, RunDir, Summary
+from lora_sft.run.records import Manifest, Summary
+from lora_sft.run.rundir import RunDir
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "light", "table"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -17,11 +17,14 @@ from pathlib import Path
 import pytest
 from helpers import RECIPES, REPO, build_tokenizer, save_tiny_llama
 
-from lora_sft import data
-from lora_sft.model import load as model
-from lora_sft.model import planner
-from lora_sft.recipe.schema import Recipe, load_recipe
+from lora_sft import data, model
+from lora_sft.model import planner, shapes
+from lora_sft.recipe.load import load_recipe
+from lora_sft.recipe.schema import Recipe
+from lora_sft.settings import Machine, resolve
 from lora_sft.tokens import IGNORE_INDEX
+
+CUDA = Machine.target("cuda:24GiB")  # the GPU the planner tests plan for
 
 pytestmark = pytest.mark.unit
 
@@ -60,16 +63,16 @@ def _on_gpu(path: Path, *overrides: str) -> Recipe:
 
 def estimate(recipe: Recipe) -> planner.Estimate:
     """The planner's peak for `recipe` on a CUDA GPU at its micro batch and checkpointing, rows of data.max_length."""
-    shape, plan = planner.known_shape(recipe.model.path), None
+    shape, plan = shapes.known_shape(recipe.model.path), None
     if shape is None:  # an encoder: its module shapes from the published config.json
         folder = CONFIGS / recipe.model.path.replace("/", "--")
         local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"path": str(folder)})})
         plan = model.plan_model(local, model.resolve_source(local), data.check(local).labels)
-        shape = planner.ModelShape.from_config(plan.config)
-    work = planner.workload(recipe, plan, shape, device="cuda", baseline=0, shards=0)
+        shape = shapes.ModelShape.from_config(plan.config)
+    work = planner.workload(resolve(recipe, CUDA), plan, shape, baseline=0)
     checkpointing = recipe.train.gradient_checkpointing
     assert isinstance(checkpointing, bool), "library recipes say on or off, so the estimate is the run's"
-    return planner.estimate(recipe, work, recipe.train.micro_batch_size, checkpointing)
+    return planner.estimate(resolve(recipe), work, recipe.train.micro_batch_size, checkpointing)
 
 
 def _gpu(path: Path) -> int:

@@ -13,7 +13,7 @@ from lora_sft.cli.preview import marked
 from lora_sft.data import CausalCollator, build
 from lora_sft.data.templates import NAMED, apply
 from lora_sft.errors import UserError
-from lora_sft.recipe.schema import load_recipe
+from lora_sft.recipe.load import load_recipe
 
 pytestmark = pytest.mark.unit
 

@@ -28,7 +28,8 @@ from lora_sft.cli.main import main
 from lora_sft.data import stream
 from lora_sft.data.read import read_source, stream_source
 from lora_sft.errors import UserError
-from lora_sft.recipe.schema import Recipe, Source
+from lora_sft.recipe.schema import Recipe
+from lora_sft.recipe.sections import Source
 from lora_sft.run.checkpoint import EXTRA, checkpoints
 
 ROWS = [json.loads(line) for line in (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()]

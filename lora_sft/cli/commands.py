@@ -1,53 +1,23 @@
 """The commands that work on a run directory (or an export): export, eval, generate, push, plot.
 
-cli.py hands them their sub-parsers here, so the shared command-line module stays small.
+main.py hands them their sub-parsers here, so the shared command-line module stays small.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 
+from lora_sft.cli.args import count, shard_size, tolerance
 from lora_sft.errors import UserError
-
-
-def before_training(recipe, checked) -> list[str]:
-    """What the recipe's after-training steps need, checked before hours of training rather than after:
-    problem lines for `preflight.prepare`. `checked` is the checked data (None if it had errors)."""
-    problems = []
-    if recipe.eval.after_train and checked is not None and not checked.eval:
-        problems.append(
-            f"{recipe.where('eval', 'after_train')}: there is no eval split to evaluate after training; set data.eval or data.eval_fraction, or remove after_train"
-        )
-    if (stop := recipe.train.early_stopping) is not None:
-        if checked is not None and not checked.eval:
-            problems.append(
-                f"{recipe.where('train', 'early_stopping')}: there is no eval split to watch; set data.eval or data.eval_fraction, or remove early_stopping"
-            )
-        if recipe.task != "classification" and stop.metric != "eval_loss":
-            problems.append(
-                f"{recipe.where('train', 'early_stopping', 'metric')}: {stop.metric} is measured for classification only; a causal_lm run is evaluated by eval_loss"
-            )
-    if recipe.task == "causal_lm":  # generation metrics; a classifier is scored with accuracy and F1
-        from lora_sft.export.evaluation import metric_problem
-
-        for i, name in enumerate(recipe.eval.metrics):
-            if problem := metric_problem(name, recipe.where("eval", "metrics", i)):
-                problems.append(problem)
-    if recipe.hub.repo_id:
-        from lora_sft.export.hub import check_ready
-
-        try:
-            check_ready(recipe.hub.repo_id, recipe.where("hub", "repo_id"))
-        except UserError as e:
-            problems += e.problems
-    return problems
 
 
 def _export(args) -> int:
     from lora_sft.export.merge import export
+    from lora_sft.export.options import ExportOptions
 
-    export(
-        args.run_dir,
+    options = ExportOptions(
         merged=args.merged,
         dtype=args.dtype,
         out=args.out,
@@ -58,6 +28,7 @@ def _export(args) -> int:
         gguf=args.gguf_type or ("f16" if args.gguf else None),
         max_drift=args.max_drift,
     )
+    export(args.run_dir, options)
     return 0
 
 
@@ -77,7 +48,7 @@ def _push(args) -> int:
 
 def _generate(args) -> int:
     from lora_sft.export.evaluation import generate_text, prompt_for
-    from lora_sft.run.rundir import open_run
+    from lora_sft.export.reopen import open_run
 
     run = open_run(args.run_dir)
     if run.recipe.task != "causal_lm":
@@ -116,34 +87,11 @@ def _plot(args) -> int:
     return 0
 
 
-def tolerance(text: str) -> float:
-    """An argparse type: a finite max |logit diff| of 0 or more (nan or inf would switch the check off)."""
-    import argparse
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a tolerance; give a finite number of 0 or more, e.g. 1e-4")
-    return value
-
-
-def shard_size(text: str) -> int:
-    """An argparse type: a shard size in bytes, or with a unit (200KB, 2GB, 500MiB), above 0."""
-    import argparse
-
-    from lora_sft.export.merge import shard_bytes
-
-    try:
-        return shard_bytes(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(e.problems[0].split(": ", 1)[1]) from None
+Command = Callable[..., argparse.ArgumentParser]  # adds a sub-command on a run directory (or a folder)
 
 
 def add_run_commands(sub, common) -> None:
-    from lora_sft.cli.main import count
+    """Add export, eval, generate, push and plot to `sub`, each taking the `common` flags (--debug)."""
 
     def command(name: str, handler, help: str, description: str, target: str = "run_dir"):
         parser = sub.add_parser(name, parents=[common], help=help, description=description)
@@ -153,6 +101,14 @@ def add_run_commands(sub, common) -> None:
         parser.set_defaults(handler=handler)
         return parser
 
+    _add_export(command)
+    _add_eval(command)
+    _add_generate(command)
+    _add_push(command)
+    _add_plot(sub, common)
+
+
+def _add_export(command: Command) -> None:
     e = command(
         "export",
         _export,
@@ -204,6 +160,8 @@ def add_run_commands(sub, common) -> None:
         help="with --gguf-type auto: the largest mean KL divergence (nats per token, held-out) from the model as trained that a GGUF may have",
     )
 
+
+def _add_eval(command: Command) -> None:
     v = command(
         "eval",
         _eval,
@@ -215,6 +173,8 @@ def add_run_commands(sub, common) -> None:
         "--base", action="store_true", help="also measure the base model without the adapter (before/after table)"
     )
 
+
+def _add_generate(command: Command) -> None:
     g = command(
         "generate",
         _generate,
@@ -224,6 +184,8 @@ def add_run_commands(sub, common) -> None:
     g.add_argument("--prompt", help="one user message; omit for an interactive chat")
     g.add_argument("--max-new-tokens", type=count(1), default=128, help="longest reply in tokens (default 128)")
 
+
+def _add_push(command: Command) -> None:
     p = command(
         "push",
         _push,
@@ -242,6 +204,8 @@ def add_run_commands(sub, common) -> None:
         "--dry-run", action="store_true", help="list the files and sizes that would be uploaded, upload nothing"
     )
 
+
+def _add_plot(sub, common) -> None:
     pl = sub.add_parser(
         "plot",
         parents=[common],

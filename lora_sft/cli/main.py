@@ -15,36 +15,30 @@ import os
 import sys
 from typing import get_args
 
-from lora_sft import __version__
+from lora_sft import __version__, compat
+from lora_sft.cli.args import ArgumentError, Parser, count
 from lora_sft.distributed import Elsewhere, finish, shared, start, stop, together, world
 from lora_sft.errors import RunError, UserError
 
 
-class ArgumentError(Exception):
-    """A command-line mistake: printed as one `error: ...` line, exit 2 (argparse would print its usage block)."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ArgumentError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-def count(least: int):
-    """An argparse type: an integer of at least `least`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"{value} is too small; give {least} or more")
-        return value
-
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
+    common, recipe_args = _parents()
+    parser = Parser(prog="python -m lora_sft", description="QLoRA fine-tuning from a YAML recipe.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"lora_sft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub, recipe_args)
+    _add_validate(sub, recipe_args)
+    _add_preview(sub, recipe_args)
+    _add_init(sub, common)
+    from lora_sft.cli.commands import add_run_commands
+
+    add_run_commands(sub, common)
+    return parser
+
+
+def _parents() -> tuple[Parser, Parser]:
+    """The flags every command takes (--debug), and with them a recipe command's: the recipe and its overrides."""
     # --debug is taken before or after the command; a sub-command's default must not undo the top-level flag
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -57,11 +51,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="patch the recipe, e.g. train.lr=1e-4 lora.rank=8 (anywhere after the recipe)",
     )
+    return common, recipe_args
 
-    parser = Parser(prog="python -m lora_sft", description="QLoRA fine-tuning from a YAML recipe.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--version", action="version", version=f"lora_sft {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+
+def _add_train(sub, recipe_args: Parser) -> None:
     t = sub.add_parser(
         "train",
         parents=[recipe_args],
@@ -82,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--quiet", action="store_true", help="print only errors and the end-of-run summary")
     t.set_defaults(handler=_train)
+
+
+def _add_validate(sub, recipe_args: Parser) -> None:
     v = sub.add_parser(
         "validate",
         parents=[recipe_args],
@@ -97,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         help="plan for N processes (GPUs) under torchrun or accelerate launch: the global batch and the memory per GPU (default: WORLD_SIZE under a launcher, else 1)",
     )
     v.set_defaults(handler=_validate)
+
+
+def _add_preview(sub, recipe_args: Parser) -> None:
     p = sub.add_parser(
         "preview",
         parents=[recipe_args],
@@ -111,7 +110,11 @@ def _parser() -> argparse.ArgumentParser:
         help="one JSON object per sample: input_ids, labels (-100 = not trained), position_ids when packed",
     )
     p.set_defaults(handler=_preview)
-    from lora_sft.recipe.schema import FORMATS, Recipe
+
+
+def _add_init(sub, common: Parser) -> None:
+    from lora_sft.recipe.schema import Recipe
+    from lora_sft.recipe.sections import FORMATS
 
     i = sub.add_parser(
         "init",
@@ -132,10 +135,6 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default="recipe.yaml", metavar="FILE", help="where to write the recipe (default recipe.yaml)"
     )
     i.set_defaults(handler=_init)
-    from lora_sft.cli.commands import add_run_commands
-
-    add_run_commands(sub, common)
-    return parser
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -152,7 +151,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _validate(args) -> int:
-    from lora_sft.recipe.schema import explain, load_recipe
+    from lora_sft.recipe.explain import explain
+    from lora_sft.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     from lora_sft.preflight import describe_plan, prepare
@@ -162,7 +162,9 @@ def _validate(args) -> int:
         return 0
     print(f"{args.recipe}: ok")
     processes = args.nproc or world().size
-    lines = describe_plan(recipe, prepared.checked, prepared.plan, prepared.bundle, prepared.memory, processes)
+    lines = describe_plan(
+        prepared.settings, prepared.checked, prepared.plan, prepared.bundle, prepared.memory, processes
+    )
     print("\n".join(f"  {line}" for line in lines))
     if prepared.note:
         print(prepared.note)
@@ -180,12 +182,11 @@ def _init(args) -> int:
 
 
 def _preview(args) -> int:
-    from lora_sft.recipe.schema import load_recipe
+    from lora_sft.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from lora_sft import data
+    from lora_sft import data, model
     from lora_sft.cli import preview
-    from lora_sft.model import load as model
 
     checked = data.check(recipe)
     tokenizer = model.load_tokenizer(recipe, model.resolve_source(recipe))
@@ -197,13 +198,13 @@ def _preview(args) -> int:
 
 
 def _train(args) -> int:
-    from lora_sft.recipe.schema import load_recipe
+    from lora_sft.recipe.load import load_recipe
 
     if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
         # `--resume train.lr=1e-4`: argparse took an override for --resume's optional PATH
         args.overrides, args.resume = [*args.overrides, args.resume], True
     if args.quiet:
-        from lora_sft.run.progress import quiet_libraries
+        from lora_sft.console import quiet_libraries
 
         quiet_libraries()
     start()  # under a launcher: from here the processes can wait for each other and share a failure
@@ -219,8 +220,7 @@ def _train(args) -> int:
 def _end_progress_line() -> None:
     """Close any progress bar still drawn (the training bar an error cut short), so that the error that follows
     starts a line of its own (`grep ^error:` finds it) and no bar is redrawn after it."""
-    tqdm = sys.modules.get("tqdm.std")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+    for bar in compat.open_progress_bars():
         with contextlib.suppress(Exception):  # a bar on a closed stream: nothing to end
             bar.close()
 
@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # cache writes are quick; bars only add noise
     try:
+        compat.check_versions()  # a library outside the tested range: one line, exit 2, before the command imports it
         return args.handler(args)
     except BrokenPipeError:
         _quiet_stdout()

@@ -16,14 +16,16 @@ from typing import Any
 import yaml
 
 from lora_sft import data as data_stage
+from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft.data import templates
 from lora_sft.data.formats import FIELDS, fitting_formats
 from lora_sft.data.read import read_source
 from lora_sft.errors import UserError
-from lora_sft.model import load as model_stage
-from lora_sft.model import planner
-from lora_sft.recipe.schema import Recipe, Source
+from lora_sft.model import fitting, planner, shapes
+from lora_sft.recipe.schema import Recipe
+from lora_sft.recipe.sections import Source
+from lora_sft.settings import Machine, resolve
 
 SAMPLE_ROWS = 20  # the rows a format is detected from
 EFFECTIVE_BATCH = 16  # rows per optimizer step in every recipe init writes: micro batch x grad_accum
@@ -99,11 +101,11 @@ def sizes_for(task: str, params: int | None, max_positions: int | None) -> Sizes
     return s
 
 
-def parameter_count(recipe: Recipe, plan: model_stage.ModelPlan | None, shape: planner.ModelShape) -> int:
+def parameter_count(recipe: Recipe, plan: model_stage.ModelPlan | None, shape: shapes.ModelShape) -> int:
     """The base model's parameters: the plan's count, or the table shape's linear layers, embeddings and norms."""
     if plan is not None:
         return plan.total_params
-    work = planner.workload(recipe, None, shape, device="cpu", baseline=0)
+    work = planner.workload(resolve(recipe, Machine.target("cpu")), None, shape, baseline=0)
     return sum(i * o for i, o in work.linears.values()) + work.unquantized_params
 
 
@@ -152,7 +154,7 @@ def _chat_template(recipe: Recipe, source: model_stage.ModelSource, fmt: str, ro
     if tokenizer.chat_template:
         return None, "chat template: the tokenizer's own"
     for name in ("llama3", "chatml"):
-        if all(model_stage._is_one_token(tokenizer, m) for m in templates.markers(name)):
+        if all(model_stage.is_one_token(tokenizer, m) for m in templates.markers(name)):
             return name, f"chat template: {name} (the tokenizer has none; its tokens hold {name}'s markers)"
     return "chatml", "chat template: chatml (the tokenizer has none; its markers are added as trained special tokens)"
 
@@ -171,13 +173,65 @@ def draft(model: str, data: str, fmt: str | None, task: str | None, out: str) ->
     rows = read_source(Source(path=data), "--data")
     detected = fmt is None
     fmt = fmt or detect_format(data)
+    task = _checked_task(task, fmt)
+    body = _skeleton(model, data, fmt, task)
+    recipe = Recipe.model_validate(body)
+    checked = data_stage.check(recipe)  # every row, before anything is written; and the labels
+    plan, unreachable = _plan(recipe, checked.labels)
+    shape = shapes.ModelShape.from_config(plan.config) if plan else shapes.known_shape(model)
+    params = parameter_count(recipe, plan, shape) if shape else None
+    positions = getattr(plan.config, "max_position_embeddings", None) if plan else None
+    s = sizes_for(task, params, positions)
+    rows_n = len(checked.train)
+    _apply_sizes(body, s, rows_n)
+    recipe = Recipe.model_validate(body)
+    source = model_stage.resolve_source(recipe)
+    template, template_line = (None, "") if plan is None and unreachable else _chat_template(recipe, source, fmt, rows)
+    if template:
+        body["data"]["chat_template"] = template
+        recipe = Recipe.model_validate(body)
+    if plan is not None and s.rank != 16:  # planned with the default rank: the trainable count follows the rank
+        plan, _ = _plan(recipe, checked.labels)
+    # planned at the rows' tokenized lengths, as validate and train plan, not at max_length
+    memory, no_estimate = preflight.plan_memory(resolve(recipe), plan, _tokenized(recipe, source, plan))
+    found = _Findings(
+        model=model,
+        data=data,
+        out=out,
+        fmt=fmt,
+        detected=detected,
+        rows_n=rows_n,
+        plan=plan,
+        shape=shape,
+        params=params,
+        sizes=s,
+        grad_accum=body["train"]["grad_accum"],
+        unreachable=unreachable,
+        template_line=template_line,
+        memory=memory,
+        no_estimate=no_estimate,
+    )
+    notes = {
+        ("train", "grad_accum"): f"micro batches per optimizer step: {EFFECTIVE_BATCH} rows a step",
+        ("lora", "alpha"): "scale alpha / rank = 2",
+    }
+    return render(_header(found), body, notes)
+
+
+def _checked_task(task: str | None, fmt: str) -> str:
+    """--task, or the format's task; refused when it does not train on rows of this format."""
     task = task or task_of(fmt)
     if task != task_of(fmt):
         raise UserError(
             f"--task {task}: {task} trains on {'classification rows (text, label)' if task == 'classification' else 'alpaca, prompt_completion, messages or text rows'}, and the data is {fmt}; leave --task out"
         )
+    return task
+
+
+def _skeleton(model: str, data: str, fmt: str, task: str) -> dict[str, Any]:
+    """The recipe before the sizes: the model, the data and the output_dir named for them, 4-bit NF4."""
     slug = Path(model.rstrip("/")).name.lower().replace(".", "-") or "model"
-    body: dict[str, Any] = {
+    return {
         "task": task,
         "output_dir": f"runs/{slug}-{fmt}",
         "model": {"path": model},
@@ -186,14 +240,11 @@ def draft(model: str, data: str, fmt: str | None, task: str | None, out: str) ->
         "data": {"format": fmt, "train": data},
         "train": {},
     }
-    recipe = Recipe.model_validate(body)
-    checked = data_stage.check(recipe)  # every row, before anything is written; and the labels
-    plan, unreachable = _plan(recipe, checked.labels)
-    shape = planner.ModelShape.from_config(plan.config) if plan else planner.known_shape(model)
-    params = parameter_count(recipe, plan, shape) if shape else None
-    positions = getattr(plan.config, "max_position_embeddings", None) if plan else None
-    s = sizes_for(task, params, positions)
-    rows_n = len(checked.train)
+
+
+def _apply_sizes(body: dict[str, Any], s: Sizes, rows_n: int) -> None:
+    """Set the LoRA rank, the eval split, max_length and the training settings in `body` for the model's size and
+    the number of train rows."""
     body["lora"] = {"rank": s.rank, "alpha": 2 * s.rank, "target_modules": "all-linear"}
     if rows_n >= 20:  # an eval split of at least two rows, else none
         body["data"]["eval_fraction"] = 0.05 if rows_n >= 200 else 0.1
@@ -207,30 +258,47 @@ def draft(model: str, data: str, fmt: str | None, task: str | None, out: str) ->
         "gradient_checkpointing": "auto",
         "logging_steps": max(1, min(10, math.ceil(rows_n / EFFECTIVE_BATCH / 4))),
     }
-    recipe = Recipe.model_validate(body)
-    source = model_stage.resolve_source(recipe)
-    template, template_line = (None, "") if plan is None and unreachable else _chat_template(recipe, source, fmt, rows)
-    if template:
-        body["data"]["chat_template"] = template
-        recipe = Recipe.model_validate(body)
-    if plan is not None and s.rank != 16:  # planned with the default rank: the trainable count follows the rank
-        plan, _ = _plan(recipe, checked.labels)
-    # planned at the rows' tokenized lengths, as validate and train plan, not at max_length
-    memory, no_estimate = preflight.plan_memory(recipe, plan, _tokenized(recipe, source, plan))
 
-    size = f"{params / 1e9:.2f}B parameters" if params else "parameter count unknown"
-    where = plan.source.origin if plan else "not read"
+
+@dataclass(frozen=True)
+class _Findings:
+    """What `draft` found out, for the recipe's header comment."""
+
+    model: str
+    data: str
+    out: str
+    fmt: str
+    detected: bool  # the format was detected, not passed with --format
+    rows_n: int  # train rows
+    plan: model_stage.ModelPlan | None
+    shape: shapes.ModelShape | None
+    params: int | None
+    sizes: Sizes
+    grad_accum: int
+    unreachable: str  # why the config was not read, or ""
+    template_line: str  # what was found about the chat template, or ""
+    memory: fitting.MemoryPlan | None
+    no_estimate: str | None  # why there is no memory estimate
+
+
+def _header(f: _Findings) -> list[str]:
+    """The header comment: how the recipe was made, what was found about the data and the model, the memory
+    estimate, and how to check and train it."""
+    model, data, out, fmt, detected, s = f.model, f.data, f.out, f.fmt, f.detected, f.sizes
+    memory, no_estimate, shape = f.memory, f.no_estimate, f.shape
+    size = f"{f.params / 1e9:.2f}B parameters" if f.params else "parameter count unknown"
+    where = f.plan.source.origin if f.plan else "not read"
     head = [
         f"Written by `python -m lora_sft init --model {model} --data {data}`{'' if detected else f' --format {fmt}'}.",
         f"Check it: python -m lora_sft validate {out}     Train: python -m lora_sft train {out}",
-        f"data: {fmt} rows ({', '.join(FIELDS[fmt])}){', detected from the first rows' if detected else ''}; {rows_n} train rows",
+        f"data: {fmt} rows ({', '.join(FIELDS[fmt])}){', detected from the first rows' if detected else ''}; {f.rows_n} train rows",
         f"model: {model} (config: {where}{'; ' + shape.source if shape and shape.source != 'config.json' else ''}): {size}, {s.why}",
-        f"  so: LoRA rank {s.rank}, lr {s.lr:g}, micro batch {micro} x {body['train']['grad_accum']} accumulated, max_length {s.max_length}",
+        f"  so: LoRA rank {s.rank}, lr {s.lr:g}, micro batch {s.micro_batch} x {f.grad_accum} accumulated, max_length {s.max_length}",
     ]
-    if unreachable:
-        head.append(f"config not read: {unreachable}")
-    if template_line:
-        head.append(template_line)
+    if f.unreachable:
+        head.append(f"config not read: {f.unreachable}")
+    if f.template_line:
+        head.append(f.template_line)
     head.append("")
     head += memory.lines() if memory else [no_estimate.removeprefix("note: ") if no_estimate else "no memory estimate"]
     head.append("")
@@ -241,11 +309,7 @@ def draft(model: str, data: str, fmt: str | None, task: str | None, out: str) ->
             "or lower data.max_length.",
         ]
     head.append("Every key: python -m lora_sft validate --explain " + out)
-    notes = {
-        ("train", "grad_accum"): f"micro batches per optimizer step: {EFFECTIVE_BATCH} rows a step",
-        ("lora", "alpha"): "scale alpha / rank = 2",
-    }
-    return render(head, body, notes)
+    return head
 
 
 def _tokenized(recipe: Recipe, source: model_stage.ModelSource, plan: model_stage.ModelPlan | None):

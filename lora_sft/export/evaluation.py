@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +242,8 @@ def generator(run, model, items: list[dict]) -> tuple[Any, dict[str, Any]]:
     `model` itself."""
     import torch
 
-    from lora_sft.export.merge import forward, take_trained_weights
+    from lora_sft.export.dequantize import take_trained_weights
+    from lora_sft.export.fidelity import forward
 
     quantized = run.recipe.quant.mode != "none"
     if not quantized or next(model.parameters()).device.type != "cpu":
@@ -263,6 +265,18 @@ def generator(run, model, items: list[dict]) -> tuple[Any, dict[str, Any]]:
 TRAINER_MEASURED = ("loss", "perplexity", "token_accuracy")
 
 
+@dataclass(frozen=True)
+class _Asked:
+    """What `eval` measures each model on: the eval rows it scores, the (prompt, reference, chat) pairs it generates
+    and scores, the recipe's eval.prompts it generates; `reuse`: a causal LM on the run's own eval split, whose
+    loss, perplexity and token accuracy the Trainer may have measured already (TRAINER_MEASURED)."""
+
+    items: list[dict]
+    pairs: list[tuple[str, str, bool]]
+    prompts: list[tuple[str, bool]]
+    reuse: bool
+
+
 def evaluate_run(
     run_dir, data_file: str | None = None, base: bool = False, log=print, measured: dict | None = None
 ) -> dict:
@@ -271,7 +285,8 @@ def evaluate_run(
     (train's eval.after_train): a causal LM's loss, perplexity and token accuracy are taken from there, not scored
     again (the same definition, the same numbers: tests/test_eval.py), and only the generations are new."""
     from lora_sft.errors import UserError
-    from lora_sft.run.rundir import Evaluation, open_run
+    from lora_sft.export.reopen import open_run
+    from lora_sft.run.records import Evaluation
 
     run = open_run(run_dir, data_file)
     held = run.bundle().eval
@@ -289,33 +304,14 @@ def evaluate_run(
     prompts = (
         [prompt_for(run.recipe, run.tokenizer, [{"role": "user", "content": p}]) for p in e.prompts] if causal else []
     )
+    asked = _Asked(items, pairs, prompts, reuse=causal and data_file is None)
     results, samples, generation = {}, {}, {}
     for name in ("base", "fine_tuned") if base else ("fine_tuned",):
-        model = run.model() if name == "fine_tuned" else run.base()
-        model.eval()
-        known = (measured or {}).get(name) or {}
-        if causal and data_file is None and all(isinstance(known.get(k), float | int) for k in TRAINER_MEASURED):
-            metrics = {k: known[k] for k in TRAINER_MEASURED}
-        else:
-            metrics = score(run, model, items)
-        if pairs or prompts:
-            began = time.perf_counter()
-            model, generation[name] = generator(run, model, items)
-            label = name.replace("_", "-")
-            if pairs:
-                log(f"generate {label}: {len(pairs)} responses with {generation[name]['model']}")
-                scores, generated = generation_scores(run, model, pairs, log, label)
-                metrics |= scores
-                samples[name] = generated[:3]
-            if prompts:
-                samples[name] = generate_batch(model, run.tokenizer, prompts, e.max_new_tokens)
-            generation[name]["seconds"] = round(time.perf_counter() - began, 1)
-        results[name] = metrics
-        log(
-            f"eval {name.replace('_', '-')}: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float))
-        )
-        del model
+        results[name], sample, how = _evaluate_model(run, name, asked, (measured or {}).get(name) or {}, log)
+        if sample is not None:
+            samples[name] = sample
+        if how is not None:
+            generation[name] = how
     shown = [p for p, _ in prompts] if prompts else [p for p, _, _ in pairs[:3]]
     references = [None] * len(shown) if prompts else [r for _, r, _ in pairs[:3]]
     evaluation = Evaluation(
@@ -337,8 +333,38 @@ def evaluate_run(
     return evaluation.to_json()
 
 
+def _evaluate_model(run, name: str, asked: _Asked, known: dict, log) -> tuple[dict, list | None, dict | None]:
+    """One model measured (`name`: base or fine_tuned): its metrics, its sample generations and how they were
+    generated (None when nothing was generated). `known`: what the Trainer measured of it."""
+    model = run.model() if name == "fine_tuned" else run.base()
+    model.eval()
+    if asked.reuse and all(isinstance(known.get(k), float | int) for k in TRAINER_MEASURED):
+        metrics = {k: known[k] for k in TRAINER_MEASURED}
+    else:
+        metrics = score(run, model, asked.items)
+    sample, how = None, None
+    if asked.pairs or asked.prompts:
+        began = time.perf_counter()
+        model, how = generator(run, model, asked.items)
+        label = name.replace("_", "-")
+        if asked.pairs:
+            log(f"generate {label}: {len(asked.pairs)} responses with {how['model']}")
+            scores, generated = generation_scores(run, model, asked.pairs, log, label)
+            metrics |= scores
+            sample = generated[:3]
+        if asked.prompts:
+            sample = generate_batch(model, run.tokenizer, asked.prompts, run.recipe.eval.max_new_tokens)
+        how["seconds"] = round(time.perf_counter() - began, 1)
+    log(
+        f"eval {name.replace('_', '-')}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float))
+    )
+    del model
+    return metrics, sample, how
+
+
 def eval_markdown(base_name: str, evaluation: dict) -> str:
-    from lora_sft.run.rundir import Evaluation
+    from lora_sft.run.records import Evaluation
 
     lines = [
         f"# Evaluation of the adapter on {base_name}",

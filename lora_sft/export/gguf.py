@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lora_sft.export.child import in_child
 from lora_sft.export.gguf_write import INSTALL, adds, write
 
 GREEDY_STEPS = 16
@@ -198,24 +198,6 @@ def _llama_stepper(llm) -> Any:
     return step
 
 
-def in_child(module: str, function: str, job: Path, quoted: str) -> str | None:
-    """Run `module.function(job)` in a child interpreter with this lora_sft on its path (llama.cpp is native code: a
-    crash there must fail a check, not the export). None when it succeeded, else how it ended and the last stderr
-    line matching the regex `quoted`: "SIGILL" or "exit 1: ValueError: ..."."""
-    import signal
-    import subprocess
-    import sys
-
-    root = str(Path(__file__).resolve().parents[2])
-    code = f"import sys; sys.path.insert(0, {root!r}); from {module} import {function}; {function}(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True)
-    if proc.returncode == 0:
-        return None
-    how = signal.Signals(-proc.returncode).name if proc.returncode < 0 else f"exit {proc.returncode}"
-    last = [line for line in proc.stderr.splitlines() if re.search(quoted, line, re.IGNORECASE)][-1:]
-    return f"{how}{': ' + last[0] if last else ''}"
-
-
 def check(gguf_path: Path, merged: Path, gguf_type: str, prompts: list[list[int]]) -> dict:
     """Load the GGUF with llama.cpp on CPU and compare it with the merged model in transformers (fp32) on `prompts`:
     max |logit diff| at every prompt position, next-token argmax agreement, and 16 greedy tokens per prompt.
@@ -260,32 +242,12 @@ def _measure(gguf_path: Path, merged: Path, gguf_type: str, prompts: list[list[i
     add_bos = adds(tokenizer)["bos"]
     n_ctx = max(len(p) for p in prompts) + GREEDY_STEPS + 8
     llm = Llama(model_path=str(gguf_path), logits_all=True, verbose=False, n_ctx=n_ctx, n_gpu_layers=0, seed=0)
-    diff = scale = 0.0
-    agree = positions = greedy_same = tokenized_same = 0
-    greedy: list[dict] = []
-    for ids in prompts:
-        ref = _hf_logits(model, ids)
-        llm.reset()
-        llm.eval(ids)
-        got = np.array(llm.scores[: len(ids)], dtype=np.float32)
-        diff = max(diff, float(np.abs(got - ref).max()))
-        scale = max(scale, float(np.abs(ref).max()))
-        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        positions += len(ids)
-        llm.reset()
-        hf_tokens, hf_logits = _greedy(_hf_stepper(model), ids, GREEDY_STEPS)
-        cpp_tokens, _ = _greedy(_llama_stepper(llm), ids, GREEDY_STEPS)
-        greedy_same += hf_tokens == cpp_tokens
-        greedy.append({"transformers": hf_tokens, "llama_cpp": cpp_tokens})
-        if hf_tokens != cpp_tokens:  # how far apart transformers had the two tokens where the paths part
-            i = next(i for i, (a, b) in enumerate(zip(hf_tokens, cpp_tokens)) if a != b)
-            greedy[-1]["parted_at"] = i
-            greedy[-1]["logit_gap"] = float(hf_logits[i][hf_tokens[i]] - hf_logits[i][cpp_tokens[i]])
-        # the same text must become the same tokens in both tokenizers (each adds its BOS, if it adds one, itself)
-        body = ids[1:] if add_bos and ids[:1] == [tokenizer.bos_token_id] else ids
-        text = str(tokenizer.decode(body, skip_special_tokens=False))  # one sequence: a str
-        tokenized_same += llm.tokenize(text.encode(), add_bos=add_bos, special=True) == tokenizer(text)["input_ids"]
+    each = [_measure_prompt(model, tokenizer, llm, ids, add_bos) for ids in prompts]
     llm.close()
+    diff = max([0.0, *(m["diff"] for m in each)])
+    scale = max([0.0, *(m["scale"] for m in each)])
+    agree, positions = sum(m["agree"] for m in each), sum(len(ids) for ids in prompts)
+    greedy = [m["greedy"] for m in each]
     result: dict[str, Any] = {
         "checked": True,
         "file": gguf_path.name,
@@ -298,32 +260,68 @@ def _measure(gguf_path: Path, merged: Path, gguf_type: str, prompts: list[list[i
         "relative_logit_diff": diff / scale if scale else 0.0,
         "greedy_agreement": agree / positions,
         "greedy_steps": GREEDY_STEPS,
-        "greedy_identical_prompts": greedy_same,
+        "greedy_identical_prompts": sum(m["greedy_same"] for m in each),
         # prompts whose greedy paths part at a tie: the two tokens within the f16 tolerance in transformers' own logits
         "greedy_ties": sum(g.get("logit_gap", math.inf) <= F16_RELATIVE * scale for g in greedy),
-        "tokenizer_identical_prompts": tokenized_same,
+        "tokenizer_identical_prompts": sum(m["tokenized_same"] for m in each),
         "greedy": greedy,
     }
+    problems = _problems(gguf_type, result)
+    result["passed"], result["problems"] = not problems, problems
+    return result
+
+
+def _measure_prompt(model, tokenizer, llm, ids: list[int], add_bos: bool) -> dict[str, Any]:
+    """One prompt through both: the logits at every position, 16 greedy tokens each, and whether llama.cpp's
+    tokenizer splits its text as transformers' does."""
+    ref = _hf_logits(model, ids)
+    llm.reset()
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.reset()
+    hf_tokens, hf_logits = _greedy(_hf_stepper(model), ids, GREEDY_STEPS)
+    cpp_tokens, _ = _greedy(_llama_stepper(llm), ids, GREEDY_STEPS)
+    greedy: dict[str, Any] = {"transformers": hf_tokens, "llama_cpp": cpp_tokens}
+    if hf_tokens != cpp_tokens:  # how far apart transformers had the two tokens where the paths part
+        i = next(i for i, (a, b) in enumerate(zip(hf_tokens, cpp_tokens)) if a != b)
+        greedy["parted_at"] = i
+        greedy["logit_gap"] = float(hf_logits[i][hf_tokens[i]] - hf_logits[i][cpp_tokens[i]])
+    # the same text must become the same tokens in both tokenizers (each adds its BOS, if it adds one, itself)
+    body = ids[1:] if add_bos and ids[:1] == [tokenizer.bos_token_id] else ids
+    text = str(tokenizer.decode(body, skip_special_tokens=False))  # one sequence: a str
+    return {
+        "diff": float(np.abs(got - ref).max()),
+        "scale": float(np.abs(ref).max()),
+        "agree": int((got.argmax(-1) == ref.argmax(-1)).sum()),
+        "greedy_same": hf_tokens == cpp_tokens,
+        "greedy": greedy,
+        "tokenized_same": llm.tokenize(text.encode(), add_bos=add_bos, special=True) == tokenizer(text)["input_ids"],
+    }
+
+
+def _problems(gguf_type: str, result: dict[str, Any]) -> list[str]:
+    """Why the measured GGUF fails its load check: f16 must match within F16_RELATIVE and greedily (but at a tie),
+    a quantized type agree on the next token MIN_AGREEMENT of the time; any type tokenizes as transformers does."""
+    diff, scale, n = result["max_abs_logit_diff"], result["max_abs_logit"], result["prompts"]
     problems = []
     if gguf_type == "f16":
         if diff > F16_RELATIVE * scale:
             problems.append(
                 f"f16 GGUF max |logit diff| {diff:.3g} is above {F16_RELATIVE} * max |logit| ({F16_RELATIVE * scale:.3g})"
             )
-        if (parted := len(prompts) - greedy_same - result["greedy_ties"]) > 0:
+        if (parted := n - result["greedy_identical_prompts"] - result["greedy_ties"]) > 0:
             problems.append(
-                f"f16 GGUF: {GREEDY_STEPS} greedy tokens differ from transformers on {parted} of {len(prompts)} prompts (not at a tie)"
+                f"f16 GGUF: {GREEDY_STEPS} greedy tokens differ from transformers on {parted} of {n} prompts (not at a tie)"
             )
-    elif agree / positions < MIN_AGREEMENT:
+    elif result["greedy_agreement"] < MIN_AGREEMENT:
         problems.append(
-            f"{gguf_type} GGUF: next-token agreement {agree / positions:.3f} with transformers is below {MIN_AGREEMENT}"
+            f"{gguf_type} GGUF: next-token agreement {result['greedy_agreement']:.3f} with transformers is below {MIN_AGREEMENT}"
         )
-    if tokenized_same < len(prompts):
+    if result["tokenizer_identical_prompts"] < n:
         problems.append(
-            f"the GGUF's tokenizer splits {len(prompts) - tokenized_same} of {len(prompts)} prompts differently from the transformers tokenizer"
+            f"the GGUF's tokenizer splits {n - result['tokenizer_identical_prompts']} of {n} prompts differently from the transformers tokenizer"
         )
-    result["passed"], result["problems"] = not problems, problems
-    return result
+    return problems
 
 
 def export_gguf(merged: Path, out_dir: Path, name: str, gguf_type: str, prompts: list[list[int]], log=print) -> dict:
@@ -394,7 +392,7 @@ def card_section(gguf: dict, folder: str = "gguf") -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- quant types, the serving check, auto
+# ---------------------------------------------------------------- the types --gguf-type takes
 
 # The types `--gguf-type` takes, largest first. f16 and bf16 are written by gguf_write; the others by llama.cpp's own
 # quantizer (llama-cpp-python's llama_model_quantize binding) from the f16 (bf16 for a bf16 export) file.
@@ -405,10 +403,6 @@ QUANTIZED = {
     "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
 }
-AUTO = ("q4_k_m", "q5_k_m", "q6_k", "q8_0")  # --gguf-type auto tries these, smallest first, then the 16-bit file
-# held-out prompts of the serving check: the recipe's eval.generate, at most PARITY_PROMPTS (16 when it is 0); each
-# costs about a second per GGUF type in llama.cpp on 2 CPU cores (SmolLM2-135M, 48 new tokens)
-PARITY_PROMPTS = 32
 
 
 def parse_types(text: str, max_drift: float | None) -> list[str]:
@@ -441,125 +435,3 @@ def check_quantizer(types: list[str]) -> None:
         raise UserError(
             f"--gguf-type {','.join(need)}: quantizing uses llama.cpp's own quantizer from llama-cpp-python, which is not installed; {INSTALL} (f16 and bf16 need only gguf)"
         )
-
-
-def quantize(source: Path, target: Path, gguf_type: str) -> None:
-    """`source` (an f16 or bf16 GGUF) quantized to `gguf_type` by llama.cpp, in a child interpreter (native code)."""
-    import subprocess
-    import sys
-
-    from lora_sft.errors import RunError
-
-    code = (
-        "import ctypes, os, sys, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
-        "p.ftype = getattr(llama_cpp, sys.argv[3]); p.nthread = os.cpu_count() or 1; "
-        "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(source), str(target), QUANTIZED[gguf_type]], capture_output=True, text=True
-    )
-    if proc.returncode != 0 or not target.is_file():
-        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        raise RunError(f"llama.cpp could not quantize {source.name} to {gguf_type}: {last}")
-
-
-def export_ggufs(
-    run, merged: Path, out_dir: Path, types: list[str], max_drift: float | None, batch: dict, trained, log=print
-) -> dict:
-    """The GGUF files `types` asks for (or, auto, the smallest within `max_drift`), each checked for serving parity
-    (gguf_serving) against the model as trained (`trained`: its outputs on the fidelity `batch`); the fidelity
-    report's `gguf` entry. The 16-bit file is written first and load-checked against the merged folder (`check`)."""
-    from lora_sft.errors import UserError
-    from lora_sft.export import serving as gguf_serving
-    from lora_sft.export.evaluation import generator
-    from lora_sft.export.gguf_write import file_name
-
-    config = json.loads((merged / "config.json").read_text())
-    base_type = "bf16" if config.get("dtype", config.get("torch_dtype")) == "bfloat16" else "f16"
-    auto = types == ["auto"]
-    ids, masks = batch["input_ids"].tolist(), batch["attention_mask"].tolist()
-    rows = [[t for t, m in zip(row, mask) if m] for row, mask in zip(ids, masks)]  # the samples, unpadded
-    base_path = write(merged, out_dir, run.root.name, base_type, log)
-    conversion = {"file": base_path.name, "size_mb": round(base_path.stat().st_size / 2**20, 1)} | check(
-        base_path, merged, base_type, rows[:4]
-    )
-    entry: dict[str, Any] = {"conversion": conversion, "files": [], "max_drift": max_drift}
-    problems = list(conversion.get("problems", []))
-    if not conversion.get("checked"):  # no llama-cpp-python: f16/bf16 written, nothing served
-        write_modelfile(merged, out_dir, base_path)
-        entry["files"].append(
-            {"type": base_type, "file": base_path.name, "size_mb": conversion["size_mb"], "modelfile": "Modelfile"}
-        )
-        return entry | {"passed": not problems, "problems": problems}
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    family = template_family(tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None)
-    system = default_system(tokenizer)
-    bundle = run.bundle()
-    data = bundle.eval if bundle.eval is not None else bundle.train
-    model, how = generator(run, run.model(), [data[i] for i in range(min(4, len(data)))])
-    count = min(run.recipe.eval.generate, PARITY_PROMPTS) or 16
-    log(f"gguf serving check: {count} held-out prompts, references generated with {how['model']}")
-    prompts = gguf_serving.prompts(run, bundle, model, count, lambda chat: ollama_prompt(family, system, chat))
-    del model
-    candidates = [*AUTO, base_type] if auto else types
-    for gguf_type in candidates:
-        path = base_path if gguf_type == base_type else out_dir / file_name(run.root.name, gguf_type)
-        if gguf_type != base_type:
-            quantize(base_path, path, gguf_type)
-        served = gguf_serving.serve(path, prompts, rows)
-        if isinstance(served, str):
-            result = {"type": gguf_type, "file": path.name, "passed": False, "problems": [served]}
-        else:
-            drift = gguf_serving.drift(trained, served[1])
-            result = {"type": gguf_type, "file": path.name} | gguf_serving.verdict(
-                run, gguf_type, prompts, served[0], drift, max_drift
-            )
-        result["size_mb"] = round(path.stat().st_size / 2**20, 1)
-        log(serving_line(result))
-        entry["files"].append(result)
-        if auto and result["passed"]:
-            break
-    if auto:
-        chosen = next((f for f in entry["files"] if f["passed"]), None)
-        if chosen is None:
-            measured = [f for f in entry["files"] if "drift" in f]
-            closest = min(measured, key=lambda f: f["drift"]["mean_kl"]) if measured else None
-            near = (
-                f"; closest: {closest['type']} at mean KL {closest['drift']['mean_kl']:.3g}{'' if not closest['problems'] or 'max-drift' in closest['problems'][0] else ' (' + closest['problems'][0] + ')'}"
-                if closest
-                else ""
-            )
-            raise UserError(
-                f"--gguf-type auto --max-drift {max_drift:g}: no GGUF type ({', '.join(candidates)}) stays within the budget and passes the serving check{near}; raise --max-drift or export f16"
-            )
-        for f in entry["files"]:
-            if f is not chosen:
-                (out_dir / f["file"]).unlink(missing_ok=True)
-        if chosen["type"] != base_type:
-            base_path.unlink()  # the 16-bit intermediate, not tried once a smaller type passed
-        entry["files"], entry["chosen"] = [chosen], chosen["type"]
-    elif base_type not in types:
-        base_path.unlink()  # the intermediate of the quantized files
-    for i, f in enumerate(entry["files"]):
-        f["modelfile"] = "Modelfile" if i == 0 else f"Modelfile.{f['type']}"
-        write_modelfile(merged, out_dir, out_dir / f["file"], f["modelfile"])
-        problems += f["problems"]
-    return entry | {"passed": not problems, "problems": problems, "template_family": family, "default_system": system}
-
-
-def serving_line(f: dict) -> str:
-    """One printed line per GGUF: the parity verdict, the task metric, the drift."""
-    if "drift" not in f:
-        return f"  gguf {f['file']}: {'; '.join(f['problems'])}"
-    d, metrics = f["drift"], ", ".join(f"{k} {v:.3f}" for k, v in f["metrics"].items())
-    trained = ", ".join(f"{v:.3f}" for v in f["trained_metrics"].values())
-    return (
-        f"  gguf {f['file']} ({f['size_mb']} MB) served by llama.cpp: {'PASSED' if f['passed'] else 'FAILED'}; "
-        f"prompt tokens = trained on {f['template_identical']}/{f['prompts']}"
-        + (f" (Ollama template {f['ollama_template_identical']}/{f['ollama_prompts']})" if f["ollama_prompts"] else "")
-        + f", stops {f['stopped']}/{f['prompts']} (trained {f['trained_stopped']}), greedy text = trained {f['generation_identical']}/{f['prompts']}, "
-        f"{metrics} (trained {trained}), mean KL {d['mean_kl']:.3g}, perplexity change {d['perplexity_change']:+.3g}, next-token agreement {d['greedy_agreement']:.3f}"
-    )

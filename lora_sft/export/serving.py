@@ -177,7 +177,7 @@ def _serve_job(job_file: str) -> None:
 def serve(gguf: Path, p: Prompts, samples: list[list[int]]) -> tuple[dict, np.ndarray] | str:
     """Run the prompts and samples through llama.cpp in a child interpreter (a crash in native code fails the check,
     not the export): what it served and the samples' logits, or why it failed."""
-    from lora_sft.export.gguf import in_child
+    from lora_sft.export.child import in_child
 
     with tempfile.TemporaryDirectory() as tmp:
         logits_file, result_file = Path(tmp) / "logits.npy", Path(tmp) / "result.json"
@@ -277,7 +277,7 @@ def verdict(run, gguf_type: str, p: Prompts, served: dict, drift: dict, max_drif
 
 
 def drift(ref, logits: np.ndarray) -> dict:
-    """The GGUF's logits on the fidelity samples against the model as trained (export.compare)."""
-    from lora_sft.export.merge import Outputs, compare
+    """The GGUF's logits on the fidelity samples against the model as trained (fidelity.compare)."""
+    from lora_sft.export.fidelity import Outputs, compare
 
     return compare(ref, Outputs(torch.from_numpy(logits), ref.targets))

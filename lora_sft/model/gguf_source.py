@@ -218,6 +218,38 @@ def inspect(path: Path, origin: str, where: str) -> GGUFFile:
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
+class _Cursor:
+    """A read position in a mapped little-endian GGUF file."""
+
+    def __init__(self, data, at: int):
+        self.data, self.at = data, at
+
+    def take(self, fmt: str):
+        values = struct.unpack_from("<" + fmt, self.data, self.at)
+        self.at += struct.calcsize("<" + fmt)
+        return values[0]
+
+    def string(self) -> str:
+        n = self.take("Q")
+        if self.at + n > len(self.data):
+            raise ValueError("a string past the end of the file")
+        self.at += n
+        return bytes(self.data[self.at - n : self.at]).decode("utf-8", errors="replace")
+
+    def skip_array(self) -> None:
+        kind, count = self.take("I"), self.take("Q")
+        if kind == 8:
+            for _ in range(count):
+                self.at += 8 + struct.unpack_from("<Q", self.data, self.at)[0]
+        elif kind == 9:
+            for _ in range(count):
+                self.skip_array()
+        else:
+            self.at += count * struct.calcsize("<" + _SCALARS[kind])
+        if self.at > len(self.data):
+            raise ValueError("an array past the end of the file")
+
+
 def _header(path: Path) -> tuple[dict[str, Any], int]:
     """The metadata's scalar values (arrays skipped: a key with an array maps to None) and the byte where the tensor
     data ends, read from a little-endian GGUF v2/v3 header without building the token arrays (gguf's GGUFReader
@@ -231,55 +263,26 @@ def _header(path: Path) -> tuple[dict[str, Any], int]:
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version}")
-        at = 24
-
-        def take(fmt: str):
-            nonlocal at
-            values = struct.unpack_from("<" + fmt, m, at)
-            at += struct.calcsize("<" + fmt)
-            return values[0]
-
-        def string() -> str:
-            nonlocal at
-            n = take("Q")
-            if at + n > len(m):
-                raise ValueError("a string past the end of the file")
-            at += n
-            return bytes(m[at - n : at]).decode("utf-8", errors="replace")
-
-        def skip_array() -> None:
-            nonlocal at
-            kind, count = take("I"), take("Q")
-            if kind == 8:
-                for _ in range(count):
-                    at += 8 + struct.unpack_from("<Q", m, at)[0]
-            elif kind == 9:
-                for _ in range(count):
-                    skip_array()
-            else:
-                at += count * struct.calcsize("<" + _SCALARS[kind])
-            if at > len(m):
-                raise ValueError("an array past the end of the file")
-
+        c = _Cursor(m, 24)
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
-            key, kind = string(), take("I")
+            key, kind = c.string(), c.take("I")
             if kind == 8:
-                meta[key] = string()
+                meta[key] = c.string()
             elif kind == 9:
-                skip_array()
+                c.skip_array()
                 meta[key] = None
             else:
-                meta[key] = take(_SCALARS[kind])
+                meta[key] = c.take(_SCALARS[kind])
         tensor_end = 0
         for _ in range(n_tensors):
-            string()
-            dims = [take("Q") for _ in range(take("I"))]
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(take("I"))]
-            offset = take("Q")
+            c.string()
+            dims = [c.take("Q") for _ in range(c.take("I"))]
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(c.take("I"))]
+            offset = c.take("Q")
             tensor_end = max(tensor_end, offset + math.prod(dims) // block * size)
         alignment = meta.get("general.alignment") or 32
-        data_start = -(-at // alignment) * alignment
+        data_start = -(-c.at // alignment) * alignment
         return meta, data_start + tensor_end if n_tensors else 0
 
 
@@ -426,7 +429,7 @@ def _quiet():
     import io
     import sys
 
-    from lora_sft.run.progress import bars_on_terminal_only
+    from lora_sft.console import bars_on_terminal_only
 
     if sys.stderr.isatty():
         yield

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lora_sft import compat
 from lora_sft.tokens import is_target, next_token_targets
 
 CHUNK_POSITIONS = 1024  # selected positions per output-layer chunk at most
@@ -120,7 +121,6 @@ def plain_path_reason(model: nn.Module) -> str | None:
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
     from transformers import PreTrainedModel
-    from transformers.loss.loss_utils import ForCausalLMLoss
 
     if isinstance(model, FSDPModule):  # FSDP2 shards in place: the model keeps its class, its forward gathers weights
         return "the model is sharded by FSDP (its forward gathers each layer's weights)"
@@ -149,7 +149,7 @@ def plain_path_reason(model: nn.Module) -> str | None:
         for key in LOGIT_CHANGING_SETTINGS:
             if getattr(config, key, None):
                 return f"config {key}={getattr(config, key)!r} changes the logits or the loss"
-    if "_loss_function" in vars(base) or base.loss_function is not ForCausalLMLoss:
+    if not compat.uses_causal_lm_loss(base):
         return "the model's loss function is not transformers' ForCausalLMLoss"
     decoder, head = _decoder_and_head(base)
     if head is None or decoder is base or decoder is not getattr(base, str(base.base_model_prefix), None):

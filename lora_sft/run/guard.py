@@ -14,18 +14,21 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import TrainerCallback
 
 from lora_sft.distributed import agreed_signal, every_rank, world
 from lora_sft.errors import RunError
-from lora_sft.recipe.schema import Recipe
 from lora_sft.run.checkpoint import checkpoints
 
+if TYPE_CHECKING:
+    from lora_sft.settings import RunSettings
 
-def _command(recipe: Recipe, flag: str) -> str:
-    source = recipe._source
+
+def _command(settings: RunSettings, flag: str) -> str:
+    source = settings.recipe._source
     overrides = "".join(f" {o}" for o in source.overrides.values()) if source else ""
     return f"python -m lora_sft train {source.file if source else 'RECIPE'}{overrides} {flag}"
 
@@ -35,11 +38,11 @@ def _last_good(folder: Path) -> str:
     return str(found[-1]) if found else "none yet"
 
 
-def _next(recipe: Recipe, folder: Path, then: str = "") -> str:
+def _next(settings: RunSettings, folder: Path, then: str = "") -> str:
     """How to go on: resume from the last checkpoint, or start again when none was saved (--resume would be refused)."""
     if checkpoints(folder):
-        return f"{then}continue with: {_command(recipe, '--resume')}"
-    return f"no checkpoint was saved yet, so start again with: {_command(recipe, '--overwrite')}"
+        return f"{then}continue with: {_command(settings, '--resume')}"
+    return f"no checkpoint was saved yet, so start again with: {_command(settings, '--overwrite')}"
 
 
 class _Stopped(BaseException):
@@ -53,8 +56,8 @@ class _Stopped(BaseException):
 class Guard(TrainerCallback):
     """Stops (or skips a step) on a non-finite loss or gradient; saves and stops after a signal."""
 
-    def __init__(self, recipe: Recipe, checkpoint_dir: Path, log=print):
-        self.recipe, self.folder, self.log = recipe, checkpoint_dir, log
+    def __init__(self, settings: RunSettings, checkpoint_dir: Path, log=print):
+        self.settings, self.folder, self.log = settings, checkpoint_dir, log
         self.signal: int | None = None  # set by the handler, acted on at the end of the step
         self.during: str | None = (
             None  # an evaluation running now ("the evaluation after training"): a signal stops it at once
@@ -77,7 +80,7 @@ class Guard(TrainerCallback):
         except _Stopped as e:
             raise every_rank(
                 RunError(
-                    f"{signal.Signals(e.signum).name}: stopped during {during}, checkpoint {_last_good(self.folder)}; {_next(self.recipe, self.folder)}",
+                    f"{signal.Signals(e.signum).name}: stopped during {during}, checkpoint {_last_good(self.folder)}; {_next(self.settings, self.folder)}",
                     code=128 + e.signum,
                 )
             ) from None
@@ -116,7 +119,7 @@ class Guard(TrainerCallback):
             return None
         return every_rank(
             RunError(
-                f"{signal.Signals(self.signal).name}: stopped after step {state.global_step}, checkpoint {_last_good(self.folder)}; {_next(self.recipe, self.folder)}",
+                f"{signal.Signals(self.signal).name}: stopped after step {state.global_step}, checkpoint {_last_good(self.folder)}; {_next(self.settings, self.folder)}",
                 code=128 + self.signal,  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
             )
         )
@@ -134,48 +137,48 @@ class Guard(TrainerCallback):
         if bad is None:
             return
         step = state.global_step + 1
-        if self.recipe.train.on_nonfinite == "skip":
+        if self.settings.train.on_nonfinite == "skip":
             for p in model.parameters():
                 p.grad = None  # the optimizer leaves parameters without a gradient untouched
             self.skipped.append(step)
             self.log(
-                f"warning: step {step}: {bad}; step skipped ({self.recipe.where('train', 'on_nonfinite')} is skip)"
+                f"warning: step {step}: {bad}; step skipped ({self.settings.where('train', 'on_nonfinite')} is skip)"
             )
             return
         # the gradients are averaged over the processes before this check: every process stops here the same way
         raise every_rank(
             RunError(
                 f"step {step}: {bad}; stopped before the optimizer step, last good checkpoint: {_last_good(self.folder)}; "
-                f"try a lower train.lr (now {self.recipe.train.lr:g}), keep train.max_grad_norm above 0, check the data near this step, "
-                f"or set train.on_nonfinite: skip; {_next(self.recipe, self.folder, then='then ')}"
+                f"try a lower train.lr (now {self.settings.train.lr:g}), keep train.max_grad_norm above 0, check the data near this step, "
+                f"or set train.on_nonfinite: skip; {_next(self.settings, self.folder, then='then ')}"
             )
         )
 
 
 @contextmanager
-def out_of_memory(recipe: Recipe, trainer, folder: Path, during: str | None = None):
+def out_of_memory(settings: RunSettings, trainer, folder: Path, during: str | None = None):
     """Turn CUDA's out-of-memory error into the options that lower memory, with their values."""
     try:
         yield
     except torch.OutOfMemoryError as e:  # torch.cuda.OutOfMemoryError is the same class
         raise RunError(
-            oom_message(recipe, trainer.state.global_step, _last_good(folder), _next(recipe, folder), during)
+            oom_message(settings, trainer.state.global_step, _last_good(folder), _next(settings, folder), during)
         ) from e
 
 
 @contextmanager
-def guarded(recipe: Recipe, trainer, during: str | None = None):
+def guarded(settings: RunSettings, trainer, during: str | None = None):
     """The guards around a stretch of the run: the training loop (`during` None), or an evaluation (`during`
     names it, for the messages): signals and CUDA out of memory. The trainer carries its `Guard`."""
     guard = trainer.guard
-    with guard.signals(during), out_of_memory(recipe, trainer, guard.folder, during):
+    with guard.signals(during), out_of_memory(settings, trainer, guard.folder, during):
         yield
 
 
 def oom_message(
-    recipe: Recipe, step: int, last_good: str, next_step: str | None = None, during: str | None = None
+    settings: RunSettings, step: int, last_good: str, next_step: str | None = None, during: str | None = None
 ) -> str:
-    t, d = recipe.train, recipe.data
+    t, d = settings.train, settings.data
     options = []
     if t.micro_batch_size > 1:
         half = t.micro_batch_size // 2
@@ -185,8 +188,8 @@ def oom_message(
     if not t.gradient_checkpointing and during is None:  # an evaluation keeps no activations for a backward pass
         options.append("train.gradient_checkpointing=true")
     options.append(f"data.max_length={max(8, d.max_length // 2)} (now {d.max_length})")
-    if recipe.quant.mode not in ("nf4", "fp4"):
+    if settings.quant.mode not in ("nf4", "fp4"):
         options.append("quant.mode=nf4")
-    next_step = next_step or f"continue with: {_command(recipe, '--resume')}"
+    next_step = next_step or f"continue with: {_command(settings, '--resume')}"
     where = f"at step {step + 1}" if during is None else f"during {during}" + (f" (after step {step})" if step else "")
     return f"out of GPU memory {where}; try {'; '.join(options)}; last good checkpoint: {last_good}; {next_step}"

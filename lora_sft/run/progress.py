@@ -13,12 +13,9 @@ train.RunLog's, unchanged. The main process alone prints under a launcher: the o
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import resource
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +23,8 @@ import torch
 from transformers import TrainerCallback
 
 from lora_sft.run import checkpoint
-from lora_sft.run.rundir import RunDir, Summary
+from lora_sft.run.records import Summary
+from lora_sft.run.rundir import RunDir
 
 
 def peak_memory_mb() -> tuple[float, str]:
@@ -45,34 +43,6 @@ def clock(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-@contextlib.contextmanager
-def bars_on_terminal_only():
-    """transformers' progress bars ("Loading weights", "Writing model shards") inside the block only when stderr is
-    a terminal: in a log file or a pipe they are noise."""
-    import sys
-
-    from transformers.utils import logging as transformers_logging
-
-    bars = transformers_logging.is_progress_bar_enabled()
-    if not sys.stderr.isatty():
-        transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
-
-
-def quiet_libraries() -> None:
-    """`train --quiet`: the libraries' warnings, log records and progress bars off as well as ours; errors still
-    print (the CLI writes them to stderr itself)."""
-    from transformers.utils import logging as transformers_logging
-
-    logging.disable(logging.WARNING)  # every library logger (transformers, datasets, peft, accelerate) at once
-    transformers_logging.disable_progress_bar()
-    warnings.simplefilter("ignore")
 
 
 class Progress(TrainerCallback):
