@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 # What a named GPU offers a run of its memory: the rest goes to the display, other programs and the driver (the
 # recipe library's GPU sizes are planned against this share).
 GPU_USABLE = 0.9
+# What an Apple-silicon Mac offers a run of its unified memory (macOS keeps the rest for itself and other programs).
+MAC_USABLE = 0.75
 TARGET = re.compile(r"^(?P<kind>cuda|mps|cpu)(?::(?P<size>\d+(?:\.\d+)?\s*[KMGT]i?B))?$")
 TARGETS = "cuda:24GiB, cuda:8GiB, mps:16GiB, cpu or cpu:32GiB"
 
@@ -80,8 +82,10 @@ class Machine:
         if m["kind"] == "cuda":
             usable = int(size * GPU_USABLE)
             return cls("cuda", True, text, size, usable, f"a GPU leaves a run about {GPU_USABLE:.0%} of its memory")
-        note = "an Apple-silicon Mac: lora_sft trains on its CPU cores in fp32 (bitsandbytes' 4-bit layers run on CUDA or the CPU), in its unified memory"
-        return cls("cpu", False, text, size, size if m["kind"] == "cpu" else int(size * 0.75), note)
+        if m["kind"] == "cpu":
+            return cls("cpu", False, text, size, size, "the CPU memory named")
+        note = f"an Apple-silicon Mac: lora_sft trains on its CPU cores in fp32 (bitsandbytes' 4-bit layers run on CUDA or the CPU); macOS and other programs keep about {1 - MAC_USABLE:.0%} of its unified memory"
+        return cls("cpu", False, text, size, int(size * MAC_USABLE), note)
 
 
 def compute_dtype(quant: QuantSection, machine: Machine) -> torch.dtype:

@@ -253,7 +253,7 @@ def test_offline_variable_is_read_as_huggingface_hub_reads_it(env, named, monkey
 def test_metric_names_are_checked_only_offline_and_only_for_causal_lm(
     tiny_llama, tmp_path, write_recipe, capsys, monkeypatch
 ):
-    from lora_sft.export.evaluation import metric_problem
+    from lora_sft.run.metrics import metric_problem
 
     assert metric_problem("rouge", "w") is None
     assert (

@@ -52,3 +52,15 @@ def shard_size(text: str) -> int:
         return shard_bytes(text)
     except UserError as e:
         raise argparse.ArgumentTypeError(e.problems[0].split(": ", 1)[1]) from None
+
+
+def target(text: str):
+    """An argparse type: the machine `validate --target` plans for (`lora_sft.settings.Machine.target`)."""
+    from lora_sft.settings import TARGETS, Machine
+
+    try:
+        return Machine.target(text)
+    except UserError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a machine lora_sft can plan for; use one of {TARGETS}"
+        ) from None

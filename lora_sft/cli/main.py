@@ -16,7 +16,7 @@ import sys
 from typing import get_args
 
 from lora_sft import __version__, compat
-from lora_sft.cli.args import ArgumentError, Parser, count
+from lora_sft.cli.args import ArgumentError, Parser, count, target
 from lora_sft.distributed import Elsewhere, finish, shared, start, stop, together, world
 from lora_sft.errors import RunError, UserError
 
@@ -92,6 +92,13 @@ def _add_validate(sub, recipe_args: Parser) -> None:
         metavar="N",
         help="plan for N processes (GPUs) under torchrun or accelerate launch: the global batch and the memory per GPU (default: WORLD_SIZE under a launcher, else 1)",
     )
+    v.add_argument(
+        "--target",
+        type=target,
+        default=None,
+        metavar="MACHINE",
+        help="plan for another machine than this one: cuda:24GiB or cuda:8GiB (a GPU of that size, bf16 as RTX 30xx and newer run it), mps:16GiB (an Apple-silicon Mac of that memory), cpu or cpu:32GiB; its compute dtype, its allocator, its memory (default: this machine)",
+    )
     v.set_defaults(handler=_validate)
 
 
@@ -157,11 +164,12 @@ def _validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     from lora_sft.preflight import describe_plan, prepare
 
-    prepared = prepare(recipe, hub_may_be_unreachable=True)  # what train checks first, every problem at once
+    prepared = prepare(recipe, hub_may_be_unreachable=True, machine=args.target)  # what train checks first, at once
     if not world().main:  # under a launcher every process checks; the main one prints
         return 0
     print(f"{args.recipe}: ok")
     processes = args.nproc or world().size
+    assert prepared.settings is not None  # the preflight passed
     lines = describe_plan(
         prepared.settings, prepared.checked, prepared.plan, prepared.bundle, prepared.memory, processes
     )

@@ -10,7 +10,7 @@ data by what keys.py fingerprints; table.py holds the rows in memory-mapped Arro
 from lora_sft.data.checking import Checked, check, options
 from lora_sft.data.collate import CausalCollator, collator
 from lora_sft.data.keys import cache_key, check_key
-from lora_sft.data.tokenized import LENGTH, DataBundle, build, groups_by_length, largest_token, lengths
+from lora_sft.data.tokenized import LENGTH, DataBundle, build, largest_token, lengths
 
 __all__ = [
     "LENGTH",
@@ -22,7 +22,6 @@ __all__ = [
     "check",
     "check_key",
     "collator",
-    "groups_by_length",
     "largest_token",
     "lengths",
     "options",

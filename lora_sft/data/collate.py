@@ -6,6 +6,7 @@ import torch
 
 from lora_sft.data.packing import PackedCollator
 from lora_sft.recipe.schema import Recipe
+from lora_sft.settings import RunSettings
 from lora_sft.tokens import IGNORE_INDEX as IGNORE
 
 
@@ -23,7 +24,7 @@ class CausalCollator:
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
-def collator(recipe: Recipe, tokenizer):
+def collator(recipe: Recipe | RunSettings, tokenizer):
     """The batch builder for this recipe's data."""
     if recipe.task == "classification":
         from transformers import DataCollatorWithPadding

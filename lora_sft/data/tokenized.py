@@ -47,15 +47,6 @@ class DataBundle:
 LENGTH = "length"  # the token count of an unpacked causal_lm sample (Trainer's length_column_name)
 
 
-def groups_by_length(recipe: Recipe) -> bool:
-    """data.group_by_length where it acts: causal_lm samples, unpacked (packed rows are all about max_length)."""
-    return (
-        recipe.data.group_by_length
-        and recipe.task == "causal_lm"
-        and not (recipe.data.packing or recipe.data.streaming)
-    )
-
-
 MAX_PROCESSES = 8  # data.num_proc's default: the available cores, at most this many
 
 

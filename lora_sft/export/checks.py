@@ -24,7 +24,7 @@ def before_training(recipe, checked) -> list[str]:
                 f"{recipe.where('train', 'early_stopping', 'metric')}: {stop.metric} is measured for classification only; a causal_lm run is evaluated by eval_loss"
             )
     if recipe.task == "causal_lm":  # generation metrics; a classifier is scored with accuracy and F1
-        from lora_sft.export.evaluation import metric_problem
+        from lora_sft.run.metrics import metric_problem
 
         for i, name in enumerate(recipe.eval.metrics):
             if problem := metric_problem(name, recipe.where("eval", "metrics", i)):

@@ -1,9 +1,6 @@
-"""The model stage: a frozen (4-bit by default) base with LoRA adapters on the layers the recipe picks.
-
-`plan_model` works on a weightless copy of the model built from its config (what `validate` uses);
-`load_base` + `add_lora` build the real thing. Both resolve the LoRA targets with the same
-`resolve_targets`, and `add_lora` checks that peft adapted exactly those modules.
-"""
+"""Loading the base for training: quantized as the recipe says (bitsandbytes NF4 / FP4 / int8, or unquantized), in the
+settings' compute dtype and device, frozen, its 4-bit layers kept in their trainable layout; and a saved adapter
+loaded onto it with peft's own loader."""
 
 from __future__ import annotations
 

@@ -28,8 +28,12 @@ if TYPE_CHECKING:
         PreTrainedModel,
     )
 
+    from lora_sft.settings import RunSettings
 
-def add_lora(model: PreTrainedModel, recipe: Recipe, plan: ModelPlan, batches: InitBatches | None = None) -> PeftModel:
+
+def add_lora(
+    model: PreTrainedModel, recipe: Recipe | RunSettings, plan: ModelPlan, batches: InitBatches | None = None
+) -> PeftModel:
     """Wrap the base in a peft model and check that exactly the planned modules got adapters. `batches`:
     training batches for `lora.init: eva` (`InitBatches`)."""
     from peft import LoraConfig, TaskType, get_peft_model
@@ -114,7 +118,7 @@ def init_problems(recipe: Recipe, source: ModelSource) -> list[str]:
 MUTATING_INITS = ("pissa", "olora")
 
 
-def save_initial(recipe: Recipe, model: PeftModel) -> tempfile.TemporaryDirectory | None:
+def save_initial(recipe: Recipe | RunSettings, model: PeftModel) -> tempfile.TemporaryDirectory | None:
     """pissa/olora: the initial A0 and B0 in a temporary folder (its `initial` subfolder, the name peft loads it
     under), which rundir's `save_adapter` subtracts to save adapter/ for the original base; None otherwise.
     Saved before training; on resume the init is the same (the base and the seed), the checkpoint restored after."""
@@ -144,7 +148,7 @@ class InitBatches:
     takes, and no labels on a classification task (EVA masks positions by labels of language modeling).
     Sized (peft checks the length) and lazy: each batch is collated when peft asks for it."""
 
-    recipe: Recipe
+    recipe: Recipe | RunSettings
     dataset: Sized
     collate: Callable[[list], dict]
 
@@ -160,7 +164,9 @@ class InitBatches:
             yield {k: v for k, v in batch.items() if k in keep}
 
 
-def init_from_data(peft_model: PeftModel, recipe: Recipe, plan: ModelPlan, batches: InitBatches | None) -> None:
+def init_from_data(
+    peft_model: PeftModel, recipe: Recipe | RunSettings, plan: ModelPlan, batches: InitBatches | None
+) -> None:
     """The inits that need more than the base: EVA (a pass over the training data), LoftQ (the unquantized weights)."""
     init = recipe.lora.init
     if init == "eva":

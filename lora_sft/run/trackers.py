@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from lora_sft.recipe.schema import Recipe
 from lora_sft.run.rundir import RunDir
+from lora_sft.settings import RunSettings
 
 # the modules a tracker's integration imports (any one of them will do)
 MODULES = {
@@ -85,7 +86,7 @@ def flat_config(recipe: dict[str, Any], prefix: str = "recipe") -> dict[str, Any
     return out
 
 
-def attach(trainer, recipe: Recipe, run_dir: RunDir) -> None:
+def attach(trainer, recipe: RunSettings, run_dir: RunDir) -> None:
     """The trackers of train.report_to, set up on the Trainer that reports to them (nothing without report_to)."""
     if not recipe.train.report_to:
         return

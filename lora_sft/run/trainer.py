@@ -250,7 +250,7 @@ def build_trainer(
     """The Trainer with its callbacks, in the order they act at a step's end: the log, the last-step save,
     the guard (a signal asks for a save), then `AtomicCheckpoints`, which sees every request to save. What is
     printed while it trains is `progress.Progress`'s (a bar when printing to a terminal, else plain lines)."""
-    from lora_sft.export.evaluation import classification_metrics
+    from lora_sft.run.metrics import classification_metrics
 
     guard = Guard(settings, run_dir.checkpoints, log)
     args = training_arguments(settings, checkpoint.staging(run_dir.checkpoints), has_eval=bool(bundle.eval))
