@@ -34,9 +34,10 @@ if TYPE_CHECKING:
 # The tested range of each library lora_sft imports, as pyproject.toml's dependencies state it (a test checks that
 # the two agree): the lower bound is the oldest release the tests passed with (.ci/run's "lowest versions" step
 # installs exactly these), the upper bound the next minor release, which no test has run with yet. torch: 2.13.0
-# (CPU) is the only torch release tested, newest and oldest alike.
+# (the CPU build) and 2.14.1 (the CUDA build, run on the CPU: the fast subset of .ci/run's lowest-versions step, the
+# eval-mode trap test, 60 passed) are the releases tested.
 TESTED = {
-    "torch": ">=2.13,<2.14",
+    "torch": ">=2.13,<2.15",
     "transformers": ">=5.4,<5.26",
     "peft": ">=0.18,<0.22",
     "bitsandbytes": ">=0.48,<0.51",
@@ -241,3 +242,11 @@ def repacked_for_cpu(quant_state: Any) -> bool:
     """A 4-bit weight's quant state says its data was repacked for CPU inference (AVX512-BF16), so dequantize_4bit
     cannot unpack it. bitsandbytes 0.49 to 0.50: the quant state's `packing_format_for_cpu`, absent in 0.48."""
     return bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
+def offline_variable() -> str | None:
+    """The environment variable that switches the hub off, read as huggingface_hub does (its constants.py, checked on
+    huggingface_hub 1.x): HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE when HF_HUB_OFFLINE is unset or empty; or None.
+    Read now, not at import time, so a variable set after huggingface_hub was imported counts too."""
+    name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    return name if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") else None

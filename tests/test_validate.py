@@ -234,7 +234,8 @@ def test_load_base_refuses_missing_weights_but_not_a_new_head(tmp_path, write_re
 def test_offline_variable_is_read_as_huggingface_hub_reads_it(env, named, monkeypatch):
     from huggingface_hub.constants import _is_true
 
-    from lora_sft.export.hub import check_ready, offline_variable
+    from lora_sft.compat import offline_variable
+    from lora_sft.export.hub import check_ready
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
         monkeypatch.delenv(name, raising=False)

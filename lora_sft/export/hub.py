@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from lora_sft.compat import offline_variable
 from lora_sft.errors import UserError
 from lora_sft.run.rundir import CHECKPOINTS
 
@@ -33,14 +34,6 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
-
-
-def offline_variable() -> str | None:
-    """The environment variable that switches the hub off, read as huggingface_hub does (constants.py:
-    HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE when HF_HUB_OFFLINE is unset or empty), or None.
-    Read now, not at import time, so a variable set after huggingface_hub was imported counts too."""
-    name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
-    return name if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") else None
 
 
 def check_ready(repo_id: str, where: str, upload: bool = True) -> None:

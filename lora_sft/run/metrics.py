@@ -27,7 +27,7 @@ def metric_problem(name: str, where: str) -> str | None:
     import difflib
     import os
 
-    from lora_sft.export.hub import offline_variable
+    from lora_sft.compat import offline_variable
 
     shipped = sorted(p.name for p in SHIPPED.iterdir() if (p / f"{p.name}.py").is_file())
     if name in shipped:
