@@ -93,7 +93,7 @@ def load(rows: Path, fmt: str, num_proc: int, work: Path):
     import yaml
 
     from lora_sft import model
-    from lora_sft.recipe import load_recipe
+    from lora_sft.recipe.load import load_recipe
 
     recipe_path = work / f"recipe-{num_proc}.yaml"
     recipe_path.parent.mkdir(parents=True, exist_ok=True)

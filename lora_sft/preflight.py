@@ -15,12 +15,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import checkpoint, distributed, planner, trackers
-from . import data as data_stage
-from . import model as model_stage
-from .data import stream
-from .errors import UserError
-from .recipe import Recipe
+from lora_sft import data as data_stage
+from lora_sft import distributed
+from lora_sft import model as model_stage
+from lora_sft.data import stream
+from lora_sft.errors import UserError
+from lora_sft.model import fitting, planner, shapes
+from lora_sft.recipe.schema import Recipe
+from lora_sft.run import start as run_start
+from lora_sft.run import trackers
+from lora_sft.settings import Machine, RunSettings, resolve
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -34,7 +38,8 @@ class Ready:
     plan: model_stage.ModelPlan
     tokenizer: PreTrainedTokenizerBase
     bundle: data_stage.DataBundle
-    memory: planner.MemoryPlan | None  # the memory estimate and the settings the run trains with; None: sizes unknown
+    memory: fitting.MemoryPlan | None  # the memory estimate and the settings the run trains with; None: sizes unknown
+    settings: RunSettings  # resolved once: what the stages take (with the memory plan's picks)
 
 
 @dataclass
@@ -46,30 +51,39 @@ class Prepared:
     tokenizer: PreTrainedTokenizerBase | None
     bundle: data_stage.DataBundle | None
     note: str | None = None  # what validate could not check, and why
-    memory: planner.MemoryPlan | None = (
+    memory: fitting.MemoryPlan | None = (
         None  # None only when the model's shape is unknown (unreachable, not in the table)
     )
+    settings: RunSettings | None = None  # None only when the recipe failed its checks
 
     def ready(self) -> Ready:
         """Everything train needs; only validate's unreachable hub model leaves a part out."""
-        if self.plan is None or self.tokenizer is None or self.bundle is None:
+        if self.plan is None or self.tokenizer is None or self.bundle is None or self.settings is None:
             raise AssertionError(f"the preflight left out a part train needs: {self.note}")
-        return Ready(self.checked, self.plan, self.tokenizer, self.bundle, self.memory)
+        return Ready(self.checked, self.plan, self.tokenizer, self.bundle, self.memory, self.settings)
 
 
-def check_hardware(recipe: Recipe) -> None:
-    """Options the recipe allows but this machine cannot run."""
+def check_hardware(recipe: RunSettings) -> None:
+    """Options the recipe allows but the machine (this one, or the --target) cannot run."""
     problems = []
-    cuda = torch.cuda.is_available()
+    cuda, here = (
+        recipe.machine.kind == "cuda",
+        "on this machine" if not recipe.machine.named else f"on --target {recipe.machine.name}",
+    )
     if recipe.train.optimizer.startswith("paged_") and not cuda:
         problems.append(
-            f"{recipe.where('train', 'optimizer')}: {recipe.train.optimizer} needs a CUDA GPU, and there is none on this machine; use adamw_torch here"
+            f"{recipe.where('train', 'optimizer')}: {recipe.train.optimizer} needs a CUDA GPU, and there is none {here}; use adamw_torch here"
         )
     if recipe.quant.compute_dtype in ("bf16", "fp16") and not cuda:
         problems.append(
-            f"{recipe.where('quant', 'compute_dtype')}: {recipe.quant.compute_dtype} training needs a CUDA GPU, and there is none on this machine; use auto or fp32 here"
+            f"{recipe.where('quant', 'compute_dtype')}: {recipe.quant.compute_dtype} training needs a CUDA GPU, and there is none {here}; use auto or fp32 here"
         )
-    elif recipe.quant.compute_dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    elif (
+        recipe.quant.compute_dtype == "bf16"
+        and cuda
+        and not recipe.machine.named
+        and not torch.cuda.is_bf16_supported()
+    ):
         problems.append(
             f"{recipe.where('quant', 'compute_dtype')}: the GPU on this machine does not run bf16; use auto (fp32 here) or fp16"
         )
@@ -105,7 +119,7 @@ def _tokenizer_problems(
     return problems
 
 
-def fsdp_problems(recipe: Recipe) -> list[str]:
+def fsdp_problems(recipe: RunSettings) -> list[str]:
     """What cannot run under FSDP: a base or an adapter init FSDP cannot shard or save, a CPU, a contradicting
     accelerate config (train.optimizer is the schema's: `TrainSection`)."""
     where = recipe.where("train", "distributed")
@@ -114,7 +128,7 @@ def fsdp_problems(recipe: Recipe) -> list[str]:
         return [
             f"{where}: ddp, but accelerate launch was given an FSDP config (ACCELERATE_USE_FSDP=true); set train.distributed: fsdp (or auto), or launch with recipes/accelerate/ddp.yaml"
         ]
-    if not distributed.uses_fsdp(recipe):
+    if not recipe.fsdp:
         return []
     why = "train.distributed auto under an accelerate FSDP config" if from_config else "train.distributed: fsdp"
     problems = []
@@ -126,7 +140,7 @@ def fsdp_problems(recipe: Recipe) -> list[str]:
         problems.append(
             f"{recipe.where('lora', 'init')}: {recipe.lora.init} rewrites the base weights, which FSDP shards ({why}); use init: default, or train.distributed: ddp"
         )
-    if distributed.launched() and not torch.cuda.is_available():
+    if distributed.launched() and recipe.machine.kind != "cuda":
         problems.append(
             f"{where}: FSDP needs GPUs ({why}): accelerate runs FSDP on CUDA devices only, and CPU processes would each train the whole model (DDP); use train.distributed: ddp here"
         )
@@ -137,9 +151,7 @@ def fsdp_problems(recipe: Recipe) -> list[str]:
                 f"{where}: the accelerate config says fsdp_version {version}; lora_sft runs FSDP2 (FSDP1 is deprecated in transformers 5): set fsdp_version: 2, as recipes/accelerate/fsdp_qlora.yaml does"
             )
         # the Trainer's mixed precision casts every gathered weight to its dtype: the 4-bit storage must be that dtype
-        wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(
-            str(model_stage.compute_dtype(recipe.quant)).removeprefix("torch."), "no"
-        )
+        wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(str(recipe.dtype).removeprefix("torch."), "no")
         given = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if given not in ("no", wanted):
             problems.append(
@@ -148,16 +160,18 @@ def fsdp_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
+def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False, machine: Machine | None = None) -> Prepared:
     """The preflight, run by `validate` and first thing in `train` (before the run directory exists):
     everything that can be checked without training. Data rows; model config, LoRA targets and weight
     files; the tokenizer with the chat template; the data tokenized (templates, the max_dropped gate;
     the cache is reused); tokenizer vs model; the hardware; what the after-training steps need. Every
     independent problem is reported at once. `hub_may_be_unreachable`: a hub model that cannot be read
-    becomes a note (validate) instead of an error (train)."""
-    from .commands import before_training
+    becomes a note (validate) instead of an error (train). `machine`: the machine planned for (validate --target;
+    this one by default)."""
+    from lora_sft.export.checks import before_training
 
     problems: list[str] = []
+    settings = resolve(recipe, machine)
 
     def attempt(step, *args):
         try:
@@ -168,21 +182,8 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
 
     checked = attempt(stream.check if recipe.data.streaming else data_stage.check, recipe)
     source = attempt(model_stage.resolve_source, recipe)
-    plan = tokenizer = bundle = note = None
-    if source is not None:
-        try:
-            plan = model_stage.plan_model(recipe, source, checked.labels if checked else recipe.data.labels)
-        except model_stage.ModelUnreachable as e:
-            if hub_may_be_unreachable:
-                note = f"note: schema and data checked; the model checks need the hub: {e.problems[0]}"
-            else:
-                problems.extend(e.problems)
-            source = None  # no tokenizer either
-        except model_stage.ConfigUnusable as e:
-            problems.extend(e.problems)
-            source = None  # the tokenizer and the weights are read through the config
-        except UserError as e:
-            problems.extend(e.problems)
+    tokenizer = bundle = None
+    plan, source, note = _plan_model(recipe, source, checked, problems, hub_may_be_unreachable)
     if source is not None:
         tokenizer = attempt(model_stage.load_tokenizer, recipe, source)
     if plan is not None and tokenizer is not None:
@@ -195,28 +196,49 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False) -> Prepared:
         problems += model_stage.check_weights(recipe, plan)
     if source is not None:
         problems += model_stage.init_problems(recipe, source)  # lora.init against the base (quant.mode, weight files)
-    problems += fsdp_problems(recipe)  # FSDP against the base, the adapter init, the device, the launcher
+    problems += fsdp_problems(settings)  # FSDP against the base, the adapter init, the device, the launcher
     problems += trackers.problems(recipe)  # train.report_to: each tracker's package is installed
-    attempt(check_hardware, recipe)
+    attempt(check_hardware, settings)
     # output_dir must be a folder of its own (not the working directory, the data's, a folder of other files)
-    attempt(checkpoint.check_output_dir, recipe, source.path if source is not None and source.origin != "hub" else None)
+    attempt(run_start.check_output_dir, recipe, source.path if source is not None and source.origin != "hub" else None)
     problems += before_training(recipe, checked)
     memory = None
     if not problems:  # the memory plan, and a budget the run cannot fit, before anything loads
-        memory, unknown = attempt(plan_memory, recipe, plan, bundle) or (None, None)
+        memory, unknown = attempt(plan_memory, settings, plan, bundle) or (None, None)
         note = f"{note}\n{unknown}" if note and unknown else note or unknown
     if problems:
         raise UserError(list(dict.fromkeys(problems)))
-    return Prepared(checked, plan, tokenizer, bundle, note, memory)
+    settings = memory.apply(settings) if memory is not None else settings
+    return Prepared(checked, plan, tokenizer, bundle, note, memory, settings)
+
+
+def _plan_model(recipe: Recipe, source, checked, problems: list[str], hub_may_be_unreachable: bool):
+    """The model plan, or why there is none (problems extended); (plan, source, note): the source is None where the
+    tokenizer and the weights cannot be read either (an unreachable hub model, a config that cannot be built)."""
+    if source is None:
+        return None, None, None
+    try:
+        return model_stage.plan_model(recipe, source, checked.labels if checked else recipe.data.labels), source, None
+    except model_stage.ModelUnreachable as e:
+        if hub_may_be_unreachable:
+            return None, None, f"note: schema and data checked; the model checks need the hub: {e.problems[0]}"
+        problems.extend(e.problems)
+        return None, None, None  # no tokenizer either
+    except model_stage.ConfigUnusable as e:
+        problems.extend(e.problems)
+        return None, None, None  # the tokenizer and the weights are read through the config
+    except UserError as e:
+        problems.extend(e.problems)
+        return None, source, None
 
 
 def plan_memory(
-    recipe: Recipe, plan: model_stage.ModelPlan | None, bundle
-) -> tuple[planner.MemoryPlan | None, str | None]:
+    recipe: RunSettings, plan: model_stage.ModelPlan | None, bundle
+) -> tuple[fitting.MemoryPlan | None, str | None]:
     """The memory planner on the model plan, or without one (a hub model validate cannot reach) on the shape from
     lora_sft's table of known models; (None, why) when the shape is unknown."""
     try:
-        shape = planner.ModelShape.from_config(plan.config) if plan else planner.known_shape(recipe.model.path)
+        shape = shapes.ModelShape.from_config(plan.config) if plan else shapes.known_shape(recipe.model.path)
     except (TypeError, ValueError, ZeroDivisionError):  # a config without a transformer's sizes
         shape = None
     if shape is None and plan is not None and recipe.train.memory_budget is not None:
@@ -231,10 +253,10 @@ def plan_memory(
         )
         return None, f"note: no memory estimate for {recipe.model.path}: {why}"
     work = planner.workload(recipe, plan, shape, planner.sequence_of(bundle))
-    return planner.plan_memory(recipe, work), None
+    return fitting.plan_memory(recipe, work), None
 
 
-def train_steps(recipe: Recipe, rows: int, processes: int = 1) -> int:
+def train_steps(recipe: RunSettings, rows: int, processes: int = 1) -> int:
     """Optimizer steps over `rows` training rows (samples, or packed rows), counted as the Trainer does; with
     several processes each reads its share of every batch (the rows are split between them)."""
     t = recipe.train
@@ -244,7 +266,7 @@ def train_steps(recipe: Recipe, rows: int, processes: int = 1) -> int:
     return math.ceil(t.epochs * per_epoch)
 
 
-def batch_text(recipe: Recipe, processes: int = 1) -> str:
+def batch_text(recipe: RunSettings, processes: int = 1) -> str:
     """The batch one optimizer step sees, and how it is made: `batch 8 (2 x 4 accumulated)`; with several
     processes (torchrun, accelerate launch) the global batch, micro batch x accumulation x processes."""
     t = recipe.train
@@ -259,16 +281,47 @@ def adapter_size(trainable_params: int) -> str:
     return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
+def _model_lines(recipe: RunSettings, plan) -> list[str]:
+    """What `describe_plan` says of the model: where it is, its quantization, the LoRA layers, what trains."""
+    q, lo = recipe.quant, recipe.lora
+    quant = (
+        "unquantized"
+        if q.mode == "none"
+        else q.mode + (" + double quant" if q.double_quant and q.mode != "int8" else "")
+    )
+    lines = []
+    lines.append(f"model: {recipe.model.path} ({plan.source.origin}: {plan.source.path})")
+    lines.append(
+        f"quantization: {quant}, compute dtype {q.compute_dtype}; kept unquantized: {', '.join(plan.heads) or 'nothing'}"
+    )
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in plan.targets})
+    lines.append(
+        f"lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}{', rslora' if lo.rslora else ''}{', dora' if lo.dora else ''}{f', init {lo.init}' if lo.init != 'default' else ''} on {len(plan.targets)} modules ({', '.join(leaves)})"
+    )
+    if plan.modules_to_save:
+        lines.append(f"trained in full: {', '.join(plan.modules_to_save)}")
+    if plan.new_tokens:
+        grown = f", embeddings grown to {plan.vocab_rows:,} rows" if plan.vocab_rows else ""
+        trained = ", ".join(plan.trainable_tokens) or "in full (lora.modules_to_save)"
+        lines.append(
+            f"special tokens added for the chat template: {' '.join(plan.new_tokens)} (mean-initialized rows{grown}; their rows train in {trained})"
+        )
+    lines.append(
+        f"trainable params: {plan.trainable_params:,} of {plan.total_params:,} ({100 * plan.trainable_params / plan.total_params:.2f}%)"
+    )
+    if plan.new_tokens:  # the adapter saves its trainable parameters in fp32
+        lines.append(f"adapter size: about {adapter_size(plan.trainable_params)} (the trainable params in fp32)")
+    return lines
+
+
 def describe_plan(
-    recipe: Recipe, checked, plan, bundle=None, memory: planner.MemoryPlan | None = None, processes: int = 1
+    recipe: RunSettings, checked, plan, bundle=None, memory: fitting.MemoryPlan | None = None, processes: int = 1
 ) -> list[str]:
     """Lines saying what `train` would do with this recipe; `plan` and `bundle` (the tokenized data) are
     None when the model is unreachable, and the step count then comes from the rows before tokenizing.
     `memory`: the memory estimate, its verdict and the settings it resolved (micro batch, checkpointing).
     `processes`: how many processes train runs in (torchrun / accelerate launch): the global batch, the steps."""
-    if memory is not None:
-        recipe = memory.apply(recipe)
-    d, t, q, lo = recipe.data, recipe.train, recipe.quant, recipe.lora
+    d, t = recipe.data, recipe.train
     eval_from = (
         f"from {', '.join(s.path for s in d.sources('eval'))}"
         if d.eval
@@ -279,36 +332,9 @@ def describe_plan(
     # the Trainer steps through what was tokenized: packed rows, text chunks, samples left after dropping
     sized = bundle is not None and not d.streaming  # a stream has no length (data.streaming needs max_steps)
     steps = train_steps(recipe, len(bundle.train) if sized else len(checked.train), processes)
-    quant = (
-        "unquantized"
-        if q.mode == "none"
-        else q.mode + (" + double quant" if q.double_quant and q.mode != "int8" else "")
-    )
-    lines = [f"task: {recipe.task}"]
-    if plan is not None:
-        lines.append(f"model: {recipe.model.path} ({plan.source.origin}: {plan.source.path})")
-        lines.append(
-            f"quantization: {quant}, compute dtype {q.compute_dtype}; kept unquantized: {', '.join(plan.heads) or 'nothing'}"
-        )
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in plan.targets})
-        lines.append(
-            f"lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}{', rslora' if lo.rslora else ''}{', dora' if lo.dora else ''}{f', init {lo.init}' if lo.init != 'default' else ''} on {len(plan.targets)} modules ({', '.join(leaves)})"
-        )
-        if plan.modules_to_save:
-            lines.append(f"trained in full: {', '.join(plan.modules_to_save)}")
-        if plan.new_tokens:
-            grown = f", embeddings grown to {plan.vocab_rows:,} rows" if plan.vocab_rows else ""
-            trained = ", ".join(plan.trainable_tokens) or "in full (lora.modules_to_save)"
-            lines.append(
-                f"special tokens added for the chat template: {' '.join(plan.new_tokens)} (mean-initialized rows{grown}; their rows train in {trained})"
-            )
-        lines.append(
-            f"trainable params: {plan.trainable_params:,} of {plan.total_params:,} ({100 * plan.trainable_params / plan.total_params:.2f}%)"
-        )
-        if plan.new_tokens:  # the adapter saves its trainable parameters in fp32
-            lines.append(f"adapter size: about {adapter_size(plan.trainable_params)} (the trainable params in fp32)")
+    lines = [f"task: {recipe.task}", *(_model_lines(recipe, plan) if plan is not None else [])]
     formats = ", ".join(sorted(d.formats()))
-    arranged = ", packed" if d.packing else ", grouped by length" if data_stage.groups_by_length(recipe) else ""
+    arranged = ", packed" if d.packing else ", grouped by length" if recipe.grouped else ""
     streamed = f"streamed in blocks of {d.stream_buffer} rows (the first {len(checked.train)} checked now, the rest as they are read)"
     train_rows = streamed if d.streaming else f"{len(checked.train)} train rows"
     data_line = f"data: {formats}{arranged}, {train_rows}, {len(checked.eval)} eval rows ({eval_from}), max_length {d.max_length}"

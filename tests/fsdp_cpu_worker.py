@@ -30,24 +30,26 @@ def main(recipe_path: str, out: str, mode: str) -> dict:
 
     from lora_sft import distributed
     from lora_sft import model as model_stage
-    from lora_sft.loss import plain_path_reason
-    from lora_sft.recipe import load_recipe
-    from lora_sft.rundir import RunDir
+    from lora_sft.model.loss import plain_path_reason
+    from lora_sft.recipe.load import load_recipe
+    from lora_sft.run.rundir import RunDir
+    from lora_sft.settings import resolve
 
     if mode == "sharded":
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if mode == "sharded" else (0, 1)
     recipe = load_recipe(recipe_path)
+    settings = resolve(recipe)
     source = model_stage.resolve_source(recipe)
     plan = model_stage.plan_model(recipe, source, None)
     tokenizer = model_stage.load_tokenizer(recipe, source)
     torch.manual_seed(0)  # the same adapter init in every process
-    model = model_stage.add_lora(model_stage.load_base(recipe, plan), recipe, plan)
+    model = model_stage.add_lora(model_stage.load_base(settings, plan), recipe, plan)
     storage = sorted({str(m.weight.dtype) for m in model.modules() if type(m).__name__ == "Linear4bit"})
-    dtype = model_stage.compute_dtype(recipe.quant)
+    dtype = settings.dtype
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
     if mode == "sharded":
-        arguments = distributed.fsdp_arguments(recipe)
+        arguments = distributed.fsdp_arguments(settings.fsdp)
         args = TrainingArguments(output_dir=str(Path(out) / "trainer"), report_to="none", **arguments)
         plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
         if mixed:

@@ -129,7 +129,7 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
 def planning_recipe(model: str, **train):
     """A recipe for the memory arithmetic of a hub model (never loaded): nf4 + double quant, bf16, LoRA r16 on every
     linear layer, sequence 2048, micro batch 1, AdamW; `train` patches its train section."""
-    from lora_sft.recipe import Recipe
+    from lora_sft.recipe.schema import Recipe
 
     return Recipe.model_validate(
         {
@@ -142,3 +142,12 @@ def planning_recipe(model: str, **train):
             "train": {"micro_batch_size": 1, "grad_accum": 1, "optimizer": "adamw_torch", **train},
         }
     )
+
+
+def as_ready(recipe, tokenizer, bundle, plan):
+    """What `train.fit` starts from (the preflight's `Ready`) for a test that built its own tokenizer and data:
+    the settings of `recipe` as written (no memory plan)."""
+    from lora_sft.preflight import Ready
+    from lora_sft.settings import resolve
+
+    return Ready(None, plan, tokenizer, bundle, None, resolve(recipe))  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ import pytest
 import torch
 from helpers import REPO
 
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 
 pytestmark = pytest.mark.unit
 HERE = REPO / "tests" / "bad_inputs"

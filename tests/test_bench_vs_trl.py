@@ -141,13 +141,13 @@ def test_both_tools_leave_a_tied_output_layer_unquantized_and_tied(monkeypatch, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_sft.model import quantization_config
-    from lora_sft.recipe import QuantSection
+    from lora_sft.model.load import quantization_config
+    from lora_sft.recipe.sections import QuantSection
 
     vs = _vs_trl(monkeypatch)
     folder = save_tiny_llama(tmp_path / "tied", build_tokenizer(["a tied model"] * 4), tied=True)
     configs = {
-        "lora_sft": quantization_config(QuantSection(mode="nf4", double_quant=True), ["lm_head"]),
+        "lora_sft": quantization_config(QuantSection(mode="nf4", double_quant=True), ["lm_head"], torch.float32),
         "trl": vs.trl_quantization(torch.float32),
     }
     for tool, config in configs.items():

@@ -7,7 +7,7 @@ from helpers import build_tokenizer, write_jsonl
 
 from lora_sft.data import build, check
 from lora_sft.errors import UserError
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
 from lora_sft.tokens import IGNORE_INDEX as IGNORE
 
 pytestmark = pytest.mark.unit

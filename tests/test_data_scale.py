@@ -14,11 +14,11 @@ from helpers import build_tokenizer, write_jsonl
 
 from lora_sft import data as data_stage
 from lora_sft.data import read
-from lora_sft.data.formats import tokenize
+from lora_sft.data.encode import tokenize
 from lora_sft.data.packing import best_fit_decreasing, bins_of, pack
 from lora_sft.data.templates import NAMED
 from lora_sft.errors import UserError
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
 from lora_sft.tokens import count_trained
 
 pytestmark = pytest.mark.unit
@@ -146,7 +146,7 @@ import json, sys
 import pyarrow as pa
 from helpers import build_tokenizer
 from lora_sft import data as data_stage
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
 
 tokenizer = build_tokenizer(["the quick brown fox jumps over a lazy dog and then runs home"])
 recipe = load_recipe(sys.argv[1])

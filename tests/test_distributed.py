@@ -29,8 +29,9 @@ import torch
 import yaml
 from helpers import REPO, adapter, losses
 
-from lora_sft.checkpoint import COUNTS, checkpoints, step_of
-from lora_sft.cli import main
+from lora_sft.cli.main import main
+from lora_sft.run.checkpoint import COUNTS, checkpoints, step_of
+from lora_sft.settings import resolve
 
 ROWS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -181,17 +182,17 @@ def test_two_processes_train_what_one_process_trains_at_twice_the_micro_batch(ti
 SMALLER_DEVICE = """
 import dataclasses, os
 if os.environ.get("RANK") == "1":
-    from lora_sft import planner
+    from lora_sft.model import fitting, planner
 
-    planned = planner.plan_memory
+    planned = fitting.plan_memory
 
     def plan_memory(recipe, work, *args, **kwargs):
         plan = planned(recipe, work, *args, **kwargs)
         effective = plan.micro_batch_size * plan.grad_accum
-        estimate = planner.estimate(recipe, work, 1, plan.gradient_checkpointing)
+        estimate = planner.estimate(resolve(recipe), work, 1, plan.gradient_checkpointing)
         return dataclasses.replace(plan, micro_batch_size=1, grad_accum=effective, estimate=estimate)
 
-    planner.plan_memory = plan_memory
+    fitting.plan_memory = plan_memory
 """
 
 
@@ -227,25 +228,28 @@ def test_processes_whose_devices_differ_train_with_the_smallest_memory_pick(tiny
 
 @pytest.mark.unit
 def test_each_rank_loads_on_its_own_device_and_the_trainer_is_told_the_cpu_and_gloo(monkeypatch):
+    from helpers import planning_recipe
+
     from lora_sft import distributed
 
+    recipe = planning_recipe("meta-llama/Llama-3.1-8B")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert distributed.device_map() == {"": "cpu"}
-    assert distributed.trainer_arguments(None) == {"ddp_find_unused_parameters": False}  # alone: nothing changes
+    assert resolve(recipe).device_map == {"": "cpu"}
+    assert distributed.trainer_arguments() == {"ddp_find_unused_parameters": False}  # alone: nothing changes
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert distributed.device_map() == {"": "cpu"}
+    assert resolve(recipe).device_map == {"": "cpu"}
     # without these every CPU process would train alone on the whole data
-    assert distributed.trainer_arguments(None) == {
+    assert distributed.trainer_arguments() == {
         "ddp_find_unused_parameters": False,
         "use_cpu": True,
         "ddp_backend": "gloo",
     }
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert distributed.device_map() == {"": 1}  # its own GPU, never "auto" (spread over every GPU)
-    assert distributed.trainer_arguments(None) == {"ddp_find_unused_parameters": False}  # NCCL, the default
+    assert resolve(recipe).device_map == {"": 1}  # its own GPU, never "auto" (spread over every GPU)
+    assert distributed.trainer_arguments() == {"ddp_find_unused_parameters": False}  # NCCL, the default
 
 
 def _kill_at_checkpoint(proc: subprocess.Popen, folder: Path, step: int, log: Path) -> None:
@@ -310,17 +314,18 @@ from accelerate import PartialState
 from torch.nn.parallel import DistributedDataParallel
 
 from lora_sft import data as data_stage
-from lora_sft import loss as loss_stage
-from lora_sft.train import RankSeeds
+from lora_sft.model import loss as loss_stage
+from lora_sft.run.trainer import RankSeeds
 from lora_sft.preflight import prepare
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
 from lora_sft.train import setup_model
+from lora_sft.settings import resolve
 
 state = PartialState(cpu=True, backend="gloo")
 recipe = load_recipe(sys.argv[1], [])
 with state.main_process_first():  # the first tokenizes and caches, the other reads the cache
     ready = prepare(recipe).ready()
-model = setup_model(recipe, ready, log=lambda *_: None)
+model = setup_model(resolve(recipe), ready, log=lambda *_: None)
 lora = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 # the chunked loss through DDP's forward: the loss and the synchronized gradients of the plain path

@@ -13,7 +13,9 @@ import torch
 
 from lora_sft import model as model_stage
 from lora_sft import preflight
-from lora_sft.recipe import QuantSection, load_recipe
+from lora_sft.recipe.load import load_recipe
+from lora_sft.recipe.sections import QuantSection
+from lora_sft.settings import Machine, compute_dtype, resolve
 
 pytestmark = pytest.mark.unit
 
@@ -36,7 +38,7 @@ def build(tiny_llama, tmp_path, write_recipe, monkeypatch, **lora):
     monkeypatch.setattr(preflight, "check_hardware", lambda recipe: None)  # bf16 training needs a GPU, by rule
     ready = preflight.prepare(recipe).ready()
     torch.manual_seed(0)
-    return model_stage.add_lora(model_stage.load_base(recipe, ready.plan), recipe, ready.plan)
+    return model_stage.add_lora(model_stage.load_base(resolve(recipe), ready.plan), recipe, ready.plan)
 
 
 def test_bf16_compute_keeps_embeddings_output_layer_and_norms_bf16(tiny_llama, tmp_path, write_recipe, monkeypatch):
@@ -98,6 +100,6 @@ def test_auto_picks_bf16_on_a_gpu_that_runs_it_natively(monkeypatch, cuda, nativ
     monkeypatch.setattr(
         torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or (including_emulation and emulated)
     )
-    assert model_stage.compute_dtype(QuantSection()) == expected
+    assert compute_dtype(QuantSection(), Machine.here()) == expected
     named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    assert {k: model_stage.compute_dtype(QuantSection(compute_dtype=k)) for k in named} == named
+    assert {k: compute_dtype(QuantSection(compute_dtype=k), Machine.here()) for k in named} == named

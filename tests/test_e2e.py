@@ -15,14 +15,15 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, as_ready
 from safetensors import safe_open
 
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft import train as train_stage
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
+from lora_sft.settings import resolve
 
 pytestmark = pytest.mark.e2e
 RANK = 4
@@ -128,7 +129,7 @@ def test_lora_contract(case):
         if k != "labels"
     }
 
-    base = model_stage.load_base(recipe, prepared.plan)
+    base = model_stage.load_base(resolve(recipe), prepared.plan)
     base_logits = _logits(base, batch)
     model = model_stage.add_lora(base, recipe, prepared.plan)
 
@@ -148,7 +149,9 @@ def test_lora_contract(case):
     )
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train_stage.fit(recipe, model, tokenizer, bundle, prepared.plan, log=lambda *_: None)
+    result = train_stage.fit(
+        resolve(recipe), model, as_ready(recipe, tokenizer, bundle, prepared.plan), log=lambda *_: None
+    )
 
     losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
     assert len(losses) == 20
@@ -209,7 +212,7 @@ def test_quant_modes_and_lora_options(
         )
     )
     prepared = preflight.prepare(recipe)
-    model = model_stage.add_lora(model_stage.load_base(recipe, prepared.plan), recipe, prepared.plan)
+    model = model_stage.add_lora(model_stage.load_base(resolve(recipe), prepared.plan), recipe, prepared.plan)
     adapted = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     assert len(adapted) == n_adapted and all(type(m.base_layer) is layer_type for m in adapted)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable

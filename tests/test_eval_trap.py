@@ -16,7 +16,8 @@ from helpers import REPO
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage
 from lora_sft import preflight
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
+from lora_sft.settings import resolve
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +42,7 @@ def staged(tiny_llama, tmp_path, write_recipe):
 
     def build(evaluate_first: bool, guard: bool = True):
         torch.manual_seed(0)
-        model = model_stage.add_lora(model_stage.load_base(recipe, prepared.plan), recipe, prepared.plan)
+        model = model_stage.add_lora(model_stage.load_base(resolve(recipe), prepared.plan), recipe, prepared.plan)
         for m in model.modules():
             if isinstance(m, bnb.nn.Linear4bit) and not guard:
                 m.support_avx512bf16_for_cpu = has_avx512bf16()  # undo lora_sft's guard: the library default

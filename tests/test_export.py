@@ -12,9 +12,11 @@ import textwrap
 import pytest
 import torch
 
-from lora_sft.cli import main
-from lora_sft.export import Outputs, _fidelity_batch, compare, samples_words, serving_warnings
-from lora_sft.rundir import open_run
+from lora_sft.cli.main import main
+from lora_sft.export.fidelity import Outputs, compare
+from lora_sft.export.merge import _fidelity_batch
+from lora_sft.export.reopen import open_run
+from lora_sft.export.report import samples_words, serving_warnings
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +189,13 @@ def test_export_fails_when_the_merge_changes_the_model(exported, tmp_path, capsy
 @pytest.mark.e2e
 def test_export_replaces_only_an_earlier_export_and_checks_its_flags_first(tiny_run, tmp_path, capsys):
     from lora_sft.errors import UserError
-    from lora_sft.export import export
+    from lora_sft.export.merge import export
+    from lora_sft.export.options import ExportOptions
 
     run_dir, _, _ = tiny_run
     out = tmp_path / "export"
     with pytest.raises(UserError, match="--max-shard-size: '2XB' is not a size"):  # before any model is loaded
-        export(run_dir, merged=True, out=out, max_shard_size="2XB")
+        export(run_dir, ExportOptions(merged=True, out=out, max_shard_size="2XB"))
     assert not out.exists()
     assert main(["export", str(run_dir), "--samples", "2", "--out", str(out)]) == 0
     assert (out / ".lora_sft-export").is_file() and (out / "fidelity.json").is_file() and not (out / "merged").exists()
@@ -293,7 +296,7 @@ def test_merge_report_says_which_data_and_which_merge_scores_better():
     """Without an eval split the losses are on train rows and the report says so; the `why` names the better merge."""
     from types import SimpleNamespace
 
-    from lora_sft.export import _onto_report
+    from lora_sft.export.merge import FidelitySamples, _onto_report
 
     torch.manual_seed(0)
     targets = torch.randint(0, 5, (12,))
@@ -301,7 +304,7 @@ def test_merge_report_says_which_data_and_which_merge_scores_better():
     outputs = {"a": Outputs(trained, targets), "c": Outputs(trained + 1e-6, targets)}
     worse = Outputs(trained + torch.randn(12, 5), targets)  # the original merge, further from (a)
     run = SimpleNamespace(recipe=SimpleNamespace(task="classification"))
-    report = _onto_report(run, "dequantized", outputs, {"original": worse}, held_out=False, samples=12)
+    report = _onto_report(run, "dequantized", outputs, {"original": worse}, FidelitySamples(held_out=False, samples=12))
     assert report["data"] == "12 train rows (the run has no eval split: not held out)"
     assert report["exported"] == "dequantized" and set(report["original"]) == set(report["dequantized"])
     ce = torch.nn.functional.cross_entropy
@@ -310,7 +313,9 @@ def test_merge_report_says_which_data_and_which_merge_scores_better():
     assert report["original"]["label_agreement"] == (worse.logits.argmax(-1) == trained.argmax(-1)).float().mean()
     lower = report["dequantized"]["loss"] <= report["original"]["loss"]
     assert lower and "loss on the 12 train samples" in report["why"] and "lower than" in report["why"]
-    swapped = _onto_report(run, "original", {**outputs, "c": worse}, {"dequantized": outputs["c"]}, False, 12)
+    swapped = _onto_report(
+        run, "original", {**outputs, "c": worse}, {"dequantized": outputs["c"]}, FidelitySamples(12, False)
+    )
     assert swapped["why"].startswith("chosen with --onto original") and swapped["why"].endswith(
         "(confirm it with a larger --samples; --onto dequantized exports that one)"
     )

@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 import yaml
 from helpers import REPO, planning_recipe
 
-from lora_sft import distributed, planner, preflight
+from lora_sft import distributed, preflight
 from lora_sft import model as model_stage
 from lora_sft import train as train_stage
-from lora_sft.loss import plain_path_reason
-from lora_sft.recipe import Recipe, load_recipe
+from lora_sft.model import planner, shapes
+from lora_sft.model.loss import plain_path_reason
+from lora_sft.recipe.load import load_recipe
+from lora_sft.recipe.schema import Recipe
+from lora_sft.settings import Machine, compute_dtype, resolve, uses_fsdp
 
 ACCELERATE = REPO / "recipes" / "accelerate"
 LAUNCHER = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
@@ -83,7 +87,7 @@ def llama_recipe(**train) -> Recipe:
 
 
 # Llama-3-70B: hidden 8192, intermediate 28672, 80 layers, 64 heads, 8 kv heads (head_dim 128), vocab 128256, untied
-LLAMA_70B = planner.ModelShape(
+LLAMA_70B = shapes.ModelShape(
     hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, head_dim=128, vocab=128256, tied=False
 )
 
@@ -110,17 +114,25 @@ def accelerate_env(config: str) -> dict[str, str]:
 )
 def test_fsdp_stores_the_4bit_weights_in_the_compute_dtype(compute, storage):
     quant = llama_recipe().quant.model_copy(update={"compute_dtype": compute})
-    assert model_stage.quantization_config(quant, [], fsdp=True).bnb_4bit_quant_storage == storage
-    assert model_stage.quantization_config(quant, []).bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default
+    assert (
+        model_stage.quantization_config(
+            quant, [], compute_dtype(quant, Machine.here()), fsdp=True
+        ).bnb_4bit_quant_storage
+        == storage
+    )
+    assert (
+        model_stage.quantization_config(quant, [], compute_dtype(quant, Machine.here())).bnb_4bit_quant_storage
+        == torch.uint8
+    )  # bitsandbytes' default
 
 
 @pytest.mark.unit
 def test_an_accelerate_fsdp_config_counts_as_fsdp_for_auto_only(monkeypatch):
     auto, ddp, fsdp = (llama_recipe(distributed=d) for d in ("auto", "ddp", "fsdp"))
-    assert [distributed.uses_fsdp(r) for r in (auto, ddp, fsdp)] == [False, False, True]
+    assert [uses_fsdp(r) for r in (auto, ddp, fsdp)] == [False, False, True]
     for name, value in accelerate_env("fsdp_qlora.yaml").items():
         monkeypatch.setenv(name, value)
-    assert [distributed.uses_fsdp(r) for r in (auto, ddp, fsdp)] == [True, False, True]
+    assert [uses_fsdp(r) for r in (auto, ddp, fsdp)] == [True, False, True]
 
 
 @pytest.mark.unit
@@ -137,7 +149,7 @@ def test_under_fsdp_frozen_tensors_are_in_the_compute_dtype_and_trainable_ones_f
     )
     monkeypatch.setattr(preflight, "check_hardware", lambda recipe: None)  # bf16 training needs a GPU, by rule
     ready = preflight.prepare(recipe).ready()
-    model = model_stage.add_lora(model_stage.load_base(recipe, ready.plan), recipe, ready.plan)
+    model = model_stage.add_lora(model_stage.load_base(resolve(recipe), ready.plan), recipe, ready.plan)
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 7 * 2
     assert all(m.weight.dtype == torch.bfloat16 and m.weight.quant_storage == torch.bfloat16 for m in quantized)
@@ -154,12 +166,12 @@ def test_fsdp_arguments_under_a_launcher(monkeypatch, tmp_path):
     from transformers import TrainingArguments
 
     recipe = llama_recipe(distributed="fsdp")
-    assert distributed.fsdp_arguments(recipe) == {}  # one process, no launcher: nothing to shard
+    assert distributed.fsdp_arguments(resolve(recipe).fsdp) == {}  # one process, no launcher: nothing to shard
     for name, value in LAUNCHER.items():
         monkeypatch.setenv(name, value)
-    assert distributed.fsdp_arguments(llama_recipe(distributed="ddp")) == {}
-    assert distributed.fsdp_arguments(llama_recipe(distributed="auto")) == {}
-    arguments = distributed.fsdp_arguments(recipe)
+    assert distributed.fsdp_arguments(resolve(llama_recipe(distributed="ddp")).fsdp) == {}
+    assert distributed.fsdp_arguments(resolve(llama_recipe(distributed="auto")).fsdp) == {}
+    arguments = distributed.fsdp_arguments(resolve(recipe).fsdp)
     assert arguments == {
         "fsdp": True,
         "fsdp_config": {
@@ -170,7 +182,7 @@ def test_fsdp_arguments_under_a_launcher(monkeypatch, tmp_path):
             "state_dict_type": "FULL_STATE_DICT",
         },
     }
-    assert distributed.fsdp_shards(recipe) == 2
+    assert resolve(recipe).shards == 2
     # what the Trainer hands accelerate's FSDP plugin (built without the launcher's variables: no process group)
     for name in LAUNCHER:
         monkeypatch.delenv(name)
@@ -189,8 +201,10 @@ def test_fsdp_arguments_under_a_launcher(monkeypatch, tmp_path):
 def test_under_an_accelerate_fsdp_config_the_config_configures_accelerate(monkeypatch):
     for name, value in {**LAUNCHER, **accelerate_env("fsdp_qlora.yaml")}.items():
         monkeypatch.setenv(name, value)
-    assert distributed.fsdp_arguments(llama_recipe(distributed="fsdp")) == {}  # accelerate reads its variables
-    assert distributed.fsdp_shards(llama_recipe()) == 2
+    assert (
+        distributed.fsdp_arguments(resolve(llama_recipe(distributed="fsdp")).fsdp) == {}
+    )  # accelerate reads its variables
+    assert resolve(llama_recipe()).shards == 2
 
 
 def plugin_settings(plugin) -> dict:
@@ -218,7 +232,7 @@ def test_the_accelerate_fsdp_config_gives_the_plugin_train_distributed_fsdp_give
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "no"
     for name in LAUNCHER:
         monkeypatch.setenv(name, LAUNCHER[name])
-    arguments = distributed.fsdp_arguments(llama_recipe(distributed="fsdp"))
+    arguments = distributed.fsdp_arguments(resolve(llama_recipe(distributed="fsdp")).fsdp)
     for name in LAUNCHER:
         monkeypatch.delenv(name)
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
@@ -243,7 +257,7 @@ def test_fsdp_wraps_each_decoder_layer_of_the_peft_model(tiny_llama, tmp_path, w
 
     recipe = tiny_recipe(tiny_llama, tmp_path, write_recipe, train={"distributed": "fsdp"})
     ready = preflight.prepare(recipe).ready()
-    model = model_stage.add_lora(model_stage.load_base(recipe, ready.plan), recipe, ready.plan)
+    model = model_stage.add_lora(model_stage.load_base(resolve(recipe), ready.plan), recipe, ready.plan)
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP", reshard_after_forward=True
     )
@@ -266,24 +280,24 @@ def test_ddp_yaml_is_plain_data_parallel():
 def test_contradictions_with_the_launcher_are_refused(monkeypatch):
     fsdp, ddp, auto = (llama_recipe(distributed=d) for d in ("fsdp", "ddp", "auto"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert preflight.fsdp_problems(fsdp) == []  # one process: fine anywhere
+    assert preflight.fsdp_problems(resolve(fsdp)) == []  # one process: fine anywhere
     for name, value in LAUNCHER.items():
         monkeypatch.setenv(name, value)
-    assert preflight.fsdp_problems(fsdp) == [] and preflight.fsdp_problems(ddp) == []
+    assert preflight.fsdp_problems(resolve(fsdp)) == [] and preflight.fsdp_problems(resolve(ddp)) == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert preflight.fsdp_problems(fsdp) == [
+    assert preflight.fsdp_problems(resolve(fsdp)) == [
         "train.distributed: FSDP needs GPUs (train.distributed: fsdp): accelerate runs FSDP on CUDA devices only, and CPU processes would each train the whole model (DDP); use train.distributed: ddp here"
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, value in accelerate_env("fsdp_qlora.yaml").items():
         monkeypatch.setenv(name, value)
-    assert preflight.fsdp_problems(auto) == preflight.fsdp_problems(fsdp) == []
-    assert preflight.fsdp_problems(ddp) == [
+    assert preflight.fsdp_problems(resolve(auto)) == preflight.fsdp_problems(resolve(fsdp)) == []
+    assert preflight.fsdp_problems(resolve(ddp)) == [
         "train.distributed: ddp, but accelerate launch was given an FSDP config (ACCELERATE_USE_FSDP=true); set train.distributed: fsdp (or auto), or launch with recipes/accelerate/ddp.yaml"
     ]
     monkeypatch.setenv("FSDP_VERSION", "1")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-    assert preflight.fsdp_problems(auto) == [
+    assert preflight.fsdp_problems(resolve(auto)) == [
         "train.distributed: the accelerate config says fsdp_version 1; lora_sft runs FSDP2 (FSDP1 is deprecated in transformers 5): set fsdp_version: 2, as recipes/accelerate/fsdp_qlora.yaml does",
         "quant.compute_dtype: the accelerate config's mixed_precision fp16 differs from the compute dtype (bf16): FSDP would cast the 4-bit weights, stored in the compute dtype, to fp16; set mixed_precision: 'no' in the accelerate config (lora_sft sets it from quant.compute_dtype)",
     ]
@@ -299,7 +313,7 @@ def test_int8_and_a_mutating_init_are_refused_under_an_accelerate_fsdp_config(mo
             "lora": llama_recipe().lora.model_copy(update={"init": "pissa"}),
         }
     )
-    assert preflight.fsdp_problems(recipe) == [
+    assert preflight.fsdp_problems(resolve(recipe)) == [
         "quant.mode: int8 cannot be sharded by FSDP (train.distributed auto under an accelerate FSDP config): its weights are int8 with per-row scales kept outside them; use quant.mode: nf4 (FSDP-QLoRA), or train.distributed: ddp",
         "lora.init: pissa rewrites the base weights, which FSDP shards (train.distributed auto under an accelerate FSDP config); use init: default, or train.distributed: ddp",
     ]
@@ -331,8 +345,8 @@ GATHERED_LAYER = 446_607_360
 @pytest.mark.unit
 def test_fsdp_divides_the_model_not_the_activations_llama_3_70b_on_2_gpus_by_hand():
     recipe = llama_recipe(distributed="fsdp", gradient_checkpointing=True)
-    work = planner.workload(recipe, None, LLAMA_70B, device="cuda", shards=2)
-    e = planner.estimate(recipe, work, micro_batch=1, checkpointing=True)
+    work = planner.workload(on_gpus(recipe, 2), None, LLAMA_70B)
+    e = planner.estimate(resolve(recipe), work, micro_batch=1, checkpointing=True)
     expected = {
         "base weights": LINEAR_WEIGHTS // 2 // 2,  # 34,225,520,640 bytes of 4-bit weights, half per GPU
         "quantization constants": (BLOCKS + 4 * SECOND_BLOCKS) // 2,
@@ -350,9 +364,14 @@ def test_fsdp_divides_the_model_not_the_activations_llama_3_70b_on_2_gpus_by_han
     expected["runtime"] = 512 * 2**20 + int(0.10 * planned)
     assert {t.name: t.bytes for t in e.terms} == expected
     assert round(e.total / 2**30, 2) == 33.41  # per GPU: does not fit 24 GB
-    single = planner.estimate(recipe, planner.workload(recipe, None, LLAMA_70B, device="cuda", shards=0), 1, True)
+    single = planner.estimate(resolve(recipe), planner.workload(on_gpus(recipe, 0), None, LLAMA_70B), 1, True)
     assert round(single.total / 2**30, 2) == 48.99  # DDP: every GPU holds all of it
     assert "fsdp gathered" not in {t.name for t in single.terms}
+
+
+def on_gpus(recipe, shards: int):
+    """The settings of `recipe` on a 24 GiB GPU, the model divided among `shards` processes (0: not sharded)."""
+    return replace(resolve(recipe, Machine.target("cuda:24GiB")), shards=shards)
 
 
 def header_numbers(config: str) -> dict[str, float]:
@@ -374,8 +393,8 @@ def test_the_accelerate_configs_quote_the_planner(config):
     recipe = llama_recipe(distributed="fsdp", gradient_checkpointing=True)
     for name, gib in quoted.items():
         shards = {"DDP": 0, "FSDP 2 GPUs": 2, "FSDP 4 GPUs": 4}[name]
-        work = planner.workload(recipe, None, LLAMA_70B, device="cuda", shards=shards)
-        assert round(planner.estimate(recipe, work, 1, True).total / 2**30, 1) == gib, name
+        work = planner.workload(on_gpus(recipe, shards), None, LLAMA_70B)
+        assert round(planner.estimate(resolve(recipe), work, 1, True).total / 2**30, 1) == gib, name
     assert yaml.safe_load((ACCELERATE / config).read_text())["num_processes"] == 2
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from helpers import CHATML, REPO, TINY_DIMS, build_tokenizer, hub_env
 
-from lora_sft import gguf_export, gguf_write
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.data.templates import NAMED
 from lora_sft.errors import RunError, UserError
+from lora_sft.export import gguf as gguf_export
+from lora_sft.export import gguf_write
 
 CORPUS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()
 CHAT = [{"role": "user", "content": "Count the words.\n\npillow silver"}, {"role": "assistant", "content": "2"}]

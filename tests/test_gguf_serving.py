@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import pytest
 from helpers import REPO, build_tokenizer
 
-from lora_sft import gguf_export, gguf_serving
 from lora_sft.errors import UserError
+from lora_sft.export import gguf as gguf_export
+from lora_sft.export import serving as gguf_serving
 
 CORPUS = [
     line for f in ("alpaca.jsonl", "chat.jsonl") for line in (REPO / "data/examples" / f).read_text().splitlines()

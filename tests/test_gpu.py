@@ -20,12 +20,13 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, build_tokenizer, write_jsonl
+from helpers import REPO, as_ready, build_tokenizer, write_jsonl
 
 from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft import train as train_stage
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
+from lora_sft.settings import Machine, compute_dtype, resolve
 
 pytestmark = pytest.mark.gpu
 
@@ -58,9 +59,11 @@ def train_and_compare(recipe):
     """Train as `train` does; returns (Trainer result, losses per step, names of the state tensors that changed)."""
     ready = preflight.prepare(recipe).ready()
     torch.manual_seed(recipe.seed)
-    model = model_stage.add_lora(model_stage.load_base(recipe, ready.plan), recipe, ready.plan)
+    model = model_stage.add_lora(model_stage.load_base(resolve(recipe), ready.plan), recipe, ready.plan)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = train_stage.fit(recipe, model, ready.tokenizer, ready.bundle, ready.plan, log=lambda *_: None)
+    result = train_stage.fit(
+        resolve(recipe), model, as_ready(recipe, ready.tokenizer, ready.bundle, ready.plan), log=lambda *_: None
+    )
     after = model.state_dict()
     assert set(after) == set(before)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -79,7 +82,7 @@ def test_bf16_compute_trains_and_keeps_the_base_bitwise(tiny_llama, tmp_path, wr
     assert recipe.quant.compute_dtype == "auto"
     if not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no native bf16 (compute capability < 8.0)")
-    assert model_stage.compute_dtype(recipe.quant) == torch.bfloat16
+    assert compute_dtype(recipe.quant, Machine.here()) == torch.bfloat16
     torch.cuda.reset_peak_memory_stats()  # summary.json's peak is this run's, whatever ran before in this process
     result, losses = train_and_compare(recipe)
     assert result.trainer.args.bf16 and not result.trainer.args.fp16

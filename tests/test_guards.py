@@ -14,17 +14,18 @@ import signal
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, as_ready
 from safetensors.torch import load_file
 
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft import train as train_stage
-from lora_sft.checkpoint import checkpoints
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.errors import RunError
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
+from lora_sft.run.checkpoint import checkpoints
+from lora_sft.settings import resolve
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +59,7 @@ def train_with_fault(path, fault_at: int, fault):
     prepared = preflight.prepare(recipe)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     bundle = data_stage.build(recipe, tokenizer, prepared.checked)
-    model = model_stage.add_lora(model_stage.load_base(recipe, prepared.plan), recipe, prepared.plan)
+    model = model_stage.add_lora(model_stage.load_base(resolve(recipe), prepared.plan), recipe, prepared.plan)
     forwards = []
 
     def hook(module, args, output):
@@ -69,7 +70,13 @@ def train_with_fault(path, fault_at: int, fault):
         return output
 
     model.get_input_embeddings().register_forward_hook(hook)
-    return recipe, model, lambda: train_stage.fit(recipe, model, tokenizer, bundle, prepared.plan, log=lambda *_: None)
+    return (
+        recipe,
+        model,
+        lambda: train_stage.fit(
+            resolve(recipe), model, as_ready(recipe, tokenizer, bundle, prepared.plan), log=lambda *_: None
+        ),
+    )
 
 
 def test_nonfinite_loss_stops_before_the_update(tiny_llama, tmp_path, write_recipe):
@@ -212,7 +219,7 @@ def fit_with_eval_fault(path, fault):
     """Train the recipe; `fault(output, calls)` runs in each embedding forward of an evaluation (`calls` counts them)."""
     recipe = load_recipe(path)
     prepared = train_stage.prepare(recipe)
-    model = model_stage.add_lora(model_stage.load_base(recipe, prepared.plan), recipe, prepared.plan)
+    model = model_stage.add_lora(model_stage.load_base(resolve(recipe), prepared.plan), recipe, prepared.plan)
     calls = []
 
     def hook(module, args, output):
@@ -225,7 +232,12 @@ def fit_with_eval_fault(path, fault):
     return (
         recipe,
         calls,
-        lambda: train_stage.fit(recipe, model, prepared.tokenizer, prepared.bundle, prepared.plan, log=lambda *_: None),
+        lambda: train_stage.fit(
+            resolve(recipe),
+            model,
+            as_ready(recipe, prepared.tokenizer, prepared.bundle, prepared.plan),
+            log=lambda *_: None,
+        ),
     )
 
 

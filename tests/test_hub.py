@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import TOKEN, hub_env
 
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import REPO, build_tokenizer, save_tiny_llama, write_jsonl
 
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.data.formats import FIELDS
 
 pytestmark = pytest.mark.unit
@@ -178,7 +178,7 @@ def test_the_header_plans_at_the_tokenized_lengths_and_warns_only_when_it_does_n
 ):
     """init's memory plan is validate's: at the longest tokenized row, not max_length; "More memory than the GPU
     has" only when the estimate exceeds the device's memory."""
-    from lora_sft import planner
+    from lora_sft.model import fitting
 
     monkeypatch.chdir(tmp_path)
     alpaca = str(REPO / "data/examples/alpaca.jsonl")
@@ -188,8 +188,8 @@ def test_the_header_plans_at_the_tokenized_lengths_and_warns_only_when_it_does_n
     assert planned is not None and int(planned.group(1)) < yaml.safe_load(text)["data"]["max_length"] == 512
     assert "More memory than" not in text and "verdict: fits" in text
 
-    small = planner.DeviceMemory("cuda", 2**20, 2**20)  # a 1 MiB GPU: nothing fits
-    monkeypatch.setattr(planner.DeviceMemory, "read", classmethod(lambda cls, baseline=0: small))
+    small = fitting.DeviceMemory("cuda", 2**20, 2**20)  # a 1 MiB GPU: nothing fits
+    monkeypatch.setattr(fitting.DeviceMemory, "read", classmethod(lambda cls, baseline=0: small))
     assert main(["init", "--model", str(tiny_llama), "--data", alpaca, "--out", "b.yaml"]) == 0
     text = (tmp_path / "b.yaml").read_text()
     assert "verdict: does NOT fit" in text and "# More memory than the GPU has: set train.memory_budget: auto" in text

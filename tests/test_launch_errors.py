@@ -19,10 +19,11 @@ import yaml
 from helpers import REPO, write_jsonl
 
 from lora_sft import distributed
-from lora_sft.checkpoint import COUNTS, STATE, AtomicCheckpoints, staging
-from lora_sft.cli import _report, main
+from lora_sft.cli.main import _report, main
 from lora_sft.errors import RunError, UserError
-from lora_sft.rundir import Manifest, RunDir, Summary
+from lora_sft.run.checkpoint import COUNTS, STATE, AtomicCheckpoints, staging
+from lora_sft.run.records import Manifest, Summary
+from lora_sft.run.rundir import RunDir
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "light", "table"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -132,7 +133,8 @@ def test_bad_recipe_under_torchrun_prints_its_errors_once_and_writes_nothing(cas
 
 DRIVER = """
 import os, sys
-from lora_sft import cli, distributed
+from lora_sft import distributed
+from lora_sft.cli import main as cli
 from lora_sft.data import cache
 
 FAILING = int(os.environ["FAIL_RANK"])

@@ -17,9 +17,10 @@ from transformers import Trainer
 from transformers.trainer_callback import TrainerState
 
 from lora_sft import data as data_stage
-from lora_sft import train as train_stage
 from lora_sft.preflight import describe_plan
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
+from lora_sft.run import trainer as trainer_stage
+from lora_sft.settings import groups_by_length, resolve
 
 pytestmark = pytest.mark.unit
 
@@ -67,7 +68,9 @@ def recipe(tmp_path, write_recipe):
 def epoch_batches(recipe, tokenizer, epochs: int = 1, first: int = 0) -> list[list[dict]]:
     """The train batches of each epoch, from a fresh Trainer's dataloader, starting at epoch `first`."""
     bundle = data_stage.build(recipe, tokenizer)
-    args = train_stage.training_arguments(recipe, recipe.output_dir, has_eval=False)  # Trainer makes this folder
+    args = trainer_stage.training_arguments(
+        resolve(recipe), recipe.output_dir, has_eval=False
+    )  # Trainer makes this folder
     trainer = Trainer(
         model=torch.nn.Linear(1, 1),
         args=args,
@@ -78,8 +81,8 @@ def epoch_batches(recipe, tokenizer, epochs: int = 1, first: int = 0) -> list[li
     loader = trainer.accelerator.prepare(trainer.get_train_dataloader())
     out = []
     for epoch in range(first, first + epochs):
-        if data_stage.groups_by_length(recipe):  # what `train` does at each epoch's start
-            train_stage.SeedLengthGroups().on_epoch_begin(
+        if groups_by_length(recipe):  # what `train` does at each epoch's start
+            trainer_stage.SeedLengthGroups().on_epoch_begin(
                 args, TrainerState(epoch=epoch), None, train_dataloader=loader
             )
         loader.set_epoch(epoch)  # what Trainer does next (the plain shuffle's seed)
@@ -99,7 +102,7 @@ def rows_of(batches: list[dict]) -> list[tuple[int, ...]]:
 
 def test_grouped_batches_pad_less_and_visit_every_sample_once(recipe, tokenizer):
     grouped_recipe, plain_recipe = recipe(), recipe(group_by_length=False)
-    assert data_stage.groups_by_length(grouped_recipe) and not data_stage.groups_by_length(plain_recipe)
+    assert groups_by_length(grouped_recipe) and not groups_by_length(plain_recipe)
     bundle = data_stage.build(grouped_recipe, tokenizer)
     lengths = [len(r) for r in bundle.train["input_ids"]]
     assert list(bundle.train[data_stage.LENGTH]) == lengths and max(lengths) > 4 * min(lengths)  # a real spread
@@ -128,8 +131,8 @@ def test_the_order_is_seeded_by_seed_and_epoch(recipe, tokenizer):
 
 def test_packed_and_classification_runs_keep_the_plain_shuffle(recipe, tokenizer, tmp_path, write_recipe):
     packed = recipe(packing=True)
-    assert packed.data.group_by_length and not data_stage.groups_by_length(packed)
-    args = train_stage.training_arguments(packed, "unused", has_eval=False)
+    assert packed.data.group_by_length and not groups_by_length(packed)
+    args = trainer_stage.training_arguments(resolve(packed), "unused", has_eval=False)
     assert args.train_sampling_strategy == "random"
     assert data_stage.LENGTH not in data_stage.build(packed, tokenizer).train.column_names
     rows = [{"text": " ".join(WORDS[: i % 7 + 1]), "label": ["a", "b"][i % 2]} for i in range(8)]
@@ -144,24 +147,29 @@ def test_packed_and_classification_runs_keep_the_plain_shuffle(recipe, tokenizer
             name="classify.yaml",
         )
     )
-    assert classify.data.group_by_length and not data_stage.groups_by_length(classify)
-    assert train_stage.training_arguments(classify, "unused", has_eval=False).train_sampling_strategy == "random"
+    assert classify.data.group_by_length and not groups_by_length(classify)
+    assert (
+        trainer_stage.training_arguments(resolve(classify), "unused", has_eval=False).train_sampling_strategy
+        == "random"
+    )
     # the classification collator pads every column it gets: no length column reaches the model
     assert data_stage.LENGTH not in data_stage.build(classify, tokenizer).train.column_names
 
 
 def test_training_arguments_and_the_plan_say_it(recipe):
     grouped = recipe()
-    args = train_stage.training_arguments(grouped, "unused", has_eval=True)
+    args = trainer_stage.training_arguments(resolve(grouped), "unused", has_eval=True)
     assert (args.train_sampling_strategy, args.length_column_name) == ("group_by_length", data_stage.LENGTH)
-    off = train_stage.training_arguments(recipe(group_by_length=False), "unused", has_eval=True)
+    off = trainer_stage.training_arguments(resolve(recipe(group_by_length=False)), "unused", has_eval=True)
     assert off.train_sampling_strategy == "random"
     checked = data_stage.check(grouped)
     assert ", grouped by length, " in next(
-        line for line in describe_plan(grouped, checked, None) if line.startswith("data:")
+        line for line in describe_plan(resolve(grouped), checked, None) if line.startswith("data:")
     )
     off_line = next(
-        line for line in describe_plan(recipe(group_by_length=False), checked, None) if line.startswith("data:")
+        line
+        for line in describe_plan(resolve(recipe(group_by_length=False)), checked, None)
+        if line.startswith("data:")
     )
     assert "grouped" not in off_line and "packed" not in off_line
 

@@ -1,5 +1,5 @@
-"""The recipe library (recipes/library/): every header's memory estimate recomputed with the planner (a drift fails;
-LORA_SFT_REGENERATE=1 rewrites the numbers on purpose), each recipe within the GPU its name gives, the models and
+"""The recipe library (recipes/library/): every header's memory estimate is what `validate RECIPE --target cuda:NGiB`
+prints for the GPU its name gives (a drift fails; LORA_SFT_REGENERATE=1 rewrites the header from it on purpose), each recipe within the GPU its name gives, the models and
 GPU sizes the library promises, and the sizes it leaves out really not fitting. `validate` on every file is
 tests/test_validate.py's (helpers.RECIPES holds these too).
 
@@ -17,9 +17,15 @@ from pathlib import Path
 import pytest
 from helpers import RECIPES, REPO, build_tokenizer, save_tiny_llama
 
-from lora_sft import data, model, planner
-from lora_sft.recipe import Recipe, load_recipe
+from lora_sft import data, model
+from lora_sft.cli.main import main
+from lora_sft.model import planner, shapes
+from lora_sft.recipe.load import load_recipe
+from lora_sft.recipe.schema import Recipe
+from lora_sft.settings import Machine, resolve
 from lora_sft.tokens import IGNORE_INDEX
+
+CUDA = Machine.target("cuda:24GiB")  # the GPU the planner tests plan for
 
 pytestmark = pytest.mark.unit
 
@@ -58,16 +64,16 @@ def _on_gpu(path: Path, *overrides: str) -> Recipe:
 
 def estimate(recipe: Recipe) -> planner.Estimate:
     """The planner's peak for `recipe` on a CUDA GPU at its micro batch and checkpointing, rows of data.max_length."""
-    shape, plan = planner.known_shape(recipe.model.path), None
+    shape, plan = shapes.known_shape(recipe.model.path), None
     if shape is None:  # an encoder: its module shapes from the published config.json
         folder = CONFIGS / recipe.model.path.replace("/", "--")
         local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"path": str(folder)})})
         plan = model.plan_model(local, model.resolve_source(local), data.check(local).labels)
-        shape = planner.ModelShape.from_config(plan.config)
-    work = planner.workload(recipe, plan, shape, device="cuda", baseline=0, shards=0)
+        shape = shapes.ModelShape.from_config(plan.config)
+    work = planner.workload(resolve(recipe, CUDA), plan, shape, baseline=0)
     checkpointing = recipe.train.gradient_checkpointing
     assert isinstance(checkpointing, bool), "library recipes say on or off, so the estimate is the run's"
-    return planner.estimate(recipe, work, recipe.train.micro_batch_size, checkpointing)
+    return planner.estimate(resolve(recipe), work, recipe.train.micro_batch_size, checkpointing)
 
 
 def _gpu(path: Path) -> int:
@@ -82,8 +88,45 @@ def test_the_library_holds_every_promised_recipe_and_validate_sees_it():
     assert set(LIBRARY) <= set(RECIPES)
 
 
+# what `validate RECIPE --target cuda:NGiB` prints of its plan (a hub model offline: its shape from the table)
+PLANNED = re.compile(
+    r"memory estimate on the GPU: (?P<total>[\d.]+ [GM]iB) at micro batch (?P<micro>\d+), sequence (?P<sequence>\d+) "
+    r"\(data\.max_length\), gradient checkpointing (?P<checkpointing>on|off)"
+)
+VERDICT = re.compile(
+    r"verdict: (?P<verdict>fits|does NOT fit).* in GPU of --target (?P<target>\S+): (?P<available>[\d.]+ GiB) available"
+)
+
+
+def planned(path: Path, capsys) -> tuple[str, bool, str]:
+    """(the estimate, whether it fits, what the GPU leaves a run) as `validate PATH --target cuda:NGiB` plans the
+    recipe, N the GPU its name gives; an encoder (not in the table) as the planner plans it on its published config
+    for that target, which validate does with the hub."""
+    target = Machine.target(f"cuda:{_gpu(path)}GiB")
+    assert target.memory is not None
+    if path.name in CLASSIFIERS:
+        total = estimate(_on_gpu(path)).total
+        return planner.gib(total), total <= target.memory, planner.gib(target.memory)
+    assert main(["validate", str(path.relative_to(REPO)), "--target", target.name]) == 0
+    out = capsys.readouterr().out
+    plan, verdict = PLANNED.search(out), VERDICT.search(out)
+    assert plan and verdict and verdict["target"] == target.name, out
+    return plan["total"], verdict["verdict"] == "fits", verdict["available"]
+
+
+def header_source(path: Path, available: str) -> str:
+    """The header's second estimate line: the command that prints the estimate, so a user reproduces it."""
+    target = f"cuda:{_gpu(path)}GiB"
+    how = (
+        f"lora_sft's planner on the published config.json, as validate --target {target} plans it with the hub"
+        if path.name in CLASSIFIERS
+        else f"python -m lora_sft validate recipes/library/{path.name} --target {target}"
+    )
+    return f"#   ({how}: bf16, every row data.max_length long; the GPU leaves a run {available})"
+
+
 @pytest.mark.parametrize("path", LIBRARY, ids=[p.name for p in LIBRARY])
-def test_the_header_estimate_is_the_planners_and_fits_the_gpu(path, monkeypatch):
+def test_the_header_estimate_is_validate_on_its_target_and_fits_the_gpu(path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)  # the data paths are the repository's
     text = path.read_text()
     header = text[: text.index("\ntask:")]
@@ -94,12 +137,17 @@ def test_the_header_estimate_is_the_planners_and_fits_the_gpu(path, monkeypatch)
     recipe = _on_gpu(path)
     said = (int(m["micro"]), int(m["sequence"]), m["checkpointing"] == "on")
     assert said == (recipe.train.micro_batch_size, recipe.data.max_length, recipe.train.gradient_checkpointing)
-    e = estimate(recipe)
+    total, fits, available = planned(path, capsys)
+    source = header.split("\n")[header.split("\n").index(m.group(0)) + 1]
     if os.environ.get("LORA_SFT_REGENERATE"):
-        path.write_text(text.replace(m.group(0), m.group(0).replace(m["total"], planner.gib(e.total), 1), 1))
+        estimate_line = m.group(0).replace(m["total"], total, 1)
+        path.write_text(
+            text.replace(f"{m.group(0)}\n{source}", f"{estimate_line}\n{header_source(path, available)}", 1)
+        )
         return
-    assert m["total"] == planner.gib(e.total), f"{path.name}: the planner now says {planner.gib(e.total)}"
-    assert e.total <= USABLE[_gpu(path)] * 2**30
+    assert m["total"] == total, f"{path.name}: validate --target now says {total}"
+    assert source == header_source(path, available)
+    assert fits
 
 
 @pytest.mark.parametrize("name", [m for m, sizes in PROMISED.items() if 8 not in sizes])

@@ -16,8 +16,9 @@ from helpers import REPO
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage
 from lora_sft import preflight
-from lora_sft.cli import main
-from lora_sft.recipe import load_recipe
+from lora_sft.cli.main import main
+from lora_sft.recipe.load import load_recipe
+from lora_sft.settings import resolve
 
 pytestmark = pytest.mark.e2e
 RANK = 4
@@ -50,7 +51,7 @@ def _build(recipe):
     set_seed(recipe.seed)
     collate = data_stage.collator(recipe, prepared.tokenizer)
     batches = model_stage.InitBatches(recipe, prepared.bundle.train, collate)
-    base = model_stage.load_base(recipe, prepared.plan)
+    base = model_stage.load_base(resolve(recipe), prepared.plan)
     rows = list(prepared.bundle.train.select(range(4)))
     batch = {k: v for k, v in collate(rows).items() if k in ("input_ids", "attention_mask")}
     return model_stage.add_lora(base, recipe, prepared.plan, batches), batch, prepared
@@ -118,7 +119,7 @@ def test_loftq_starts_closer_to_the_unquantized_model(quant, tiny_llama, tmp_pat
 
     # the adapter saved as it stands loads on a fresh 4-bit base (what eval and export do) with the same logits
     loftq.save_pretrained(tmp_path / "adapter")
-    reloaded = model_stage.load_adapter(model_stage.load_base(recipe, prepared.plan), tmp_path / "adapter")
+    reloaded = model_stage.load_adapter(model_stage.load_base(resolve(recipe), prepared.plan), tmp_path / "adapter")
     assert torch.equal(_logits(reloaded, batch), _logits(loftq, batch))
 
 
@@ -135,7 +136,7 @@ def test_eva_takes_a_from_the_layer_inputs(tiny_llama, tmp_path, write_recipe):
         assert torch.allclose(a @ a.T, torch.eye(RANK), atol=1e-4)
         assert torch.equal(a, again[name][0])  # the data pass is in order: the same data give the same A
     # B = 0: the adapted model starts exactly at the base
-    base = model_stage.load_base(recipe, prepared.plan)
+    base = model_stage.load_base(resolve(recipe), prepared.plan)
     assert torch.equal(_logits(eva, batch), _logits(base, batch))
 
 
@@ -212,7 +213,7 @@ def test_pissa_olora_start_at_the_base(init, tiny_llama, tmp_path, write_recipe)
     """The base becomes a residual W - scale * B0 @ A0 (not W), and residual + B0 @ A0 is the original model."""
     recipe = _recipe(tiny_llama, tmp_path, write_recipe, init, quant="none")
     adapted, batch, prepared = _build(recipe)
-    base = model_stage.load_base(recipe, prepared.plan)
+    base = model_stage.load_base(resolve(recipe), prepared.plan)
     weights = dict(base.named_parameters())
     for name, module in _layers(adapted).items():
         a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
@@ -260,7 +261,7 @@ def test_pissa_olora_adapter_applies_to_the_original_base(init, tiny_llama, tmp_
     collate = data_stage.collator(loaded, prepared.tokenizer)
     batch = {k: v for k, v in collate(rows).items() if k in ("input_ids", "attention_mask")}
     trained = _logits(result.model, batch)
-    original = model_stage.load_base(loaded, prepared.plan)
+    original = model_stage.load_base(resolve(loaded), prepared.plan)
     start = _logits(original, batch)
     reloaded = PeftModel.from_pretrained(original, str(out / "adapter"))
     assert (trained - start).abs().max() > 1e-2  # training moved the model: the check below is not vacuous
@@ -308,7 +309,7 @@ def test_pissa_keeps_a_trained_head(tmp_path, write_recipe):
     rows = list(prepared.bundle.train.select(range(4)))
     batch = {k: v for k, v in collate(rows).items() if k in ("input_ids", "attention_mask")}
     reloaded = PeftModel.from_pretrained(
-        model_stage.load_base(recipe, prepared.plan), str(tmp_path / "run" / "adapter")
+        model_stage.load_base(resolve(recipe), prepared.plan), str(tmp_path / "run" / "adapter")
     )
     assert any("modules_to_save" in n for n, _ in reloaded.named_parameters())
     assert torch.allclose(_logits(reloaded, batch), _logits(result.model, batch), atol=1e-4)

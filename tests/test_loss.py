@@ -1,4 +1,4 @@
-"""lora_sft.loss: the causal LM loss from logits at trained targets only, in chunks, equals the plain path.
+"""lora_sft.model.loss: the causal LM loss from logits at trained targets only, in chunks, equals the plain path.
 
 The plain path is the model's own forward with labels (transformers' ForCausalLMLoss over full logits). In fp32
 the selected, chunked path gives the same loss and the same gradient on every trainable parameter (1e-5):
@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import REPO, build_tokenizer, save_tiny_llama
+from helpers import REPO, as_ready, build_tokenizer, save_tiny_llama
 
 from lora_sft import data as data_stage
-from lora_sft import loss as loss_stage
 from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft import train as train_stage
-from lora_sft.recipe import load_recipe
+from lora_sft.model import loss as loss_stage
+from lora_sft.recipe.load import load_recipe
+from lora_sft.run import trainer as trainer_stage
+from lora_sft.settings import resolve
 
 TOLERANCE = 1e-5
 
@@ -60,7 +62,7 @@ def _build(recipe, peft_config=None):
     config instead, for what a recipe cannot ask), B matrices set nonzero so every A gets a gradient too."""
     prepared = preflight.prepare(recipe).ready()
     torch.manual_seed(0)
-    base = model_stage.load_base(recipe, prepared.plan)
+    base = model_stage.load_base(resolve(recipe), prepared.plan)
     if peft_config is None:
         model = model_stage.add_lora(base, recipe, prepared.plan)
     else:
@@ -324,8 +326,13 @@ def test_trainer_losses_eval_loss_and_adapter_equal_the_plain_path(
             },
         )
         prepared = preflight.prepare(recipe).ready()
-        model = train_stage.setup_model(recipe, prepared, log=lambda *_: None)
-        result = train_stage.fit(recipe, model, prepared.tokenizer, prepared.bundle, prepared.plan, log=lambda *_: None)
+        model = train_stage.setup_model(resolve(recipe), prepared, log=lambda *_: None)
+        result = train_stage.fit(
+            resolve(recipe),
+            model,
+            as_ready(recipe, prepared.tokenizer, prepared.bundle, prepared.plan),
+            log=lambda *_: None,
+        )
         history = result.trainer.state.log_history
         results[plain] = (
             [h["loss"] for h in history if "loss" in h],
@@ -345,16 +352,21 @@ def test_trainer_losses_eval_loss_and_adapter_equal_the_plain_path(
 @pytest.mark.unit
 def test_evaluation_keeps_logits_only_for_classification(tiny_llama, tmp_path, write_recipe):
     causal = _recipe(tiny_llama, tmp_path, write_recipe)
-    assert train_stage.training_arguments(causal, tmp_path / "out", has_eval=True).prediction_loss_only is True
+    assert (
+        trainer_stage.training_arguments(resolve(causal), tmp_path / "out", has_eval=True).prediction_loss_only is True
+    )
     classify = causal.model_copy(update={"task": "classification"})
-    assert train_stage.training_arguments(classify, tmp_path / "out", has_eval=True).prediction_loss_only is False
+    assert (
+        trainer_stage.training_arguments(resolve(classify), tmp_path / "out", has_eval=True).prediction_loss_only
+        is False
+    )
 
 
 @pytest.mark.e2e
 def test_eval_score_equals_the_plain_path(tiny_run, monkeypatch):
     """`eval`'s loss, perplexity and token accuracy on a finished run: the same as over full logits."""
-    from lora_sft.evaluation import score
-    from lora_sft.rundir import open_run
+    from lora_sft.export.evaluation import score
+    from lora_sft.export.reopen import open_run
 
     run = open_run(tiny_run[0])
     items = list(run.bundle().eval)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 from helpers import build_tokenizer, write_jsonl
 
+from lora_sft.cli.preview import marked
 from lora_sft.data import CausalCollator, build
 from lora_sft.data.templates import NAMED, apply
 from lora_sft.errors import UserError
-from lora_sft.preview import marked
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
 
 pytestmark = pytest.mark.unit
 

@@ -15,8 +15,9 @@ import pytest
 import yaml
 from helpers import CHATML, REPO, write_jsonl
 
-from lora_sft.cli import main
-from lora_sft.recipe import QuantSection, load_recipe
+from lora_sft.cli.main import main
+from lora_sft.recipe.load import load_recipe
+from lora_sft.recipe.sections import QuantSection
 
 ALPACA = [json.loads(line) for line in (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()]
 CHAT = [json.loads(line) for line in (REPO / "data/examples/chat.jsonl").read_text().splitlines()]

@@ -11,8 +11,10 @@ from helpers import REPO, write_jsonl
 
 from lora_sft import model as model_stage
 from lora_sft import preflight
-from lora_sft.export import take_trained_weights
-from lora_sft.recipe import QuantSection, load_recipe
+from lora_sft.export.dequantize import take_trained_weights
+from lora_sft.recipe.load import load_recipe
+from lora_sft.recipe.sections import QuantSection
+from lora_sft.settings import resolve
 
 pytestmark = pytest.mark.e2e
 
@@ -74,14 +76,14 @@ def test_dequantized_merge_is_the_trained_model_and_original_is_not(case, tmp_pa
     batch = dict(tokenizer(TEXTS, return_tensors="pt", padding=True))
 
     torch.manual_seed(0)
-    training = model_stage.add_lora(model_stage.load_base(recipe, plan), recipe, plan)
+    training = model_stage.add_lora(model_stage.load_base(resolve(recipe), plan), recipe, plan)
     with torch.no_grad():  # as if trained: B away from zero, DoRA's magnitudes and the classifier head moved
         for p in training.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     training.save_pretrained(tmp_path / "adapter")
     # the trained model as a user loads it: the 4-bit base (load_base keeps its AVX512-BF16 guard) + peft's loader
-    trained = model_stage.load_adapter(model_stage.load_base(recipe, plan), tmp_path / "adapter").eval()
+    trained = model_stage.load_adapter(model_stage.load_base(resolve(recipe), plan), tmp_path / "adapter").eval()
     reference = _logits(trained, batch)
 
     unquantized = recipe.model_copy(update={"quant": QuantSection(mode="none", compute_dtype=dtype)})
@@ -89,7 +91,7 @@ def test_dequantized_merge_is_the_trained_model_and_original_is_not(case, tmp_pa
     def merge(onto: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits of base + adapter in `dtype` before and after the merge."""
         torch.manual_seed(0)
-        model = model_stage.load_adapter(model_stage.load_base(unquantized, plan), tmp_path / "adapter").eval()
+        model = model_stage.load_adapter(model_stage.load_base(resolve(unquantized), plan), tmp_path / "adapter").eval()
         if onto == "dequantized":
             take_trained_weights(model, trained)
         before = _logits(model, batch)

@@ -10,7 +10,7 @@ import pytest
 from fake_hub import FakeHub
 from helpers import OFFLINE_VARIABLES, REPO, hub_env
 
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,8 @@ from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft import train as train_stage
 from lora_sft.data.packing import PackedCollator, best_fit_decreasing, pack
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
+from lora_sft.settings import resolve
 
 
 @pytest.mark.unit
@@ -64,7 +65,7 @@ def fp32_llama(tiny_llama, tmp_path, write_recipe):
     prepared = preflight.prepare(recipe)
     tokenizer = model_stage.load_tokenizer(recipe, prepared.plan.source)
     samples = list(data_stage.build(recipe, tokenizer, prepared.checked).train.select(range(6)))
-    model = model_stage.load_base(recipe, prepared.plan).eval()
+    model = model_stage.load_base(resolve(recipe), prepared.plan).eval()
     return model, tokenizer, samples
 
 

@@ -14,11 +14,17 @@ import torch
 import yaml
 from helpers import RECIPES, REPO, planning_recipe
 
-from lora_sft import planner
-from lora_sft.checkpoint import checkpoints, micro_batch_of
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.errors import UserError
-from lora_sft.recipe import Recipe, load_recipe, memory_bytes
+from lora_sft.model import fitting, planner, shapes
+from lora_sft.recipe.load import load_recipe
+from lora_sft.recipe.schema import Recipe
+from lora_sft.recipe.training import memory_bytes
+from lora_sft.run.checkpoint import checkpoints, micro_batch_of
+from lora_sft.settings import Machine, resolve
+
+CUDA = Machine.target("cuda:24GiB")  # the GPU the planner tests plan for
+CPU = Machine.target("cpu")
 
 GIB = 2**30
 
@@ -28,10 +34,10 @@ def llama8b_recipe(**train) -> Recipe:
 
 
 def llama8b_work(recipe: Recipe) -> planner.Workload:
-    shape = planner.ModelShape(
+    shape = shapes.ModelShape(
         hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256, tied=False
     )
-    return planner.workload(recipe, None, shape, device="cuda")
+    return planner.workload(resolve(recipe, CUDA), None, shape)
 
 
 # ---------------------------------------------------------------- each term by hand: Llama-3-8B, seq 2048, micro 1
@@ -58,7 +64,7 @@ TOKENS = 2048
 @pytest.mark.unit
 def test_each_term_of_a_llama_3_8b_estimate_by_hand():
     recipe = llama8b_recipe()
-    off = planner.estimate(recipe, llama8b_work(recipe), micro_batch=1, checkpointing=False)
+    off = planner.estimate(resolve(recipe), llama8b_work(recipe), micro_batch=1, checkpointing=False)
     expected = {
         "base weights": LINEAR_WEIGHTS // 2,  # 3,489,660,928: 4 bits per weight
         "quantization constants": BLOCKS * 1 + SECOND_BLOCKS * 4,  # 110,755,840: 8-bit absmax + fp32 per 256 blocks
@@ -76,7 +82,7 @@ def test_each_term_of_a_llama_3_8b_estimate_by_hand():
     assert {t.name: t.bytes for t in off.terms} == expected
     assert off.total == sum(expected.values()) and off.allocated == planned
 
-    on = planner.estimate(recipe, llama8b_work(recipe), micro_batch=1, checkpointing=True)
+    on = planner.estimate(resolve(recipe), llama8b_work(recipe), micro_batch=1, checkpointing=True)
     # each layer's input kept (32 x 4096 x 2 bytes) + one layer recomputed + the final norm, per token
     assert on.term("activations") == TOKENS * (32 * 4096 * 2 + PER_TOKEN_LAYER + FINAL_NORM) == 982_188_032
     assert on.allocated == planned - off.term("activations") + 982_188_032
@@ -88,7 +94,9 @@ def test_quantization_constants_without_double_quant_and_the_optimizers():
         update={"quant": llama8b_recipe().quant.model_copy(update={"double_quant": False})}
     )
     work = llama8b_work(recipe)
-    assert planner.estimate(recipe, work, 1, True).term("quantization constants") == BLOCKS * 4  # fp32 absmax per block
+    assert (
+        planner.estimate(resolve(recipe), work, 1, True).term("quantization constants") == BLOCKS * 4
+    )  # fp32 absmax per block
     for optimizer, size in (
         # two 1-byte states + an fp32 absmax per 2048 values per tensor: every A (16 x in) and B (out x 16) has
         # >= 4096 values; blocks per layer: A q,k,v,gate,up 32 each + o 32 + down 112; B q 32, k,v 8, o 32, gate, up 112, down 32
@@ -96,12 +104,12 @@ def test_quantization_constants_without_double_quant_and_the_optimizers():
         ("sgd", 0),
     ):
         changed = recipe.model_copy(update={"train": recipe.train.model_copy(update={"optimizer": optimizer})})
-        assert planner.estimate(changed, work, 1, True).term("optimizer states") == size, optimizer
+        assert planner.estimate(resolve(changed), work, 1, True).term("optimizer states") == size, optimizer
 
 
 # ---------------------------------------------------------------- on a CPU: what the peak RSS holds besides tensors
 
-SMOLLM2_135M = planner.ModelShape(
+SMOLLM2_135M = shapes.ModelShape(
     hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=True
 )
 
@@ -117,18 +125,18 @@ def test_a_cpu_estimate_counts_the_mapped_weight_file_and_the_first_steps_runtim
     original values stay resident (SmolLM2: 106M linear weights x 4 bytes, the 0.4 GiB validate missed); the runtime
     is the measured baseline, the first step's kernels and threads and the allocator's slack."""
     recipe = cpu_recipe()
-    work = planner.workload(recipe, None, SMOLLM2_135M, device="cpu", baseline=600 * 2**20)
+    work = planner.workload(resolve(recipe, CPU), None, SMOLLM2_135M, baseline=600 * 2**20)
     assert work.mapped_file_bytes == 0  # no config read: the files' dtype is unknown, nothing is claimed
     mapped = replace(work, mapped_file_bytes=4)
-    e = planner.estimate(recipe, mapped, micro_batch=8, checkpointing=False)
+    e = planner.estimate(resolve(recipe), mapped, micro_batch=8, checkpointing=False)
     linears = sum(i * o for i, o in mapped.linears.values())
     assert linears == 106_168_320 and e.term("weight file pages") == linears * 4
     assert e.term("heap fragmentation") == int(planner.CPU_HEAP_FRAGMENTATION * e.term("activations"))
     # under recompute the heap keeps part of every layer's freed temporaries, not of the few activations kept:
     # at 8 x 256 tokens SmolLM2's are all heap-sized (2,048 x 1,536 x 4 bytes = 12 MiB, under glibc's 32 MiB)
     short = replace(mapped, sequence=256)
-    _, one_layer = planner.layer_activation_bytes(recipe, short)
-    recomputed = planner.estimate(recipe, short, micro_batch=8, checkpointing=True)
+    _, one_layer = planner.layer_activation_bytes(resolve(recipe), short)
+    recomputed = planner.estimate(resolve(recipe), short, micro_batch=8, checkpointing=True)
     per_token = planner._heap_temporaries(short, 1)
     assert 0 < one_layer - per_token < one_layer / 50  # all but LoRA's r-wide outputs and SDPA's logsumexp
     assert planner._heap_temporaries(short, 2048) == 2048 * per_token
@@ -137,23 +145,23 @@ def test_a_cpu_estimate_counts_the_mapped_weight_file_and_the_first_steps_runtim
     )
     assert recomputed.term("heap fragmentation") > recomputed.term("activations")  # 30 layers: it dominates
     # at 4,096 tokens Llama-8B's temporaries are mapped whole (64 MiB a tensor), except k and v (16 MiB)
-    llama = replace(mapped, shape=planner.ModelShape(4096, 14336, 32, 32, 8, 128, 128256, False))
+    llama = replace(mapped, shape=shapes.ModelShape(4096, 14336, 32, 32, 8, 128, 128256, False))
     assert planner._heap_temporaries(llama, 4096) == 4096 * 4 * 128 * 2 * 8
     planned = sum(t.bytes for t in e.terms if t.name != "runtime")
     assert e.term("runtime") == 600 * 2**20 + planner.CPU_STEP_RUNTIME + int(planner.CPU_ALLOCATOR_SLACK * planned)
-    assert "weight file pages" not in {t.name for t in planner.estimate(recipe, work, 8, False).terms}
+    assert "weight file pages" not in {t.name for t in planner.estimate(resolve(recipe), work, 8, False).terms}
     # a GPU run measures allocated memory: no file pages, no CPU runtime
     gpu = replace(mapped, device="cuda", mapped_file_bytes=0)
-    names = {t.name for t in planner.estimate(recipe, gpu, 8, False).terms}
+    names = {t.name for t in planner.estimate(resolve(recipe), gpu, 8, False).terms}
     assert "weight file pages" not in names and "heap fragmentation" not in names
 
 
 @pytest.mark.unit
 def test_the_weight_files_dtype_comes_from_the_config():
-    assert planner.file_dtype_bytes({"dtype": "bfloat16"}) == 2
-    assert planner.file_dtype_bytes({"torch_dtype": "float32"}) == 4
-    assert planner.file_dtype_bytes({"torch_dtype": "torch.float16"}) == 2
-    assert planner.file_dtype_bytes({}) == 4  # save_pretrained without a dtype writes fp32
+    assert shapes.file_dtype_bytes({"dtype": "bfloat16"}) == 2
+    assert shapes.file_dtype_bytes({"torch_dtype": "float32"}) == 4
+    assert shapes.file_dtype_bytes({"torch_dtype": "torch.float16"}) == 2
+    assert shapes.file_dtype_bytes({}) == 4  # save_pretrained without a dtype writes fp32
 
 
 @pytest.mark.unit
@@ -162,15 +170,17 @@ def test_the_loss_logits_scale_with_vocab_and_positions_up_to_one_chunk():
     there are several): positions x vocab x 8 (12) bytes, growing
     with micro batch x sequence until a chunk (2**25 // vocab positions) is full, then flat."""
     recipe = cpu_recipe()
-    work = planner.workload(recipe, None, SMOLLM2_135M, device="cpu", baseline=0)
+    work = planner.workload(resolve(recipe, CPU), None, SMOLLM2_135M, baseline=0)
     chunk = 2**25 // 49152  # 682 positions
     for micro, sequence in ((1, 128), (2, 256), (4, 128), (8, 256)):
-        e = planner.estimate(recipe, replace(work, sequence=sequence), micro, False)
+        e = planner.estimate(resolve(recipe), replace(work, sequence=sequence), micro, False)
         # one chunk: its logits and logsumexp's temporary; several: the previous chunk's softmax too
         per = 8 if micro * sequence <= chunk else 12
         assert e.term("loss logits") == min(micro * sequence, chunk) * 49152 * per, (micro, sequence)
     wide = replace(work, shape=replace(SMOLLM2_135M, vocab=2 * 49152))
-    assert planner.estimate(recipe, replace(wide, sequence=128), 1, False).term("loss logits") == 128 * 98304 * 8
+    assert (
+        planner.estimate(resolve(recipe), replace(wide, sequence=128), 1, False).term("loss logits") == 128 * 98304 * 8
+    )
 
 
 @pytest.mark.unit
@@ -191,11 +201,11 @@ def test_validate_on_the_chat_quickstart_counts_its_fp32_gguf_weights(capsys, mo
 
 @pytest.mark.unit
 def test_a_budget_picks_the_largest_micro_batch_that_fits_and_keeps_the_effective_batch():
-    device = planner.DeviceMemory("cuda", 141 * GIB, 141 * GIB)
+    device = fitting.DeviceMemory("cuda", 141 * GIB, 141 * GIB)
 
-    def fitted(budget: str) -> planner.MemoryPlan:
+    def fitted(budget: str) -> fitting.MemoryPlan:
         recipe = llama8b_recipe(micro_batch_size=4, grad_accum=4, memory_budget=budget)
-        return planner.plan_memory(recipe, llama8b_work(recipe), device)
+        return fitting.plan_memory(resolve(recipe), llama8b_work(recipe), device)
 
     # 24 GiB: without checkpointing micro batch 1 needs ~20.6 GiB (2 would need ~33.6 GiB): checkpointing stays off
     m = fitted("24GiB")
@@ -206,7 +216,7 @@ def test_a_budget_picks_the_largest_micro_batch_that_fits_and_keeps_the_effectiv
     assert m.picked == (
         "picked for the budget of 12.00 GiB: micro batch 4 x grad_accum 4 (effective batch 16 kept), gradient checkpointing on: about 11.65 GiB"
     )
-    resolved = m.apply(llama8b_recipe(micro_batch_size=4, grad_accum=4, memory_budget="12GiB"))
+    resolved = m.apply(resolve(llama8b_recipe(micro_batch_size=4, grad_accum=4, memory_budget="12GiB")))
     assert (resolved.train.micro_batch_size, resolved.train.grad_accum, resolved.train.gradient_checkpointing) == (
         4,
         4,
@@ -218,22 +228,22 @@ def test_a_budget_picks_the_largest_micro_batch_that_fits_and_keeps_the_effectiv
 @pytest.mark.unit
 def test_without_a_budget_auto_checkpointing_is_judged_against_the_device():
     recipe = llama8b_recipe(micro_batch_size=2, grad_accum=8)
-    big, small = planner.DeviceMemory("cuda", 141 * GIB, 100 * GIB), planner.DeviceMemory("cuda", 24 * GIB, 20 * GIB)
-    assert planner.plan_memory(recipe, llama8b_work(recipe), big).gradient_checkpointing is False
-    m = planner.plan_memory(recipe, llama8b_work(recipe), small)
+    big, small = fitting.DeviceMemory("cuda", 141 * GIB, 100 * GIB), fitting.DeviceMemory("cuda", 24 * GIB, 20 * GIB)
+    assert fitting.plan_memory(resolve(recipe), llama8b_work(recipe), big).gradient_checkpointing is False
+    m = fitting.plan_memory(resolve(recipe), llama8b_work(recipe), small)
     assert (m.micro_batch_size, m.grad_accum, m.gradient_checkpointing) == (2, 8, True)  # micro batch as written
 
 
 @pytest.mark.unit
 def test_a_resumed_run_keeps_its_micro_batch_or_is_refused():
-    device = planner.DeviceMemory("cuda", 141 * GIB, 141 * GIB)
+    device = fitting.DeviceMemory("cuda", 141 * GIB, 141 * GIB)
     recipe = llama8b_recipe(micro_batch_size=4, grad_accum=4, memory_budget="24GiB")
     # a fresh plan would pick micro batch 1 without checkpointing; the checkpoint trained with 2: kept, checkpointing on
-    m = planner.plan_memory(recipe, llama8b_work(recipe), device, keep_micro_batch=2)
+    m = fitting.plan_memory(resolve(recipe), llama8b_work(recipe), device, keep_micro_batch=2)
     assert (m.micro_batch_size, m.grad_accum, m.gradient_checkpointing) == (2, 8, True)
     small = llama8b_recipe(micro_batch_size=4, grad_accum=4, memory_budget="16GiB")
     with pytest.raises(UserError) as e:
-        planner.plan_memory(small, llama8b_work(small), device, keep_micro_batch=16)
+        fitting.plan_memory(resolve(small), llama8b_work(small), device, keep_micro_batch=16)
     assert e.value.problems[0].startswith(
         "train.memory_budget: the run needs about 23.73 GiB even at micro batch 16 (the checkpoint resumed from was trained with it)"
     )
@@ -243,7 +253,7 @@ def test_a_resumed_run_keeps_its_micro_batch_or_is_refused():
 def test_a_run_that_cannot_fit_is_refused_with_the_settings_that_would_fit():
     recipe = llama8b_recipe(micro_batch_size=2, grad_accum=8, memory_budget="8.5GiB")
     with pytest.raises(UserError) as e:
-        planner.plan_memory(recipe, llama8b_work(recipe), planner.DeviceMemory("cuda", 141 * GIB, 141 * GIB))
+        fitting.plan_memory(resolve(recipe), llama8b_work(recipe), fitting.DeviceMemory("cuda", 141 * GIB, 141 * GIB))
     assert e.value.problems == [
         "train.memory_budget: the run needs about 8.64 GiB even at micro batch 1 with gradient checkpointing on, more than the budget of 8.50 GiB (largest: base weights 3.25 GiB, unquantized weights 1.96 GiB, runtime 1.24 GiB)",
         "train.memory_budget: it fits with data.max_length=1024: about 8.13 GiB",
@@ -266,8 +276,8 @@ def test_memory_budget_forms(text, size):
 
 @pytest.mark.unit
 def test_the_known_models_table_matches_their_configs():
-    shapes = planner.known_models()
-    assert planner.known_shape("meta-llama/Llama-3.1-8B-Instruct") == shapes["meta-llama/Llama-3.1-8B"]
+    table = shapes.known_models()
+    assert shapes.known_shape("meta-llama/Llama-3.1-8B-Instruct") == table["meta-llama/Llama-3.1-8B"]
     # parameter counts the model cards give (embeddings included, tied ones once)
     for name, billions in (
         ("meta-llama/Llama-3.1-8B", 8.03),
@@ -279,7 +289,7 @@ def test_the_known_models_table_matches_their_configs():
         ("HuggingFaceTB/SmolLM2-1.7B", 1.71),
     ):
         recipe = llama8b_recipe()
-        work = planner.workload(recipe, None, shapes[name], device="cuda")
+        work = planner.workload(resolve(recipe, CUDA), None, table[name])
         params = sum(i * o for i, o in work.linears.values()) + work.unquantized_params
         assert abs(params / 1e9 - billions) / billions < 0.02, (name, params)
 
@@ -294,7 +304,7 @@ def test_validate_prints_an_estimate_for_every_recipe(recipe, capsys, monkeypatc
     assert main(["validate", str(recipe), *overrides]) == 0
     out = capsys.readouterr().out
     hub_id = yaml.safe_load(text)["model"]["path"]
-    if "trainable params" not in out and planner.known_shape(hub_id) is None:
+    if "trainable params" not in out and shapes.known_shape(hub_id) is None:
         # a hub encoder (the library's BERTs), which the table of Llama-shaped decoders cannot describe
         assert f"note: no memory estimate for {hub_id}: it is not in lora_sft's table of known models" in out
         return

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_sft import plots
-from lora_sft.cli import main
-from lora_sft.rundir import Manifest, RunDir
+from lora_sft.cli.main import main
+from lora_sft.run import plots
+from lora_sft.run.records import Manifest
+from lora_sft.run.rundir import RunDir
 
 PNG = b"\x89PNG\r\n\x1a\n"  # the 8 bytes every PNG file starts with
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import REPO
 
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""What `train` prints (lora_sft.progress): outside a terminal one plain line every logging_steps and one per
+"""What `train` prints (lora_sft.run.progress): outside a terminal one plain line every logging_steps and one per
 evaluation, `--quiet` prints the end-of-run summary alone, and the summary's table holds summary.json's numbers
 and lists every file of the run directory."""
 
@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers import REPO
 
-from lora_sft.checkpoint import checkpoints
+from lora_sft.run.checkpoint import checkpoints
 
 LINE = re.compile(
     r"step (\d+)/(\d+)  loss (\d+\.\d{4})  lr (\d\.\de[-+]\d\d)  ([\d,]+) tok/s  (\d+\.\d) GB  eta (\d+:\d\d(?::\d\d)?)"

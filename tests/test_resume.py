@@ -27,8 +27,8 @@ import torch
 from helpers import REPO, adapter, losses
 from safetensors.torch import load_file
 
-from lora_sft.checkpoint import checkpoints
-from lora_sft.cli import main
+from lora_sft.cli.main import main
+from lora_sft.run.checkpoint import checkpoints
 
 STEPS = 6
 SEEDS = (2, 5, 9)  # kill after steps 2, 4 and 5: before, right after and past the epoch boundary at 3
@@ -319,7 +319,7 @@ def _foreign_checkpoint(
 
     from safetensors.torch import save_file
 
-    from lora_sft.checkpoint import COUNTS, identity, recipe_hash
+    from lora_sft.run.checkpoint import COUNTS, identity, recipe_hash
 
     shutil.copytree(unbroken / "checkpoints" / f"checkpoint-{STEPS}", where)
     tensors = load_file(where / "adapter_model.safetensors")
@@ -340,7 +340,7 @@ def _foreign_checkpoint(
 
 @pytest.mark.e2e
 def test_checkpoints_carry_the_recipe_hash(unbroken):
-    from lora_sft.checkpoint import COUNTS, identity, recipe_hash
+    from lora_sft.run.checkpoint import COUNTS, identity, recipe_hash
 
     saved = yaml_load(unbroken / "recipe.yaml")
     for checkpoint in checkpoints(unbroken / "checkpoints"):
@@ -420,7 +420,7 @@ def test_on_save_marks_renames_and_rotates_and_only_marked_checkpoints_count(tmp
 
     from transformers import TrainerControl
 
-    from lora_sft.checkpoint import COUNTS, STATE, AtomicCheckpoints, staging
+    from lora_sft.run.checkpoint import COUNTS, STATE, AtomicCheckpoints, staging
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -462,7 +462,7 @@ def test_on_save_records_the_best_checkpoint_where_it_lands_and_never_rotates_it
     folder beside the last K whatever its age."""
     from transformers import TrainerControl, TrainerState
 
-    from lora_sft.checkpoint import STATE, AtomicCheckpoints, staging
+    from lora_sft.run.checkpoint import STATE, AtomicCheckpoints, staging
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()

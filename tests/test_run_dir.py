@@ -1,4 +1,4 @@
-"""The run directory's owner (lora_sft.rundir): a finished run opened through it, its typed records read and
+"""The run directory's owner (lora_sft.run.rundir): a finished run opened through it, its typed records read and
 written back byte for byte, and the model card rendered after the eval section, so it holds the eval table."""
 
 from __future__ import annotations
@@ -8,7 +8,10 @@ import re
 
 import pytest
 
-from lora_sft.rundir import CARD, Evaluation, FinishedRun, Manifest, RunDir, Summary, open_run
+from lora_sft.export.card import write_card
+from lora_sft.export.reopen import FinishedRun, open_run
+from lora_sft.run.records import Evaluation, Manifest, Summary
+from lora_sft.run.rundir import CARD, RunDir
 
 
 def _logged(stdout: str, name: str) -> dict[str, str]:
@@ -62,11 +65,11 @@ def test_the_card_has_no_eval_table_before_an_evaluation(tmp_path):
     summary = Summary(1.0, 1.0, None, None, None, 1, 1.0, 10, 5, 1.0, [], 8, 100, 1.0, "cpu_peak_rss", 1.0, 1.0)
     run.finish(Manifest.from_json(run.read_manifest()), summary)
     run.adapter.mkdir()
-    run.write_card(None)
+    write_card(run, None)
     assert "## Evaluation" not in run.card.read_text() and "base_model: org/base" in run.card.read_text()
     evaluation = Evaluation("eval split", 2, {"loss": 0.5}, [], base={"loss": 0.75})
     run.write_evaluation(evaluation, "table")
-    run.write_card(None)
+    write_card(run, None)
     assert "| loss | 0.7500 | 0.5000 | -0.2500 |" in run.card.read_text()
     assert json.loads(run.summary.read_text())["evaluation"] == {
         "data": "eval split",

@@ -16,11 +16,12 @@ import pytest
 import yaml
 from helpers import REPO
 
-from lora_sft.checkpoint import check_output_dir
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.errors import UserError
-from lora_sft.recipe import load_recipe
-from lora_sft.rundir import ARTIFACTS, MARKER, Manifest, RunDir
+from lora_sft.recipe.load import load_recipe
+from lora_sft.run.records import Manifest
+from lora_sft.run.rundir import ARTIFACTS, MARKER, RunDir
+from lora_sft.run.start import check_output_dir
 
 ROWS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()[:16]
 

@@ -14,8 +14,9 @@ from helpers import REPO
 
 from lora_sft import model as model_stage
 from lora_sft import preflight
-from lora_sft.cli import main
-from lora_sft.recipe import load_recipe
+from lora_sft.cli.main import main
+from lora_sft.recipe.load import load_recipe
+from lora_sft.settings import resolve
 
 HERE = REPO / "tests" / "bad_inputs"
 
@@ -109,5 +110,5 @@ def test_pickle_weights_only_when_allowed(tiny_llama, tmp_path, write_recipe, ca
 
     recipe = load_recipe(path, ["model.allow_pickle=true"])
     prepared = preflight.prepare(recipe)
-    model = model_stage.load_base(recipe, prepared.plan)
+    model = model_stage.load_base(resolve(recipe), prepared.plan)
     assert model.model.layers[0].self_attn.q_proj.weight.shape[0] > 0

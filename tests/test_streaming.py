@@ -24,12 +24,13 @@ from test_resume import _signal_at, _start
 from test_resume import recipe_dict as resume_recipe
 
 from lora_sft import data as data_stage
-from lora_sft.checkpoint import EXTRA, checkpoints
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.data import stream
 from lora_sft.data.read import read_source, stream_source
 from lora_sft.errors import UserError
-from lora_sft.recipe import Recipe, Source
+from lora_sft.recipe.schema import Recipe
+from lora_sft.recipe.sections import Source
+from lora_sft.run.checkpoint import EXTRA, checkpoints
 
 ROWS = [json.loads(line) for line in (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()]
 

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from helpers import REPO
 
-from lora_sft import trackers
-from lora_sft.cli import main
-from lora_sft.rundir import RunDir
+from lora_sft.cli.main import main
+from lora_sft.run import trackers
+from lora_sft.run.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,7 @@ def test_a_tracker_without_its_package_is_a_recipe_error(tiny_llama, write_recip
 def test_an_mlflow_store_mlflow_would_refuse_once_training_began_is_a_recipe_error(monkeypatch, tmp_path):
     import mlflow
 
-    from lora_sft.recipe import Recipe
+    from lora_sft.recipe.schema import Recipe
 
     recipe = Recipe.model_validate(reporting("unused", "mlflow"))
     uninstall(monkeypatch, "sqlalchemy")

@@ -4,14 +4,16 @@ subclass and the callbacks use public Trainer hooks only (no override of a metho
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback
 
-from lora_sft import checkpoint, guard
-from lora_sft import train as train_stage
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
+from lora_sft.run import checkpoint, guard
+from lora_sft.run import trainer as trainer_stage
+from lora_sft.settings import resolve
 
 pytestmark = pytest.mark.unit
 
@@ -49,7 +51,7 @@ def _recipe(tmp_path, write_recipe, **train):
 
 def test_the_recipe_lands_in_the_right_fields(tmp_path, write_recipe):
     recipe = _recipe(tmp_path, write_recipe)
-    args = train_stage.training_arguments(recipe, tmp_path / "staging", has_eval=True)
+    args = trainer_stage.training_arguments(resolve(recipe), tmp_path / "staging", has_eval=True)
     assert args.output_dir == str(tmp_path / "staging")
     assert (args.per_device_train_batch_size, args.per_device_eval_batch_size, args.gradient_accumulation_steps) == (
         3,
@@ -82,12 +84,13 @@ def test_no_eval_split_means_no_eval_strategy_and_compute_dtype_picks_the_precis
     tmp_path, write_recipe, monkeypatch
 ):
     recipe = _recipe(tmp_path, write_recipe, max_steps=None, epochs=2)
-    args = train_stage.training_arguments(recipe, tmp_path / "s", has_eval=False)
+    args = trainer_stage.training_arguments(resolve(recipe), tmp_path / "s", has_eval=False)
     assert args.eval_strategy.value == "no" and args.max_steps == -1 and args.num_train_epochs == 2
     for dtype, flags in ((torch.bfloat16, (True, False)), (torch.float16, (False, True))):
-        monkeypatch.setattr(train_stage.model_stage, "compute_dtype", lambda quant, dtype=dtype: dtype)
         try:
-            args = train_stage.training_arguments(recipe, tmp_path / "s", has_eval=False)
+            args = trainer_stage.training_arguments(
+                replace(resolve(recipe), dtype=dtype), tmp_path / "s", has_eval=False
+            )
         except (
             ValueError
         ):  # this transformers refuses bf16/fp16 without a device that runs it: the mapping is what we test
@@ -98,11 +101,11 @@ def test_no_eval_split_means_no_eval_strategy_and_compute_dtype_picks_the_precis
 def test_trainer_and_callbacks_override_no_private_trainer_method():
     """A private Trainer method can change in any transformers release; lora_sft overrides none."""
     private = {name for name, _ in inspect.getmembers(Trainer) if name.startswith("_") and not name.startswith("__")}
-    assert not (set(vars(train_stage.CountingTrainer)) & private)
+    assert not (set(vars(trainer_stage.CountingTrainer)) & private)
     callbacks = (
-        train_stage.RunLog,
-        train_stage.SaveLastStep,
-        train_stage.SeedLengthGroups,
+        trainer_stage.RunLog,
+        trainer_stage.SaveLastStep,
+        trainer_stage.SeedLengthGroups,
         guard.Guard,
         checkpoint.AtomicCheckpoints,
     )
@@ -116,7 +119,7 @@ def test_trainer_and_callbacks_override_no_private_trainer_method():
 def test_the_training_options_land_in_the_right_fields(tmp_path, write_recipe):
     """NEFTune is Trainer's neftune_noise_alpha; early stopping turns on load_best_model_at_end with its metric and
     direction; by default none of them is on (LoRA+ is an optimizer, not an argument: tests/test_train_options.py)."""
-    args = train_stage.training_arguments(_recipe(tmp_path, write_recipe), tmp_path / "s", has_eval=True)
+    args = trainer_stage.training_arguments(resolve(_recipe(tmp_path, write_recipe)), tmp_path / "s", has_eval=True)
     assert (args.neftune_noise_alpha, args.load_best_model_at_end, args.metric_for_best_model) == (None, False, None)
     assert args.restore_callback_states_from_checkpoint is False
     recipe = _recipe(
@@ -127,7 +130,7 @@ def test_the_training_options_land_in_the_right_fields(tmp_path, write_recipe):
         save_steps=6,
         early_stopping={"patience": 2, "min_delta": 0.1},
     )
-    args = train_stage.training_arguments(recipe, tmp_path / "s", has_eval=True)
+    args = trainer_stage.training_arguments(resolve(recipe), tmp_path / "s", has_eval=True)
     assert args.neftune_noise_alpha == 5.0
     assert (args.load_best_model_at_end, args.metric_for_best_model, args.greater_is_better) == (
         True,

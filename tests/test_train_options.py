@@ -17,15 +17,17 @@ import math
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, as_ready
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from lora_sft import preflight
 from lora_sft import train as train_stage
 from lora_sft.errors import UserError
-from lora_sft.recipe import load_recipe
-from lora_sft.rundir import RunDir
+from lora_sft.recipe.load import load_recipe
+from lora_sft.run import trainer as trainer_stage
+from lora_sft.run.rundir import RunDir
+from lora_sft.settings import resolve
 
 ROWS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()[:24]
 
@@ -66,7 +68,7 @@ def test_neftune_noise_in_train_mode_only_at_the_documented_scale(tiny_llama, tm
     alpha = 5.0
     recipe = _load(write_recipe, recipe_dict(tiny_llama, tmp_path, neftune_alpha=alpha, eval_steps=2))
     ready = preflight.prepare(recipe).ready()
-    model = train_stage.setup_model(recipe, ready, log=lambda *_: None)
+    model = train_stage.setup_model(resolve(recipe), ready, log=lambda *_: None)
     embedding = model.get_input_embeddings()
     seen: list[tuple[bool, torch.Tensor, torch.Tensor]] = []  # (train mode, clean rows, what layer 0 received)
     ids: list[torch.Tensor] = []
@@ -79,7 +81,9 @@ def test_neftune_noise_in_train_mode_only_at_the_documented_scale(tiny_llama, tm
         seen.append((embedding.training, embedding.weight[ids[-1]].detach().clone(), hidden.detach().clone()))
 
     model.base_model.model.model.layers[0].register_forward_pre_hook(layer_input, with_kwargs=True)
-    train_stage.fit(recipe, model, ready.tokenizer, ready.bundle, ready.plan, log=lambda *_: None)
+    train_stage.fit(
+        resolve(recipe), model, as_ready(recipe, ready.tokenizer, ready.bundle, ready.plan), log=lambda *_: None
+    )
 
     trained = [(clean, got) for training, clean, got in seen if training]
     evaluated = [(clean, got) for training, clean, got in seen if not training]
@@ -163,8 +167,8 @@ def test_lora_plus_keeps_the_recipes_optimizer(optimizer, cls, tmp_path, write_r
             "train": {"optimizer": optimizer, "lr": 1e-3, "lora_plus_ratio": 4, "weight_decay": 0.01},
         },
     )
-    args = train_stage.training_arguments(recipe, tmp_path / "s", has_eval=False)
-    opt = train_stage.lora_plus_optimizer(recipe, model, args)
+    args = trainer_stage.training_arguments(resolve(recipe), tmp_path / "s", has_eval=False)
+    opt = trainer_stage.lora_plus_optimizer(resolve(recipe), model, args)
     assert type(opt).__name__ == cls or f"{type(opt).__module__}.{type(opt).__name__}" == cls
     if optimizer == "adamw_8bit":
         assert opt.args.optim_bits == 8  # bitsandbytes' AdamW, 8-bit states
@@ -176,7 +180,7 @@ def test_lora_plus_keeps_the_recipes_optimizer(optimizer, cls, tmp_path, write_r
         if p.requires_grad:
             assert lrs[id(p)] == ((4e-3 if "lora_B" in name else 1e-3), 0.01), name
     recipe.train.lora_plus_ratio = None
-    assert train_stage.lora_plus_optimizer(recipe, model, args) is None  # Trainer builds its own
+    assert trainer_stage.lora_plus_optimizer(resolve(recipe), model, args) is None  # Trainer builds its own
 
 
 # ---------------------------------------------------------------- early stopping
@@ -263,7 +267,7 @@ def test_early_stopping_arguments(tmp_path, write_recipe):
     recipe = _load(
         write_recipe, {**_plain(tmp_path), "train": {"eval_steps": 5, "save_steps": 5, "early_stopping": stop}}
     )
-    args = train_stage.training_arguments(recipe, tmp_path / "s", has_eval=True)
+    args = trainer_stage.training_arguments(resolve(recipe), tmp_path / "s", has_eval=True)
     assert (args.load_best_model_at_end, args.metric_for_best_model, args.greater_is_better) == (
         True,
         "eval_accuracy",
@@ -273,7 +277,7 @@ def test_early_stopping_arguments(tmp_path, write_recipe):
         write_recipe,
         {**_plain(tmp_path), "train": {"eval_steps": 5, "save_steps": 5, "early_stopping": {"patience": 1}}},
     )
-    args = train_stage.training_arguments(recipe, tmp_path / "s", has_eval=True)
+    args = trainer_stage.training_arguments(resolve(recipe), tmp_path / "s", has_eval=True)
     assert (args.metric_for_best_model, args.greater_is_better) == ("eval_loss", False)
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from helpers import RECIPES, REPO
 
-from lora_sft.cli import main
+from lora_sft.cli.main import main
 from lora_sft.errors import UserError
+from lora_sft.settings import resolve
 
 pytestmark = pytest.mark.unit
 
@@ -112,7 +113,7 @@ def _recipe(tiny_llama, **sections) -> dict:
 def test_validate_counts_steps_over_packed_rows(tiny_llama, write_recipe, capsys):
     from lora_sft import data, model
     from lora_sft.data.packing import pack
-    from lora_sft.recipe import load_recipe
+    from lora_sft.recipe.load import load_recipe
 
     chat = {"format": "messages", "train": CHAT, "max_length": 256}
     train = {"epochs": 2, "micro_batch_size": 2}
@@ -129,7 +130,7 @@ def test_validate_counts_steps_over_packed_rows(tiny_llama, write_recipe, capsys
 
 def _check_weights(recipe_dict, write_recipe):
     from lora_sft import model
-    from lora_sft.recipe import load_recipe
+    from lora_sft.recipe.load import load_recipe
 
     recipe = load_recipe(write_recipe(recipe_dict))
     plan = model.plan_model(
@@ -200,7 +201,7 @@ def test_load_base_refuses_missing_weights_but_not_a_new_head(tmp_path, write_re
     folder = REPO / "tests/bad_inputs/model_missing_tensor"
     recipe, plan, _ = _check_weights(_recipe(folder, quant={"mode": "none"}), write_recipe)
     with pytest.raises(UserError) as e:
-        model.load_base(recipe, plan)  # what transformers reports, should the header check ever miss it
+        model.load_base(resolve(recipe), plan)  # what transformers reports, should the header check ever miss it
     assert e.value.problems == [
         f"{recipe.where('model', 'path')}: {folder}: 1 weights are missing from the weight files (model.layers.0.mlp.up_proj.weight); they would train from random values"
     ]
@@ -214,7 +215,7 @@ def test_load_base_refuses_missing_weights_but_not_a_new_head(tmp_path, write_re
         "train": {"gradient_checkpointing": False},
     }
     recipe, plan, _ = _check_weights(minilm, write_recipe)
-    assert model.load_base(recipe, plan).classifier.out_features == 2
+    assert model.load_base(resolve(recipe), plan).classifier.out_features == 2
 
 
 @pytest.mark.parametrize(
@@ -233,7 +234,8 @@ def test_load_base_refuses_missing_weights_but_not_a_new_head(tmp_path, write_re
 def test_offline_variable_is_read_as_huggingface_hub_reads_it(env, named, monkeypatch):
     from huggingface_hub.constants import _is_true
 
-    from lora_sft.hub import check_ready, offline_variable
+    from lora_sft.compat import offline_variable
+    from lora_sft.export.hub import check_ready
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
         monkeypatch.delenv(name, raising=False)
@@ -252,7 +254,7 @@ def test_offline_variable_is_read_as_huggingface_hub_reads_it(env, named, monkey
 def test_metric_names_are_checked_only_offline_and_only_for_causal_lm(
     tiny_llama, tmp_path, write_recipe, capsys, monkeypatch
 ):
-    from lora_sft.evaluation import metric_problem
+    from lora_sft.run.metrics import metric_problem
 
     assert metric_problem("rouge", "w") is None
     assert (

@@ -10,7 +10,8 @@ from helpers import REPO
 
 from lora_sft import model as model_stage
 from lora_sft import preflight
-from lora_sft.recipe import load_recipe
+from lora_sft.recipe.load import load_recipe
+from lora_sft.settings import resolve
 
 
 def _planned(write_recipe, tiny_llama, tmp_path, data_format: str, train: str):
@@ -53,7 +54,7 @@ def test_a_new_classification_head_is_one_line_of_ours(tiny_llama, tmp_path, wri
     logging.getLogger("transformers").addHandler(catch)  # the library's root logger: it does not propagate
     printed: list[str] = []
     try:
-        model = model_stage.load_base(recipe, plan, log=printed.append)
+        model = model_stage.load_base(resolve(recipe), plan, log=printed.append)
     finally:
         logging.getLogger("transformers").removeHandler(catch)
     assert plan.heads == ["score"] and model.score.weight.shape == (4, 64)  # 4 labels x hidden 64, no bias
@@ -71,9 +72,9 @@ def test_wrapping_and_reloading_an_adapter_warns_nothing(tiny_llama, tmp_path, w
     recipe, plan = _planned(write_recipe, tiny_llama, tmp_path, "alpaca", "data/examples/alpaca.jsonl")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = model_stage.add_lora(model_stage.load_base(recipe, plan), recipe, plan)
+        model = model_stage.add_lora(model_stage.load_base(resolve(recipe), plan), recipe, plan)
         model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
-        model_stage.load_adapter(model_stage.load_base(recipe, plan), tmp_path / "adapter")
+        model_stage.load_adapter(model_stage.load_base(resolve(recipe), plan), tmp_path / "adapter")
     deprecations = [
         f"{w.category.__name__}: {w.message}"
         for w in caught

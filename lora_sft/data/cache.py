@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .table import Mapped
+from lora_sft.data.table import Mapped
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ..tokens import IGNORE_INDEX as IGNORE
-from ..tokens import mask_first
+from lora_sft.tokens import IGNORE_INDEX as IGNORE
+from lora_sft.tokens import mask_first
 
 
 def bins_of(lengths: Sequence[int] | np.ndarray, capacity: int) -> np.ndarray:

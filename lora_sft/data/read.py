@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError
-from ..recipe import Source
+from lora_sft import compat
+from lora_sft.errors import UserError
+from lora_sft.recipe.sections import Source
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -124,7 +125,7 @@ def fingerprint(source: Source, where: str) -> str:
     digest = hashlib.sha256(source.model_dump_json().encode())
     files = files_of(source, where)
     if files is None:
-        digest.update(_hub(source, where)._fingerprint.encode())
+        digest.update(compat.dataset_fingerprint(_hub(source, where)).encode())
     for f in files or []:
         try:
             digest.update(str(f).encode() + b"\0")

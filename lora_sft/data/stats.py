@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import DataBundle
-from . import lengths as row_lengths
+from lora_sft.data.tokenized import DataBundle
+from lora_sft.data.tokenized import lengths as row_lengths
 
 
 def histogram(lengths: Sequence[int] | np.ndarray, width: int = 40, buckets: int = 8) -> list[str]:

@@ -29,21 +29,25 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import TrainerCallback
 
-from .. import distributed
-from ..errors import UserError
-from ..recipe import Recipe
-from ..tokens import count_trained
-from . import Checked, DataBundle, _where, options, table
-from . import cache as data_cache
-from .formats import Example, Tokenized, check_row, tokenize
-from .packing import pack
-from .read import Row, files_of, read_source, stream_source
-from .read import fingerprint as source_fingerprint
+from lora_sft import compat, distributed
+from lora_sft.data import cache as data_cache
+from lora_sft.data import table
+from lora_sft.data.checking import Checked, options
+from lora_sft.data.encode import Tokenized, tokenize
+from lora_sft.data.formats import Example, check_row
+from lora_sft.data.keys import _where
+from lora_sft.data.packing import pack
+from lora_sft.data.read import Row, files_of, read_source, stream_source
+from lora_sft.data.read import fingerprint as source_fingerprint
+from lora_sft.data.tokenized import DataBundle
+from lora_sft.errors import UserError
+from lora_sft.recipe.schema import Recipe
+from lora_sft.tokens import count_trained
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from .table import Examples
+    from lora_sft.data.table import Examples
 
 
 @dataclass(frozen=True)
@@ -165,9 +169,7 @@ class LoaderSeed(TrainerCallback):
     accelerate's wrappers) a generator of its own, so iterating draws nothing from the global RNG."""
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        loader = train_dataloader
-        while hasattr(loader, "base_dataloader"):  # accelerate's DataLoaderShard / Dispatcher -> what it iterates
-            loader = loader.base_dataloader
+        loader = compat.unwrapped_dataloader(train_dataloader)
         if not isinstance(loader, DataLoader):
             raise RuntimeError("data.streaming: Trainer's train dataloader wraps no torch DataLoader")
         loader.generator = torch.Generator().manual_seed(args.data_seed)

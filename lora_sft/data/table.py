@@ -22,8 +22,8 @@ from typing import Any, overload
 import numpy as np
 import pyarrow as pa
 
-from ..errors import UserError
-from .formats import Example
+from lora_sft.data.formats import Example
+from lora_sft.errors import UserError
 
 BATCH = 1000  # rows turned into Python objects at once
 EXAMPLE = "example"  # the column of a checked-rows file: one pickled Example per row, its row number its seq

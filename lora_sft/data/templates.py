@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import UserError
+from lora_sft.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -1,0 +1,36 @@
+"""What the libraries print around lora_sft's own lines: their progress bars and warnings. A base module (it imports
+nothing of lora_sft), so every stage that loads or writes a model can quiet them without importing the run stage."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+
+
+@contextlib.contextmanager
+def bars_on_terminal_only():
+    """transformers' progress bars ("Loading weights", "Writing model shards") inside the block only when stderr is
+    a terminal: in a log file or a pipe they are noise."""
+    import sys
+
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def quiet_libraries() -> None:
+    """`train --quiet`: the libraries' warnings, log records and progress bars off as well as ours; errors still
+    print (the CLI writes them to stderr itself)."""
+    from transformers.utils import logging as transformers_logging
+
+    logging.disable(logging.WARNING)  # every library logger (transformers, datasets, peft, accelerate) at once
+    transformers_logging.disable_progress_bar()
+    warnings.simplefilter("ignore")

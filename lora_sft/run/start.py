@@ -1,0 +1,273 @@
+"""Where a run starts: `check_output_dir` refuses an output_dir that is not safe to write a run into (the working
+directory, the recipe's or the data's folder, a folder of someone else's files, ...), for `train` and `validate`;
+`start` decides what happens to `output_dir` before anything is written: a fresh run, a refusal (a run is already
+there), `--overwrite`, or `--resume [PATH]`, which is checked completely first: the recipe may not have changed in a
+way that matters, and the checkpoint must belong to this recipe (its recipe hash, its adapter shapes, its processes).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from lora_sft.distributed import world
+from lora_sft.errors import UserError
+from lora_sft.model import gguf_source
+from lora_sft.recipe.schema import Recipe
+from lora_sft.run.rundir import MANIFEST, RECIPE, RunDir, check_writable, entries
+
+if TYPE_CHECKING:
+    from lora_sft.model.plan import ModelPlan
+from lora_sft.run.checkpoint import (
+    COUNTS,
+    STATE,
+    changes,
+    checkpoints,
+    complete,
+    identity,
+    identity_changes,
+    recipe_hash,
+)
+
+GLOB = "*?["
+
+
+def _data_place(spec: str) -> tuple[Path, str, bool] | None:
+    """A data source's local file or folder (a glob: the folder it searches), what it is, and whether files in
+    folders below it are read (a folder source, or a `**` glob); None for a hub dataset or an empty path (the
+    data stage refuses that one)."""
+    if not spec.strip():
+        return None
+    if any(ch in spec for ch in GLOB):
+        parts = Path(spec).expanduser().parts
+        first = next(i for i, part in enumerate(parts) if any(ch in part for ch in GLOB))
+        return Path(*parts[:first]) if first else Path("."), "the folder of the data glob", "**" in spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path, "the data folder" if path.is_dir() else "the data file", path.is_dir()
+    return None
+
+
+def _protected(recipe: Recipe, model_folder: str | None, root: Path) -> list[tuple[Path, str, bool]]:
+    """(path, what it is, whether a run may not sit below it either) for everything a run must never hold or replace."""
+    places = [
+        (Path("/"), "the root folder", False),
+        (Path.home(), "your home folder", False),
+        (Path.cwd(), "the working directory", False),
+    ]
+    if recipe._source is not None:
+        file = Path(recipe._source.file).expanduser().resolve()
+        if not (
+            file == root / RECIPE and RunDir(root).holds_run()
+        ):  # a run's own saved recipe, used to resume it, is the run's
+            places.append((file.parent, f"the folder holding the recipe {recipe._source.file}", False))
+    for split in ("train", "eval"):
+        for source in recipe.data.sources(split):
+            if found := _data_place(source.path):
+                path, what, below = found
+                places.append((path, f"{what} {source.path} (data.{split})", below))
+    if model_folder:
+        places.append((Path(model_folder), f"the model folder {model_folder} (model.path)", False))
+    template = recipe.data.chat_template
+    if template and Path(template).expanduser().is_file():
+        places.append((Path(template).expanduser(), f"the chat template {template} (data.chat_template)", False))
+    return [(p.resolve(), what, below) for p, what, below in places]
+
+
+def check_output_dir(recipe: Recipe, model_folder: str | None = None) -> None:
+    """Refuse an output_dir that a run must not be written into, whatever the flags: one line, nothing written.
+
+    Refused: `/`, the home folder, the working directory, the recipe's folder, a local data file or folder
+    (or a glob's folder), the model folder, the chat template file, any folder holding one of these
+    (symlinks resolved); a folder inside a data folder (the run's metrics.jsonl would be read as data);
+    a file, a place that cannot be created or written; an existing folder of other files that holds no run.
+    `model_folder` is the resolved local model folder (None for a hub model)."""
+    where = recipe.where("output_dir")
+    run_dir = RunDir(recipe.output_dir)
+    root = run_dir.root
+    fix = "set output_dir to a folder of its own, e.g. runs/my-run"
+    for path, what, below in _protected(recipe, model_folder, root):
+        if root == path:
+            raise UserError(f"{where}: {recipe.output_dir} is {what}; a run must have a folder of its own: {fix}")
+        if root in path.parents:
+            raise UserError(
+                f"{where}: {recipe.output_dir} ({root}) holds {what}; a run must have a folder of its own: {fix}"
+            )
+        if below and path in root.parents:
+            raise UserError(
+                f"{where}: {recipe.output_dir} is inside {what}, so the run's files (metrics.jsonl) would be read as data next time; set output_dir to a folder outside it"
+            )
+    check_writable(root, where, "output_dir")
+    if root.is_dir() and not run_dir.is_empty() and not run_dir.holds_run():
+        raise UserError(
+            f"{where}: {root} is not empty ({entries(root)}) and holds no lora_sft run; lora_sft writes only into a new or empty folder or a run of its own: set another output_dir"
+        )
+
+
+@dataclass
+class Start:
+    resume_from: Path | None = None  # a checkpoint folder, or None for a fresh run
+    replace: bool = False  # --overwrite: remove the run in output_dir before writing the new one
+
+
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def adapter_shapes(checkpoint: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{module: {"A": shape, "B": shape}} from a checkpoint's adapter_model.safetensors header (no weights read)."""
+    from safetensors import safe_open
+
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    with safe_open(str(checkpoint / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
+            if m := LORA_KEY.match(key):
+                out.setdefault(m.group("module"), {})[m.group("ab")] = tuple(f.get_slice(key).get_shape())
+    return out
+
+
+def _checkpoint_identity(checkpoint: Path) -> dict | None:
+    """The recipe identity a checkpoint was written with: its counts file, or (older checkpoints) its run's recipe.yaml."""
+    try:
+        counts = json.loads((checkpoint / COUNTS).read_text())
+        if isinstance(counts, dict) and isinstance(counts.get("recipe"), dict):
+            return counts["recipe"]
+    except (OSError, ValueError):
+        pass
+    run = RunDir(checkpoint.parent.parent)
+    if checkpoint.parent == run.checkpoints and run.holds_run():
+        try:
+            return identity(run.read_recipe())
+        except (OSError, ValueError, yaml.YAMLError, AttributeError):
+            return None
+    return None
+
+
+def processes_of(checkpoint: Path) -> int:
+    """How many processes wrote `checkpoint` (its recipe identity says so under a launcher; 1 otherwise)."""
+    saved = _checkpoint_identity(checkpoint) or {}
+    size = saved.get("processes", 1)
+    return size if isinstance(size, int) and size > 0 else 1
+
+
+def _plural(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def belongs(checkpoint: Path, recipe: Recipe, targets: list[str]) -> str | None:
+    """Why `checkpoint` cannot continue a run of `recipe` (a different recipe identity, other adapted modules or
+    another LoRA rank), or None when it can."""
+    now = identity(recipe.saved_dict())
+    saved = _checkpoint_identity(checkpoint)
+    if saved is not None and recipe_hash(saved) != recipe_hash(now):
+        diff = identity_changes(saved, now) or ["the recipe hash differs"]
+        return f"the checkpoint was written by a run with another recipe: {'; '.join(diff)}"
+    if not (checkpoint / "adapter_model.safetensors").is_file():
+        return "the checkpoint has no adapter_model.safetensors"
+    try:
+        shapes = adapter_shapes(checkpoint)
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        return f"cannot read the checkpoint's adapter_model.safetensors ({type(e).__name__}: {e})"
+    missing, extra = [t for t in targets if t not in shapes], sorted(set(shapes) - set(targets))
+    if missing or extra:
+        parts = ([f"not {_plural(missing)}"] if missing else []) + ([f"also {_plural(extra)}"] if extra else [])
+        return f"the checkpoint adapts {len(shapes)} modules, this recipe {len(targets)}: {', '.join(parts)}"
+    rank = recipe.lora.rank
+    for module in targets:
+        a, b = shapes[module].get("A"), shapes[module].get("B")
+        if not a or not b or a[0] != rank or b[-1] != rank:
+            found = a[0] if a else (b[-1] if b else "?")
+            return f"the checkpoint's LoRA rank is {found} ({module}), this recipe's lora.rank is {rank}"
+    return None
+
+
+def start(
+    recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprint: str, plan: ModelPlan | None = None
+) -> Start:
+    """Decide what to do with output_dir; raises UserError before anything is written.
+    `plan`: the model plan, whose targets (the modules it adapts) are checked against a checkpoint's adapter, and
+    whose GGUF file (a GGUF base) against the one the run was trained from."""
+    run_dir = RunDir(recipe.output_dir)
+    held = run_dir.holds_run()
+    where = recipe.where("output_dir")
+    if resume and overwrite:
+        raise UserError(f"{where}: --resume and --overwrite contradict each other; pick one")
+    if not resume:
+        if held and not overwrite:
+            what = "a finished run" if run_dir.finished() else "an unfinished run"
+            raise UserError(
+                f"{where}: {run_dir.root} already holds {what}; continue it with --resume, replace it with --overwrite, or set another output_dir"
+            )
+        return Start(replace=held)
+    checkpoint = _checkpoint_to_resume(run_dir, resume, where)
+    _refuse_changes(recipe, run_dir, fingerprint, plan)
+    if (then := processes_of(checkpoint)) != (now := world().size):
+        # each step's samples (the global batch is micro batch x grad_accum x processes) and each rank's RNG state
+        raise UserError(
+            f"--resume refused: {checkpoint} was trained by {then} process(es), this run has {now}; its global batch "
+            f"and each process's random state belong to {then}: launch the resume with {then} process(es) in all, as the run was"
+        )
+    if plan is not None and (why := belongs(checkpoint, recipe, plan.targets)):
+        raise UserError(
+            f"--resume refused: {checkpoint} does not belong to this recipe: {why}; resume from a checkpoint of this run ({run_dir.checkpoints})"
+        )
+    return Start(resume_from=checkpoint)
+
+
+def _checkpoint_to_resume(run_dir: RunDir, resume: str | bool, where: str) -> Path:
+    """The checkpoint `--resume` names: the run's latest (`--resume` alone), a run directory's latest, or a
+    checkpoint folder, which must be complete; the run directory must hold the run it belongs to."""
+    held = run_dir.holds_run()
+    if resume is True:
+        if not held:
+            raise UserError(f"{where}: --resume: {run_dir.root} holds no run to resume; drop --resume to start one")
+        found = checkpoints(run_dir.checkpoints)
+        if not found:
+            raise UserError(
+                f"{where}: --resume: {run_dir.checkpoints} holds no complete checkpoint (the run stopped before its first save); start over with --overwrite"
+            )
+        return found[-1]
+    checkpoint = Path(str(resume)).expanduser().resolve()
+    if (named := RunDir(checkpoint)).checkpoints.is_dir():  # a run directory: its latest checkpoint
+        found = checkpoints(named.checkpoints)
+        if not found:
+            raise UserError(f"--resume {resume}: no complete checkpoint in {named.checkpoints}")
+        checkpoint = found[-1]
+    elif not (checkpoint / STATE).is_file():
+        raise UserError(
+            f"--resume {resume}: not a checkpoint folder (no {STATE}); give a run directory or one of its checkpoints/checkpoint-N"
+        )
+    elif not complete(checkpoint):
+        raise UserError(
+            f"--resume {resume}: the checkpoint is incomplete (no {COUNTS}, written last: its save was cut short); give a complete one of {checkpoint.parent}"
+        )
+    if not held:
+        raise UserError(
+            f"{where}: --resume {resume}: {run_dir.root} holds no run; resume into the run directory the checkpoint came from"
+        )
+    return checkpoint
+
+
+def _refuse_changes(recipe: Recipe, run_dir: RunDir, fingerprint: str, plan: ModelPlan | None) -> None:
+    """A resume refused when the recipe changed since the run began in a way that matters, or its data (the data
+    fingerprint: files, options, tokenizer), or its GGUF base file."""
+    where = recipe.where("output_dir")
+    try:
+        saved, manifest = run_dir.read_recipe(), run_dir.read_manifest()
+        changed = changes(saved, recipe.saved_dict())
+    except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as e:
+        raise UserError(
+            f"{where}: --resume: cannot read the run's {RECIPE} or {MANIFEST} in {run_dir.root} ({type(e).__name__}); start over with --overwrite"
+        ) from None
+    if not changed and manifest.get("data_fingerprint") != fingerprint:
+        changed.append("the contents of the data files")
+    if plan is not None and (why := gguf_source.changed(manifest.get("model_file"), plan.source.gguf)):
+        changed.append(why)
+    if changed:
+        raise UserError(
+            f"--resume refused, the recipe changed since {run_dir.recipe}: {'; '.join(changed)}; undo the change or start a new run (another output_dir or --overwrite)"
+        )
