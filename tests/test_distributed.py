@@ -186,10 +186,10 @@ if os.environ.get("RANK") == "1":
 
     planned = fitting.plan_memory
 
-    def plan_memory(recipe, work, *args, **kwargs):
-        plan = planned(recipe, work, *args, **kwargs)
+    def plan_memory(settings, work, *args, **kwargs):
+        plan = planned(settings, work, *args, **kwargs)
         effective = plan.micro_batch_size * plan.grad_accum
-        estimate = planner.estimate(resolve(recipe), work, 1, plan.gradient_checkpointing)
+        estimate = planner.estimate(settings, work, 1, plan.gradient_checkpointing)
         return dataclasses.replace(plan, micro_batch_size=1, grad_accum=effective, estimate=estimate)
 
     fitting.plan_memory = plan_memory
