@@ -25,7 +25,7 @@ from lora_sft.data import collator
 from lora_sft.model import fitting
 from lora_sft.preflight import Ready, batch_text, prepare
 from lora_sft.recipe.schema import Recipe
-from lora_sft.run import checkpoint, progress
+from lora_sft.run import checkpoint, lock, progress
 from lora_sft.run import start as run_start
 from lora_sft.run.guard import guarded
 from lora_sft.run.loop import Measured, evaluate_after, evaluate_before, evaluated_on_start, summarize, train
@@ -130,7 +130,18 @@ def setup_model(settings: RunSettings, prepared: Ready, log=print) -> torch.nn.M
 
 
 def fit(settings: RunSettings, model, ready: Ready, log=print, start: run_start.Start | None = None) -> Result:
-    """Train `model` into the run directory and finish it: the steps in order."""
+    """Train `model` into the run directory and finish it, the main process holding the run directory's lock
+    (`run.lock`: a second train, export or eval of it is refused while this one writes)."""
+    if not settings.world.main:
+        return _fit(settings, model, ready, log, start)
+    root = RunDir(settings.output_dir).root  # ~ expanded, as every run directory path is
+    root.mkdir(parents=True, exist_ok=True)  # the preflight found it safe to write into
+    with lock.held(root, "train", settings.where("output_dir")):
+        return _fit(settings, model, ready, log, start)
+
+
+def _fit(settings: RunSettings, model, ready: Ready, log=print, start: run_start.Start | None = None) -> Result:
+    """The steps of `fit`, in order."""
     started = time.perf_counter()
     resume_from = start.resume_from if start else None
     main = settings.world.main  # under a launcher: the process that writes; the others wait where it does

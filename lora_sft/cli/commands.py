@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from lora_sft.cli.args import count, shard_size, tolerance
 from lora_sft.errors import UserError
+from lora_sft.run.rundir import RunDir
 
 
 def _export(args) -> int:
@@ -28,14 +29,16 @@ def _export(args) -> int:
         gguf=args.gguf_type or ("f16" if args.gguf else None),
         max_drift=args.max_drift,
     )
-    export(args.run_dir, options)
+    with RunDir(args.run_dir).writer("export"):  # one writer per run directory: a train or eval of it waits
+        export(args.run_dir, options)
     return 0
 
 
 def _eval(args) -> int:
     from lora_sft.export.evaluation import evaluate_run
 
-    evaluate_run(args.run_dir, data_file=args.data, base=args.base)
+    with RunDir(args.run_dir).writer("eval"):  # eval.md and summary.json: one writer per run directory
+        evaluate_run(args.run_dir, data_file=args.data, base=args.base)
     return 0
 
 

@@ -26,6 +26,7 @@ are a layer up, in lora_sft.export.reopen and lora_sft.export.card.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ import yaml
 
 from lora_sft.distributed import main_only
 from lora_sft.errors import UserError
+from lora_sft.run import lock
+from lora_sft.run.lock import LOCK
 from lora_sft.run.records import Evaluation, FidelityReport, Manifest, Summary, now
 
 # The names of everything a run writes (and nothing else: `--overwrite` removes exactly these).
@@ -170,8 +173,14 @@ class RunDir:
     def finished(self) -> bool:
         return self.summary.is_file()
 
+    def writer(self, command: str):
+        """The run directory's lock held for `command` (export, eval) while it writes here; nothing to hold where
+        the folder holds no run (the command then says what is wrong with it)."""
+        return lock.held(self.root, command) if self.holds_run() else contextlib.nullcontext()
+
     def is_empty(self) -> bool:
-        return not self.root.exists() or (self.root.is_dir() and not any(self.root.iterdir()))
+        """No files in the folder; a lock file a killed command left (`run.lock`) does not count."""
+        return not self.root.exists() or (self.root.is_dir() and not any(p.name != LOCK for p in self.root.iterdir()))
 
     def read_recipe(self) -> dict:
         return yaml.safe_load(self.recipe.read_text())

@@ -23,6 +23,7 @@ from lora_sft.run.rundir import MANIFEST, RECIPE, RunDir, check_writable, entrie
 
 if TYPE_CHECKING:
     from lora_sft.model.plan import ModelPlan
+from lora_sft.run import lock
 from lora_sft.run.checkpoint import (
     COUNTS,
     STATE,
@@ -194,6 +195,7 @@ def start(
     run_dir = RunDir(recipe.output_dir)
     held = run_dir.holds_run()
     where = recipe.where("output_dir")
+    lock.check_free(run_dir.root, where)  # another train, export or eval is writing into it
     if resume and overwrite:
         raise UserError(f"{where}: --resume and --overwrite contradict each other; pick one")
     if not resume:
