@@ -33,12 +33,19 @@ def holder(root: Path) -> dict[str, Any] | None:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
-                return json.loads(f.read() or "{}") or {"pid": "?"}
-            except ValueError:
-                return {"pid": "?"}
+            return _record(f)
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
+
+
+def _record(f) -> dict[str, Any]:
+    """What the holder wrote into the lock file it holds (pid, host, command, since), or a pid of "?" where it has
+    not written it yet."""
+    f.seek(0)
+    try:
+        return json.loads(f.read() or "{}") or {"pid": "?"}
+    except ValueError:
+        return {"pid": "?"}
 
 
 def refusal(root: Path, who: dict[str, Any], where: str) -> str:
@@ -88,11 +95,7 @@ def _acquire(path: Path, where: str):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            try:
-                who = json.loads(f.read() or "{}") or {"pid": "?"}
-            except ValueError:
-                who = {"pid": "?"}
+            who = _record(f)
             f.close()
             raise UserError(refusal(path.parent, who, where)) from None
         try:
