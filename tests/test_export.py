@@ -199,16 +199,32 @@ def test_export_replaces_only_an_earlier_export_and_checks_its_flags_first(tiny_
     assert not out.exists()
     assert main(["export", str(run_dir), "--samples", "2", "--out", str(out)]) == 0
     assert (out / ".lora_sft-export").is_file() and (out / "fidelity.json").is_file() and not (out / "merged").exists()
-    (out / "adapter" / "left-over.txt").write_text("from the earlier export")
-    assert main(["export", str(run_dir), "--samples", "2", "--out", str(out)]) == 0  # an earlier export: replaced whole
-    assert not (out / "adapter" / "left-over.txt").exists() and not list(tmp_path.glob(".export.*"))
+    (out / "notes.md").write_text("the user's")
+    (out / "adapter" / "my-eval.txt").write_text("the user's too")
+    earlier = json.loads((out / ".lora_sft-export").read_text())["created"]
+    # an earlier export: what it wrote is replaced, the user's files in it stay
+    assert main(["export", str(run_dir), "--samples", "2", "--out", str(out)]) == 0
+    assert (out / "notes.md").read_text() == "the user's"
+    assert (out / "adapter" / "my-eval.txt").read_text() == "the user's too"
+    assert json.loads((out / ".lora_sft-export").read_text())["created"] != earlier
+    assert sorted(p.name for p in out.iterdir()) == [".lora_sft-export", "adapter", "fidelity.json", "notes.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging folder left, inside or beside
     capsys.readouterr()
+    (out / "merged").mkdir()
+    (out / "merged" / "config.json").write_text("{}")  # where --merged writes a file: the user's is not replaced
+    before = snapshot(tmp_path)
+    assert main(["export", str(run_dir), "--merged", "--samples", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert err == [
+        f"error: --out {out}: {out / 'merged' / 'config.json'} is in the way: lora_sft did not write it and would replace it; move it out of {out}, or give --out a new folder (or leave it out to write {run_dir / 'export'})"
+    ]
+    assert snapshot(tmp_path) == before
     (out / ".lora_sft-export").unlink()
     (out / "fidelity.json").unlink()  # now a folder of someone else's files
     before = snapshot(tmp_path)
     assert main(["export", str(run_dir), "--samples", "2", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().split("\n") == [
-        f"error: --out {out}: the folder is not empty (adapter/) and holds no lora_sft export; an export replaces only an earlier export: give --out a new folder, or leave it out to write {run_dir / 'export'}"
+        f"error: --out {out}: the folder is not empty (adapter/, merged/ and 1 more) and holds no lora_sft export; an export replaces only an earlier export: give --out a new folder, or leave it out to write {run_dir / 'export'}"
     ]
     assert snapshot(tmp_path) == before
 

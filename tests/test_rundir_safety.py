@@ -20,7 +20,7 @@ from lora_sft.cli.main import main
 from lora_sft.errors import UserError
 from lora_sft.recipe.load import load_recipe
 from lora_sft.run.records import Manifest
-from lora_sft.run.rundir import ARTIFACTS, MARKER, RunDir
+from lora_sft.run.rundir import ARTIFACTS, MARKER, ExportDir, RunDir
 from lora_sft.run.start import check_output_dir
 
 ROWS = (REPO / "data/examples/alpaca.jsonl").read_text().splitlines()[:16]
@@ -255,6 +255,28 @@ def test_drop_derived_removes_what_described_the_old_adapter(tmp_path):
     run.drop_derived()
     assert not run.eval_report.exists() and not run.export.exists()
     assert json.loads(run.summary.read_text()) == {"steps": 3}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("removal", ["drop_derived", "remove_run"])
+def test_a_stale_export_goes_and_the_users_files_in_it_stay(tmp_path, removal):
+    """A new adapter (train --resume, --overwrite) makes export/ stale: what export wrote there goes, a file the user
+    put there (next to it or inside its adapter/) stays."""
+    run = RunDir(tmp_path / "run")
+    run.create({"task": "causal_lm"}, Manifest.new(0, "", {}, "test"))
+    with ExportDir(run.export).owned().staged("--out", "fix") as staging:
+        ExportDir(staging).mark(run.root)
+        (staging / "adapter").mkdir()
+        (staging / "adapter" / "adapter_config.json").write_text("{}")
+        (staging / "fidelity.json").write_text("{}")
+    (run.export / "serve.sh").write_text("the user's script")
+    (run.export / "adapter" / "notes.md").write_text("the user's notes")
+    getattr(run, removal)()
+    assert {str(p.relative_to(run.export)): p.is_file() for p in run.export.rglob("*")} == {
+        "serve.sh": True,
+        "adapter": False,
+        "adapter/notes.md": True,
+    }
 
 
 @pytest.mark.unit

@@ -23,8 +23,9 @@ must reproduce (b).
 
 An export never removes or overwrites anything of the run it reads: `--out` may not be the run, hold it,
 or sit inside one of its files; an existing folder is replaced only if it is an earlier export (marked
-with `.lora_sft-export`). Everything is written into a staging folder beside `--out` and renamed into
-place at the end, so a failure (exit 1 for a failed check) leaves the earlier export as it was.
+with `.lora_sft-export`), and of it only the files that export wrote (the marker lists them: a file of the
+user's there stays). Everything is written into a staging folder inside `--out` and moved into place at the
+end, so a failure (exit 1 for a failed check) leaves the earlier export as it was.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def export(run_dir: str | Path, options: ExportOptions, log=print) -> dict:
 
         check_ready(run.plan.config.to_dict(), run.recipe.task)
         check_quantizer(list(job.gguf))
-    with staged(job.out) as staging:
+    with staged(run.root, job.out) as staging:
         report = _write(run, staging, job, log)
     if report.get("gguf") and not report["gguf"]["passed"]:
         failed = report["gguf"]["problems"]
@@ -326,7 +327,7 @@ def _conclude(check: _Check, problems: list[str], serving: list[str], log) -> No
     for w in report["serving_warnings"]:
         log(f"serving warning: {w}")
     if problems:  # an export that failed its check is not written at all, so it cannot be shipped by mistake
-        kept = "the earlier export there is unchanged" if out.exists() else "nothing was written"
+        kept = "the earlier export there is unchanged" if ExportDir(out).is_export() else "nothing was written"
         options = (
             "--tolerance X sets the bound"
             if check.job.tolerance is not None

@@ -1,14 +1,11 @@
 """Where an export is written: `--out` (or RUN_DIR/export) checked so an export never removes or overwrites anything
-of the run it reads, nor anything but an earlier export (marked with `.lora_sft-export`), and a staging folder
-beside it, renamed into place at the end, so a failure leaves the earlier export as it was.
+of the run it reads, nor anything but an earlier export (marked with `.lora_sft-export`), and of an earlier export
+only the files it wrote (the marker lists them): a staging folder inside `--out`, moved into place at the end, so a
+failure leaves the earlier export as it was and a file of the user's in the folder stays (`run.files.OwnedFolder`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from lora_sft.errors import UserError
@@ -49,26 +46,14 @@ def check_out(run_root: Path, out: Path) -> None:
         )
 
 
-@contextlib.contextmanager
-def staged(out: Path):
-    """A staging folder beside `out`, renamed into place when the block succeeds (an earlier export moved aside,
-    then removed); on any failure the staging folder (and any parent folder made for it) is removed and `out`
-    is as it was."""
-    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
-        yield staging
-        if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-            for folder in made:  # deepest first
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+def staged(run_root: Path, out: Path):
+    """A staging folder whose files replace, when the block succeeds, what an earlier export wrote in `out` and
+    nothing else; on any failure `out` is as it was (see `OwnedFolder.staged`)."""
+    return (
+        ExportDir(out)
+        .owned()
+        .staged(
+            f"--out {out}",
+            f"move it out of {out}, or give --out a new folder (or leave it out to write {run_root / EXPORT})",
+        )
+    )

@@ -15,8 +15,9 @@ a run's lifecycle (create, reopen for resume, finish, overwrite):
 
 Only these names are ever removed by `train --overwrite`: a file of the user's inside the folder stays.
 eval.md, export/ and summary.json `evaluation` are derived from adapter/ and are removed when a new
-adapter is written. An export folder is marked too (`.lora_sft-export`), so an export replaces only
-an earlier export.
+adapter is written. An export folder is marked too (`.lora_sft-export`, which lists the files the export
+wrote), so an export replaces only an earlier export, and of it only those files (`files.OwnedFolder`): a file
+of the user's in an export folder stays, there and when export/ is removed.
 
 What is written is typed: `Manifest`, `Summary`, `Evaluation`, `FidelityReport` (their JSON is the
 contract: the same keys in the same order). Reading them needs neither the model nor the data stage: opening a
@@ -31,7 +32,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ import yaml
 from lora_sft.distributed import main_only
 from lora_sft.errors import UserError
 from lora_sft.run import lock
+from lora_sft.run.files import OwnedFolder, write_json
+from lora_sft.run.files import write_atomic as write_atomic  # where it was, for the modules that import it here
 from lora_sft.run.lock import LOCK
 from lora_sft.run.records import Evaluation, FidelityReport, Manifest, Summary, now
 
@@ -71,21 +73,10 @@ ARTIFACTS = (
 EXPORT_MARKER = ".lora_sft-export"  # written first into an export folder
 EXPORT_ADAPTER, EXPORT_MERGED, FIDELITY = "adapter", "merged", "fidelity.json"  # inside an export folder
 EXPORT_GGUF = "gguf"  # inside an export folder: the .gguf file and the Ollama Modelfile (gguf_export.py)
+EXPORT_NAMES = (EXPORT_MARKER, EXPORT_ADAPTER, EXPORT_MERGED, EXPORT_GGUF, FIDELITY)  # all an export writes
 CARD = "README.md"  # the model card, in adapter/ (and in an export's adapter/ and merged/)
 ADAPTER_CONFIG = "adapter_config.json"  # peft's name: what makes adapter/ an adapter
 MARKER_VERSION = 1
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` writes the file next to `path`, which then replaces `path` in one step: a reader (or a run
-    killed meanwhile) sees the old file or the new one, never half of one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
-def write_json(path: Path, value) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str) + "\n"))
 
 
 def entries(folder: Path, n: int = 2) -> str:
@@ -318,7 +309,9 @@ class RunDir:
         )
         for name in names:
             path = self.root / name
-            if path.is_dir() and not path.is_symlink():
+            if name == EXPORT and path.is_dir() and not path.is_symlink():
+                ExportDir(path).owned().remove()  # only what export wrote: a file of the user's there stays
+            elif path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
@@ -328,7 +321,7 @@ class RunDir:
         """A new adapter/ is about to be written: eval.md, export/ and summary.json `evaluation` describe the old one."""
         self.eval_report.unlink(missing_ok=True)
         if self.export.is_dir() and not self.export.is_symlink():
-            shutil.rmtree(self.export)
+            ExportDir(self.export).owned().remove()  # only what export wrote: a file of the user's there stays
         elif self.export.exists() or self.export.is_symlink():
             self.export.unlink()
         if self.summary.is_file():
@@ -357,6 +350,11 @@ class ExportDir:
         except (OSError, ValueError):
             return False
         return isinstance(report, dict) and "pairs" in report and "run_dir" in report
+
+    def owned(self) -> OwnedFolder:
+        """The folder under the ownership rule: what an export wrote here (its marker lists it) is all that a new
+        export replaces, or a new adapter removes."""
+        return OwnedFolder(self.root, EXPORT_MARKER, EXPORT_NAMES)
 
     def mark(self, run_root: Path) -> None:
         write_json(self.marker, {"version": MARKER_VERSION, "created": now(), "run_dir": str(run_root)})
