@@ -172,3 +172,26 @@ def test_plot_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsy
     assert "--out dir.png: is a folder; give a file name" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png", "notes", "run"]
     assert not run.loss_plot.exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("suffix", plots.FORMATS)
+def test_plot_replaces_only_an_image_it_wrote(tmp_path, monkeypatch, capsys, suffix):
+    """A second `plot` to the same --out replaces its own image; a file of the user's there is refused, unchanged."""
+    a_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / f"loss{suffix}"
+    assert main(["plot", "run", "--out", out.name]) == 0
+    first = out.read_bytes()
+    assert main(["plot", "run", "--out", out.name, "--metric", "eval_loss"]) == 0
+    assert out.read_bytes() != first
+    capsys.readouterr()
+    figure = tmp_path / f"figure{suffix}"
+    plots.overlay_figure([("theirs", [{"step": 1, "loss": 1.0}])], "loss").savefig(figure, format=suffix[1:])
+    before = figure.read_bytes()
+    assert main(["plot", "run", "--out", figure.name]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --out {figure.name}: {figure} exists and lora_sft did not write it; `plot` replaces only its own: give --out another file name, or move that file away"
+    ]
+    assert figure.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([figure.name, out.name, "run"])

@@ -6,7 +6,8 @@ and once more after the evaluation that follows training (its point would be mis
 metric of several runs on one axis, each line labelled with its run's name.
 
 Figures are built on matplotlib's Agg canvas (no display, no pyplot state) and written atomically, as every file
-of a run directory is (`rundir.write_atomic`).
+of a run directory is (`files.write_atomic`), with lora_sft's mark in their metadata: `plot --out` replaces an image
+it wrote before and refuses any other file (the ownership rule, `files.check_replaceable`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from transformers import TrainerCallback
 
 from lora_sft.distributed import main_only
 from lora_sft.errors import UserError
-from lora_sft.run.rundir import MARKER, RunDir, write_atomic
+from lora_sft.run.files import check_replaceable, mark_text, write_atomic
+from lora_sft.run.rundir import MARKER, RunDir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -98,8 +100,9 @@ def overlay_figure(runs: list[tuple[str, list[dict]]], metric: str) -> Figure:
 
 
 def save(figure: Figure, path: Path) -> None:
-    """Write the figure in the format its suffix names, atomically."""
-    write_atomic(path, lambda tmp: figure.savefig(tmp, format=path.suffix.lstrip(".")))
+    """Write the figure in the format its suffix names, atomically, marked as lora_sft's (its Creator metadata)."""
+    metadata = {"Creator": mark_text("plot")}
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format=path.suffix.lstrip("."), metadata=metadata))
 
 
 @main_only
@@ -143,7 +146,9 @@ def _out_path(out: str | None) -> Path:
         raise UserError(f"--out {given}: is a folder; give a file name, e.g. --out {Path(given) / DEFAULT_OUT}")
     if not path.parent.is_dir():
         raise UserError(f"--out {given}: the folder {path.parent} does not exist; create it or write elsewhere")
-    return path.with_suffix(path.suffix.lower())
+    path = path.with_suffix(path.suffix.lower())
+    check_replaceable(path, "plot", f"--out {given}", "give --out another file name, or move that file away")
+    return path
 
 
 def _labels(run_dirs: list[str], runs: list[RunDir]) -> list[str]:
