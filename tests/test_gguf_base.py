@@ -85,6 +85,27 @@ def test_validate_reads_the_metadata_alone_and_plans_as_for_the_folder(tiny_gguf
 
 
 @pytest.mark.e2e
+def test_a_cache_folder_of_someone_elses_files_is_refused_and_never_written_into(
+    tiny_gguf, write_recipe, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("LORA_SFT_CACHE", str(tmp_path / "cache"))
+    folder = converted_folder(tiny_gguf)
+    folder.mkdir(parents=True)
+    (folder / "mine.txt").write_text("mine")
+    path = write_recipe(recipe(tiny_gguf, tmp_path / "run"))
+    assert main(["validate", str(path)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(
+        f"model.path: {folder} holds files lora_sft did not write, where it keeps the conversion of {tiny_gguf.name}; move them away (the conversion is made again), or set LORA_SFT_CACHE to another folder"
+    ), line
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary folder left
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"] and not (tmp_path / "run").exists()
+    shutil.rmtree(folder)
+    assert main(["validate", str(path)]) == 0
+    assert (folder / gguf_source.RECORD).is_file()
+
+
+@pytest.mark.e2e
 def test_a_run_on_a_gguf_records_the_file_and_reopens_for_eval_and_export(tiny_gguf, write_recipe, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -381,6 +381,10 @@ def prepare(gguf: GGUFFile, where: str) -> Path:
         tokenizer.save_pretrained(tmp)
         _restore_pre_tokenizer(tmp, gguf.pre_tokenizer)
         (tmp / RECORD).write_text(json.dumps(gguf.record() | {"converted_from": str(gguf.path)}, indent=2) + "\n")
+    if not (folder / RECORD).is_file():  # the rename found a folder of someone else's files there: never write into it
+        raise UserError(
+            f"{where}: {folder} holds files lora_sft did not write, where it keeps the conversion of {gguf.name}; move them away (the conversion is made again), or set LORA_SFT_CACHE to another folder"
+        )
     return folder
 
 
