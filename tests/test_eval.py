@@ -77,6 +77,26 @@ def test_eval_with_a_data_file_offline(tiny_run, tmp_path):
     assert "| metric | fine-tuned |" in (run_dir / "eval.md").read_text()
 
 
+@pytest.mark.e2e
+def test_eval_again_replaces_its_reports_and_no_file_of_the_users(tiny_run, tmp_path):
+    """`eval` run a second time rewrites eval.md, summary.json and the card; the user's files in the run directory
+    stay, and a link at eval.md is replaced, never the file it points to."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns("checkpoints", "export"))
+    assert main(["eval", str(run_dir)]) == 0
+    mine = tmp_path / "my-report.md"
+    mine.write_text("the user's report")
+    (run_dir / "eval.md").unlink()
+    (run_dir / "eval.md").symlink_to(mine)
+    (run_dir / "notes.md").write_text("the user's notes")
+    (run_dir / "adapter" / "my-prompts.txt").write_text("the user's prompts")
+    assert main(["eval", str(run_dir)]) == 0
+    assert mine.read_text() == "the user's report"
+    assert not (run_dir / "eval.md").is_symlink() and "| metric |" in (run_dir / "eval.md").read_text()
+    assert (run_dir / "notes.md").read_text() == "the user's notes"
+    assert (run_dir / "adapter" / "my-prompts.txt").read_text() == "the user's prompts"
+
+
 @pytest.mark.unit
 def test_shipped_generation_metrics():
     em = load_metric("exact_match").compute(

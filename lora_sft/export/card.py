@@ -16,7 +16,7 @@ from lora_sft.export.reopen import FinishedRun
 from lora_sft.export.report import samples_words
 from lora_sft.model.lora import MUTATING_INITS
 from lora_sft.run.records import Evaluation
-from lora_sft.run.rundir import ADAPTER_CONFIG, RunDir, read_json
+from lora_sft.run.rundir import ADAPTER_CONFIG, RunDir, read_json, write_atomic
 
 # ---------------------------------------------------------------- the run's card
 
@@ -25,7 +25,8 @@ from lora_sft.run.rundir import ADAPTER_CONFIG, RunDir, read_json
 def write_card(run_dir: RunDir, labels: list[str] | None) -> None:
     """adapter/README.md, rendered from what the run wrote: recipe.yaml, manifest.json, summary.json (with the
     eval section's results when it ran). Called last, once all of these exist."""
-    run_dir.card.write_text(render_card(run_dir, labels))
+    card = render_card(run_dir, labels)
+    write_atomic(run_dir.card, lambda tmp: tmp.write_text(card))  # in one step: a link there is replaced, not followed
 
 
 def render_card(run_dir: RunDir, labels: list[str] | None) -> str:

@@ -40,8 +40,7 @@ import yaml
 from lora_sft.distributed import main_only
 from lora_sft.errors import UserError
 from lora_sft.run import lock
-from lora_sft.run.files import OwnedFolder, write_json
-from lora_sft.run.files import write_atomic as write_atomic  # where it was, for the modules that import it here
+from lora_sft.run.files import OwnedFolder, write_atomic, write_json
 from lora_sft.run.lock import LOCK
 from lora_sft.run.records import Evaluation, FidelityReport, Manifest, Summary, now
 
@@ -288,8 +287,9 @@ class RunDir:
 
     @main_only
     def write_evaluation(self, evaluation: Evaluation, markdown: str) -> None:
-        """eval.md and summary.json `evaluation` (what `eval` and the eval section measured)."""
-        self.eval_report.write_text(markdown)
+        """eval.md and summary.json `evaluation` (what `eval` and the eval section measured); eval.md replaced in one
+        step, so a link there is replaced, never the file it points to."""
+        write_atomic(self.eval_report, lambda tmp: tmp.write_text(markdown))
         summary = self.read_summary()
         if summary is None:  # `eval` on a run whose summary is gone: the evaluation alone, as before
             write_json(self.summary, {"evaluation": evaluation.to_json()})
