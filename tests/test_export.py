@@ -229,6 +229,21 @@ def test_export_replaces_only_an_earlier_export_and_checks_its_flags_first(tiny_
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.e2e
+def test_a_link_at_the_runs_export_folder_that_points_nowhere_is_kept_and_refused(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns("checkpoints", "export"))
+    (run_dir / "export").symlink_to(tmp_path / "disk" / "export")  # a bigger disk, not mounted now
+    before = snapshot(tmp_path)
+    assert main(["export", str(run_dir), "--samples", "2"]) == 2
+    assert capsys.readouterr().err.strip().split("\n") == [
+        f"error: {run_dir / 'export'}: is a link to {tmp_path / 'disk' / 'export'}, which does not exist; create that folder, or give --out a folder"
+    ]
+    assert snapshot(tmp_path) == before and (run_dir / "export").is_symlink()
+
+
 @pytest.mark.unit
 def test_fidelity_measures():
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ failure leaves the earlier export as it was and a file of the user's in the fold
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lora_sft.errors import UserError
@@ -21,6 +22,10 @@ def check_out(run_root: Path, out: Path) -> None:
     """Refuse an export folder that would remove or overwrite anything but an earlier export (one line, nothing written)."""
     fix = f"give --out a new folder, or leave it out to write {run_root / EXPORT}"
     if out == run_root / EXPORT:
+        if out.is_symlink() and not out.exists():  # a link of the user's: never removed, never written through
+            raise UserError(
+                f"{out}: is a link to {os.readlink(out)}, which does not exist; create that folder, or give --out a folder"
+            )
         check_writable(out, "--out", "--out")
         return  # the run's own export folder
     if out == run_root or out in run_root.parents:
