@@ -67,6 +67,7 @@ def test_push_refuses_a_bad_repo_id(tiny_run, capsys):
 def test_push_creates_private_repositories_unless_public_is_asked(tiny_run, tmp_path):
     run_dir, hub, _ = tiny_run
     env = hub_env(hub.url, tmp_path / "hf-home")
+    before = {p: p.read_bytes() if p.is_file() else None for p in sorted(run_dir.rglob("*"))}
     for flags, repo, visibility in (
         ([], "me/private-by-default", "private"),
         (["--public"], "me/opted-public", "public"),
@@ -80,3 +81,5 @@ def test_push_creates_private_repositories_unless_public_is_asked(tiny_run, tmp_
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert hub.repos[repo]["visibility"] == visibility, hub.repos[repo]
+    # push stages nothing in the folder it uploads (nor in the run): pushed twice, every file as it was
+    assert {p: p.read_bytes() if p.is_file() else None for p in sorted(run_dir.rglob("*"))} == before
