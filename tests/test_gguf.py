@@ -235,6 +235,30 @@ def test_a_gguf_that_fails_its_serving_check_is_kept_marked_and_never_pushed(exp
 
 
 @pytest.mark.gguf
+def test_a_second_gguf_export_replaces_its_files_and_keeps_the_users(exported, tmp_path):
+    """export --gguf over an earlier one: the earlier .gguf of another type goes, a file of the user's in gguf/ and
+    next to the export stays (the ownership rule, run/files.py)."""
+    import shutil
+
+    run_dir, first, _, _ = exported
+    out = tmp_path / "export"
+    shutil.copytree(first, out, symlinks=True)
+    (out / "gguf" / "Modelfile.mine").write_text("FROM ./run-f16.gguf\nPARAMETER temperature 0\n")
+    (out / "serve.sh").write_text("ollama create mine -f gguf/Modelfile.mine\n")
+    assert main(["export", str(run_dir), "--gguf-type", "q8_0", "--samples", "4", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "gguf").iterdir()) == ["Modelfile", "Modelfile.mine", "run-q8_0.gguf"]
+    assert (out / "serve.sh").is_file() and "PARAMETER temperature 0" in (out / "gguf" / "Modelfile.mine").read_text()
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lora_sft-export",
+        "adapter",
+        "fidelity.json",
+        "gguf",
+        "merged",
+        "serve.sh",
+    ]
+
+
+@pytest.mark.gguf
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0", "bf16"])
 def test_tiny_qwen2_gguf_round_trip(gguf_type, tmp_path):
     merged, tokenizer = save_tiny_qwen2(tmp_path / "qwen2")
