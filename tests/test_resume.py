@@ -668,3 +668,5 @@ def test_gaps_names_each_file_an_exact_resume_restores(tmp_path):
         ("lora_sft_stream.json", False, False),
     ]
     assert found[1].text().startswith("lora_sft_stream.json (the stream position) cannot be read (JSONDecodeError")
+    # an fp16 run's loss scale (Trainer's GradScaler state) is restored too
+    assert [g.text() for g in gaps(folder, fp16=True)][-1] == "scaler.pt (the fp16 loss scale) is missing"

@@ -42,7 +42,7 @@ COUNTS = "lora_sft_counts.json"  # the trainer's own running totals (tokens seen
 EXTRA = "lora_sft_{}.json"  # a state saved beside the counts (`AtomicCheckpoints` extras): lora_sft_stream.json
 STREAM = EXTRA.format("stream")  # data.streaming: where the stream's steps ended
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's name
-OPTIMIZER, SCHEDULER = "optimizer.pt", "scheduler.pt"  # Trainer's names
+OPTIMIZER, SCHEDULER, SCALER = "optimizer.pt", "scheduler.pt", "scaler.pt"  # Trainer's names
 
 
 def rng_files(processes: int) -> list[str]:
@@ -310,9 +310,10 @@ def _torch_file(path: Path) -> None:
     load_trainer_file(str(path))
 
 
-def gaps(checkpoint: Path, processes: int = 1, streaming: bool = False) -> list[Gap]:
+def gaps(checkpoint: Path, processes: int = 1, streaming: bool = False, fp16: bool = False) -> list[Gap]:
     """What `checkpoint` lacks for an exact resume: each file Trainer and lora_sft restore, there and loadable as
-    they load it (the torch files with weights_only, so nothing but tensors is unpickled). Reads, writes nothing."""
+    they load it (the torch files with weights_only, so nothing but tensors is unpickled). `fp16`: the run trains
+    in fp16, whose loss scale Trainer saves (scaler.pt). Reads, writes nothing."""
     needed: list[tuple[str, str, Any, bool]] = [
         (STATE, "the step to continue from", _state, True),
         (ADAPTER_WEIGHTS, "the adapter weights", _adapter, True),
@@ -321,6 +322,8 @@ def gaps(checkpoint: Path, processes: int = 1, streaming: bool = False) -> list[
         *((name, "the random state", _torch_file, False) for name in rng_files(processes)),
         (COUNTS, "the token totals", _json_object, False),
     ]
+    if fp16:
+        needed.append((SCALER, "the fp16 loss scale", _torch_file, False))
     if streaming:
         needed.append((STREAM, "the stream position", _json_object, False))
     found = []

@@ -222,7 +222,7 @@ def start(
             raise UserError(f"{where}: {run_dir.root} already holds {_what_is_there(run_dir)}")
         return Start(replace=held)
     checkpoint = _checkpoint_to_resume(run_dir, resume, where)
-    inexact = _refuse_gaps(checkpoint, run_dir, recipe.data.streaming, allow_inexact)
+    inexact = _refuse_gaps(checkpoint, run_dir, recipe, allow_inexact)
     _refuse_changes(recipe, run_dir, fingerprint, plan)
     if (then := processes_of(checkpoint)) != (now := world().size):
         # each step's samples (the global batch is micro batch x grad_accum x processes) and each rank's RNG state
@@ -254,15 +254,15 @@ def _what_is_there(run_dir: RunDir) -> str:
     )
 
 
-def _refuse_gaps(checkpoint: Path, run_dir: RunDir, streaming: bool, allow_inexact: bool) -> tuple[Gap, ...]:
+def _refuse_gaps(checkpoint: Path, run_dir: RunDir, recipe: Recipe, allow_inexact: bool) -> tuple[Gap, ...]:
     """A checkpoint that cannot be resumed exactly is refused, naming each missing or unreadable file, before anything
     is written; with --allow-inexact the gaps that do not stop a resume are returned instead (recorded in the
     manifest). The adapter and the step are always needed."""
-    found = gaps(checkpoint, processes_of(checkpoint), streaming)
+    found = _gaps(checkpoint, recipe)
     essential = [g for g in found if g.essential]
     if not found or (allow_inexact and not essential):
         return tuple(found)
-    earlier = _whole_earlier(run_dir, checkpoint, streaming)
+    earlier = _whole_earlier(run_dir, checkpoint, recipe)
     instead = f"resume from {earlier} (whole), " if earlier else ""
     if essential:
         raise UserError(
@@ -276,12 +276,17 @@ def _refuse_gaps(checkpoint: Path, run_dir: RunDir, streaming: bool, allow_inexa
     )
 
 
-def _whole_earlier(run_dir: RunDir, checkpoint: Path, streaming: bool) -> Path | None:
+def _gaps(checkpoint: Path, recipe: Recipe) -> list[Gap]:
+    # fp16 only when the recipe says so: compute_dtype auto never picks it (`settings.compute_dtype`)
+    return gaps(checkpoint, processes_of(checkpoint), recipe.data.streaming, recipe.quant.compute_dtype == "fp16")
+
+
+def _whole_earlier(run_dir: RunDir, checkpoint: Path, recipe: Recipe) -> Path | None:
     """The latest checkpoint of the run before `checkpoint` that has everything an exact resume needs."""
     earlier = [c for c in checkpoints(run_dir.checkpoints) if c.name != checkpoint.name]
     for candidate in reversed(earlier):
         try:
-            if step_of(candidate) < step_of(checkpoint) and not gaps(candidate, processes_of(candidate), streaming):
+            if step_of(candidate) < step_of(checkpoint) and not _gaps(candidate, recipe):
                 return candidate
         except (OSError, ValueError, KeyError, TypeError):
             continue
