@@ -2,7 +2,9 @@
 directory, the recipe's or the data's folder, a folder of someone else's files, ...), for `train` and `validate`;
 `start` decides what happens to `output_dir` before anything is written: a fresh run, a refusal (a run is already
 there), `--overwrite`, or `--resume [PATH]`, which is checked completely first: the recipe may not have changed in a
-way that matters, and the checkpoint must belong to this recipe (its recipe hash, its adapter shapes, its processes).
+way that matters, the checkpoint must belong to this recipe (its recipe hash, its adapter shapes, its processes) and
+hold every file an exact resume restores, each readable (`checkpoint.gaps`; --allow-inexact resumes without the ones
+a resume can do without), and a finished run is not resumed past its end (its records stay as they are).
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ def _what_is_there(run_dir: RunDir) -> str:
         return "an unfinished run; continue it with --resume, replace it with --overwrite, or set another output_dir"
     try:
         summary = run_dir.read_summary()
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):  # not JSON, or not a summary's
         summary = None
     steps = f" ({summary.steps} steps)" if summary is not None else ""
     return (
