@@ -250,3 +250,14 @@ def offline_variable() -> str | None:
     Read now, not at import time, so a variable set after huggingface_hub was imported counts too."""
     name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
     return name if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") else None
+
+
+def load_trainer_file(path: str) -> Any:
+    """A checkpoint file read as Trainer reads it on resume: torch.load with weights_only, the numpy types of its RNG
+    state allowed. transformers 5.4 to 5.25: `trainer_pt_utils.safe_globals`, the context Trainer's _load_rng_state
+    loads rng_state.pth in (not part of transformers' documented API)."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    with safe_globals():
+        return torch.load(path, map_location="cpu", weights_only=True)

@@ -44,18 +44,24 @@ class Result:
 
 
 def run(
-    recipe: Recipe, log=print, resume: str | bool | None = None, overwrite: bool = False, quiet: bool = False
+    recipe: Recipe,
+    log=print,
+    resume: str | bool | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    allow_inexact: bool = False,
 ) -> Result:
     """`train`: the preflight, then setup -> train -> finish (`fit`), then the end-of-run summary.
 
     Under a launcher (torchrun, accelerate launch) every process runs this; the main process alone writes and
     prints. The first process on each machine runs the preflight first (it tokenizes the data and fills the
     cache), then the others (they read the cache); bad input stops every process there, before anything is
-    written. `quiet` (train --quiet): the summary is all that is printed."""
+    written. `quiet` (train --quiet): the summary is all that is printed. `allow_inexact` (--resume
+    --allow-inexact): a checkpoint that lacks a piece of an exact resume continues with what it has (`run.start`)."""
     me = distributed.world()
     say = log  # the summary, printed by the main process
     log = log if me.main and not quiet else _quiet  # everything else
-    ready, start = distributed.main_first(preflight, recipe, resume, overwrite)
+    ready, start = distributed.main_first(preflight, recipe, resume, overwrite, allow_inexact)
     settings = settle(ready, start, log)
     model = setup_model(settings, ready, log)
     result = fit(settings, model, ready, log, start)
@@ -64,13 +70,16 @@ def run(
     return result
 
 
-def preflight(recipe: Recipe, resume: str | bool | None, overwrite: bool) -> tuple[Ready, run_start.Start]:
+def preflight(
+    recipe: Recipe, resume: str | bool | None, overwrite: bool, allow_inexact: bool = False
+) -> tuple[Ready, run_start.Start]:
     """Everything checked before anything is written: the recipe's data, model and settings (`prepare`), and what
     happens to output_dir: a run already there is continued (--resume) or replaced (--overwrite), never silently
     overwritten; to resume, the data fingerprint (data, data options, tokenizer) must match and the checkpoint
-    must belong to this recipe (its recipe hash, its adapter's modules and rank)."""
+    must belong to this recipe (its recipe hash, its adapter's modules and rank) and hold every file an exact resume
+    restores, each readable (or --allow-inexact), and a finished run is not trained past its end."""
     ready = prepare(recipe).ready()
-    return ready, run_start.start(recipe, resume, overwrite, ready.bundle.fingerprint, ready.plan)
+    return ready, run_start.start(recipe, resume, overwrite, ready.bundle.fingerprint, ready.plan, allow_inexact)
 
 
 def settle(ready: Ready, start: run_start.Start, log=print) -> RunSettings:
@@ -151,7 +160,7 @@ def _fit(settings: RunSettings, model, ready: Ready, log=print, start: run_start
     initial = model_stage.save_initial(settings, model) if main else None
     trainer = build_trainer(settings, model, ready.tokenizer, ready.bundle, run_dir, log)
     before = evaluate_before(settings, trainer, run_dir, resume_from)
-    output, seen_before, train_time = train(settings, trainer, resume_from)
+    output, seen_before, train_time = train(settings, trainer, resume_from, start.unreadable if start else ())
     before = before or evaluated_on_start(settings, trainer)
     after = evaluate_after(settings, trainer)
     measured = Measured(output, before, after, seen_before, train_time, started)
@@ -178,8 +187,11 @@ def open_run_dir(
     process's job under a launcher (`distributed.on_main`): the manifest is None on the others."""
     run_dir, bundle, plan = RunDir(settings.output_dir), ready.bundle, ready.plan
     if start and start.resume_from:
-        manifest = checkpoint.reopen(run_dir, start.resume_from, settings.saved_dict())
+        manifest = checkpoint.reopen(run_dir, start.resume_from, settings.saved_dict(), start.inexact)
         log(f"resuming from {start.resume_from}")
+        if start.inexact:  # --allow-inexact
+            gaps = "; ".join(g.text() for g in start.inexact)
+            log(f"note: not an exact resume (--allow-inexact, recorded in manifest.json): {gaps}; started anew")
     else:
         if start and start.replace:
             run_dir.remove_run()  # --overwrite, and only now that the new run is ready to go; the user's own files stay

@@ -4,7 +4,7 @@ recipe, its overrides, its data file, its model folder, or the command line) and
     # expect: text that the error line contains (one `# expect:` per expected line, in order)
     # args: extra command-line arguments (optional)
     # command: the command to run (default `train`; also validate, preview, export, eval, generate, push)
-    # validate: skip  (only for cases whose mistake is a flag that validate does not take, like --resume)
+    # validate: skip  (only for cases whose mistake is a flag that validate does not take)
 
 Placeholders: {out} the output_dir (it does not exist beforehand), {model} a tiny Llama folder,
 {examples} data/examples, {data} tests/bad_inputs/data, {here} tests/bad_inputs, {recipe} the

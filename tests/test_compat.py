@@ -302,3 +302,19 @@ def test_the_4bit_cpu_layout():
     compat.keep_trainable_layout(layer)
     _eval_forward(layer)
     assert not compat.repacked_for_cpu(layer.weight.quant_state)
+
+
+def test_load_trainer_file_reads_an_rng_state_as_trainer_saves_it(tmp_path):
+    """Trainer's rng_state.pth holds numpy's state, which torch.load with weights_only refuses without the allowance
+    Trainer itself loads it under; a truncated file still fails (what `checkpoint.gaps` reports)."""
+    import numpy as np
+
+    path = tmp_path / "rng_state.pth"
+    torch.save({"python": (3, (1, 2), None), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}, path)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path, weights_only=True)
+    loaded = compat.load_trainer_file(str(path))
+    assert torch.equal(loaded["cpu"], torch.random.get_rng_state()) and loaded["numpy"][0] == "MT19937"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(Exception):  # noqa: B017 (torch raises OSError or RuntimeError for a cut-off zip)
+        compat.load_trainer_file(str(path))

@@ -75,6 +75,10 @@ def test_eval_with_a_data_file_offline(tiny_run, tmp_path):
     assert evaluation["rows"] == 3 and evaluation["data"] == str(data) and "base" not in evaluation
     assert {"exact_match", "rougeL", "token_accuracy"} <= set(evaluation["fine_tuned"])
     assert "| metric | fine-tuned |" in (run_dir / "eval.md").read_text()
+    # the model card says what eval.md and summary.json now say, not what the eval section measured before
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert f"3 held-out samples ({data})" in card and "(eval split)" not in card
+    assert f"| exact_match | {evaluation['fine_tuned']['exact_match']:.4f} |" in card
 
 
 @pytest.mark.e2e

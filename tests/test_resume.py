@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,6 +142,8 @@ def test_killed_and_resumed_equals_unbroken(unbroken, tiny_llama, tmp_path, caps
         summaries = [json.loads((r / "summary.json").read_text()) for r in (unbroken, run)]
         totals = [(s["tokens_seen"], s["tokens_trained"], s["steps"]) for s in summaries]
         assert totals[0] == totals[1]
+        # the mean over the whole run, not over the steps trained after the resume
+        assert summaries[1]["train_loss_mean"] == pytest.approx(summaries[0]["train_loss_mean"], rel=1e-9)
         kept = sorted(p.name for p in (run / "checkpoints").iterdir())
         assert kept == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"]  # the last K, no staging left over
 
@@ -200,10 +203,9 @@ def test_finished_run_is_not_overwritten_and_changed_recipe_is_refused(unbroken,
     before = {p: p.read_bytes() for p in unbroken.rglob("*") if p.is_file()}
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert (
-        len(err) == 1
-        and "already holds a finished run; continue it with --resume, replace it with --overwrite" in err[0]
-    )
+    # a finished run: --resume alone would have nothing to train, so the line does not offer it as the way on
+    assert len(err) == 1 and f"already holds a finished run ({STEPS} steps); replace it with --overwrite" in err[0]
+    assert "larger train.max_steps" in err[0] and "continue it with --resume" not in err[0]
 
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(recipe_dict(tiny_llama, unbroken, micro_batch_size=2, lr=5e-3)))
@@ -482,3 +484,189 @@ def test_on_save_records_the_best_checkpoint_where_it_lands_and_never_rotates_it
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     for step in (2, 4):
         assert json.loads((folder / f"checkpoint-{step}" / STATE).read_text())["best_model_checkpoint"] == best
+
+
+# ---------------------------------------------------------------- exact, or refused with the missing piece named
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.e2e
+def test_a_checkpoint_that_is_not_whole_is_refused_before_anything_changes(unbroken, tmp_path, capsys):
+    """Each file an exact resume restores must be there and loadable; the line names the checkpoint, the file and
+    what it holds, and the ways on; the run directory stays byte for byte (nothing reopened, no log dropped)."""
+    run, recipe = copy_of(unbroken, tmp_path)
+    first, last = (run / "checkpoints" / f"checkpoint-{n}" for n in (STEPS - 1, STEPS))
+    inexact = (
+        "continue without it with --resume --allow-inexact (recorded in manifest.json), or start over with --overwrite"
+    )
+    cases = [  # (checkpoint, damage, --resume PATH, what the line says)
+        (
+            first,
+            lambda c: (c / "optimizer.pt").unlink(),
+            first,
+            f"optimizer.pt (the optimizer state) is missing; {inexact}",
+        ),
+        (
+            first,
+            lambda c: (c / "rng_state.pth").unlink(),
+            first,
+            f"rng_state.pth (the random state) is missing; {inexact}",
+        ),
+        (first, lambda c: (c / "scheduler.pt").unlink(), first, "scheduler.pt (the learning-rate schedule) is missing"),
+        (first, lambda c: _truncate(c / "optimizer.pt"), first, "optimizer.pt (the optimizer state) cannot be read ("),
+        (
+            first,
+            lambda c: _truncate(c / "adapter_model.safetensors"),
+            first,
+            "cannot be resumed: adapter_model.safetensors (the adapter weights) cannot be read",
+        ),
+        # the step is unknown: not even --allow-inexact resumes it
+        (
+            first,
+            lambda c: (c / "trainer_state.json").write_text("{not json"),
+            first,
+            "cannot be resumed: trainer_state.json (the step to continue from) cannot be read (JSONDecodeError",
+        ),
+        # the latest checkpoint damaged: the line names the earlier one that is whole
+        (last, lambda c: _truncate(c / "rng_state.pth"), True, "rng_state.pth (the random state) cannot be read ("),
+    ]
+    for checkpoint, damage, resume, says in cases:
+        kept = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+        damage(checkpoint)
+        before = snapshot(run)
+        args = ["--resume"] if resume is True else ["--resume", str(resume)]
+        assert main(["train", str(recipe), *args]) == 2, says
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --resume refused: {checkpoint} cannot be resumed"), err
+        assert says in err[0], (says, err[0])
+        if resume is True:
+            assert f"resume from {first} (whole)" in err[0]
+        if "trainer_state.json" in says:  # nothing to allow: the step to continue from is unknown
+            assert "--allow-inexact" not in err[0]
+            assert main(["train", str(recipe), *args, "--allow-inexact"]) == 2
+            assert "cannot be resumed: trainer_state.json" in capsys.readouterr().err
+        assert snapshot(run) == before, says
+        for name, data in kept.items():  # put the checkpoint back for the next case
+            (checkpoint / name).write_bytes(data)
+
+
+@pytest.mark.e2e
+def test_allow_inexact_resumes_with_what_is_there_and_the_manifest_says_what_was_missing(unbroken, tmp_path, capsys):
+    run, recipe = copy_of(unbroken, tmp_path)
+    earlier = run / "checkpoints" / f"checkpoint-{STEPS - 1}"
+    (earlier / "optimizer.pt").unlink()
+    _truncate(earlier / "rng_state.pth")
+    damaged = (earlier / "rng_state.pth").read_bytes()
+    assert main(["train", str(recipe), "--resume", str(earlier), "--allow-inexact"]) == 0
+    out = capsys.readouterr().out
+    assert "note: not an exact resume (--allow-inexact, recorded in manifest.json): optimizer.pt" in out
+    [resumed] = json.loads((run / "manifest.json").read_text())["resumed"]
+    assert resumed["from_step"] == STEPS - 1 and resumed["checkpoint"] == str(earlier)
+    assert resumed["inexact"][0] == "optimizer.pt (the optimizer state) is missing"
+    assert resumed["inexact"][1].startswith("rng_state.pth (the random state) cannot be read (")
+    assert len(resumed["inexact"]) == 2
+    # it trained on from the adapter of step 5 with a fresh optimizer: the same steps, another last adapter
+    assert [s for s, _ in losses(run)] == list(range(1, STEPS + 1)) and losses(run)[: STEPS - 1] == losses(unbroken)[
+        : STEPS - 1
+    ]
+    ref, got = adapter(unbroken), adapter(run)
+    assert any(not torch.equal(ref[k], got[k]) for k in ref)
+    assert (earlier / "rng_state.pth").read_bytes() == damaged  # the checkpoint itself is never changed
+    # --allow-inexact alone means nothing
+    assert main(["train", str(recipe), "--allow-inexact"]) == 2
+    assert "--allow-inexact: it only applies to --resume" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_a_finished_run_is_not_resumed_and_its_records_stay_byte_for_byte(unbroken, tmp_path, capsys):
+    """--resume on a finished run (summary.json written, the checkpoint its last step) has nothing to train: one
+    line, exit 2, and no record of the run gets worse (summary.json was rewritten with tokens_per_second 0.0).
+    validate says what train says."""
+    run, recipe = copy_of(unbroken, tmp_path)
+    before = snapshot(run)
+    lines = {}
+    for argv in (
+        ["train", str(recipe), "--resume"],
+        ["validate", str(recipe), "--resume"],
+        ["train", str(recipe)],
+        ["validate", str(recipe)],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        lines[tuple(argv[:1] + argv[2:])] = err[0]
+        assert snapshot(run) == before, argv
+    assert lines[("train", "--resume")] == lines[("validate", "--resume")]
+    assert (
+        f"--resume: the run in {run} is finished (checkpoint-{STEPS} is its last step, {STEPS}"
+        in lines[("train", "--resume")]
+    )
+    assert f"--resume train.max_steps={2 * STEPS}" in lines[("train", "--resume")]
+    assert lines[("train",)] == lines[("validate",)] and "already holds a finished run" in lines[("train",)]
+    # the way it offers trains on: a larger max_steps continues from the last step
+    assert main(["train", str(recipe), "--resume", f"train.max_steps={STEPS + 1}"]) == 0
+    assert [s for s, _ in losses(run)] == list(range(1, STEPS + 2))
+
+
+@pytest.mark.e2e
+def test_a_run_killed_after_its_last_checkpoint_finishes_without_training_past_max_steps(unbroken, tmp_path, capsys):
+    """Killed after the last step's checkpoint, before the summary: --resume finishes the run (adapter, summary)
+    and trains nothing more. Trainer, resumed at its last step in the middle of an epoch, trains one step past
+    max_steps (5 of 3 steps per epoch here)."""
+    from lora_sft.run.checkpoint import COUNTS
+
+    run, recipe = copy_of(unbroken, tmp_path)
+    last = run / "checkpoints" / f"checkpoint-{STEPS - 1}"
+    (run / "summary.json").unlink()  # as if max_steps were 5, and the run killed after its last save
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(run / "checkpoints" / f"checkpoint-{STEPS}")
+    assert main(["train", str(recipe), "--resume", f"train.max_steps={STEPS - 1}"]) == 0
+    assert losses(run) == losses(unbroken)[: STEPS - 1] and [s for s, _ in losses(run)] == list(range(1, STEPS))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [last.name]
+    saved, got = load_file(last / "adapter_model.safetensors"), adapter(run)
+    assert saved.keys() == got.keys() and all(torch.equal(saved[k], got[k]) for k in saved)
+    summary, counts = json.loads((run / "summary.json").read_text()), json.loads((last / COUNTS).read_text())
+    assert summary["steps"] == STEPS - 1
+    assert (summary["tokens_seen"], summary["tokens_trained"]) == (counts["tokens_seen"], counts["tokens_trained"])
+    assert summary["train_loss"] == losses(unbroken)[STEPS - 2][1]
+    mean = sum(loss for _, loss in losses(unbroken)[: STEPS - 1]) / (STEPS - 1)
+    assert summary["train_loss_mean"] == pytest.approx(mean, rel=1e-9)
+
+
+@pytest.mark.unit
+def test_gaps_names_each_file_an_exact_resume_restores(tmp_path):
+    """`checkpoint.gaps` on real files: the stream position only for data.streaming, one RNG file per process, and
+    a file that is there but not what it should be (not JSON, truncated, no step) counts as a gap."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from lora_sft.run.checkpoint import gaps
+
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3, "max_steps": 6}))
+    save_file({"base_model.model.q.lora_A.weight": torch.zeros(2, 4)}, str(folder / "adapter_model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.save({"state": {}, "param_groups": []}, folder / name)
+    torch.save({"numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}, folder / "rng_state.pth")
+    (folder / "lora_sft_counts.json").write_text(json.dumps({"tokens_seen": 10, "tokens_trained": 4}))
+    assert gaps(folder) == []
+    texts = [g.text() for g in gaps(folder, processes=2, streaming=True)]
+    assert texts == [
+        "rng_state_0.pth (the random state) is missing",
+        "rng_state_1.pth (the random state) is missing",
+        "lora_sft_stream.json (the stream position) is missing",
+    ]
+    (folder / "lora_sft_stream.json").write_text("[1, 2")
+    (folder / "trainer_state.json").write_text(json.dumps({"epoch": 1.0}))  # JSON, but no step
+    found = gaps(folder, streaming=True)
+    assert [(g.name, g.essential, g.missing) for g in found] == [
+        ("trainer_state.json", True, False),
+        ("lora_sft_stream.json", False, False),
+    ]
+    assert found[1].text().startswith("lora_sft_stream.json (the stream position) cannot be read (JSONDecodeError")
+    # an fp16 run's loss scale (Trainer's GradScaler state) is restored too
+    assert [g.text() for g in gaps(folder, fp16=True)][-1] == "scaler.pt (the fp16 loss scale) is missing"

@@ -61,20 +61,30 @@ def _add_train(sub, recipe_args: Parser) -> None:
         help="train an adapter",
         description="Train a LoRA adapter as the recipe says; writes the run directory (output_dir).",
     )
-    t.add_argument(
+    _add_run_dir_flags(t)
+    t.add_argument("--quiet", action="store_true", help="print only errors and the end-of-run summary")
+    t.set_defaults(handler=_train)
+
+
+def _add_run_dir_flags(parser: argparse.ArgumentParser) -> None:
+    """What to do with a run already in output_dir: train's flags, which validate takes too (it checks the same)."""
+    parser.add_argument(
         "--resume",
         nargs="?",
         const=True,
         metavar="PATH",
-        help="continue the run in output_dir from its latest checkpoint, or from PATH (a run directory or a checkpoint folder)",
+        help="continue the run in output_dir from its latest checkpoint, or from PATH (a run directory or a checkpoint folder); refused unless the checkpoint has every file an exact resume needs",
     )
-    t.add_argument(
+    parser.add_argument(
+        "--allow-inexact",
+        action="store_true",
+        help="with --resume: continue from a checkpoint that lacks the optimizer, schedule, random state, token totals or stream position, starting those anew (recorded in manifest.json)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the run in output_dir: removes only the files a run writes, never other files",
     )
-    t.add_argument("--quiet", action="store_true", help="print only errors and the end-of-run summary")
-    t.set_defaults(handler=_train)
 
 
 def _add_validate(sub, recipe_args: Parser) -> None:
@@ -85,6 +95,7 @@ def _add_validate(sub, recipe_args: Parser) -> None:
         description="Check everything train checks before it writes anything (the recipe, every data row, the tokenizer and chat template, the tokenized data, the model config, LoRA targets and weight-file headers, output_dir; no weights loaded), then print what train would do.",
     )
     v.add_argument("--explain", action="store_true", help="also print every recipe key with its default and meaning")
+    _add_run_dir_flags(v)
     v.add_argument(
         "--nproc",
         type=count(1),
@@ -161,10 +172,21 @@ def _validate(args) -> int:
     from lora_sft.recipe.explain import explain
     from lora_sft.recipe.load import load_recipe
 
+    _resume_override(args)
     recipe = load_recipe(args.recipe, args.overrides)
     from lora_sft.preflight import describe_plan, prepare
+    from lora_sft.run.start import start as decide
 
     prepared = prepare(recipe, hub_may_be_unreachable=True, machine=args.target)  # what train checks first, at once
+    # what train would do with a run already in output_dir (refuse, resume, overwrite): the same line train prints
+    decide(
+        recipe,
+        args.resume,
+        args.overwrite,
+        prepared.bundle.fingerprint if prepared.bundle else None,
+        prepared.plan,
+        args.allow_inexact,
+    )
     if not world().main:  # under a launcher every process checks; the main one prints
         return 0
     print(f"{args.recipe}: ok")
@@ -205,12 +227,16 @@ def _preview(args) -> int:
     return 0
 
 
-def _train(args) -> int:
-    from lora_sft.recipe.load import load_recipe
-
+def _resume_override(args) -> None:
     if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
         # `--resume train.lr=1e-4`: argparse took an override for --resume's optional PATH
         args.overrides, args.resume = [*args.overrides, args.resume], True
+
+
+def _train(args) -> int:
+    from lora_sft.recipe.load import load_recipe
+
+    _resume_override(args)
     if args.quiet:
         from lora_sft.console import quiet_libraries
 
@@ -220,7 +246,7 @@ def _train(args) -> int:
     from lora_sft.train import run
 
     # training, then the recipe's eval and hub sections, then the summary
-    run(recipe, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    run(recipe, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, allow_inexact=args.allow_inexact)
     finish()  # under a launcher: every process ends together, after the main process has written everything
     return 0
 

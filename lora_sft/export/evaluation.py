@@ -229,8 +229,8 @@ class _Asked:
 def evaluate_run(
     run_dir, data_file: str | None = None, base: bool = False, log=print, measured: dict | None = None
 ) -> dict:
-    """Measure the fine-tuned model (and the base, with `base`) on the eval split or `data_file`; eval.md and
-    summary.json. `measured`: {"base" / "fine_tuned": metrics} the Trainer just measured on the same eval split
+    """Measure the fine-tuned model (and the base, with `base`) on the eval split or `data_file`; eval.md,
+    summary.json and the model card (adapter/README.md) say what was measured. `measured`: {"base" / "fine_tuned": metrics} the Trainer just measured on the same eval split
     (train's eval.after_train): a causal LM's loss, perplexity and token accuracy are taken from there, not scored
     again (the same definition, the same numbers: tests/test_eval.py), and only the generations are new."""
     from lora_sft.errors import UserError
@@ -277,7 +277,10 @@ def evaluate_run(
         else None,
         generation=generation or None,
     )
+    from lora_sft.export.card import write_card
+
     run.dir.write_evaluation(evaluation, eval_markdown(run.recipe.model.path, evaluation.to_json()))
+    write_card(run.dir, run.checked.labels)  # adapter/README.md reports what eval.md and summary.json now say
     log(f"wrote {run.dir.eval_report}")
     return evaluation.to_json()
 

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,14 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE = "trainer_state.json"  # Trainer's name; it holds the step
 COUNTS = "lora_sft_counts.json"  # the trainer's own running totals (tokens seen and trained)
 EXTRA = "lora_sft_{}.json"  # a state saved beside the counts (`AtomicCheckpoints` extras): lora_sft_stream.json
+STREAM = EXTRA.format("stream")  # data.streaming: where the stream's steps ended
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's name
+OPTIMIZER, SCHEDULER, SCALER = "optimizer.pt", "scheduler.pt", "scaler.pt"  # Trainer's names
+
+
+def rng_files(processes: int) -> list[str]:
+    """Trainer's RNG state files: one for a single process, one per process under a launcher."""
+    return ["rng_state.pth"] if processes == 1 else [f"rng_state_{rank}.pth" for rank in range(processes)]
 
 
 def fsync_tree(folder: Path) -> None:
@@ -121,6 +130,9 @@ class AtomicCheckpoints(TrainerCallback):
         self.saving = state.global_step
         # the main process clears the staging folder before any process writes into it
         distributed.on_main(self._clear, self.folder / f"checkpoint-{state.global_step}")
+
+    def discard_staging(self) -> None:
+        shutil.rmtree(staging(self.folder), ignore_errors=True)
 
     def _clear(self, target: Path) -> None:
         shutil.rmtree(staging(self.folder), ignore_errors=True)  # a save cut short earlier
@@ -250,16 +262,137 @@ def changes(saved: dict, now: dict) -> list[str]:
     return identity_changes(identity(saved), identity(now))
 
 
-# ---------------------------------------------------------------- is output_dir safe to write a run into?
+# ---------------------------------------------------------------- what a resume needs of a checkpoint
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A file of a checkpoint that an exact resume needs and cannot use: missing, or there but unreadable (a
+    truncated or damaged file). `essential`: no resume at all without it (the adapter, the step to continue from)."""
+
+    name: str  # the file, e.g. optimizer.pt
+    what: str  # what it holds, e.g. "the optimizer state"
+    problem: str  # "is missing", or "cannot be read (...)"
+    essential: bool = False
+
+    @property
+    def missing(self) -> bool:
+        return self.problem == "is missing"
+
+    def text(self) -> str:
+        return f"{self.name} ({self.what}) {self.problem}"
+
+
+def _state(path: Path) -> dict:
+    state = json.loads(path.read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) or state["global_step"] < 0:
+        raise ValueError("no global_step")
+    return state
+
+
+def _json_object(path: Path) -> dict:
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def _adapter(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # the header, and the file is as long as it says
+        f.keys()
+
+
+def _torch_file(path: Path) -> None:
+    from lora_sft.compat import load_trainer_file
+
+    load_trainer_file(str(path))
+
+
+def gaps(checkpoint: Path, processes: int = 1, streaming: bool = False, fp16: bool = False) -> list[Gap]:
+    """What `checkpoint` lacks for an exact resume: each file Trainer and lora_sft restore, there and loadable as
+    they load it (the torch files with weights_only, so nothing but tensors is unpickled). `fp16`: the run trains
+    in fp16, whose loss scale Trainer saves (scaler.pt). Reads, writes nothing."""
+    needed: list[tuple[str, str, Any, bool]] = [
+        (STATE, "the step to continue from", _state, True),
+        (ADAPTER_WEIGHTS, "the adapter weights", _adapter, True),
+        (OPTIMIZER, "the optimizer state", _torch_file, False),
+        (SCHEDULER, "the learning-rate schedule", _torch_file, False),
+        *((name, "the random state", _torch_file, False) for name in rng_files(processes)),
+        (COUNTS, "the token totals", _json_object, False),
+    ]
+    if fp16:
+        needed.append((SCALER, "the fp16 loss scale", _torch_file, False))
+    if streaming:
+        needed.append((STREAM, "the stream position", _json_object, False))
+    found = []
+    for name, what, load, essential in needed:
+        path = checkpoint / name
+        if not path.is_file():
+            found.append(Gap(name, what, "is missing", essential))
+            continue
+        try:
+            load(path)
+        except Exception as e:  # torch, safetensors and json each raise their own types for a damaged file
+            detail = (str(e).strip().splitlines() or [""])[0][:120]
+            found.append(Gap(name, what, f"cannot be read ({type(e).__name__}: {detail})", essential))
+    return found
+
+
+def steps_left(checkpoint: Path, max_steps: int | None, epochs: float) -> int | None:
+    """How many optimizer steps a run of `max_steps` (or `epochs`, when max_steps is unset) has left after
+    `checkpoint`; None when that is unknown (the epochs changed since the checkpoint: Trainer works it out)."""
+    state = _state(checkpoint / STATE)
+    if max_steps is None:
+        if state.get("num_train_epochs") != epochs or not isinstance(state.get("max_steps"), int):
+            return None
+        max_steps = state["max_steps"]
+    return max(max_steps - state["global_step"], 0)
+
+
+class NothingLeft(Exception):
+    """Raised by `StopAtTheEnd` in on_train_begin: the resumed checkpoint is the run's last step."""
+
+
+class StopAtTheEnd(TrainerCallback):
+    """A run resumed from its last step (its checkpoint saved, then a kill before the summary) trains nothing:
+    Trainer would run one more step before it checks max_steps. on_train_begin comes after Trainer restored the
+    checkpoint (the adapter, the optimizer, the state with its log); `train` catches NothingLeft and finishes the
+    run from there. First among the callbacks, so no other one starts anything for a training that does not happen."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0 and state.global_step >= state.max_steps:
+            raise NothingLeft
+
+
+@contextmanager
+def readable(checkpoint: Path, unreadable: tuple[str, ...]):
+    """The folder Trainer resumes from: `checkpoint` itself, or (--allow-inexact, with files there that cannot be
+    read) a temporary folder of links to its other files, so Trainer restores what is there and starts the rest
+    anew instead of failing on a damaged file. The checkpoint itself is never changed."""
+    if not unreadable:
+        yield checkpoint
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lora_sft-resume-") as tmp:
+        view = Path(tmp) / checkpoint.name
+        view.mkdir()
+        for path in checkpoint.iterdir():
+            if path.name not in unreadable:
+                (view / path.name).symlink_to(path)
+        yield view
 
 
 # ---------------------------------------------------------------- starting or resuming a run
 
 
-def reopen(run_dir: RunDir, checkpoint: Path, recipe_dict: dict) -> Manifest | None:
-    """Continue a run directory from `checkpoint`: a save cut short is cleared, the run directory reopened."""
+def reopen(run_dir: RunDir, checkpoint: Path, recipe_dict: dict, inexact: tuple[Gap, ...] = ()) -> Manifest | None:
+    """Continue a run directory from `checkpoint`: a save cut short is cleared, the run directory reopened; the
+    manifest records what the checkpoint lacked (`inexact`, --allow-inexact)."""
     shutil.rmtree(staging(run_dir.checkpoints), ignore_errors=True)
-    return run_dir.reopen(step_of(checkpoint), checkpoint, recipe_dict)
+    return run_dir.reopen(step_of(checkpoint), checkpoint, recipe_dict, [g.text() for g in inexact])
 
 
 def read_extra(checkpoint: Path, name: str) -> Any:

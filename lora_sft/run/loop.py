@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from transformers.trainer_utils import TrainOutput
 
 from lora_sft import distributed
 from lora_sft.data import stream
@@ -49,23 +52,45 @@ def evaluated_on_start(settings: RunSettings, trainer: CountingTrainer) -> dict 
     return eval_metrics({k: v for k, v in first.items() if k.startswith("eval_")}, settings.task) if first else None
 
 
-def train(settings: RunSettings, trainer: CountingTrainer, resume_from: Path | None):
-    """The training loop under its guards. Returns Trainer's output, the tokens seen before it, its seconds."""
-    if resume_from:
-        checkpoint.restore_counts(trainer, resume_from)
-        if isinstance(trainer.train_dataset, stream.StreamDataset):  # data.streaming: where its steps ended
-            trainer.train_dataset.restore(checkpoint.read_extra(resume_from, "stream"))
-    seen_before, train_start = trainer.tokens_seen, time.perf_counter()
-    saves = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, checkpoint.AtomicCheckpoints))
-    with guarded(settings, trainer), checkpoint.save_errors(saves), warnings.catch_warnings():
-        # Trainer saves checkpoints with peft's save_embedding_layers "auto": for a hub base it looks config.json up
-        # to see if the vocabulary grew, and warns offline; added tokens' rows are saved either way (trainable tokens)
-        warnings.filterwarnings("ignore", message="Unable to fetch remote file", category=UserWarning)
-        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+def train(settings: RunSettings, trainer: CountingTrainer, resume_from: Path | None, unreadable: tuple[str, ...] = ()):
+    """The training loop under its guards. Returns Trainer's output, the tokens seen before it, its seconds.
+    `unreadable`: files of the checkpoint that --allow-inexact resumes without (`checkpoint.readable`)."""
+    with checkpoint.readable(resume_from, unreadable) if resume_from else nullcontext(None) as folder:
+        if folder:
+            checkpoint.restore_counts(trainer, folder)
+            if isinstance(trainer.train_dataset, stream.StreamDataset) and (folder / checkpoint.STREAM).is_file():
+                # data.streaming: where its steps ended (without it, allowed by --allow-inexact, from the start)
+                trainer.train_dataset.restore(checkpoint.read_extra(folder, "stream"))
+            trainer.callback_handler.callbacks.insert(0, checkpoint.StopAtTheEnd())  # before any other callback
+        seen_before, train_start = trainer.tokens_seen, time.perf_counter()
+        saves = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, checkpoint.AtomicCheckpoints))
+        with guarded(settings, trainer), checkpoint.save_errors(saves), warnings.catch_warnings():
+            # Trainer saves checkpoints with peft's save_embedding_layers "auto": for a hub base it looks config.json
+            # up to see if the vocabulary grew, and warns offline; added tokens' rows are saved either way
+            warnings.filterwarnings("ignore", message="Unable to fetch remote file", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+            try:
+                output = trainer.train(resume_from_checkpoint=str(folder) if folder else None)
+            except checkpoint.NothingLeft:  # resumed at its last step: restored, nothing to train
+                trainer.is_in_train = False
+                distributed.on_main(saves.discard_staging)  # the staging folder Trainer made for saves to come
+                output = TrainOutput(trainer.state.global_step, 0.0, {})
     if stopped := trainer.guard.interrupted(trainer.state):
         raise stopped  # the checkpoint is saved; the adapter/ and summary come when the run completes
+    if resume_from:  # Trainer's mean is of the steps this call trained: the run's is in the log it restored
+        output = output._replace(training_loss=loss_mean(trainer.state.log_history, output.training_loss))
     return output, seen_before, time.perf_counter() - train_start
+
+
+def loss_mean(log_history: list[dict], otherwise: float) -> float:
+    """The mean train loss over every step of the run: each logged loss (the mean of its logging window) weighted by
+    the steps in its window; `otherwise` when nothing was logged."""
+    total, last = 0.0, 0
+    for record in log_history:
+        if "loss" in record and isinstance(record.get("step"), int) and record["step"] > last:
+            total += record["loss"] * (record["step"] - last)
+            last = record["step"]
+    return total / last if last else otherwise
 
 
 def evaluate_after(settings: RunSettings, trainer: CountingTrainer) -> dict | None:

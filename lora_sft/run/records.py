@@ -40,6 +40,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _json(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_json(v) for v in value]
+    return value.to_json() if isinstance(value, Record) else value
+
+
 class Record:
     """A dataclass written as a JSON object: its fields in order; optional ones (None, or an empty list) left out
     when absent, so the JSON is what lora_sft always wrote."""
@@ -52,13 +58,26 @@ class Record:
             value = getattr(self, f.name)
             if f.name in self.OPTIONAL and value in (None, []):
                 continue
-            out[f.name] = value.to_json() if isinstance(value, Record) else value
+            out[f.name] = _json(value)
         return out
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]):
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+@dataclass
+class Resumed(Record):
+    """manifest.json `resumed`: one entry per --resume, the step and checkpoint it continued from; `inexact`
+    (--allow-inexact): what the checkpoint lacked, so what the resumed run started anew (Gap.text: the file, what
+    it holds, why), e.g. "optimizer.pt (the optimizer state) is missing"."""
+
+    from_step: int
+    checkpoint: str
+    inexact: list[str] = field(default_factory=list)
+
+    OPTIONAL = ("inexact",)
 
 
 @dataclass
@@ -73,10 +92,16 @@ class Manifest(Record):
     data: dict[str, Any]
     model_source: str
     versions: dict[str, str]
-    resumed: list[dict[str, Any]] = field(default_factory=list)  # one entry per --resume: from_step, checkpoint
+    resumed: list[Resumed] = field(default_factory=list)  # one entry per --resume
     model_file: dict[str, Any] | None = None  # a GGUF base: its name, size, sha256, type (gguf_source.GGUFFile.record)
 
     OPTIONAL = ("resumed", "model_file")
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Manifest:
+        manifest = super().from_json(raw)
+        manifest.resumed = [Resumed.from_json(r) for r in manifest.resumed if isinstance(r, dict)]
+        return manifest
 
     @classmethod
     def new(

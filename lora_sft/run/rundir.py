@@ -42,7 +42,7 @@ from lora_sft.errors import UserError
 from lora_sft.run import lock
 from lora_sft.run.files import OwnedFolder, write_atomic, write_json
 from lora_sft.run.lock import LOCK
-from lora_sft.run.records import Evaluation, FidelityReport, Manifest, Summary, now
+from lora_sft.run.records import Evaluation, FidelityReport, Manifest, Resumed, Summary, now
 
 # The names of everything a run writes (and nothing else: `--overwrite` removes exactly these).
 MARKER = ".lora_sft-run"
@@ -206,9 +206,9 @@ class RunDir:
         write_json(self.manifest, manifest.to_json())
 
     @main_only
-    def reopen(self, step: int, checkpoint: Path, recipe_dict: dict) -> Manifest:
+    def reopen(self, step: int, checkpoint: Path, recipe_dict: dict, inexact: list[str] | None = None) -> Manifest:
         """Continue the run from `checkpoint` (at `step`): drop log records of the steps about to be redone, the
-        summary of an earlier finish; the manifest records the resume."""
+        summary of an earlier finish; the manifest records the resume (`inexact`: what the checkpoint lacked)."""
         kept = [
             line
             for line in self.metrics.read_text().splitlines()
@@ -220,7 +220,7 @@ class RunDir:
         self.summary.unlink(missing_ok=True)
         info = Manifest.from_json(self.read_manifest())
         info.ended = None
-        info.resumed.append({"from_step": step, "checkpoint": str(checkpoint)})
+        info.resumed.append(Resumed(step, str(checkpoint), inexact or []))
         return info
 
     @main_only

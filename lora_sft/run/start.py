@@ -2,7 +2,9 @@
 directory, the recipe's or the data's folder, a folder of someone else's files, ...), for `train` and `validate`;
 `start` decides what happens to `output_dir` before anything is written: a fresh run, a refusal (a run is already
 there), `--overwrite`, or `--resume [PATH]`, which is checked completely first: the recipe may not have changed in a
-way that matters, and the checkpoint must belong to this recipe (its recipe hash, its adapter shapes, its processes).
+way that matters, the checkpoint must belong to this recipe (its recipe hash, its adapter shapes, its processes) and
+hold every file an exact resume restores, each readable (`checkpoint.gaps`; --allow-inexact resumes without the ones
+a resume can do without), and a finished run is not resumed past its end (its records stay as they are).
 """
 
 from __future__ import annotations
@@ -25,14 +27,19 @@ if TYPE_CHECKING:
     from lora_sft.model.plan import ModelPlan
 from lora_sft.run import lock
 from lora_sft.run.checkpoint import (
+    ADAPTER_WEIGHTS,
     COUNTS,
     STATE,
+    Gap,
     changes,
     checkpoints,
     complete,
+    gaps,
     identity,
     identity_changes,
     recipe_hash,
+    step_of,
+    steps_left,
 )
 
 GLOB = "*?["
@@ -114,6 +121,12 @@ def check_output_dir(recipe: Recipe, model_folder: str | None = None) -> None:
 class Start:
     resume_from: Path | None = None  # a checkpoint folder, or None for a fresh run
     replace: bool = False  # --overwrite: remove the run in output_dir before writing the new one
+    inexact: tuple[Gap, ...] = ()  # --allow-inexact: what the checkpoint lacks, resumed without
+
+    @property
+    def unreadable(self) -> tuple[str, ...]:
+        """The checkpoint's files that are there but cannot be read: Trainer must not see them."""
+        return tuple(g.name for g in self.inexact if not g.missing)
 
 
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -124,7 +137,7 @@ def adapter_shapes(checkpoint: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     from safetensors import safe_open
 
     out: dict[str, dict[str, tuple[int, ...]]] = {}
-    with safe_open(str(checkpoint / "adapter_model.safetensors"), framework="pt") as f:
+    with safe_open(str(checkpoint / ADAPTER_WEIGHTS), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
             if m := LORA_KEY.match(key):
                 out.setdefault(m.group("module"), {})[m.group("ab")] = tuple(f.get_slice(key).get_shape())
@@ -167,9 +180,7 @@ def belongs(checkpoint: Path, recipe: Recipe, targets: list[str]) -> str | None:
     if saved is not None and recipe_hash(saved) != recipe_hash(now):
         diff = identity_changes(saved, now) or ["the recipe hash differs"]
         return f"the checkpoint was written by a run with another recipe: {'; '.join(diff)}"
-    if not (checkpoint / "adapter_model.safetensors").is_file():
-        return "the checkpoint has no adapter_model.safetensors"
-    try:
+    try:  # the file is there and its header whole (`gaps`, checked first)
         shapes = adapter_shapes(checkpoint)
     except Exception as e:  # safetensors raises its own error types for a damaged header
         return f"cannot read the checkpoint's adapter_model.safetensors ({type(e).__name__}: {e})"
@@ -187,25 +198,33 @@ def belongs(checkpoint: Path, recipe: Recipe, targets: list[str]) -> str | None:
 
 
 def start(
-    recipe: Recipe, resume: str | bool | None, overwrite: bool, fingerprint: str, plan: ModelPlan | None = None
+    recipe: Recipe,
+    resume: str | bool | None,
+    overwrite: bool,
+    fingerprint: str | None,
+    plan: ModelPlan | None = None,
+    allow_inexact: bool = False,
 ) -> Start:
     """Decide what to do with output_dir; raises UserError before anything is written.
     `plan`: the model plan, whose targets (the modules it adapts) are checked against a checkpoint's adapter, and
-    whose GGUF file (a GGUF base) against the one the run was trained from."""
+    whose GGUF file (a GGUF base) against the one the run was trained from. `fingerprint`: the data's (None: not
+    known, validate without the model). `allow_inexact` (--allow-inexact): a checkpoint that lacks a piece an exact
+    resume needs (the optimizer, the schedule, the random state, the token totals, the stream position) is resumed
+    with what it has, and `Start.inexact` says what it lacked."""
     run_dir = RunDir(recipe.output_dir)
     held = run_dir.holds_run()
     where = recipe.where("output_dir")
     lock.check_free(run_dir.root, where)  # another train, export or eval is writing into it
     if resume and overwrite:
         raise UserError(f"{where}: --resume and --overwrite contradict each other; pick one")
+    if allow_inexact and not resume:
+        raise UserError("--allow-inexact: it only applies to --resume; drop it, or add --resume")
     if not resume:
         if held and not overwrite:
-            what = "a finished run" if run_dir.finished() else "an unfinished run"
-            raise UserError(
-                f"{where}: {run_dir.root} already holds {what}; continue it with --resume, replace it with --overwrite, or set another output_dir"
-            )
+            raise UserError(f"{where}: {run_dir.root} already holds {_what_is_there(run_dir)}")
         return Start(replace=held)
     checkpoint = _checkpoint_to_resume(run_dir, resume, where)
+    inexact = _refuse_gaps(checkpoint, run_dir, recipe, allow_inexact)
     _refuse_changes(recipe, run_dir, fingerprint, plan)
     if (then := processes_of(checkpoint)) != (now := world().size):
         # each step's samples (the global batch is micro batch x grad_accum x processes) and each rank's RNG state
@@ -217,7 +236,78 @@ def start(
         raise UserError(
             f"--resume refused: {checkpoint} does not belong to this recipe: {why}; resume from a checkpoint of this run ({run_dir.checkpoints})"
         )
-    return Start(resume_from=checkpoint)
+    _refuse_finished(recipe, run_dir, checkpoint)
+    return Start(resume_from=checkpoint, inexact=inexact)
+
+
+def _what_is_there(run_dir: RunDir) -> str:
+    """The run in output_dir and what can be done with it, for the line that refuses to write over it: a finished
+    run is not offered --resume, which would have nothing to train."""
+    if not run_dir.finished():
+        return "an unfinished run; continue it with --resume, replace it with --overwrite, or set another output_dir"
+    try:
+        summary = run_dir.read_summary()
+    except (OSError, ValueError, TypeError, AttributeError):  # not JSON, or not a summary's
+        summary = None
+    steps = f" ({summary.steps} steps)" if summary is not None else ""
+    return (
+        f"a finished run{steps}; replace it with --overwrite, set another output_dir, or train it further with "
+        "--resume and a larger train.max_steps"
+    )
+
+
+def _refuse_gaps(checkpoint: Path, run_dir: RunDir, recipe: Recipe, allow_inexact: bool) -> tuple[Gap, ...]:
+    """A checkpoint that cannot be resumed exactly is refused, naming each missing or unreadable file, before anything
+    is written; with --allow-inexact the gaps that do not stop a resume are returned instead (recorded in the
+    manifest). The adapter and the step are always needed."""
+    found = _gaps(checkpoint, recipe)
+    essential = [g for g in found if g.essential]
+    if not found or (allow_inexact and not essential):
+        return tuple(found)
+    earlier = _whole_earlier(run_dir, checkpoint, recipe)
+    instead = f"resume from {earlier} (whole), " if earlier else ""
+    if essential:
+        raise UserError(
+            f"--resume refused: {checkpoint} cannot be resumed: {'; '.join(g.text() for g in essential)}; "
+            f"{instead}start over with --overwrite"
+        )
+    raise UserError(
+        f"--resume refused: {checkpoint} cannot be resumed exactly: {'; '.join(g.text() for g in found)}; "
+        f"{instead}continue without {'it' if len(found) == 1 else 'them'} with --resume --allow-inexact (recorded in "
+        f"manifest.json), or start over with --overwrite"
+    )
+
+
+def _gaps(checkpoint: Path, recipe: Recipe) -> list[Gap]:
+    # fp16 only when the recipe says so: compute_dtype auto never picks it (`settings.compute_dtype`)
+    return gaps(checkpoint, processes_of(checkpoint), recipe.data.streaming, recipe.quant.compute_dtype == "fp16")
+
+
+def _whole_earlier(run_dir: RunDir, checkpoint: Path, recipe: Recipe) -> Path | None:
+    """The latest checkpoint of the run before `checkpoint` that has everything an exact resume needs."""
+    earlier = [c for c in checkpoints(run_dir.checkpoints) if c.name != checkpoint.name]
+    for candidate in reversed(earlier):
+        try:
+            if step_of(candidate) < step_of(checkpoint) and not _gaps(candidate, recipe):
+                return candidate
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _refuse_finished(recipe: Recipe, run_dir: RunDir, checkpoint: Path) -> None:
+    """A finished run (summary.json written) resumed from its last step has nothing left to train: refused, so its
+    records (summary.json, the adapter, eval.md) stay as they are. An earlier checkpoint, or a larger max_steps,
+    trains again."""
+    left = steps_left(checkpoint, recipe.train.max_steps, recipe.train.epochs)
+    if run_dir.finished() and left == 0:
+        step = step_of(checkpoint)
+        raise UserError(
+            f"{recipe.where('output_dir')}: --resume: the run in {run_dir.root} is finished ({checkpoint.name} is its "
+            f"last step, {step}, and summary.json is written): nothing is left to train and its records stay as they "
+            f"are; to train it further set a larger train.max_steps (--resume train.max_steps={2 * step}), or replace "
+            "it with --overwrite"
+        )
 
 
 def _checkpoint_to_resume(run_dir: RunDir, resume: str | bool, where: str) -> Path:
@@ -254,7 +344,7 @@ def _checkpoint_to_resume(run_dir: RunDir, resume: str | bool, where: str) -> Pa
     return checkpoint
 
 
-def _refuse_changes(recipe: Recipe, run_dir: RunDir, fingerprint: str, plan: ModelPlan | None) -> None:
+def _refuse_changes(recipe: Recipe, run_dir: RunDir, fingerprint: str | None, plan: ModelPlan | None) -> None:
     """A resume refused when the recipe changed since the run began in a way that matters, or its data (the data
     fingerprint: files, options, tokenizer), or its GGUF base file."""
     where = recipe.where("output_dir")
@@ -265,7 +355,7 @@ def _refuse_changes(recipe: Recipe, run_dir: RunDir, fingerprint: str, plan: Mod
         raise UserError(
             f"{where}: --resume: cannot read the run's {RECIPE} or {MANIFEST} in {run_dir.root} ({type(e).__name__}); start over with --overwrite"
         ) from None
-    if not changed and manifest.get("data_fingerprint") != fingerprint:
+    if not changed and fingerprint is not None and manifest.get("data_fingerprint") != fingerprint:
         changed.append("the contents of the data files")
     if plan is not None and (why := gguf_source.changed(manifest.get("model_file"), plan.source.gguf)):
         changed.append(why)
