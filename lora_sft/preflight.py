@@ -203,7 +203,7 @@ def prepare(
     if plan is not None:
         problems += model_stage.check_weights(recipe, plan)
     if source is not None:
-        problems += model_stage.init_problems(recipe, source)  # lora.init against the base (quant.mode, weight files)
+        problems += model_stage.init_problems(recipe, source, plan)  # lora.init against the base and its layers
     problems += fsdp_problems(settings)  # FSDP against the base, the adapter init, the device, the launcher
     problems += trackers.problems(recipe)  # train.report_to: each tracker's package is installed
     attempt(check_hardware, settings)
