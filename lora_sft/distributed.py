@@ -36,6 +36,7 @@ class World:
     rank: int  # this process among all of them (0: the main process, the only one that writes)
     local_rank: int  # this process on its machine: the GPU it uses
     size: int  # processes in all
+    launched: bool = False  # a launcher (torchrun, accelerate launch) started it, even as the only one
 
     @property
     def main(self) -> bool:
@@ -46,13 +47,100 @@ class World:
         return self.size > 1
 
 
+ALONE = World(rank=0, local_rank=0, size=1)
+
+# ---------------------------------------------------------------- the launcher's variables (issue 23)
+#
+# torchrun and accelerate launch set all of these together. They are read in one place (`_read`), once per set of
+# values, and checked whole (`check_launcher`, first thing in every command): a variable that is not a number, a
+# rank outside the world, RANK without WORLD_SIZE (a process that thinks it is not the main one, alone, writes
+# nothing), or several processes without the address they meet at, is one line naming the variable, exit 2.
+
+VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+FIX = "unset it, or start lora_sft with torchrun --nproc_per_node N (or accelerate launch), which sets it"
+
+
+@functools.lru_cache(maxsize=8)
+def _read(values: tuple[str | None, ...]) -> tuple[World, tuple[str, ...]]:
+    """This process's place from the launcher's variables (`VARIABLES`' values, None where unset), and what is wrong
+    with them; an unreadable number counts as its default (a process alone), which `check_launcher` refuses."""
+    env = dict(zip(VARIABLES, values, strict=True))
+    problems: list[str] = []
+
+    def number(name: str, default: int, least: int) -> int:
+        text = env[name]
+        if text is None:
+            return default
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = least - 1
+        if value < least:
+            problems.append(
+                f"{name}={text!r}: the launcher's {name} must be a whole number, {least} or more; {FIX} correctly"
+            )
+            return default
+        return value
+
+    size = number("WORLD_SIZE", 1, 1)
+    rank, local_rank = number("RANK", 0, 0), number("LOCAL_RANK", 0, 0)
+    if env["WORLD_SIZE"] is None and rank > 0:
+        problems.append(
+            f"RANK={rank} is set without WORLD_SIZE: this process would be process {rank} of one, which writes nothing (only process 0 writes); {FIX.replace('sets it', 'sets RANK and WORLD_SIZE together')}"
+        )
+    elif rank >= size:
+        problems.append(f"RANK={rank} but WORLD_SIZE={size}: ranks run from 0 to {size - 1}; {FIX} correctly")
+    if local_rank > rank and not problems:
+        problems.append(
+            f"LOCAL_RANK={local_rank} but RANK={rank}: a process's rank on its machine is never above its rank; {FIX} correctly"
+        )
+    if size > 1:
+        missing = [
+            name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not (env[name] or "").strip()
+        ]
+        if missing:
+            names = f"{missing[0]} is" if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]} are"
+            problems.append(
+                f"WORLD_SIZE={size} but {names} not set: {size} processes need RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT as well; start lora_sft with torchrun --nproc_per_node {size} (or accelerate launch), which sets them all, or unset WORLD_SIZE"
+            )
+        port = (env["MASTER_PORT"] or "").strip()
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            problems.append(
+                f"MASTER_PORT={port!r}: the port the processes meet at must be a number from 1 to 65535; {FIX} correctly"
+            )
+    launched = env["LOCAL_RANK"] is not None or size > 1
+    return World(rank, local_rank, size, launched), tuple(problems)
+
+
+def _values() -> tuple[str | None, ...]:
+    return tuple(os.environ.get(name) for name in VARIABLES)
+
+
 def world() -> World:
     """This process's place, from the launcher's variables (one process alone without a launcher)."""
-    return World(
-        rank=int(os.environ.get("RANK", 0)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        size=int(os.environ.get("WORLD_SIZE", 1)),
-    )
+    return _read(_values())[0]
+
+
+def launcher_problems() -> list[str]:
+    """What is wrong with the launcher's variables in this environment (none: a launcher's, or no launcher)."""
+    return list(_read(_values())[1])
+
+
+def check_launcher() -> None:
+    """Refuse launcher variables that do not describe a launch, before anything is read or written."""
+    if problems := launcher_problems():
+        from lora_sft.errors import UserError
+
+        raise UserError(problems)
+
+
+def planned(processes: int | None) -> World:
+    """The world `validate --nproc N` plans for: this process's place, under a launcher of N processes; None:
+    this process's own (WORLD_SIZE under a launcher, else one process)."""
+    me = world()
+    if processes is None:
+        return me
+    return World(me.rank, me.local_rank, processes, launched=True)
 
 
 # ---------------------------------------------------------------- the rank-0 rules (added for issue 10's "only rank 0 writes")
@@ -288,7 +376,7 @@ def accelerate_fsdp() -> bool:
 
 def launched() -> bool:
     """A launcher (torchrun, accelerate launch) started this process, even as the only one (--nproc_per_node 1)."""
-    return "LOCAL_RANK" in os.environ
+    return world().launched
 
 
 def fsdp_arguments(fsdp: bool) -> dict:

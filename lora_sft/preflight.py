@@ -140,7 +140,7 @@ def fsdp_problems(recipe: RunSettings) -> list[str]:
         problems.append(
             f"{recipe.where('lora', 'init')}: {recipe.lora.init} rewrites the base weights, which FSDP shards ({why}); use init: default, or train.distributed: ddp"
         )
-    if distributed.launched() and recipe.machine.kind != "cuda":
+    if recipe.world.launched and recipe.machine.kind != "cuda":
         problems.append(
             f"{where}: FSDP needs GPUs ({why}): accelerate runs FSDP on CUDA devices only, and CPU processes would each train the whole model (DDP); use train.distributed: ddp here"
         )
@@ -160,18 +160,24 @@ def fsdp_problems(recipe: RunSettings) -> list[str]:
     return problems
 
 
-def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False, machine: Machine | None = None) -> Prepared:
+def prepare(
+    recipe: Recipe,
+    hub_may_be_unreachable: bool = False,
+    machine: Machine | None = None,
+    world: distributed.World | None = None,
+) -> Prepared:
     """The preflight, run by `validate` and first thing in `train` (before the run directory exists):
     everything that can be checked without training. Data rows; model config, LoRA targets and weight
     files; the tokenizer with the chat template; the data tokenized (templates, the max_dropped gate;
     the cache is reused); tokenizer vs model; the hardware; what the after-training steps need. Every
     independent problem is reported at once. `hub_may_be_unreachable`: a hub model that cannot be read
     becomes a note (validate) instead of an error (train). `machine`: the machine planned for (validate --target;
-    this one by default)."""
+    this one by default). `world`: the processes planned for (validate --nproc; this process's launcher by default),
+    so that validate refuses what train under that launcher refuses."""
     from lora_sft.export.checks import before_training
 
     problems: list[str] = []
-    settings = resolve(recipe, machine)
+    settings = resolve(recipe, machine, world)
 
     def attempt(step, *args):
         try:
@@ -180,7 +186,9 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False, machine: Machi
             problems.extend(e.problems)
             return None
 
-    checked = attempt(stream.check if recipe.data.streaming else data_stage.check, recipe)
+    checked = (
+        attempt(stream.check, recipe, settings.world) if recipe.data.streaming else attempt(data_stage.check, recipe)
+    )
     source = attempt(model_stage.resolve_source, recipe)
     tokenizer = bundle = None
     plan, source, note = _plan_model(recipe, source, checked, problems, hub_may_be_unreachable)
@@ -195,7 +203,7 @@ def prepare(recipe: Recipe, hub_may_be_unreachable: bool = False, machine: Machi
     if plan is not None:
         problems += model_stage.check_weights(recipe, plan)
     if source is not None:
-        problems += model_stage.init_problems(recipe, source)  # lora.init against the base (quant.mode, weight files)
+        problems += model_stage.init_problems(recipe, source, plan)  # lora.init against the base and its layers
     problems += fsdp_problems(settings)  # FSDP against the base, the adapter init, the device, the launcher
     problems += trackers.problems(recipe)  # train.report_to: each tracker's package is installed
     attempt(check_hardware, settings)

@@ -208,6 +208,6 @@ def resolve(recipe: Recipe, machine: Machine | None = None, world: World | None 
         train=recipe.train,
         dtype=compute_dtype(recipe.quant, machine),
         fsdp=fsdp,
-        shards=world.size if fsdp and distributed.launched() else 0,
+        shards=world.size if fsdp and world.launched else 0,
         grouped=groups_by_length(recipe),
     )

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import REPO, write_jsonl
 
@@ -210,11 +211,17 @@ def test_two_processes_write_one_run_directory(tiny_llama, work):
 # ---------------------------------------------------------------- unit: a process that is not the main one
 
 
+def _launcher(monkeypatch, rank: int = 0, size: int = 2) -> None:
+    """This process as torchrun would start it, as process `rank` of `size` (without a process group)."""
+    variables = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": size, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29500}
+    for key, value in variables.items():
+        monkeypatch.setenv(key, str(value))
+
+
 @pytest.fixture
 def other_rank(monkeypatch):
     """This process as rank 1 of 2 (the launcher's variables), without a process group."""
-    for key, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
-        monkeypatch.setenv(key, value)
+    _launcher(monkeypatch, rank=1)
 
 
 @pytest.mark.unit
@@ -261,8 +268,7 @@ def test_only_the_main_process_completes_a_checkpoint(rank, tmp_path, monkeypatc
 
 @pytest.mark.unit
 def test_errors_are_printed_by_the_main_process(monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+    _launcher(monkeypatch, rank=1)
     # bad input: every process finds it; the main process prints it
     assert _report(UserError(["a.yaml:1: lora.rnak: unknown key"]), ["a.yaml:1: lora.rnak: unknown key"], 2) == 2
     shared = distributed.every_rank(RunError("step 3: the loss is nan"))
@@ -272,7 +278,7 @@ def test_errors_are_printed_by_the_main_process(monkeypatch, capsys):
     # a failure of this process alone: nobody else knows of it, so it says so, with its rank
     assert _report(RunError("out of GPU memory at step 3"), ["out of GPU memory at step 3"], 1) == 1
     assert capsys.readouterr().err == "error: rank 1: out of GPU memory at step 3\n"
-    monkeypatch.setenv("RANK", "0")
+    _launcher(monkeypatch, rank=0)
     _report(shared, [str(shared)], 1)
     assert capsys.readouterr().err == "error: step 3: the loss is nan\n"
 
@@ -281,13 +287,12 @@ def test_errors_are_printed_by_the_main_process(monkeypatch, capsys):
 def test_validate_under_a_launcher_prints_once(tiny_llama, tmp_path, monkeypatch, capsys):
     bad = _recipe(tiny_llama, tmp_path)
     bad["lora"]["rnak"] = 4
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, printed in (("1", ""), ("0", "lora.rnak: unknown key")):
-        monkeypatch.setenv("RANK", rank)
+    for rank, printed in ((1, ""), (0, "lora.rnak: unknown key")):
+        _launcher(monkeypatch, rank)
         assert main(["validate", str(_write(tmp_path, bad))]) == 2
         err = capsys.readouterr().err
         assert err.count("error:") == (1 if printed else 0) and printed in err
-    monkeypatch.setenv("RANK", "1")
+    _launcher(monkeypatch, rank=1)
     assert main(["validate", str(_write(tmp_path, _recipe(tiny_llama, tmp_path)))]) == 0
     assert capsys.readouterr().out == ""
 
@@ -315,7 +320,7 @@ def test_validate_states_the_global_batch_for_n_processes(tiny_llama, tmp_path, 
     assert two[1].startswith("memory estimate per process (2 processes, each holding the whole model): ")
     # DDP: each process holds what one process did (the CPU's figure includes this process's own memory, which moves)
     assert two[1].split(" at ", 1)[1] == alone[1].split(" at ", 1)[1]
-    monkeypatch.setenv("WORLD_SIZE", "2")  # run under a launcher: its world size, the same lines
+    _launcher(monkeypatch)  # run under a launcher: its world size, the same lines
     launched = lines()
     assert launched[0] == two[0] and launched[1].split(":")[0] == two[1].split(":")[0]
 
@@ -342,3 +347,92 @@ def test_a_run_alone_states_world_size_one(tiny_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["world_size"], summary["global_batch"]) == (1, 8)  # micro batch 8 x grad_accum 1 x 1 process
     assert "processes:" not in proc.stdout  # the launcher line only under a launcher
+
+
+# ---------------------------------------------------------------- launcher variables that do not describe a launch
+
+HALF_LAUNCHED = {  # the variables as set, and the error line (the variable, and how to fix it)
+    "rank-without-world-size": ({"RANK": "1"}, "RANK=1 is set without WORLD_SIZE: this process would be process 1"),
+    "world-size-a-word": ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two': the launcher's WORLD_SIZE must be a whole number"),
+    "rank-a-word": (
+        {"RANK": "x", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+        "RANK='x': the launcher's RANK must be a whole number",
+    ),
+    "rank-outside-the-world": (
+        {"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+        "RANK=2 but WORLD_SIZE=2: ranks run from 0 to 1",
+    ),
+    "no-master-addr": (
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500"},
+        "WORLD_SIZE=2 but MASTER_ADDR is not set: 2 processes need RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT",
+    ),
+    "port-a-word": (
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "http"},
+        "MASTER_PORT='http': the port the processes meet at must be a number from 1 to 65535",
+    ),
+    "local-rank-above-rank": ({"LOCAL_RANK": "1"}, "LOCAL_RANK=1 but RANK=0"),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command", ["train", "validate"])
+@pytest.mark.parametrize("case", list(HALF_LAUNCHED))
+def test_launcher_variables_read_half_way_are_refused_before_anything_is_written(
+    case, command, tiny_llama, work, monkeypatch, capsys
+):
+    """RANK=1 without a launcher trained and exited 0 leaving a stray checkpoint (rank 1 writes nothing else);
+    WORLD_SIZE=two was a traceback; a missing MASTER_ADDR an exit 1 when the process group started. Each is one
+    line naming the variable, exit 2, from this process (it cannot know whether it is the one that speaks)."""
+    variables, expected = HALF_LAUNCHED[case]
+    for name in distributed.VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LORA_SFT_CACHE", str(work.parent / "cache"))
+    path = _write(work, _recipe(tiny_llama, work))
+    before = _tree(work.parent)
+    assert main([command, str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith(f"error: {expected}"), err
+    assert "torchrun --nproc_per_node" in err and "Traceback" not in out + err
+    assert _tree(work.parent) == before
+
+
+@pytest.mark.unit
+def test_a_launch_and_no_launch_are_both_accepted(monkeypatch):
+    for name in distributed.VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.launcher_problems() == [] and distributed.world() == distributed.ALONE
+    monkeypatch.setenv("RANK", "0")  # a shell's RANK=0: process 0 of one, as without it
+    assert distributed.launcher_problems() == [] and not distributed.world().launched
+    for name, value in {"LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():  # torchrun --nproc_per_node 1
+        monkeypatch.setenv(name, value)
+    assert distributed.launcher_problems() == [] and distributed.world() == distributed.World(0, 0, 1, launched=True)
+    _launcher(monkeypatch, rank=1, size=4)
+    assert distributed.launcher_problems() == [] and distributed.world() == distributed.World(1, 1, 4, launched=True)
+
+
+@pytest.mark.unit
+def test_validate_nproc_refuses_what_train_under_a_launcher_refuses(tiny_llama, work, monkeypatch, capsys):
+    """validate --nproc 2 planned the global batch but checked the recipe as for one process: streaming (one
+    process only) and FSDP on CPUs passed validate and were refused by train under torchrun."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    streaming = _recipe(tiny_llama, work)
+    streaming["data"]["streaming"] = True
+    fsdp = _recipe(tiny_llama, work)
+    fsdp["train"]["distributed"] = "fsdp"
+    for recipe, expected in (
+        (streaming, "data.streaming: streaming trains in one process"),
+        (fsdp, "train.distributed: FSDP needs GPUs (train.distributed: fsdp)"),
+    ):
+        path = str(_write(work, recipe))
+        assert main(["validate", path]) == 0  # one process: fine
+        capsys.readouterr()
+        assert main(["validate", path, "--nproc", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and expected in err, err
+        _launcher(monkeypatch)  # what train under torchrun --nproc_per_node 2 says, validate says
+        assert main(["validate", path]) == 2
+        assert expected in capsys.readouterr().err
+        for name in distributed.VARIABLES:
+            monkeypatch.delenv(name)

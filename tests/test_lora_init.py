@@ -17,6 +17,7 @@ from lora_sft import data as data_stage
 from lora_sft import model as model_stage
 from lora_sft import preflight
 from lora_sft.cli.main import main
+from lora_sft.errors import UserError
 from lora_sft.recipe.load import load_recipe
 from lora_sft.settings import resolve
 
@@ -175,6 +176,22 @@ def test_loftq_needs_local_safetensors(tiny_llama, tmp_path, write_recipe):
         f"{recipe.where('lora', 'init')}: loftq reads the unquantized weights from safetensors files, and {tmp_path} has none; convert the weights to safetensors"
     ]
     assert model_stage.init_problems(recipe, model_stage.ModelSource(str(tiny_llama), "local folder")) == []
+
+
+def test_a_rank_the_init_cannot_give_a_layer_is_refused_by_the_preflight(tiny_llama, tmp_path, write_recipe):
+    """EVA's A comes from the SVD of a layer's inputs, which have `in` directions: above that peft's data pass never
+    converged (over 10 minutes on the tiny model); pissa and olora (min(in, out)) are corpus cases
+    (tests/bad_inputs/lora-init-*-rank-above-layer.yaml). Refused from the layers' shapes, before a weight loads;
+    up to the layer's room is accepted, and the other inits take any rank (loftq keeps the extra rows at zero)."""
+    recipe = _recipe(tiny_llama, tmp_path, write_recipe, "eva", rank=80)
+    with pytest.raises(UserError) as refused:
+        preflight.prepare(recipe)
+    assert refused.value.problems == [
+        f"{recipe.where('lora', 'init')}: eva with lora.rank 80 cannot apply to model.layers.0.mlp.gate_proj (64 in, 128 out) (and 11 more targeted layers): eva starts A from the SVD of the layer's inputs, which have `in` directions, 64 there; set lora.rank to 64 or less, leave gate_proj out of lora.target_modules, or use init: default"
+    ]
+    preflight.prepare(_recipe(tiny_llama, tmp_path, write_recipe, "eva", rank=64, target_modules=["gate_proj"]))
+    for init in ("default", "gaussian", "loftq"):
+        preflight.prepare(_recipe(tiny_llama, tmp_path, write_recipe, init, rank=80))
 
 
 @pytest.mark.parametrize("init", ["loftq", "eva"])

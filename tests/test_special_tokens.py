@@ -257,3 +257,38 @@ def test_resume_restores_the_new_rows_exactly(bare_llama, tmp_path, write_recipe
     assert f"resuming from {earlier}" in capsys.readouterr().out
     resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert sorted(resumed) == sorted(unbroken) and all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
+
+
+def _without_token_rows(adapter_file) -> None:
+    """The adapter file rewritten without the added tokens' rows (an adapter of another run, or cut down)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(adapter_file))
+    save_file({k: v for k, v in tensors.items() if "trainable_tokens" not in k}, str(adapter_file), {"format": "pt"})
+
+
+@pytest.mark.e2e
+def test_an_adapter_without_the_added_tokens_rows_is_refused_before_anything_loads(
+    bare_llama, tmp_path, write_recipe, capsys
+):
+    """The run's tokenizer has two tokens past the base's rows; an adapter (or a checkpoint) without their rows
+    ended export, eval and generate in exit 1 (peft's loader: a KeyError) and would resume with the rows untrained.
+    Each is refused up front in one line naming the layer, nothing written."""
+    path = str(_recipe(bare_llama, tmp_path, write_recipe))
+    assert main(["train", path, "train.save_steps=2", "--quiet"]) == 0
+    run = tmp_path / "run"
+    _without_token_rows(run / "adapter" / "adapter_model.safetensors")
+    _without_token_rows(run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
+    capsys.readouterr()
+    before = {str(p): p.read_bytes() if p.is_file() else None for p in sorted(tmp_path.rglob("*"))}
+    why = "past the base's 400 embedding rows (<|im_start|>, <|im_end|>), and the adapter in {} holds no rows for them in model.embed_tokens; the adapter and that tokenizer do not belong together"
+    for argv, folder in (
+        (["export", str(run)], run / "adapter"),
+        (["eval", str(run)], run / "adapter"),
+        (["generate", str(run), "--prompt", "hi"], run / "adapter"),
+        (["train", path, "train.save_steps=2", "--resume", str(run / "checkpoints" / "checkpoint-2")], None),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and why.format(folder or run / "checkpoints" / "checkpoint-2") in err[0], err
+    assert {str(p): p.read_bytes() if p.is_file() else None for p in sorted(tmp_path.rglob("*"))} == before

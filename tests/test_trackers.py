@@ -7,15 +7,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 import yaml
 from helpers import REPO
 
 from lora_sft.cli.main import main
+from lora_sft.recipe.load import load_recipe
 from lora_sft.run import trackers
 from lora_sft.run.rundir import RunDir
 
@@ -223,7 +226,6 @@ def test_an_mlflow_store_mlflow_would_refuse_once_training_began_is_a_recipe_err
         (folder, None, refused_folder),
         (folder, "true", None),
         (database, None, refused_database),  # no SQLAlchemy: the mlflow-skinny client
-        ("http://127.0.0.1:5000", None, None),
     ):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         if allow_files is None:
@@ -232,3 +234,96 @@ def test_an_mlflow_store_mlflow_would_refuse_once_training_began_is_a_recipe_err
             monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", allow_files)
         assert trackers.problems(recipe) == ([f"train.report_to: mlflow: {refused}"] if refused else []), uri
     assert not list(tmp_path.iterdir())  # nothing was created to find this out
+
+
+def _free_port() -> int:
+    """A local port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.unit
+def test_an_mlflow_server_that_does_not_answer_is_refused_before_the_run_directory_exists(
+    tiny_llama, write_recipe, tmp_path, monkeypatch, capsys
+):
+    """MLflow's client met a server that does not answer once training had begun (the run directory written);
+    the preflight asks it once, with a short timeout. A server that answers at all (here one that says 404 to
+    everything) is a server there."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    path = write_recipe(reporting(str(tiny_llama), "mlflow") | {"output_dir": str(tmp_path / "run")})
+    monkeypatch.chdir(tmp_path)
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_port}")
+        assert trackers.problems(load_recipe(path)) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    silent = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", silent)
+    for command in ("validate", "train"):
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            f"error: {path}:9: train.report_to: mlflow: the tracking server MLFLOW_TRACKING_URI {silent} does not answer within 5 s ("
+        ), err
+        assert err[0].endswith("; start it, or set MLFLOW_TRACKING_URI to one that runs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]  # no run directory
+
+
+@pytest.mark.unit
+def test_a_tracker_folder_that_is_a_file_is_refused_before_the_run_directory_exists(
+    tiny_llama, write_recipe, tmp_path, monkeypatch, capsys
+):
+    """TensorBoard's TENSORBOARD_LOGGING_DIR, wandb's WANDB_DIR and an MLflow folder store (file:) that are files,
+    or lie under one, failed once training had begun; each is one line in the preflight naming the variable."""
+    from lora_sft.recipe.schema import Recipe
+
+    (tmp_path / "a-file").write_text("the user's")
+    a_file = tmp_path / "a-file"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        "tensorboard": (
+            "TENSORBOARD_LOGGING_DIR",
+            str(a_file),
+            f"train.report_to: tensorboard: {a_file} is a file, not a folder; set TENSORBOARD_LOGGING_DIR to a folder",
+        ),
+        "wandb": (
+            "WANDB_DIR",
+            str(a_file),
+            f"train.report_to: wandb: cannot create {a_file / 'wandb'}: {a_file} is a file, not a folder; set WANDB_DIR to a folder",
+        ),
+        "mlflow": (
+            "MLFLOW_TRACKING_URI",
+            f"file:{a_file}",
+            f"train.report_to: mlflow: the tracking store: {a_file} is a file, not a folder; set MLFLOW_TRACKING_URI to a folder",
+        ),
+    }
+    for name, (variable, value, refused) in cases.items():
+        recipe = Recipe.model_validate(reporting(str(tiny_llama), name))
+        if name != "mlflow":  # the defaults: the run directory, the working directory (MLflow's: a database)
+            assert trackers.problems(recipe) == [], name
+        monkeypatch.setenv(variable, value)
+        assert trackers.problems(recipe) == [refused]
+        monkeypatch.setenv(variable, str(tmp_path / "folder") if name != "mlflow" else f"file:{tmp_path / 'folder'}")
+        assert trackers.problems(recipe) == []  # a folder that can be made
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(a_file / "logs"))
+    path = write_recipe(reporting(str(tiny_llama), "tensorboard") | {"output_dir": str(tmp_path / "run")})
+    assert main(["train", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}:9: train.report_to: tensorboard: cannot create {a_file / 'logs'}: {a_file} is a file, not a folder; set TENSORBOARD_LOGGING_DIR to a folder\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "recipe.yaml"]

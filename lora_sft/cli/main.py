@@ -15,7 +15,7 @@ import os
 import sys
 from typing import get_args
 
-from lora_sft import __version__, compat
+from lora_sft import __version__, compat, distributed
 from lora_sft.cli.args import ArgumentError, Parser, count, target
 from lora_sft.distributed import Elsewhere, finish, shared, start, stop, together, world
 from lora_sft.errors import RunError, UserError
@@ -177,7 +177,9 @@ def _validate(args) -> int:
     from lora_sft.preflight import describe_plan, prepare
     from lora_sft.run.start import start as decide
 
-    prepared = prepare(recipe, hub_may_be_unreachable=True, machine=args.target)  # what train checks first, at once
+    # what train checks first, at once; with --nproc N what train under a launcher of N processes checks
+    planned = distributed.planned(args.nproc)
+    prepared = prepare(recipe, hub_may_be_unreachable=True, machine=args.target, world=planned)
     # what train would do with a run already in output_dir (refuse, resume, overwrite): the same line train prints
     decide(
         recipe,
@@ -190,10 +192,9 @@ def _validate(args) -> int:
     if not world().main:  # under a launcher every process checks; the main one prints
         return 0
     print(f"{args.recipe}: ok")
-    processes = args.nproc or world().size
     assert prepared.settings is not None  # the preflight passed
     lines = describe_plan(
-        prepared.settings, prepared.checked, prepared.plan, prepared.bundle, prepared.memory, processes
+        prepared.settings, prepared.checked, prepared.plan, prepared.bundle, prepared.memory, planned.size
     )
     print("\n".join(f"  {line}" for line in lines))
     if prepared.note:
@@ -270,7 +271,8 @@ def _report(error: BaseException, lines: list[str], code: int) -> int:
     prints an error every process stops with (bad input, which every process finds, or a failure that
     `distributed.agree` shared); another process prints only a failure of its own that the main process cannot know
     of, with its rank."""
-    me = world()
+    # launcher variables that do not describe a launch cannot say which process speaks: each one does
+    me = world() if not distributed.launcher_problems() else distributed.ALONE
     if not me.main and (isinstance(error, UserError) or shared(error)):
         lines = []
     elif not me.main:
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # cache writes are quick; bars only add noise
     try:
         compat.check_versions()  # a library outside the tested range: one line, exit 2, before the command imports it
+        distributed.check_launcher()  # RANK, WORLD_SIZE, MASTER_ADDR, ...: a launch, or none, before anything is read
         return args.handler(args)
     except BrokenPipeError:
         _quiet_stdout()

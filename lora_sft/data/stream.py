@@ -71,8 +71,8 @@ class _Block:
     after: Position
 
 
-def _launcher_refused(recipe: Recipe) -> None:
-    if distributed.launched():
+def _launcher_refused(recipe: Recipe, world: distributed.World) -> None:
+    if world.launched:
         raise UserError(
             f"{recipe.where('data', 'streaming')}: streaming trains in one process (the stream is not split between processes); run without torchrun or accelerate launch, or set data.streaming: false"
         )
@@ -218,10 +218,11 @@ def _eval_rows(recipe: Recipe) -> tuple[list[Example], list[str]]:
     return examples, problems
 
 
-def check(recipe: Recipe) -> Checked:
+def check(recipe: Recipe, world: distributed.World | None = None) -> Checked:
     """`data.check` for a stream: the first stream_buffer train rows and the whole eval data (every problem at once);
-    the rest of the stream is checked as it is read."""
-    _launcher_refused(recipe)
+    the rest of the stream is checked as it is read. `world`: the processes the run has (validate --nproc plans
+    for some; this process's launcher by default)."""
+    _launcher_refused(recipe, world or distributed.world())
     head, problems = _head(recipe)
     evals, eval_problems = _eval_rows(recipe)
     if problems or eval_problems:

@@ -20,6 +20,7 @@ from lora_sft.recipe.load import load_recipe
 from lora_sft.recipe.schema import Recipe
 from lora_sft.recipe.sections import QuantSection
 from lora_sft.run.rundir import ADAPTER_CONFIG, RunDir
+from lora_sft.run.start import token_rows_problem
 from lora_sft.settings import RunSettings, resolve
 
 
@@ -119,4 +120,6 @@ def open_run(path: str | Path, eval_file: str | None = None) -> FinishedRun:
     plan = model_stage.plan_model(recipe, source, checked.labels)
     tokenizer = model_stage.load_tokenizer(recipe, model_stage.ModelSource(str(run_dir.adapter), "run directory"))
     model_stage.plan_tokens(plan, tokenizer, None)  # special tokens the run added: the base grows rows for them
+    if why := token_rows_problem(run_dir.adapter, plan):  # before any weight loads or anything is written
+        raise UserError(f"{path}: {why}")
     return FinishedRun(run_dir, recipe, plan, checked, tokenizer)

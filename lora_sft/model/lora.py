@@ -85,8 +85,44 @@ def add_lora(
     return peft_model
 
 
-def init_problems(recipe: Recipe, source: ModelSource) -> list[str]:
-    """lora.init combinations that cannot run (dora pairings are refused by the schema)."""
+def init_problems(recipe: Recipe, source: ModelSource, plan: ModelPlan | None = None) -> list[str]:
+    """lora.init combinations that cannot run (dora pairings are refused by the schema); with the model plan, also
+    a rank the init cannot give one of the targeted layers (`rank_problems`)."""
+    return _base_problems(recipe, source) + (rank_problems(recipe, plan) if plan is not None else [])
+
+
+# The most rank an init can give a layer of (in, out) features, and why: PiSSA takes the top singular directions of
+# W, OLoRA a QR of W, EVA the top singular vectors of the layer's inputs. Above it peft builds A and B of fewer
+# rows than lora.rank (pissa, olora: "peft made N parameters trainable, the plan counted M", exit 1 after the model
+# loaded) or never converges (eva: its SVD cycles over the batches for more components than the inputs have).
+RANK_LIMITS: dict[str, tuple[Callable[[int, int], int], str]] = {
+    "pissa": (min, "pissa starts A and B from the weight's singular directions, of which it has min(in, out)"),
+    "olora": (min, "olora starts A and B from a QR of the weight, which gives min(in, out) directions"),
+    "eva": (lambda n_in, n_out: n_in, "eva starts A from the SVD of the layer's inputs, which have `in` directions"),
+}
+
+
+def rank_problems(recipe: Recipe, plan: ModelPlan) -> list[str]:
+    """lora.rank above what lora.init can give a targeted layer (`RANK_LIMITS`), from the layers' shapes in the
+    model plan (no weight loaded): one line naming the layer with the least room."""
+    lora = recipe.lora
+    if lora.init not in RANK_LIMITS:
+        return []
+    limit, why = RANK_LIMITS[lora.init]
+    short = [(limit(*plan.linear_shapes[n]), n) for n in plan.targets if n in plan.linear_shapes]
+    short = sorted((room, name) for room, name in short if room < lora.rank)
+    if not short:
+        return []
+    room, name = short[0]
+    n_in, n_out = plan.linear_shapes[name]
+    more = f" (and {len(short) - 1} more targeted layers)" if len(short) > 1 else ""
+    return [
+        f"{recipe.where('lora', 'init')}: {lora.init} with lora.rank {lora.rank} cannot apply to {name} ({n_in} in, {n_out} out){more}: {why}, {room} there; set lora.rank to {room} or less, leave {name.rsplit('.', 1)[-1]} out of lora.target_modules, or use init: default"
+    ]
+
+
+def _base_problems(recipe: Recipe, source: ModelSource) -> list[str]:
+    """lora.init against the base: its quant.mode, where its weights are."""
     lora, mode, where = recipe.lora, recipe.quant.mode, recipe.where("lora", "init")
     if lora.init in MUTATING_INITS and mode != "none":
         return [

@@ -101,7 +101,7 @@ class LoraSection(Section):
     modules_to_save: list[str] = []
     """Modules trained in full and saved with the adapter (a classification task adds its head itself)."""
     init: Literal["default", "gaussian", "pissa", "olora", "loftq", "eva"] = "default"
-    """How A and B start (peft's `init_lora_weights`): `default` (A Kaiming-uniform, B zero), `gaussian` (A normal with std 1/rank, B zero), `loftq` (a 4-bit base: A and B shrink the quantization error, read from the local safetensors), `eva` (A from the SVD of the layer inputs on the training data, B zero). `pissa` (A and B the top singular directions of W) and `olora` (A and B from a QR of W) on an unquantized base (quant.mode none): they leave the base a residual W - BA while training, and adapter/ is saved converted to a plain LoRA of rank 2 x rank for the original base. Drawn from `seed`."""
+    """How A and B start (peft's `init_lora_weights`): `default` (A Kaiming-uniform, B zero), `gaussian` (A normal with std 1/rank, B zero), `loftq` (a 4-bit base: A and B shrink the quantization error, read from the local safetensors), `eva` (A from the SVD of the layer inputs on the training data, B zero). `pissa` (A and B the top singular directions of W) and `olora` (A and B from a QR of W) on an unquantized base (quant.mode none): they leave the base a residual W - BA while training, and adapter/ is saved converted to a plain LoRA of rank 2 x rank for the original base. pissa and olora give a layer at most min(in, out) directions, eva at most `in`: a lora.rank above that for a targeted layer is refused before anything loads. Drawn from `seed`."""
 
     @field_validator("init")
     @classmethod

@@ -144,6 +144,35 @@ def adapter_shapes(checkpoint: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     return out
 
 
+TOKEN_ROWS = ".token_adapter.trainable_tokens_delta"  # peft's trainable_token_indices: the added tokens' rows
+
+
+def token_rows_problem(folder: Path, plan: ModelPlan) -> str | None:
+    """Why the adapter in `folder` (adapter/, or a checkpoint) lacks the rows of the tokens its run added (the
+    plan's `trainable_tokens`: the tokenizer has more tokens than the base's embedding rows), read from the
+    safetensors header; None when every layer has one row per added token. Without them peft's loader fails
+    (a KeyError, exit 1) or the rows would stay untrained."""
+    if not plan.trainable_tokens:
+        return None
+    from safetensors import safe_open
+
+    rows: dict[str, int] = {}
+    try:
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
+                if key.endswith(TOKEN_ROWS):
+                    rows[key.removeprefix("base_model.model.").removesuffix(TOKEN_ROWS)] = f.get_slice(key).get_shape()[
+                        0
+                    ]
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        return f"cannot read {folder / 'adapter_model.safetensors'} ({type(e).__name__}: {e})"
+    for layer, ids in plan.trainable_tokens.items():
+        if rows.get(layer) != len(ids):
+            held = f"{rows[layer]} rows" if layer in rows else "no rows"
+            return f"the tokenizer saved with the adapter has {len(ids)} tokens past the base's {plan.rows} embedding rows ({', '.join(plan.new_tokens)}), and the adapter in {folder} holds {held} for them in {layer}; the adapter and that tokenizer do not belong together: use the adapter/ and tokenizer one run saved, or train again"
+    return None
+
+
 def _checkpoint_identity(checkpoint: Path) -> dict | None:
     """The recipe identity a checkpoint was written with: its counts file, or (older checkpoints) its run's recipe.yaml."""
     try:
@@ -232,7 +261,7 @@ def start(
             f"--resume refused: {checkpoint} was trained by {then} process(es), this run has {now}; its global batch "
             f"and each process's random state belong to {then}: launch the resume with {then} process(es) in all, as the run was"
         )
-    if plan is not None and (why := belongs(checkpoint, recipe, plan.targets)):
+    if plan is not None and (why := belongs(checkpoint, recipe, plan.targets) or token_rows_problem(checkpoint, plan)):
         raise UserError(
             f"--resume refused: {checkpoint} does not belong to this recipe: {why}; resume from a checkpoint of this run ({run_dir.checkpoints})"
         )

@@ -4,7 +4,9 @@ Transformers' own integration callbacks do the reporting (`training_arguments` p
 run directory's folder name); under a launcher they report from the main process only. What lora_sft adds:
 
 - `problems`: a tracker whose package is missing is a recipe error in the preflight (validate and train), naming
-  the extra to install, instead of a RuntimeError when the Trainer is built.
+  the extra to install, instead of a RuntimeError when the Trainer is built; so is a folder a tracker writes that is
+  a file or cannot be made (TensorBoard's, wandb's WANDB_DIR, an MLflow folder store) and an MLflow tracking server
+  that does not answer, each found before the run directory exists instead of once training has begun.
 - `attach`: TensorBoard writes into RUN_DIR/tensorboard (unless TENSORBOARD_LOGGING_DIR says otherwise: transformers'
   default would be inside the checkpoint staging folder); `TrackerRun` logs the recipe, flattened (`recipe.lora.rank`),
   as the run's config / hyperparameters, and keeps the tracker's run open for the evaluation that follows training
@@ -17,13 +19,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from transformers import TrainerCallback
 
+from lora_sft.errors import UserError
 from lora_sft.recipe.schema import Recipe
-from lora_sft.run.rundir import RunDir
+from lora_sft.run.rundir import RunDir, check_writable
 from lora_sft.settings import RunSettings
 
 # the modules a tracker's integration imports (any one of them will do)
@@ -36,7 +41,9 @@ MODULES = {
 
 
 def problems(recipe: Recipe) -> list[str]:
-    """Trackers the Trainer could not report to on this machine: their package is missing (or switched off)."""
+    """Trackers the Trainer could not report to on this machine, found before the run directory exists: their package
+    is missing (or switched off), the folder they write is a file or cannot be made, the tracking server does not
+    answer; each would otherwise fail once training has begun."""
     where, out = recipe.where("train", "report_to"), []
     for name in recipe.train.report_to:
         if not any(importlib.util.find_spec(module) for module in MODULES[name]):
@@ -47,7 +54,54 @@ def problems(recipe: Recipe) -> list[str]:
             )
         elif name == "mlflow" and (problem := mlflow_store_problem()):
             out.append(f"{where}: mlflow: {problem}")
+        else:
+            out += _folder_problems(recipe, name, f"{where}: {name}")
     return out
+
+
+def _folders(recipe: Recipe, name: str) -> list[tuple[Path, str]]:
+    """The folders tracker `name` writes into, with the setting that names each."""
+    if name == "tensorboard":
+        if folder := os.environ.get("TENSORBOARD_LOGGING_DIR"):
+            return [(Path(folder).expanduser(), "TENSORBOARD_LOGGING_DIR")]
+        return [(RunDir(recipe.output_dir).tensorboard, "output_dir")]  # `attach`: inside the run directory
+    if name == "wandb":  # wandb writes its run folders under WANDB_DIR/wandb (the working directory by default)
+        return [(Path(os.environ.get("WANDB_DIR") or ".").expanduser() / "wandb", "WANDB_DIR")]
+    if name == "trackio" and (folder := os.environ.get("TRACKIO_DIR")):
+        return [(Path(folder).expanduser(), "TRACKIO_DIR")]
+    return []
+
+
+def _folder_problems(recipe: Recipe, name: str, where: str) -> list[str]:
+    """The folders tracker `name` writes into (`_folders`): each must be a folder or one that can be made
+    (rundir's `check_writable`, which writes nothing)."""
+    out = []
+    for folder, key in _folders(recipe, name):
+        try:
+            check_writable(folder, where, key)
+        except UserError as e:
+            out += e.problems
+    return out
+
+
+# seconds a tracking server (MLFLOW_TRACKING_URI http://...) has to answer the preflight's one request
+ANSWER_TIMEOUT = 5.0
+
+
+def _unanswered(uri: str) -> str | None:
+    """Why the server at `uri` does not answer an HTTP request within ANSWER_TIMEOUT; None when it answers (any
+    status: a login page or a 404 is a server there)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri, timeout=ANSWER_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as e:  # URLError (refused, no such host), a timeout, a URL urllib cannot read
+        reason = " ".join(str(getattr(e, "reason", e)).split())
+        return f"the tracking server MLFLOW_TRACKING_URI {uri} does not answer within {ANSWER_TIMEOUT:g} s ({reason}); start it, or set MLFLOW_TRACKING_URI to one that runs"
+    return None
 
 
 def mlflow_store_problem() -> str | None:
@@ -62,6 +116,14 @@ def mlflow_store_problem() -> str | None:
     allow_files = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)  # MLflow 3's switch
     if scheme in ("", "file") and allow_files is not None and not allow_files.get():
         return f"the tracking store {uri} is a local folder, which MLflow {mlflow.__version__} refuses unless MLFLOW_ALLOW_FILE_STORE=true; set that, or set MLFLOW_TRACKING_URI to your tracking server (http://...)"
+    if scheme in ("", "file"):  # a folder store: a folder, or one that can be made
+        folder = Path(url2pathname(urlparse(uri).path) if scheme else uri).expanduser()
+        try:
+            check_writable(folder, "the tracking store", "MLFLOW_TRACKING_URI")
+        except UserError as e:
+            return e.problems[0]
+    if scheme in ("http", "https"):
+        return _unanswered(uri)
     if (
         scheme.split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql")
         and importlib.util.find_spec("sqlalchemy") is None
