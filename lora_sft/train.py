@@ -165,7 +165,10 @@ def _fit(settings: RunSettings, model, ready: Ready, log=print, start: run_start
     )  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
     run_dir.finish(manifest, summary)
     after_training(settings, run_dir, trainer, ready.bundle.labels, log)
-    return Result(run_dir, (run_dir.read_summary() or summary).to_json(), model, trainer)
+    finished = run_dir.read_summary() or summary  # with the eval section's `evaluation`
+    finished.wall_time_s = round(time.perf_counter() - started, 2)  # the time the run took: its eval section included
+    run_dir.write_summary(finished)
+    return Result(run_dir, finished.to_json(), model, trainer)
 
 
 # ---------------------------------------------------------------- the steps of `fit`
