@@ -299,9 +299,9 @@ def test_one_problem_of_many_rows_is_one_line_that_counts_them(tmp_path, recipe_
 
 
 def test_csv_keeps_newlines_inside_quoted_fields_and_names_the_line_a_record_starts_on(tmp_path, recipe_for):
-    (tmp_path / "t.csv").write_bytes(b'prompt,completion\r\n"two\nlines",c0\r\np1,"a\r\nb"\r\np2,\r\n')
+    (tmp_path / "t.csv").write_bytes(b'prompt,completion\r\n"two\nlines",c0\r\np1,"a\r\nb"\r\np2,c2\r\n')
     rows = check(recipe_for(str(tmp_path / "t.csv"), format="prompt_completion", shuffle=False)).train
-    assert [(e.prompt, e.response) for e in rows] == [("two\nlines", "c0"), ("p1", "a\r\nb"), ("p2", "")]
+    assert [(e.prompt, e.response) for e in rows] == [("two\nlines", "c0"), ("p1", "a\r\nb"), ("p2", "c2")]
     assert [e.place for e in rows] == [f"{tmp_path / 't.csv'}:{n}" for n in (2, 4, 6)]
 
 

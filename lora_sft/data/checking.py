@@ -77,9 +77,10 @@ def _unknown_column(recipe: Recipe, split: str, i: int, source: Source, present:
 def _other_format(recipe: Recipe, split: str, i: int, source: Source, present: set[str] | None) -> str | None:
     """Rows that have another format's fields and not this one's (a messages file read with format alpaca): every
     row would say the same, so one line names the format they have. None where the rows fit no other format."""
-    if present is None or source.columns or source.format in (fits := fitting_formats(dict.fromkeys(present))):
-        return None
-    if len(fits) != 1:
+    if present is None or source.columns or present & set(FIELDS[str(source.format)]):
+        return None  # rows with some of this format's fields: each row's missing field is the fix
+    fits = fitting_formats(dict.fromkeys(present))
+    if len(fits) != 1 or source.format in fits:
         return None
     fields = (
         ", ".join(f"`{f}`" for f in FIELDS[fits[0]])
