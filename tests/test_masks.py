@@ -273,7 +273,7 @@ def test_rows_a_template_raises_on_are_all_reported_in_file_order(masks, tmp_pat
     assert err.value.problems == [f"{tmp_path / 'train.jsonl'}:4, 25, 26: {line}"]  # one problem of three rows
 
 
-def test_tool_calls_with_null_content_under_chatml_name_the_row_not_a_crash(masks, tmp_path):
+def test_tool_calls_under_a_named_template_are_refused_with_the_reason(masks, tmp_path):
     row = {
         "messages": [
             {"role": "user", "content": "Weather?"},
@@ -289,7 +289,13 @@ def test_tool_calls_with_null_content_under_chatml_name_the_row_not_a_crash(mask
     with pytest.raises(UserError) as err:
         masks([{"messages": CHAT}, row], chat_template="chatml")
     assert len(err.value.problems) == 1
-    assert err.value.problems[0].startswith(
-        f"{tmp_path / 'train.jsonl'}:2: chat template 'chatml' cannot render this chat ("
-    )
-    assert err.value.problems[0].endswith("); fix the row or set data.chat_template")
+    assert err.value.problems == [
+        f"{tmp_path / 'train.jsonl'}:2: messages[1] has tool_calls, which chat template 'chatml' does not render (it writes a "
+        "turn's role and content only, so the calls would be lost); use the model's own template if it renders tool calls, "
+        "or a .jinja file that does (data.chat_template)"
+    ]
+    # with content as well, the calls would be dropped without a word: refused the same way
+    row["messages"][1]["content"] = "Let me look."
+    with pytest.raises(UserError) as err:
+        masks([row], chat_template="chatml")
+    assert err.value.problems[0].startswith(f"{tmp_path / 'train.jsonl'}:1: messages[1] has tool_calls, which chat")

@@ -7,6 +7,7 @@ turn, and a template for which the rendered prefixes do not hold is refused rath
 from __future__ import annotations
 
 from lora_sft.data.formats import Example, Options, _trained_turns
+from lora_sft.data.templates import NAMED
 from lora_sft.errors import UserError
 from lora_sft.tokens import IGNORE_INDEX as IGNORE
 
@@ -110,6 +111,7 @@ def _chat(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[i
         raise UserError(
             f"{example.place}: chat rows need a chat template and {tokenizer.name_or_path} has none; set data.chat_template (chatml, llama3, mistral or a .jinja file)"
         )
+    tool_calls_rendered(tokenizer, example)
     try:
         return _chat_masked(tokenizer, example, opts)
     except UserError:
@@ -121,6 +123,21 @@ def _chat(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[i
         raise UserError(
             f"{example.place}: {template_name(tokenizer)} cannot render this chat ({type(e).__name__}: {first}); fix the row or set data.chat_template"
         ) from None
+
+
+def tool_calls_rendered(tokenizer, example: Example) -> None:
+    """lora_sft's named templates (chatml, llama3, mistral) render a turn's role and content only: a turn's
+    tool_calls would be dropped, or (content null) the template fails on it. Refused with the reason: tool-call
+    conventions differ by model family, so the model's own template, or a .jinja file, must render them."""
+    if tokenizer.chat_template not in NAMED.values():
+        return
+    for i, m in enumerate(example.chat):
+        if m.get("tool_calls"):
+            raise UserError(
+                f"{example.place}: messages[{i}] has tool_calls, which {template_name(tokenizer)} does not render (it writes a turn's role "
+                "and content only, so the calls would be lost); use the model's own template if it renders tool calls, or a .jinja file "
+                "that does (data.chat_template)"
+            )
 
 
 def _chat_masked(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[int]]:
