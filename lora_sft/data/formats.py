@@ -182,7 +182,7 @@ def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: O
     if fmt == "alpaca":
         instruction, output = f.string("instruction"), _response(f, "output")
         ctx, system = f.string("input", required=False) or "", f.string("system", required=False)
-        msgs = ([{"role": "system", "content": system}] if system else []) + [
+        msgs: list[dict] = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": f"{instruction}\n\n{ctx}" if ctx else instruction},
             {"role": "assistant", "content": output},
         ]
