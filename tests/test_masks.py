@@ -299,3 +299,14 @@ def test_tool_calls_under_a_named_template_are_refused_with_the_reason(masks, tm
     with pytest.raises(UserError) as err:
         masks([row], chat_template="chatml")
     assert err.value.problems[0].startswith(f"{tmp_path / 'train.jsonl'}:1: messages[1] has tool_calls, which chat")
+
+
+def test_chat_rows_without_a_chat_template_say_it_once(masks, tmp_path):
+    """A problem of the model, not of a row: 32 chat rows give one line (the rows counted), not 20 and '12 more'."""
+    bare = build_tokenizer(["x"], vocab_size=0, template=None)
+    with pytest.raises(UserError) as err:
+        masks([{"messages": CHAT}] * 32, tokenizer=bare)
+    [line] = err.value.problems
+    assert line.startswith(
+        f"{tmp_path / 'train.jsonl'}:1, 2, 3, 4, 5 and 27 more (32 rows): chat rows need a chat template"
+    )
