@@ -22,6 +22,7 @@ from transformers import Trainer
 from lora_sft import distributed
 from lora_sft import model as model_stage
 from lora_sft.data import collator
+from lora_sft.data.chats import warnings as data_warnings
 from lora_sft.model import fitting
 from lora_sft.preflight import Ready, batch_text, prepare
 from lora_sft.recipe.schema import Recipe
@@ -57,6 +58,8 @@ def run(
     log = log if me.main and not quiet else _quiet  # everything else
     ready, start = distributed.main_first(preflight, recipe, resume, overwrite)
     settings = settle(ready, start, log)
+    for line in data_warnings(ready.bundle.stats):  # what the data stage found legal but surely not meant
+        log(line)
     model = setup_model(settings, ready, log)
     result = fit(settings, model, ready, log, start)
     if me.main:

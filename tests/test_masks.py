@@ -310,3 +310,45 @@ def test_chat_rows_without_a_chat_template_say_it_once(masks, tmp_path):
     assert line.startswith(
         f"{tmp_path / 'train.jsonl'}:1, 2, 3, 4, 5 and 27 more (32 rows): chat rows need a chat template"
     )
+
+
+def test_a_template_that_drops_system_messages_is_said_once_naming_the_rows(tmp_path, write_recipe):
+    from lora_sft.data.chats import warnings
+
+    template = tmp_path / "no-system.jinja"  # renders user and assistant turns only, as some model templates do
+    template.write_text(
+        "{% for m in messages %}{% if m['role'] == 'user' %}<u>{{ m['content'] }}</u>"
+        "{% elif m['role'] == 'assistant' %}<a>{% generation %}{{ m['content'] }}</>{% endgeneration %}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    system = [{"role": "system", "content": "Be terse."}, *CHAT[1:3]]
+    rows = [{"messages": system}, {"messages": CHAT[1:3]}] + [{"messages": system}] * 6
+
+    def stats(chat_template):
+        recipe = load_recipe(
+            write_recipe(
+                {
+                    "task": "causal_lm",
+                    "output_dir": str(tmp_path / "run"),
+                    "model": {"path": "unused"},
+                    "data": {
+                        "format": "messages",
+                        "train": str(write_jsonl(tmp_path / "train.jsonl", rows)),
+                        "shuffle": False,
+                        "cache": False,
+                        "chat_template": chat_template,
+                    },
+                }
+            )
+        )
+        tokenizer = build_tokenizer(["x"], vocab_size=0)
+        apply(tokenizer, recipe.data.chat_template, "data.chat_template")
+        return build(recipe, tokenizer).stats
+
+    path = tmp_path / "train.jsonl"
+    assert warnings(stats(str(template))) == [
+        f"warning: chat template '{template}' drops system messages: 7 train rows lose their system text "
+        f"({', '.join(f'{path}:{n}' for n in (1, 3, 4, 5, 6))} and 2 more); set data.chat_template (chatml, llama3 and "
+        "mistral keep it) or move the text into the user turn"
+    ]
+    assert warnings(stats("chatml")) == []  # chatml renders the system turn

@@ -148,3 +148,48 @@ def _chat_masked(tokenizer, example: Example, opts: Options) -> tuple[list[int],
     if "{% generation %}" in tokenizer.chat_template and all(example.chat[t]["role"] == "assistant" for t in turns):
         return _chat_with_markers(tokenizer, example, turns)
     return _chat_incremental(tokenizer, example, turns)
+
+
+SYSTEM_PROBE = "lora_sft system probe 7f3a"  # a system message's text, looked for in what the template renders
+
+
+def drops_system(tokenizer) -> bool:
+    """Whether the chat template leaves a system message's text out of what it renders (some templates only
+    render user and assistant turns); False when it renders it, or refuses system turns (each row says so)."""
+    if not tokenizer.chat_template:
+        return False
+    chat = [{"role": "system", "content": SYSTEM_PROBE}, {"role": "user", "content": "x"}]
+    try:
+        return SYSTEM_PROBE not in _render(tokenizer, chat + [{"role": "assistant", "content": "y"}])
+    except Exception:  # a template that refuses system turns: the rows that have one are refused with the reason
+        return False
+
+
+def system_dropped(tokenizer, examples, shown: int = 5) -> dict | None:
+    """The rows whose system message the chat template drops: {rows, first} (the first `shown` places), or None."""
+    if not drops_system(tokenizer):
+        return None
+    places: list[str] = []
+    n = 0
+    for e in examples:
+        if (
+            e.text is None
+            and e.messages
+            and any(m["role"] == "system" and (m.get("content") or "").strip() for m in e.messages)
+        ):
+            n += 1
+            places += [e.place][: shown - len(places)]
+    return {"rows": n, "first": places} if n else None
+
+
+def warnings(stats: dict) -> list[str]:
+    """The data stage's warnings from a bundle's statistics (train and validate print them once): the rows whose
+    system text the chat template drops."""
+    dropped = stats.get("train", {}).get("system_dropped")
+    if not dropped:
+        return []
+    more = f" and {dropped['rows'] - len(dropped['first'])} more" if dropped["rows"] > len(dropped["first"]) else ""
+    return [
+        f"warning: {dropped['template']} drops system messages: {dropped['rows']} train rows lose their system text "
+        f"({', '.join(dropped['first'])}{more}); set data.chat_template (chatml, llama3 and mistral keep it) or move the text into the user turn"
+    ]

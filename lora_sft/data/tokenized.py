@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lora_sft.data import cache, table
+from lora_sft.data import cache, chats, table
 from lora_sft.data.checking import Checked, _cat, check, options
 from lora_sft.data.encode import tokenize_batch
 from lora_sft.data.formats import Options
@@ -267,6 +267,8 @@ def build(recipe: Recipe, tokenizer, checked: Checked | None = None) -> DataBund
             f"{train_stats['tokens']} tokens, every one masked), so training would stop on a NaN loss at step 1; check that "
             "the chat template renders the trained turns (data.chat_template) and data.train_roles / data.train_on_inputs"
         )
+    if checked.labels is None and (dropped := chats.system_dropped(tokenizer, checked.train)) is not None:
+        train_stats["system_dropped"] = dropped | {"template": chats.template_name(tokenizer)}
     stats = {"train": train_stats, "eval": eval_stats}
     if recipe.data.cache:
         cache.save(key, train, evals, {"labels": checked.labels, "stats": stats})
