@@ -244,6 +244,14 @@ def repacked_for_cpu(quant_state: Any) -> bool:
     return bool(getattr(quant_state, "packing_format_for_cpu", False))
 
 
+def hub_hint(names: str) -> str:
+    """What to do when the hub did not give a file: check `names` and the network; or, with the hub switched off
+    (HF_HUB_OFFLINE), say so, since then no request was made and the network is not the cause."""
+    if variable := offline_variable():
+        return f"{variable}={os.environ[variable]} keeps the hub off, so nothing was downloaded; unset it"
+    return f"check {names} and the network"
+
+
 def offline_variable() -> str | None:
     """The environment variable that switches the hub off, read as huggingface_hub does (its constants.py, checked on
     huggingface_hub 1.x): HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE when HF_HUB_OFFLINE is unset or empty; or None.

@@ -1,11 +1,17 @@
-"""What the libraries print around lora_sft's own lines: their progress bars and warnings. A base module (it imports
-nothing of lora_sft), so every stage that loads or writes a model can quiet them without importing the run stage."""
+"""What the libraries print around lora_sft's own lines: their progress bars and warnings; and how lora_sft's lines
+write a count (`amount`). A base module (it imports nothing of lora_sft), so every stage that loads or writes a model
+can quiet them without importing the run stage."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import warnings
+
+
+def amount(n: float, unit: str) -> str:
+    """`1 epoch`, `2 epochs`, `0.5 epochs`, `1,200 steps`: a count and its unit, singular for exactly one."""
+    return f"{n:,g} {unit}" if n == 1 else f"{n:,g} {unit}s"
 
 
 @contextlib.contextmanager

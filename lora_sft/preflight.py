@@ -18,7 +18,9 @@ import torch
 from lora_sft import data as data_stage
 from lora_sft import distributed
 from lora_sft import model as model_stage
+from lora_sft.console import amount
 from lora_sft.data import stream
+from lora_sft.data.chats import warnings as data_warnings
 from lora_sft.errors import UserError
 from lora_sft.model import fitting, planner, shapes
 from lora_sft.recipe.schema import Recipe
@@ -351,8 +353,9 @@ def describe_plan(
     if checked.labels:
         data_line += f", labels: {', '.join(checked.labels)}"
     lines.append(data_line)
+    lines += data_warnings(bundle.stats) if bundle is not None else []
     lines.append(
-        f"training: {steps} steps ({'max_steps' if t.max_steps else f'{t.epochs:g} epochs'}), {batch_text(recipe, processes)}, lr {t.lr:g} {t.scheduler}, {t.optimizer}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
+        f"training: {amount(steps, 'step')} ({'max_steps' if t.max_steps else amount(t.epochs, 'epoch')}), {batch_text(recipe, processes)}, lr {t.lr:g} {t.scheduler}, {t.optimizer}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
     )
     lines.append(f"output: {recipe.output_dir}")
     return lines + (memory.lines(processes) if memory is not None else [])

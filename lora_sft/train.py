@@ -22,6 +22,7 @@ from transformers import Trainer
 from lora_sft import distributed
 from lora_sft import model as model_stage
 from lora_sft.data import collator
+from lora_sft.data.chats import warnings as data_warnings
 from lora_sft.model import fitting
 from lora_sft.preflight import Ready, batch_text, prepare
 from lora_sft.recipe.schema import Recipe
@@ -63,6 +64,8 @@ def run(
     log = log if me.main and not quiet else _quiet  # everything else
     ready, start = distributed.main_first(preflight, recipe, resume, overwrite, allow_inexact)
     settings = settle(ready, start, log)
+    for line in data_warnings(ready.bundle.stats):  # what the data stage found legal but surely not meant
+        log(line)
     model = setup_model(settings, ready, log)
     result = fit(settings, model, ready, log, start)
     if me.main:
@@ -174,7 +177,10 @@ def _fit(settings: RunSettings, model, ready: Ready, log=print, start: run_start
     )  # eval.md, export/ and summary `evaluation` describe the adapter being replaced
     run_dir.finish(manifest, summary)
     after_training(settings, run_dir, trainer, ready.bundle.labels, log)
-    return Result(run_dir, (run_dir.read_summary() or summary).to_json(), model, trainer)
+    finished = run_dir.read_summary() or summary  # with the eval section's `evaluation`
+    finished.wall_time_s = round(time.perf_counter() - started, 2)  # the time the run took: its eval section included
+    run_dir.write_summary(finished)
+    return Result(run_dir, finished.to_json(), model, trainer)
 
 
 # ---------------------------------------------------------------- the steps of `fit`

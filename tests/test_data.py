@@ -279,8 +279,7 @@ def test_tool_calls_must_be_a_list_of_objects_and_a_trained_turn_must_not_be_emp
     assert err.value.problems == [
         f"{path}:2: messages[1].tool_calls must be a list of objects, not str",
         f"{path}:3: messages[1].tool_calls must be a list of objects, not list",
-        f"{path}:4: messages[1]: the assistant turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row",
-        f"{path}:5: messages[1]: the assistant turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row",
+        f"{path}:4, 5: messages[1]: the assistant turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row",
     ]
     assert (
         len(check(make("messages", [rows[0], rows[4]], train_turns="last")).train) == 2

@@ -48,6 +48,27 @@ def test_eval_section_after_training(tiny_run):
 
 
 @pytest.mark.e2e
+def test_eval_says_how_far_it_is_while_it_scores_and_generates(tiny_run, tmp_path, monkeypatch):
+    """A large eval split scores, and a batch of prompts generates, for minutes: lines come while they work (here
+    one per generated token, PROGRESS_SECONDS set to 0), not only when a batch is done."""
+    from lora_sft.export import evaluation
+
+    run_dir = tmp_path / "run"  # a copy: eval writes eval.md and summary.json
+    shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    monkeypatch.setattr(evaluation, "PROGRESS_SECONDS", 0.0)
+    lines: list[str] = []
+    evaluation.evaluate_run(run_dir, log=lines.append)
+    rows = len(list(open_run(run_dir).bundle().eval))
+    start = lines.index(f"eval fine-tuned: scoring {rows} rows")
+    ticks = [line for line in lines if line.startswith("  generate fine-tuned: 0/2, token ")]
+    assert [t.split(", token ")[1].split(" ")[0] for t in ticks] == [f"{i}/6" for i in range(1, len(ticks) + 1)]
+    assert 1 <= len(ticks) <= 6 and start < lines.index(ticks[0]) < lines.index(
+        next(x for x in lines if x.startswith("  generate fine-tuned: 2/2 ("))
+    )
+    assert "generate fine-tuned: 1 responses to eval.prompts" in lines
+
+
+@pytest.mark.e2e
 def test_eval_with_a_data_file_offline(tiny_run, tmp_path):
     """The shipped metric modules load with the hub switched off and an empty cache."""
     run_dir = tmp_path / "run"  # a copy: the other tests read the original's eval section results

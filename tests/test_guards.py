@@ -258,6 +258,7 @@ def test_sigint_during_the_final_evaluation_stops_at_once_and_the_checkpoint_res
     import os
 
     path = eval_recipe(tiny_llama, tmp_path, write_recipe, micro_batch_size=1, grad_accum=1)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job, not Python's default
 
     def interrupt(out, calls):
         if len(calls) == 1:
@@ -274,7 +275,7 @@ def test_sigint_during_the_final_evaluation_stops_at_once_and_the_checkpoint_res
         == f"SIGINT: stopped during the evaluation after training, checkpoint {checkpoint}; continue with: python -m lora_sft train {path} --resume"
     )
     assert not (tmp_path / "run" / "summary.json").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler that was in place is put back
     # the last step's checkpoint is complete (its marker written): --resume picks it and the run finishes
     # (Trainer, resumed at its last step, trains one more step before it stops: a known limit, see the README)
     assert checkpoints(checkpoint.parent)[-1] == checkpoint
@@ -282,6 +283,21 @@ def test_sigint_during_the_final_evaluation_stops_at_once_and_the_checkpoint_res
     assert (tmp_path / "run" / "summary.json").is_file() and (
         tmp_path / "run" / "adapter" / "adapter_model.safetensors"
     ).is_file()
+
+
+@pytest.mark.parametrize("found", [signal.SIG_IGN, signal.SIG_DFL, signal.default_int_handler], ids=str)
+def test_the_guard_puts_back_the_handlers_it_found(tmp_path, found):
+    """A background job starts with SIGINT ignored: the guard hands back that, not Python's default."""
+    from lora_sft.run.guard import Guard
+
+    before = {s: signal.signal(s, found) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with Guard(None, tmp_path).signals("the evaluation after training"):  # type: ignore[arg-type]
+            assert signal.getsignal(signal.SIGINT) is not found
+        assert signal.getsignal(signal.SIGINT) is found and signal.getsignal(signal.SIGTERM) is found
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def test_cuda_out_of_memory_in_the_final_evaluation_names_the_options(tiny_llama, tmp_path, write_recipe):

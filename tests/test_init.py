@@ -145,11 +145,19 @@ def test_rows_that_fit_no_format_or_two_different_ones(tiny_llama, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "a", "answer": "b"}])
     assert main(["init", "--model", str(tiny_llama), "--data", str(data)]) == 2
-    assert _one_error(capsys) == (
+    error = _one_error(capsys)
+    assert error == (
         f"error: {data}:1: rows have fields {{question, answer}}: fits no format (alpaca needs instruction, output; "
         "prompt_completion needs prompt, completion; messages needs messages; text needs text; classification needs "
-        "text, label); rename the fields, or write the recipe by hand and map them with data.columns"
+        "text, label); rename the fields, or write the recipe by hand and map them in the source (column mapping is "
+        f'per source): data: {{train: {{path: "{data}", format: prompt_completion, columns: {{prompt: question, completion: answer}}}}}}'
     )
+    # what it suggests is a data section the recipe takes as it is (there is no data.columns)
+    recipe = {"task": "causal_lm", "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_llama)}}
+    recipe |= yaml.safe_load(error.split("per source): ", 1)[1])
+    (tmp_path / "by-hand.yml").write_text(yaml.safe_dump(recipe))  # .yml: the glob below looks for what init wrote
+    assert main(["validate", str(tmp_path / "by-hand.yml")]) == 0, capsys.readouterr().err
+    capsys.readouterr()
     data = write_jsonl(tmp_path / "mixed.jsonl", [ALPACA[0], CHAT[0]])
     assert main(["init", "--model", str(tiny_llama), "--data", str(data)]) == 2
     assert _one_error(capsys) == (

@@ -270,10 +270,10 @@ def test_rows_a_template_raises_on_are_all_reported_in_file_order(masks, tmp_pat
     with pytest.raises(UserError) as err:
         masks(rows, chat_template=str(template), shuffle=True, source={"weight": 2})
     line = f"chat template '{template}' cannot render this chat (TemplateError: Conversation roles must alternate user/assistant/user/assistant/...); fix the row or set data.chat_template"
-    assert err.value.problems == [f"{tmp_path / 'train.jsonl'}:{n}: {line}" for n in (4, 25, 26)]
+    assert err.value.problems == [f"{tmp_path / 'train.jsonl'}:4, 25, 26: {line}"]  # one problem of three rows
 
 
-def test_tool_calls_with_null_content_under_chatml_name_the_row_not_a_crash(masks, tmp_path):
+def test_tool_calls_under_a_named_template_are_refused_with_the_reason(masks, tmp_path):
     row = {
         "messages": [
             {"role": "user", "content": "Weather?"},
@@ -289,7 +289,66 @@ def test_tool_calls_with_null_content_under_chatml_name_the_row_not_a_crash(mask
     with pytest.raises(UserError) as err:
         masks([{"messages": CHAT}, row], chat_template="chatml")
     assert len(err.value.problems) == 1
-    assert err.value.problems[0].startswith(
-        f"{tmp_path / 'train.jsonl'}:2: chat template 'chatml' cannot render this chat ("
+    assert err.value.problems == [
+        f"{tmp_path / 'train.jsonl'}:2: messages[1] has tool_calls, which chat template 'chatml' does not render (it writes a "
+        "turn's role and content only, so the calls would be lost); use the model's own template if it renders tool calls, "
+        "or a .jinja file that does (data.chat_template)"
+    ]
+    # with content as well, the calls would be dropped without a word: refused the same way
+    row["messages"][1]["content"] = "Let me look."
+    with pytest.raises(UserError) as err:
+        masks([row], chat_template="chatml")
+    assert err.value.problems[0].startswith(f"{tmp_path / 'train.jsonl'}:1: messages[1] has tool_calls, which chat")
+
+
+def test_chat_rows_without_a_chat_template_say_it_once(masks, tmp_path):
+    """A problem of the model, not of a row: 32 chat rows give one line (the rows counted), not 20 and '12 more'."""
+    bare = build_tokenizer(["x"], vocab_size=0, template=None)
+    with pytest.raises(UserError) as err:
+        masks([{"messages": CHAT}] * 32, tokenizer=bare)
+    [line] = err.value.problems
+    assert line.startswith(
+        f"{tmp_path / 'train.jsonl'}:1, 2, 3, 4, 5 and 27 more (32 rows): chat rows need a chat template"
     )
-    assert err.value.problems[0].endswith("); fix the row or set data.chat_template")
+
+
+def test_a_template_that_drops_system_messages_is_said_once_naming_the_rows(tmp_path, write_recipe):
+    from lora_sft.data.chats import warnings
+
+    template = tmp_path / "no-system.jinja"  # renders user and assistant turns only, as some model templates do
+    template.write_text(
+        "{% for m in messages %}{% if m['role'] == 'user' %}<u>{{ m['content'] }}</u>"
+        "{% elif m['role'] == 'assistant' %}<a>{% generation %}{{ m['content'] }}</>{% endgeneration %}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    system = [{"role": "system", "content": "Be terse."}, *CHAT[1:3]]
+    rows = [{"messages": system}, {"messages": CHAT[1:3]}] + [{"messages": system}] * 6
+
+    def stats(chat_template):
+        recipe = load_recipe(
+            write_recipe(
+                {
+                    "task": "causal_lm",
+                    "output_dir": str(tmp_path / "run"),
+                    "model": {"path": "unused"},
+                    "data": {
+                        "format": "messages",
+                        "train": str(write_jsonl(tmp_path / "train.jsonl", rows)),
+                        "shuffle": False,
+                        "cache": False,
+                        "chat_template": chat_template,
+                    },
+                }
+            )
+        )
+        tokenizer = build_tokenizer(["x"], vocab_size=0)
+        apply(tokenizer, recipe.data.chat_template, "data.chat_template")
+        return build(recipe, tokenizer).stats
+
+    path = tmp_path / "train.jsonl"
+    assert warnings(stats(str(template))) == [
+        f"warning: chat template '{template}' drops system messages: 7 train rows lose their system text "
+        f"({', '.join(f'{path}:{n}' for n in (1, 3, 4, 5, 6))} and 2 more); set data.chat_template (chatml, llama3 and "
+        "mistral keep it) or move the text into the user turn"
+    ]
+    assert warnings(stats("chatml")) == []  # chatml renders the system turn

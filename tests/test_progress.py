@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -16,7 +17,7 @@ from helpers import REPO
 from lora_sft.run.checkpoint import checkpoints
 
 LINE = re.compile(
-    r"step (\d+)/(\d+)  loss (\d+\.\d{4})  lr (\d\.\de[-+]\d\d)  ([\d,]+) tok/s  (\d+\.\d) GB  eta (\d+:\d\d(?::\d\d)?)"
+    r"step (\d+)/(\d+)  loss (\d+\.\d{4})  lr (\d\.\de[-+]\d\d)  ([\d,]+) trained tok/s  (\d+\.\d) GB  eta (\d+:\d\d(?::\d\d)?)"
 )
 
 
@@ -82,7 +83,7 @@ def test_the_summary_table_holds_summary_json_and_every_file(tiny_run):
         "time",
         "steps",
         "tokens",
-        "tokens/s",
+        "seen tokens/s",
         "peak memory",
         "train loss",
         *(f"eval {k}" for k in summary["eval"]),
@@ -93,7 +94,7 @@ def test_the_summary_table_holds_summary_json_and_every_file(tiny_run):
     assert _seconds(wall) == round(summary["wall_time_s"]) and _seconds(train) == round(summary["train_time_s"])
     assert rows["steps"] == f"12 ({round(summary['epochs'], 2):g} epochs)" and summary["steps"] == 12
     assert rows["tokens"] == f"{summary['tokens_seen']:,} seen, {summary['tokens_trained']:,} trained"
-    assert rows["tokens/s"] == f"{summary['tokens_per_second']:,.0f}"
+    assert rows["seen tokens/s"] == f"{summary['tokens_per_second']:,.0f}"
     assert rows["peak memory"] == f"{summary['peak_memory_mb'] / 1024:.1f} GB (cpu peak rss)"
     assert rows["train loss"] == f"{summary['train_loss']:.4f} (last logged; mean {summary['train_loss_mean']:.4f})"
     for k, after in summary["eval"].items():
@@ -107,6 +108,31 @@ def test_the_summary_table_holds_summary_json_and_every_file(tiny_run):
     assert files["model card"] == [str(run_dir / "adapter" / "README.md")] and files["checkpoints"] == [
         f"{run_dir / 'checkpoints' / 'checkpoint-12'}/"
     ]
+
+
+@pytest.mark.e2e
+def test_the_summary_time_includes_the_eval_section(tiny_llama, tmp_path):
+    """summary.json's wall time (the summary's `time`) runs to the end of the run, after the recipe's eval section
+    (which reloads the model and generates), not to the end of the Trainer's last evaluation."""
+    from lora_sft.recipe.load import load_recipe
+    from lora_sft.train import run
+
+    recipe = {
+        "task": "causal_lm",
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(tiny_llama)},
+        "lora": {"rank": 2, "alpha": 4},
+        "data": {"format": "alpaca", "train": str(REPO / "data/examples/alpaca.jsonl"), "eval_fraction": 0.125},
+        "train": {"max_steps": 1, "micro_batch_size": 4, "warmup": 0, "save_steps": 1, "eval_before": False},
+        "eval": {"after_train": True, "generate": 2, "max_new_tokens": 4},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    said: list[tuple[float, str]] = []
+    result = run(load_recipe(tmp_path / "recipe.yaml"), log=lambda line: said.append((time.perf_counter(), str(line))))
+    opened = next(t for t, line in said if line.startswith("run directory: "))
+    evaluated = next(t for t, line in said if line.startswith("wrote ") and line.endswith("eval.md"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["wall_time_s"] >= round(evaluated - opened, 2) and result.summary == summary
 
 
 @pytest.mark.e2e
@@ -143,3 +169,40 @@ def test_quiet_prints_the_summary_alone(tiny_llama, tmp_path):
     for k in ("loss", "accuracy", "f1"):
         assert rows[f"eval {k}"] == f"{summary['eval_before'][k]:.4f} → {summary['eval'][k]:.4f}"
     assert files["summary"] == [str(tmp_path / "run" / "summary.json")]
+
+
+@pytest.mark.unit
+def test_one_epoch_is_singular_and_the_rates_say_what_they_count(tmp_path):
+    from lora_sft.console import amount
+    from lora_sft.run.progress import summary_lines
+    from lora_sft.run.records import Summary
+    from lora_sft.run.rundir import RunDir
+
+    assert [amount(n, "epoch") for n in (1, 1.0, 0.5, 2, 1200)] == [
+        "1 epoch",
+        "1 epoch",
+        "0.5 epochs",
+        "2 epochs",
+        "1,200 epochs",
+    ]
+    summary = Summary(
+        train_loss=0.5,
+        train_loss_mean=0.6,
+        eval_loss=None,
+        eval=None,
+        eval_before=None,
+        steps=1,
+        epochs=1.0,
+        tokens_seen=500,
+        tokens_trained=100,
+        tokens_per_second=50.0,
+        skipped_steps=[],
+        trainable_params=10,
+        total_params=100,
+        peak_memory_mb=1024.0,
+        peak_memory_kind="cpu_peak_rss",
+        train_time_s=10.0,
+        wall_time_s=12.0,
+    )
+    lines = summary_lines(summary, RunDir(tmp_path / "run"))
+    assert "  steps          1 (1 epoch)" in lines and "  seen tokens/s  50" in lines

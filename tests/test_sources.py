@@ -275,17 +275,33 @@ def test_every_bad_row_of_every_file_in_one_run_in_file_order(tmp_path, recipe_f
 
 
 def test_problems_are_capped_at_20_lines_and_the_rest_counted(tmp_path, recipe_for):
-    write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p"}] * 27)
+    # 27 different problems (a different duplicate key in each row)
+    (tmp_path / "t.jsonl").write_text("".join(f'{{"k{n}": 1, "k{n}": 2}}\n' for n in range(27)))
     with pytest.raises(UserError) as err:
         check(recipe_for(str(tmp_path / "t.jsonl"), format="prompt_completion"))
     assert [p.split(": ")[0] for p in messages(err)[:20]] == [f"{tmp_path / 't.jsonl'}:{n}" for n in range(1, 21)]
     assert messages(err)[20:] == ["7 more problems in the data not shown; fix these and run again"]
 
 
+def test_one_problem_of_many_rows_is_one_line_that_counts_them(tmp_path, recipe_for):
+    """27 rows missing the same field: one line naming the first rows and the count, not 20 lines and '7 more';
+    a different problem keeps its own line, in file order."""
+    write_jsonl(
+        tmp_path / "t.jsonl", [{"prompt": "p"}] * 12 + [{"prompt": 1, "completion": "c"}] + [{"prompt": "p"}] * 15
+    )
+    with pytest.raises(UserError) as err:
+        check(recipe_for(str(tmp_path / "t.jsonl"), format="prompt_completion"))
+    path = tmp_path / "t.jsonl"
+    assert messages(err) == [
+        f"{path}:1, 2, 3, 4, 5 and 22 more (27 rows): missing field 'completion' (format prompt_completion needs prompt, completion; map other column names with columns:)",
+        f"{path}:13: field 'prompt' must be a string, not int",
+    ]
+
+
 def test_csv_keeps_newlines_inside_quoted_fields_and_names_the_line_a_record_starts_on(tmp_path, recipe_for):
-    (tmp_path / "t.csv").write_bytes(b'prompt,completion\r\n"two\nlines",c0\r\np1,"a\r\nb"\r\np2,\r\n')
+    (tmp_path / "t.csv").write_bytes(b'prompt,completion\r\n"two\nlines",c0\r\np1,"a\r\nb"\r\np2,c2\r\n')
     rows = check(recipe_for(str(tmp_path / "t.csv"), format="prompt_completion", shuffle=False)).train
-    assert [(e.prompt, e.response) for e in rows] == [("two\nlines", "c0"), ("p1", "a\r\nb"), ("p2", "")]
+    assert [(e.prompt, e.response) for e in rows] == [("two\nlines", "c0"), ("p1", "a\r\nb"), ("p2", "c2")]
     assert [e.place for e in rows] == [f"{tmp_path / 't.csv'}:{n}" for n in (2, 4, 6)]
 
 

@@ -105,10 +105,21 @@ def test_tied_embeddings_train_the_rows_once(tmp_path, write_recipe):
 
 @pytest.mark.unit
 def test_explicit_list_adds_exactly_those(bare_llama, tmp_path, write_recipe):
-    recipe = load_recipe(_recipe(bare_llama, tmp_path, write_recipe, add_special_tokens=["<|im_end|>", "<tool>"]))
+    wanted = ["<|im_end|>", "<tool>", "<|im_start|>"]
+    recipe = load_recipe(_recipe(bare_llama, tmp_path, write_recipe, add_special_tokens=wanted))
     tokenizer = model_stage.load_tokenizer(recipe, model_stage.resolve_source(recipe))
-    assert tokenizer.convert_ids_to_tokens(model_stage.added_token_ids(tokenizer)) == ["<|im_end|>", "<tool>"]
+    assert tokenizer.convert_ids_to_tokens(model_stage.added_token_ids(tokenizer)) == wanted
     assert tokenizer.eos_token == "<|im_end|>"
+
+
+@pytest.mark.unit
+def test_a_list_that_leaves_a_template_marker_split_is_refused(bare_llama, tmp_path, write_recipe):
+    recipe = load_recipe(_recipe(bare_llama, tmp_path, write_recipe, add_special_tokens=["<|im_end|>", "<tool>"]))
+    with pytest.raises(UserError) as e:
+        model_stage.load_tokenizer(recipe, model_stage.resolve_source(recipe))
+    assert len(e.value.problems) == 1 and "the list leaves <|im_start|> (written by chat template 'chatml')" in str(
+        e.value
+    )
 
 
 @pytest.mark.unit

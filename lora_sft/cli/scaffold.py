@@ -8,6 +8,7 @@ as `validate` prints it. Nothing is written until all of that is known, and an e
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,17 @@ def _fields(value: dict) -> str:
     return "{" + ", ".join(map(str, value)) + "}"
 
 
+def _mapping(data: str, value: dict) -> str:
+    """A data.train source that maps the row's fields to a format's (`columns:` belongs to a source): two text
+    fields as prompt and completion, in their order; otherwise the format's fields with placeholders."""
+    texts = [k for k, v in value.items() if isinstance(v, str)]
+    pair = (
+        dict(zip(FIELDS["prompt_completion"], texts)) if len(texts) == 2 else {"prompt": "FIELD", "completion": "FIELD"}
+    )
+    columns = ", ".join(f"{ours}: {theirs}" for ours, theirs in pair.items())
+    return f"data: {{train: {{path: {json.dumps(data)}, format: prompt_completion, columns: {{{columns}}}}}}}"
+
+
 def detect_format(data: str) -> str:
     """The format the first SAMPLE_ROWS rows of `data` all fit; refused with the evidence when they fit several
     formats, none, or not the same one."""
@@ -52,7 +64,7 @@ def detect_format(data: str) -> str:
     if not fits:
         needs = "; ".join(f"{f} needs {', '.join(need)}" for f, need in FIELDS.items())
         raise UserError(
-            f"{first.place}: rows have fields {_fields(value)}: fits no format ({needs}); rename the fields, or write the recipe by hand and map them with data.columns"
+            f"{first.place}: rows have fields {_fields(value)}: fits no format ({needs}); rename the fields, or write the recipe by hand and map them in the source (column mapping is per source): {_mapping(data, value)}"
         )
     if len(fits) > 1:
         raise UserError(f"{first.place}: rows have fields {_fields(value)}: fits {' and '.join(fits)}; pass --format")

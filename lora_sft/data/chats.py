@@ -7,6 +7,7 @@ turn, and a template for which the rendered prefixes do not hold is refused rath
 from __future__ import annotations
 
 from lora_sft.data.formats import Example, Options, _trained_turns
+from lora_sft.data.templates import NAMED
 from lora_sft.errors import UserError
 from lora_sft.tokens import IGNORE_INDEX as IGNORE
 
@@ -110,6 +111,7 @@ def _chat(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[i
         raise UserError(
             f"{example.place}: chat rows need a chat template and {tokenizer.name_or_path} has none; set data.chat_template (chatml, llama3, mistral or a .jinja file)"
         )
+    tool_calls_rendered(tokenizer, example)
     try:
         return _chat_masked(tokenizer, example, opts)
     except UserError:
@@ -123,6 +125,21 @@ def _chat(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[i
         ) from None
 
 
+def tool_calls_rendered(tokenizer, example: Example) -> None:
+    """lora_sft's named templates (chatml, llama3, mistral) render a turn's role and content only: a turn's
+    tool_calls would be dropped, or (content null) the template fails on it. Refused with the reason: tool-call
+    conventions differ by model family, so the model's own template, or a .jinja file, must render them."""
+    if tokenizer.chat_template not in NAMED.values():
+        return
+    for i, m in enumerate(example.chat):
+        if m.get("tool_calls"):
+            raise UserError(
+                f"{example.place}: messages[{i}] has tool_calls, which {template_name(tokenizer)} does not render (it writes a turn's role "
+                "and content only, so the calls would be lost); use the model's own template if it renders tool calls, or a .jinja file "
+                "that does (data.chat_template)"
+            )
+
+
 def _chat_masked(tokenizer, example: Example, opts: Options) -> tuple[list[int], list[int]]:
     if opts.train_on_inputs:
         ids = tokenizer(_render(tokenizer, example.chat), add_special_tokens=False)["input_ids"]
@@ -131,3 +148,48 @@ def _chat_masked(tokenizer, example: Example, opts: Options) -> tuple[list[int],
     if "{% generation %}" in tokenizer.chat_template and all(example.chat[t]["role"] == "assistant" for t in turns):
         return _chat_with_markers(tokenizer, example, turns)
     return _chat_incremental(tokenizer, example, turns)
+
+
+SYSTEM_PROBE = "lora_sft system probe 7f3a"  # a system message's text, looked for in what the template renders
+
+
+def drops_system(tokenizer) -> bool:
+    """Whether the chat template leaves a system message's text out of what it renders (some templates only
+    render user and assistant turns); False when it renders it, or refuses system turns (each row says so)."""
+    if not tokenizer.chat_template:
+        return False
+    chat = [{"role": "system", "content": SYSTEM_PROBE}, {"role": "user", "content": "x"}]
+    try:
+        return SYSTEM_PROBE not in _render(tokenizer, chat + [{"role": "assistant", "content": "y"}])
+    except Exception:  # a template that refuses system turns: the rows that have one are refused with the reason
+        return False
+
+
+def system_dropped(tokenizer, examples, shown: int = 5) -> dict | None:
+    """The rows whose system message the chat template drops: {rows, first} (the first `shown` places), or None."""
+    if not drops_system(tokenizer):
+        return None
+    places: list[str] = []
+    n = 0
+    for e in examples:
+        if (
+            e.text is None
+            and e.messages
+            and any(m["role"] == "system" and (m.get("content") or "").strip() for m in e.messages)
+        ):
+            n += 1
+            places += [e.place][: shown - len(places)]
+    return {"rows": n, "first": places} if n else None
+
+
+def warnings(stats: dict) -> list[str]:
+    """The data stage's warnings from a bundle's statistics (train and validate print them once): the rows whose
+    system text the chat template drops."""
+    dropped = stats.get("train", {}).get("system_dropped")
+    if not dropped:
+        return []
+    more = f" and {dropped['rows'] - len(dropped['first'])} more" if dropped["rows"] > len(dropped["first"]) else ""
+    return [
+        f"warning: {dropped['template']} drops system messages: {dropped['rows']} train rows lose their system text "
+        f"({', '.join(dropped['first'])}{more}); set data.chat_template (chatml, llama3 and mistral keep it) or move the text into the user turn"
+    ]

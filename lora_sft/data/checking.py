@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lora_sft.data import cache, table
-from lora_sft.data.formats import Options, check_row, label_id, label_names
+from lora_sft.data.formats import FIELDS, Options, check_row, fitting_formats, label_id, label_names
 from lora_sft.data.keys import _remember_fingerprints, _where, check_key
 from lora_sft.data.read import iter_source
 from lora_sft.data.table import Examples
@@ -74,6 +74,26 @@ def _unknown_column(recipe: Recipe, split: str, i: int, source: Source, present:
     return None
 
 
+def _other_format(recipe: Recipe, split: str, i: int, source: Source, present: set[str] | None) -> str | None:
+    """Rows that have another format's fields and not this one's (a messages file read with format alpaca): every
+    row would say the same, so one line names the format they have. None where the rows fit no other format."""
+    if present is None or source.columns or present & set(FIELDS[str(source.format)]):
+        return None  # rows with some of this format's fields: each row's missing field is the fix
+    fits = fitting_formats(dict.fromkeys(present))
+    if len(fits) != 1 or source.format in fits:
+        return None
+    fields = (
+        ", ".join(f"`{f}`" for f in FIELDS[fits[0]])
+        if fits[0] != "messages" or "messages" in present
+        else "`conversations`"
+    )
+    key = "data.format" if recipe.data.format == source.format else "the source's format"
+    return (
+        f"{_where(recipe, split, i)}: the rows of {source.path} have {fields} (format {fits[0]}), not the fields of "
+        f"format {source.format} ({', '.join(FIELDS[str(source.format)])}); set {key}: {fits[0]}"
+    )
+
+
 def _read_one(recipe: Recipe, split: str, i: int, source: Source, writer: table.ExampleWriter):
     """A source's rows read, checked and written one by one, in file order; their row numbers and problems."""
     assert source.format is not None  # DataSection's validator gives every source a format
@@ -96,7 +116,10 @@ def _read_one(recipe: Recipe, split: str, i: int, source: Source, writer: table.
         found = table.Problems()
         found.add(e.problems)
     else:
-        if (line := _unknown_column(recipe, split, i, source, present)) is not None:
+        line = _unknown_column(recipe, split, i, source, present)
+        if line is None and writer.written == start:  # no row passed: a file of another format, said once
+            line = _other_format(recipe, split, i, source, present)
+        if line is not None:
             found = table.Problems()  # every row would report the missing field: one line says it
             found.add([line])
     return np.arange(start, writer.written, dtype=np.int64), found
@@ -110,7 +133,7 @@ def _read_all(recipe: Recipe, writer: table.ExampleWriter) -> tuple[list[_Part],
     for split in ("train", "eval"):
         for i, source in enumerate(recipe.data.sources(split)):
             rows, found = _read_one(recipe, split, i, source, writer)
-            problems.extend(found)
+            problems.extend(found, merge=False)  # a file read by two sources: each source's rows are its own
             parts.append(_Part(split, i, source, rows, random.Random(f"{recipe.seed}:{split}:{i}")))
     return parts, problems
 

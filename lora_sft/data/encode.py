@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lora_sft.data.chats import _chat, _marked, template_name
+from lora_sft.data.chats import _chat, _marked, template_name, tool_calls_rendered
 from lora_sft.data.formats import Example, Options, _trained_turns, label_id
 from lora_sft.errors import UserError
 from lora_sft.tokens import IGNORE_INDEX as IGNORE
@@ -142,6 +142,7 @@ def _batch_marked_chats(examples: list[Example], tokenizer, opts: Options, out: 
         if _uses_chat(e, tokenizer):
             try:
                 trained = _trained_turns(e, opts)
+                tool_calls_rendered(tokenizer, e)
             except UserError:
                 continue  # left for the row-by-row path, which reports it
             if all(e.chat[t]["role"] == "assistant" for t in trained):

@@ -158,9 +158,21 @@ def _check_trained(example: Example, names: list[str], opts: Options) -> None:
     for t in turns:
         m = example.chat[t]
         if not (m.get("content") or "").strip() and not m.get("tool_calls"):
-            raise UserError(
-                f"{example.place}: {names[t]}: the {m['role']} turn is empty (no content, no tool_calls) and would be trained; fill it in or remove the row"
-            )
+            raise _empty(example.place, f"{names[t]}: the {m['role']} turn", " (no content, no tool_calls)")
+
+
+def _empty(place: str, what: str, how: str = "") -> UserError:
+    """A trained part that is empty: the row would teach the model to answer with the end-of-turn token alone."""
+    return UserError(f"{place}: {what} is empty{how} and would be trained; fill it in or remove the row")
+
+
+def _response(f: Fields, key: str) -> str:
+    """The trained field of a prompt/response row (alpaca's output, prompt_completion's completion), not empty."""
+    value = f.string(key)
+    assert value is not None  # required: f.string raised otherwise
+    if not value.strip():
+        raise _empty(f.row.place, f"field '{f.name(key)}'", " (the model would learn to end the answer at once)")
+    return value
 
 
 def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: Options | None = None) -> Example:
@@ -168,9 +180,9 @@ def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: O
     options, a chat is also checked to have a non-empty turn to train."""
     f = Fields(row, fmt, columns or {})
     if fmt == "alpaca":
-        instruction, output = f.string("instruction"), f.string("output")
+        instruction, output = f.string("instruction"), _response(f, "output")
         ctx, system = f.string("input", required=False) or "", f.string("system", required=False)
-        msgs = ([{"role": "system", "content": system}] if system else []) + [
+        msgs: list[dict] = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": f"{instruction}\n\n{ctx}" if ctx else instruction},
             {"role": "assistant", "content": output},
         ]
@@ -201,7 +213,7 @@ def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: O
                     opts,
                 )
             return example
-        return Example(row.place, prompt=f.string("prompt"), response=f.string("completion"))
+        return Example(row.place, prompt=f.string("prompt"), response=_response(f, "completion"))
     if fmt == "messages":
         key, msgs = _messages(f)
         example = Example(row.place, messages=msgs)
@@ -219,6 +231,10 @@ def check_row(row: Row, fmt: str, columns: dict[str, str] | None = None, opts: O
         if isinstance(label, bool) or not isinstance(label, str | int):
             raise UserError(
                 f"{row.place}: field '{f.name('label')}' must be a label name (string) or id (integer), not {type(label).__name__}"
+            )
+        if isinstance(label, str) and not label.strip():  # a blank CSV cell reads as "": it would train as class ""
+            raise UserError(
+                f"{row.place}: field '{f.name('label')}' is blank; give the row its label or remove the row"
             )
         return Example(row.place, text=text, text_pair=pair, label=label)
     raise AssertionError(fmt)

@@ -116,7 +116,7 @@ def _hub(source: Source, where: str) -> Dataset:
     except Exception as e:  # the hub and datasets raise many kinds; all mean "cannot load this source"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(
-            f"{where}: cannot load hub dataset {source.path!r} split {source.split!r} ({first}); check the id, split and network, or use a local file"
+            f"{where}: cannot load hub dataset {source.path!r} split {source.split!r} ({first}); {compat.hub_hint('the id, split')}, or use a local file"
         ) from None
 
 
@@ -441,7 +441,7 @@ def stream_source(source: Source, where: str, start: int = 0) -> Iterator[Row]:
         except Exception as e:  # the hub and datasets raise many kinds; all mean "cannot load this source"
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(
-                f"{where}: cannot stream hub dataset {source.path!r} split {source.split!r} ({first}); check the id, split and network, or use a local file"
+                f"{where}: cannot stream hub dataset {source.path!r} split {source.split!r} ({first}); {compat.hub_hint('the id, split')}, or use a local file"
             ) from None
         for i, value in enumerate(hub.skip(start) if start else hub, start + 1):
             yield _row(f"{source.path}[{source.split}] row {i}", value)

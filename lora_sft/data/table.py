@@ -13,9 +13,11 @@ import contextlib
 import mmap
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
@@ -30,27 +32,73 @@ EXAMPLE = "example"  # the column of a checked-rows file: one pickled Example pe
 MAX_PROBLEMS = 20  # problem lines a data check prints; the rest are counted in one more line
 
 
+SHOWN_ROWS = 5  # the rows named in a line that says one problem of several rows; the rest are counted
+
+# A row's problem line: the place (a file and its line, or a hub split's row) and what is wrong there.
+_ROW_LINE = re.compile(r"(?P<where>.+?)(?P<sep>:| row )(?P<at>\d+): (?P<what>.*)", re.DOTALL)
+
+
+@dataclass
+class _Entry:
+    """One problem line as it will be printed: one row's problem, or the same problem of several rows of a file."""
+
+    where: str | None  # the file (None: a line that names no row, printed as it is)
+    sep: str  # between the file and the row: ':' (a line), ' row ' (a hub split's row)
+    what: str
+    at: list[str]  # the first SHOWN_ROWS rows
+    rows: int = 1
+
+    def line(self) -> str:
+        if self.where is None:
+            return self.what
+        more = f" and {self.rows - len(self.at)} more ({self.rows} rows)" if self.rows > len(self.at) else ""
+        return f"{self.where}{self.sep}{', '.join(self.at)}{more}: {self.what}"
+
+
 class Problems:
     """Problem lines in the order they come, the first MAX_PROBLEMS kept and the rest only counted: a data
-    set where every row is bad costs no more memory than one with a few bad rows."""
+    set where every row is bad costs no more memory than one with a few bad rows. The same problem of several
+    rows of one file is one line that names the first rows and counts them (`data.jsonl:1, 2, 3, 4, 5 and 27 more
+    (32 rows): missing field 'instruction' ...`), not a line per row."""
 
     def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.count = 0
+        self.entries: list[_Entry] = []
+        self.count = 0  # the problems found, each row's counted once
 
     def add(self, lines: list[str]) -> None:
-        self.lines += lines[: MAX_PROBLEMS - len(self.lines)]
-        self.count += len(lines)
+        for line in lines:
+            m = _ROW_LINE.fullmatch(line)
+            entry = _Entry(m["where"], m["sep"], m["what"], [m["at"]]) if m else _Entry(None, "", line, [])
+            self._merge(entry)
 
-    def extend(self, other: Problems) -> None:
-        self.lines += other.lines[: MAX_PROBLEMS - len(self.lines)]
-        self.count += other.count
+    def extend(self, other: Problems, merge: bool = True) -> None:
+        """Add another part's problems: of the same rows' next part (`merge`: a problem both have is one line), or
+        of another source (which may read the same file again: its rows are other rows)."""
+        hidden = other.count - sum(e.rows for e in other.entries)  # the other's problems beyond its lines
+        for entry in other.entries:
+            self._merge(_Entry(entry.where, entry.sep, entry.what, list(entry.at), entry.rows), merge)
+        self.count += hidden
+
+    def _merge(self, entry: _Entry, merge: bool = True) -> None:
+        self.count += entry.rows
+        if merge and entry.where is not None:
+            for e in self.entries:
+                if (e.where, e.sep, e.what) == (entry.where, entry.sep, entry.what):
+                    e.at += entry.at[: SHOWN_ROWS - len(e.at)]
+                    e.rows += entry.rows
+                    return
+        if len(self.entries) < MAX_PROBLEMS:
+            self.entries.append(entry)
+
+    @property
+    def lines(self) -> list[str]:
+        return [e.line() for e in self.entries]
 
     def __bool__(self) -> bool:
         return self.count > 0
 
     def error(self) -> UserError:
-        rest = self.count - len(self.lines)
+        rest = self.count - sum(e.rows for e in self.entries)
         more = [f"{rest} more problem{'s' if rest > 1 else ''} in the data not shown; fix these and run again"]
         return UserError(self.lines + (more if rest else []))
 

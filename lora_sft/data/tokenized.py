@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lora_sft.data import cache, table
+from lora_sft.data import cache, chats, table
 from lora_sft.data.checking import Checked, _cat, check, options
 from lora_sft.data.encode import tokenize_batch
 from lora_sft.data.formats import Options
@@ -261,6 +261,14 @@ def build(recipe: Recipe, tokenizer, checked: Checked | None = None) -> DataBund
         raise UserError(
             f"{recipe.where('data', 'max_length')}: no train sample is left after truncation to {recipe.data.max_length} tokens; raise it"
         )
+    if not train_stats["trained_tokens"]:  # every label masked: the loss would be 0/0, NaN at the first step
+        raise UserError(
+            f"{recipe.where('data', 'train')}: no train sample has a trained token ({train_stats['samples']} samples, "
+            f"{train_stats['tokens']} tokens, every one masked), so training would stop on a NaN loss at step 1; check that "
+            "the chat template renders the trained turns (data.chat_template) and data.train_roles / data.train_on_inputs"
+        )
+    if checked.labels is None and (dropped := chats.system_dropped(tokenizer, checked.train)) is not None:
+        train_stats["system_dropped"] = dropped | {"template": chats.template_name(tokenizer)}
     stats = {"train": train_stats, "eval": eval_stats}
     if recipe.data.cache:
         cache.save(key, train, evals, {"labels": checked.labels, "stats": stats})

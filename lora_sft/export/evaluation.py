@@ -118,14 +118,33 @@ GENERATE_BATCH = 64  # prompts generated together (greedy, left-padded): on 2 CP
 # batch, 31 s in batches of 30 and 37 s in batches of 16 (SmolLM2-135M, 48 new tokens)
 
 
+PROGRESS_SECONDS = 10.0  # while a batch generates, a progress line at most this often (a batch can take minutes)
+
+
+class _Ticking:
+    """A stopping criterion that never stops: generate's public per-token hook, used to say how far a batch is."""
+
+    def __init__(self, tick):
+        self.tick, self.tokens = tick, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.tokens += 1
+        self.tick(self.tokens)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def generate_batch(
     model, tokenizer, prompts: list[tuple[str, bool]], max_new_tokens: int, progress=None, ended: list | None = None
 ) -> list[str]:
     """Greedy responses to (prompt, chat) pairs, GENERATE_BATCH at a time, the prompts left-padded in batches of
-    similar lengths (the order of the answers is the order of the prompts); `progress(done)` after each batch;
+    similar lengths (the order of the answers is the order of the prompts); `progress(done, token)` while a batch
+    generates (`token` of max_new_tokens, at most every PROGRESS_SECONDS) and after it (`token` None);
     `ended` gets, in the same order, whether each response ended with the EOS within max_new_tokens.
     Each prompt is tokenized as `generate_text` tokenizes it."""
     import torch
+    from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
     encoded = [
@@ -135,8 +154,17 @@ def generate_batch(
     out: list[str] = [""] * len(prompts)
     stops = [False] * len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    said = time.perf_counter()
+
+    def tick(token: int, done: int) -> None:
+        nonlocal said
+        if progress is not None and time.perf_counter() - said >= PROGRESS_SECONDS:
+            progress(done, token)
+            said = time.perf_counter()
+
     for start in range(0, len(order), GENERATE_BATCH):
         chunk = order[start : start + GENERATE_BATCH]
+        ticking = _Ticking(lambda token, done=start: tick(token, done))
         width = max(len(encoded[i]) for i in chunk)
         ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
@@ -148,12 +176,14 @@ def generate_batch(
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=pad,
+                stopping_criteria=StoppingCriteriaList([ticking]),
             )
         for i, row in zip(chunk, generated[:, width:]):
             out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
             stops[i] = tokenizer.eos_token_id in row.tolist()
         if progress is not None:
-            progress(min(start + GENERATE_BATCH, len(order)))
+            progress(min(start + GENERATE_BATCH, len(order)), None)
+            said = time.perf_counter()
     if ended is not None:
         ended.extend(stops)
     return out
@@ -166,9 +196,10 @@ def generation_scores(
     `log` gets a progress line after each batch of prompts."""
     e, began = run.recipe.eval, time.perf_counter()
 
-    def progress(done: int) -> None:
+    def progress(done: int, token: int | None) -> None:
         if log is not None:
-            log(f"  generate {name}: {done}/{len(pairs)} ({time.perf_counter() - began:.0f} s)")
+            at = f", token {token}/{e.max_new_tokens} of the next batch" if token is not None else ""
+            log(f"  generate {name}: {done}/{len(pairs)}{at} ({time.perf_counter() - began:.0f} s)")
 
     generated = generate_batch(model, run.tokenizer, [(p, chat) for p, _, chat in pairs], e.max_new_tokens, progress)
     return generation_metrics(e.metrics, generated, [ref for _, ref, _ in pairs]), generated
@@ -293,6 +324,7 @@ def _evaluate_model(run, name: str, asked: _Asked, known: dict, log) -> tuple[di
     if asked.reuse and all(isinstance(known.get(k), float | int) for k in TRAINER_MEASURED):
         metrics = {k: known[k] for k in TRAINER_MEASURED}
     else:
+        log(f"eval {name.replace('_', '-')}: scoring {len(asked.items)} rows")  # a while on a large eval split
         metrics = score(run, model, asked.items)
     sample, how = None, None
     if asked.pairs or asked.prompts:
@@ -305,6 +337,7 @@ def _evaluate_model(run, name: str, asked: _Asked, known: dict, log) -> tuple[di
             metrics |= scores
             sample = generated[:3]
         if asked.prompts:
+            log(f"generate {label}: {len(asked.prompts)} responses to eval.prompts")
             sample = generate_batch(model, run.tokenizer, asked.prompts, run.recipe.eval.max_new_tokens)
         how["seconds"] = round(time.perf_counter() - began, 1)
     log(

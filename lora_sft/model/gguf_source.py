@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_sft.compat import hub_hint
 from lora_sft.errors import UserError
 
 # short name -> (the package that ships the file, the file inside it, the install command)
@@ -156,7 +157,7 @@ def _download(recipe, where: str) -> Path:
     except Exception as e:  # huggingface_hub raises many kinds (offline, 404, gated): all mean "cannot fetch it"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(
-            f"{where}: cannot download {m.gguf_file} from the hub repository {m.path!r} ({first}); check the names and the network, or download the file and set model.path to it"
+            f"{where}: cannot download {m.gguf_file} from the hub repository {m.path!r} ({first}); {hub_hint('the names')}, or download the file and set model.path to it"
         ) from None
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from lora_sft.compat import hub_hint
 from lora_sft.errors import UserError
 from lora_sft.model import gguf_source
 from lora_sft.model.gguf_source import GGUFFile
@@ -113,7 +114,7 @@ def read_from(recipe: Recipe, source: ModelSource, what: str, load: Callable[[],
             ) from None
         if source.origin == "hub":
             raise ModelUnreachable(
-                f"{recipe.where('model', 'path')}: cannot read the {what} of {source.path!r} from the hub ({first}); check the id and the network, or use a local folder"
+                f"{recipe.where('model', 'path')}: cannot read the {what} of {source.path!r} from the hub ({first}); {hub_hint('the id')}, or use a local folder"
             ) from None
         if what == "config" and isinstance(e, ValueError) and (Path(source.path) / "config.json").is_file():
             raise unbuildable(recipe, source, e) from None  # it is there but says something impossible

@@ -53,7 +53,7 @@ def is_one_token(tokenizer: PreTrainedTokenizerBase, token: str) -> bool:
 
 def _add_special_tokens(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> None:
     """data.add_special_tokens: the chat template's markers that are not single tokens become special tokens
-    (auto), or the run is refused (false); a list adds exactly those. A marker split into ordinary tokens
+    (auto), or the run is refused (false); a list adds exactly those, and must name every such marker. A marker split into ordinary tokens
     would be learned as spelling, and generation could never stop on one end-of-turn token. The ids added
     are kept on the tokenizer (`added_token_ids`), and the template's end-of-turn marker becomes EOS."""
     from lora_sft.data import templates
@@ -66,6 +66,11 @@ def _add_special_tokens(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> N
                 f"{recipe.where('data', 'add_special_tokens')}: chat template {name!r} writes {', '.join(missing)}, which the tokenizer of {recipe.model.path} splits into ordinary tokens (the model would learn to spell them and never stop on one end-of-turn token); set data.add_special_tokens: auto to add them as trained special tokens"
             )
         return
+    left = [m for m in missing if isinstance(spec, list) and m not in spec]
+    if left:  # a list that leaves a marker of the template split, as `false` would
+        raise UserError(
+            f"{recipe.where('data', 'add_special_tokens')}: the list leaves {', '.join(left)} (written by chat template {name!r}) split into ordinary tokens by the tokenizer of {recipe.model.path} (the model would learn to spell {'it' if len(left) == 1 else 'them'}); add {'it' if len(left) == 1 else 'them'} to the list, or set data.add_special_tokens: auto"
+        )
     wanted = missing if spec is True or spec == "auto" else [t for t in spec if not is_one_token(tokenizer, t)]
     if not wanted:
         return

@@ -178,7 +178,9 @@ def describe(err: dict[str, Any], raw: dict) -> tuple[tuple, str]:
         known = list(owner.model_fields) if owner else []
         alias = ALIASES.get(str(path[-1]))
         close = [alias] if alias in known else difflib.get_close_matches(str(path[-1]), known, n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+        # another tool's name, or one of our keys, that belongs to another section (`train.lora_r`): point there
+        elsewhere = None if alias in known else _flat_key_hint(str(path[-1]))
+        hint = elsewhere or (f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}")
         return tuple(path), f"unknown key ({hint})"
     if kind == "missing":
         return tuple(path), "required key is missing"
@@ -193,7 +195,8 @@ def describe(err: dict[str, Any], raw: dict) -> tuple[tuple, str]:
 
 
 def _flat_key_hint(key: str) -> str | None:
-    """For a key at the top of the file that belongs in a section (axolotl and TRL files are flat)."""
+    """For a key at the top of the file, or in the wrong section, that belongs in a section (axolotl and TRL
+    files are flat)."""
     if key in FLAT_KEYS:
         target = FLAT_KEYS[key]
         return f"ours is {target}" if " " not in target else target

@@ -6,7 +6,7 @@ import difflib
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from lora_sft.recipe.sections import Float, Section
 
@@ -67,8 +67,12 @@ def memory_bytes(text: str) -> int:
     return int(float(m["number"]) * MEMORY_UNITS[m["unit"]])
 
 
+# The learning rate no parameter may get: train.lr stays below it, and so does what LoRA+ gives the B matrices.
+MAX_LR = 1.0
+
+
 class TrainSection(Section):
-    lr: Float = Field(2e-4, gt=0, lt=1)
+    lr: Float = Field(2e-4, gt=0, lt=MAX_LR)
     """Peak learning rate."""
     epochs: Float = Field(1.0, gt=0)
     """Passes over the train split (ignored when max_steps is set)."""
@@ -137,6 +141,17 @@ class TrainSection(Section):
             twice = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"{twice} is listed twice; list each tracker once")
         return names
+
+    @field_validator("lora_plus_ratio")
+    @classmethod
+    def _lora_plus_lr_below_the_bound(cls, ratio: float | None, info: ValidationInfo) -> float | None:
+        lr = info.data.get("lr")  # absent when lr itself was refused (that error says why)
+        if ratio is not None and lr is not None and ratio * lr >= MAX_LR:
+            raise ValueError(
+                f"gives the B matrices a learning rate of {ratio * lr:g} (lr {lr:g} * {ratio:g}), at or above {MAX_LR:g}, which train.lr may not reach either; "
+                f"lower it below {MAX_LR / lr:g} (the paper suggests 16) or lower train.lr"
+            )
+        return ratio
 
     @field_validator("memory_budget", mode="before")
     @classmethod

@@ -3,7 +3,7 @@
 In a terminal one progress bar (step / total, loss, learning rate, trained tokens/s, peak memory, ETA); anywhere
 else (CI, nohup, a log file) one plain line every `train.logging_steps`:
 
-    step 30/100  loss 0.5755  lr 7.9e-04  612 tok/s  1.3 GB  eta 0:34
+    step 30/100  loss 0.5755  lr 7.9e-04  612 trained tok/s  1.3 GB  eta 0:34
 
 and each evaluation as a line of its own (`eval step 30  loss 0.1234  accuracy 0.9500`). `Progress` replaces
 Trainer's tqdm bar and its printed log dicts (train.build_trainer removes those callbacks); metrics.jsonl is
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from lora_sft.console import amount
 from lora_sft.run import checkpoint
 from lora_sft.run.records import Summary
 from lora_sft.run.rundir import RunDir
@@ -111,7 +112,7 @@ class Progress(TrainerCallback):
             f"step {state.global_step}/{state.max_steps}",
             f"loss {float(logs['loss']):.4f}",
             f"lr {float(lr):.1e}" if lr is not None else "lr -",
-            f"{rate:,.0f} tok/s",
+            f"{rate:,.0f} trained tok/s",
             gigabytes(peak_memory_mb()[0]),
             f"eta {clock(eta)}",
         ]
@@ -133,10 +134,11 @@ def summary_lines(summary: Summary, run_dir: RunDir) -> list[str]:
         ("time", f"{clock(summary.wall_time_s)} (training {clock(summary.train_time_s)})"),
         (
             "steps",
-            f"{summary.steps}" + (f" ({round(summary.epochs, 2):g} epochs)" if summary.epochs is not None else ""),
+            f"{summary.steps}"
+            + (f" ({amount(round(summary.epochs, 2), 'epoch')})" if summary.epochs is not None else ""),
         ),
         ("tokens", f"{summary.tokens_seen:,} seen, {summary.tokens_trained:,} trained"),
-        ("tokens/s", f"{summary.tokens_per_second:,.0f}"),
+        ("seen tokens/s", f"{summary.tokens_per_second:,.0f}"),  # the progress lines' rate counts trained tokens
         ("peak memory", f"{gigabytes(summary.peak_memory_mb)} ({summary.peak_memory_kind.replace('_', ' ')})"),
     ]
     if summary.train_loss is not None:
