@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lora_sft.data.table import Mapped
+from lora_sft.errors import UserError, shown
+from lora_sft.paths import not_a_file
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -27,10 +29,18 @@ VERSION = "lora_sft-data-4"  # 2: assistant-first chats mask the header; rows sp
 
 
 def root() -> Path:
-    base = (
-        os.environ.get("LORA_SFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_sft"
-    )
-    return Path(base) / "tokenized"
+    """The tokenized-data folder; UserError when the cache's place is a file (or under one), so nothing can go there."""
+    named = os.environ.get("LORA_SFT_CACHE")
+    base = Path(named or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_sft")
+    variable = "LORA_SFT_CACHE" if named else "XDG_CACHE_HOME" if os.environ.get("XDG_CACHE_HOME") else "HOME"
+    for place in (base / "tokenized", base, *base.parents):  # the nearest that exists must be a folder
+        if place.is_dir():
+            break
+        if place.exists():
+            raise UserError(
+                f"{variable}={shown(os.environ.get(variable, ''))}: the data cache would go in {shown(base)}, and {shown(place)} is {not_a_file(place) or 'a file'}, not a folder; point {variable} at a folder (or set data.cache: false)"
+            )
+    return base / "tokenized"
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -16,6 +16,7 @@ from lora_sft import data as data_stage
 from lora_sft import model as model_stage
 from lora_sft.errors import UserError
 from lora_sft.model import gguf_source
+from lora_sft.paths import resolved
 from lora_sft.recipe.load import load_recipe
 from lora_sft.recipe.schema import Recipe
 from lora_sft.recipe.sections import QuantSection
@@ -106,7 +107,7 @@ def open_run(path: str | Path, eval_file: str | None = None) -> FinishedRun:
             raise UserError(
                 f"--data {eval_file}: file not found (paths resolve against the working directory {Path.cwd()})"
             )
-        eval_file = str(Path(eval_file).expanduser().resolve())
+        eval_file = str(resolved(eval_file, f"--data {eval_file}"))
         # The labels stay those the head was trained with; a label the file adds is an error naming its row.
         data = recipe.data.model_copy(update={"eval": eval_file, "eval_fraction": 0.0, "labels": checked.labels})
         recipe = recipe.model_copy(update={"data": data})
