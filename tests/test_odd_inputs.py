@@ -216,3 +216,34 @@ def test_files_without_read_permission_are_refused_in_one_line(tiny_llama, tmp_p
         f"error: {run / 'metrics.jsonl'}: cannot read it (Permission denied); fix its permissions"
     ], plot_err
     assert not (tmp_path / "out").exists() and not (tmp_path / "plot.png").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty"])
+@pytest.mark.parametrize(
+    "marker,victim",  # the tokenized folder (train.arrow) or the checked rows' (checked.arrow), and the file damaged
+    [
+        ("train.arrow", "train.arrow"),
+        ("train.arrow", "meta.json"),
+        ("checked.arrow", "checked.arrow"),
+        ("checked.arrow", "train.npy"),
+        ("checked.arrow", "meta.json"),
+    ],
+)
+def test_a_damaged_data_cache_is_built_again(tiny_llama, tmp_path, capsys, monkeypatch, marker, victim, damage):
+    monkeypatch.setenv("LORA_SFT_CACHE", str(tmp_path / "cache"))
+    recipe = _recipe(tmp_path, tiny_llama, str(ALPACA))
+    preview = ["preview", str(recipe), "--json", "-n", "2"]
+    assert main(preview) == 0
+    first = capsys.readouterr()
+    found = (tmp_path / "cache" / "tokenized").glob(f"*/{marker}")
+    (folder,) = (p.parent for p in found if not p.parent.name.startswith("lora_sft-work-"))  # this process's
+    data = (folder / victim).read_bytes()
+    (folder / victim).write_bytes(data[: len(data) // 2] if damage == "truncate" else b"")
+    assert main(preview) == 0
+    out, err = capsys.readouterr()
+    assert out == first.out  # the same samples, from data built again
+    note, rest = err.split("\n", 1)
+    assert note.startswith(f"note: the data cache {folder} is damaged (") and note.endswith("built again"), err
+    assert rest == first.err  # the stats preview prints, and nothing else
+    assert main(preview) == 0  # the cache built again is whole: no note
+    assert capsys.readouterr() == first
