@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -247,3 +249,51 @@ def test_a_damaged_data_cache_is_built_again(tiny_llama, tmp_path, capsys, monke
     assert rest == first.err  # the stats preview prints, and nothing else
     assert main(preview) == 0  # the cache built again is whole: no note
     assert capsys.readouterr() == first
+
+
+def test_sigterm_in_the_data_stage_leaves_no_work_folders(tiny_llama, tmp_path):
+    rows = [json.loads(line) for line in ALPACA.read_text().splitlines()]
+    with (tmp_path / "big.jsonl").open("w") as f:  # enough rows that the data stage is still at work when stopped
+        for i in range(60_000):
+            f.write(
+                json.dumps(rows[i % len(rows)] | {"instruction": f"{rows[i % len(rows)]['instruction']} {i}"}) + "\n"
+            )
+    recipe = _recipe(tmp_path, tiny_llama, str(tmp_path / "big.jsonl"))
+    cache = tmp_path / "cache"
+    env = os.environ | {"PYTHONPATH": str(REPO), "LORA_SFT_CACHE": str(cache)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_sft", "validate", str(recipe)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob("tokenized/lora_sft-work-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the data stage never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err  # ended by the signal, as before
+    assert not cache.exists(), sorted(cache.rglob("*"))  # its work folders and the cache folder it made: gone
+
+
+def test_init_writes_names_with_a_newline_as_a_valid_recipe(tiny_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, data = tmp_path / "tiny\nllama", tmp_path / "my\ndata.jsonl"
+    shutil.copytree(tiny_llama, model)
+    shutil.copy(ALPACA, data)
+    out = tmp_path / "recipe.yaml"
+    assert main(["init", "--model", str(model), "--data", str(data), "--out", str(out)]) == 0
+    text = out.read_text()
+    lines = text.splitlines()
+    header = lines[: next(i for i, line in enumerate(lines) if line.startswith("task:"))]
+    assert all(line.startswith("#") for line in header), header  # the header comment is not cut by the names
+    assert f"--model {tmp_path}/tiny\\nllama --data {tmp_path}/my\\ndata.jsonl" in header[0]
+    recipe = yaml.safe_load(text)
+    assert (recipe["model"]["path"], recipe["data"]["train"]) == (str(model), str(data))
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 0, capsys.readouterr().err

@@ -65,9 +65,25 @@ def _folder_files(folder: Path, where: str) -> list[Path]:
 
     found: list[Path] = []
     for top, dirs, files in os.walk(folder, onerror=refuse):
+        _refuse_saved_dataset(Path(top), set(files), where)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(top) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in SUFFIXES]
     return sorted(found)
+
+
+def _refuse_saved_dataset(folder: Path, files: set[str], where: str) -> None:
+    """A folder `datasets`' save_to_disk wrote (Arrow shards beside state.json and dataset_info.json, or a
+    dataset_dict.json above a folder per split) is one data set, not a folder of data files: its JSON files hold
+    the library's bookkeeping, not rows. Refused in one line saying what it is and how to hand it over."""
+    if "dataset_dict.json" in files:
+        load = f"datasets.load_from_disk({str(folder)!r})['train']"
+    elif {"state.json", "dataset_info.json"} <= files:
+        load = f"datasets.load_from_disk({str(folder)!r})"
+    else:
+        return
+    raise UserError(
+        f"{where}: {shown(folder)} is a folder that `datasets` save_to_disk wrote, not a folder of data files; write its rows to a file with {load}.to_json('train.jsonl') (or .to_parquet) and name that"
+    )
 
 
 def _not_found(spec: str, where: str) -> UserError:
