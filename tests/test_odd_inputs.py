@@ -297,3 +297,24 @@ def test_init_writes_names_with_a_newline_as_a_valid_recipe(tiny_llama, tmp_path
     assert (recipe["model"]["path"], recipe["data"]["train"]) == (str(model), str(data))
     capsys.readouterr()
     assert main(["validate", str(out)]) == 0, capsys.readouterr().err
+
+
+def test_export_onto_a_base_folder_that_now_holds_another_model(tiny_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORA_SFT_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    recipe = _recipe(tmp_path, base, str(ALPACA), output_dir=str(tmp_path / "run"))
+    settings = ["train.max_steps=1", "train.micro_batch_size=2", "data.max_length=64", "lora.rank=4"]
+    assert main(["train", str(recipe), "--quiet", *settings]) == 0
+    shutil.rmtree(base)  # the folder the run trained on now holds a model of another shape
+    shutil.copytree(REPO / "tests" / "bad_inputs" / "model_small_vocab", base)
+    capsys.readouterr()
+    lines = _refused(
+        capsys,
+        ["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")],
+        f"{tmp_path / 'run'}: the adapter does not fit the model in {base} (model.path of the run): 14 tensors differ in shape, the first base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+    )
+    assert lines[0].endswith(
+        "that folder now holds another model than the run trained on: put the base the run trained on back there (its recipe.yaml names the folder)"
+    )
+    assert not (tmp_path / "export").exists()
