@@ -111,6 +111,9 @@ def _tokenizer_problems(
         vocab and len(tokenizer) > vocab and not problems
     ):  # only then can an id fall outside the embedding (and rows hold no None for EOS)
         ids = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None]
+        if bundle is not None and isinstance(bundle.train, stream.StreamDataset):
+            # the stream's rows are tokenized during training, not read ahead: any id the tokenizer gives may come
+            ids.append(len(tokenizer) - 1)
         for split in (bundle.train, bundle.eval) if bundle else ():
             if split is not None and not isinstance(split, stream.StreamDataset) and len(split):
                 ids.append(data_stage.largest_token(split) or 0)

@@ -18,7 +18,7 @@ from typing import get_args
 from lora_sft import __version__, compat, distributed
 from lora_sft.cli.args import ArgumentError, Parser, count, target
 from lora_sft.distributed import Elsewhere, finish, shared, start, stop, together, world
-from lora_sft.errors import RunError, UserError
+from lora_sft.errors import RunError, UserError, one_line, printable, shown
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -278,8 +278,8 @@ def _report(error: BaseException, lines: list[str], code: int) -> int:
     elif not me.main:
         lines = [f"rank {me.rank}: {line}" for line in lines]
     _end_progress_line()
-    for line in lines:
-        print(f"error: {line}", file=sys.stderr, flush=True)
+    for line in lines:  # one line each, whatever a message embeds (a file name with a newline in it)
+        print(f"error: {printable(line)}", file=sys.stderr, flush=True)
     # bad input leaves nothing behind, and `stop` may leave by os._exit, which skips atexit (no data stage ran:
     # nothing to remove, and nothing to import)
     if (table := sys.modules.get("lora_sft.data.table")) is not None:
@@ -324,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         return _report(e, [str(e)], e.code)
     except Elsewhere as e:  # another process failed: the main process prints its error
         return _report(e, [str(e)], e.code)
+    except PermissionError as e:  # a file or folder of the user's that this user may not read or write
+        if args.debug:
+            raise
+        return _report(
+            e, [f"{shown(e.filename or '')}: {e.strerror}; fix its permissions, or run as a user who may use it"], 2
+        )
     except KeyboardInterrupt:
         _end_progress_line()
         if world().main:
@@ -332,4 +338,4 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a failure of the run, not of the input
         if args.debug:
             raise
-        return _report(e, [f"{type(e).__name__}: {e} (run again with --debug for the traceback)"], 1)
+        return _report(e, [f"{type(e).__name__}: {one_line(e)} (run again with --debug for the traceback)"], 1)

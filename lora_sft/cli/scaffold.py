@@ -22,7 +22,7 @@ from lora_sft import preflight
 from lora_sft.data import templates
 from lora_sft.data.formats import FIELDS, fitting_formats
 from lora_sft.data.read import read_source
-from lora_sft.errors import UserError
+from lora_sft.errors import UserError, printable
 from lora_sft.model import fitting, planner, shapes
 from lora_sft.recipe.schema import Recipe
 from lora_sft.recipe.sections import Source
@@ -139,7 +139,7 @@ def _scalar(value: Any) -> str:
 
 def render(head: list[str], body: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
     """The recipe: the header comment, then each section's keys with the schema's docstring (or a note of ours)."""
-    lines = [f"# {h}" if h else "#" for h in head]
+    lines = [f"# {printable(h)}" if h else "#" for h in head]  # a name with a newline must not end the comment
     for name, value in body.items():
         if not isinstance(value, dict):
             lines.append(f"{name}: {_scalar(value)}  # {notes.get((name, ''), _doc(None, name))}")

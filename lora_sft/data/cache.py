@@ -6,18 +6,23 @@ later run would pick up. Bump VERSION when the tokenized layout or the masking r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import shutil
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from lora_sft.data.table import Mapped
+from lora_sft.errors import UserError, one_line, shown
+from lora_sft.paths import not_a_file
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -27,10 +32,18 @@ VERSION = "lora_sft-data-4"  # 2: assistant-first chats mask the header; rows sp
 
 
 def root() -> Path:
-    base = (
-        os.environ.get("LORA_SFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_sft"
-    )
-    return Path(base) / "tokenized"
+    """The tokenized-data folder; UserError when the cache's place is a file (or under one), so nothing can go there."""
+    named = os.environ.get("LORA_SFT_CACHE")
+    base = Path(named or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_sft")
+    variable = "LORA_SFT_CACHE" if named else "XDG_CACHE_HOME" if os.environ.get("XDG_CACHE_HOME") else "HOME"
+    for place in (base / "tokenized", base, *base.parents):  # the nearest that exists must be a folder
+        if place.is_dir():
+            break
+        if place.exists():
+            raise UserError(
+                f"{variable}={shown(os.environ.get(variable, ''))}: the data cache would go in {shown(base)}, and {shown(place)} is {not_a_file(place) or 'a file'}, not a folder; point {variable} at a folder (or set data.cache: false)"
+            )
+    return base / "tokenized"
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -95,15 +108,41 @@ class Cached:
 
 
 def load(key: str) -> Cached | None:
-    """The tokenized splits, memory-mapped (nothing is read until a row is)."""
+    """The tokenized splits, memory-mapped (nothing is read until a row is); None when not cached, or damaged."""
     from datasets import Dataset
 
+    def read(folder: Path) -> Cached:
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["labels"], meta["stats"]
+        evals = Dataset.from_file(str(folder / "eval.arrow")) if (folder / "eval.arrow").is_file() else None
+        return Cached(Dataset.from_file(str(folder / "train.arrow")), evals, meta)
+
+    return _intact(key, read)
+
+
+T = TypeVar("T")
+
+
+def _intact(key: str, read: Callable[[Path], T]) -> T | None:
+    """`read` of the cache folder of `key`; None when there is none, or when it cannot be read (a file truncated,
+    overwritten or removed by hand, a disk error): that folder is set aside and removed, with a note, and the
+    caller builds the data again as on a first run."""
     folder = root() / key
     if not (folder / "meta.json").is_file():
         return None
-    meta = json.loads((folder / "meta.json").read_text())
-    evals = Dataset.from_file(str(folder / "eval.arrow")) if (folder / "eval.arrow").is_file() else None
-    return Cached(Dataset.from_file(str(folder / "train.arrow")), evals, meta)
+    try:
+        return read(folder)
+    except Exception as e:  # pyarrow, numpy, json and the file system raise many kinds; all mean "damaged"
+        print(
+            f"note: the data cache {folder} is damaged ({type(e).__name__}: {one_line(e)}); removed, and built again",
+            file=sys.stderr,
+            flush=True,
+        )
+        aside = folder.with_name(f"{key}.damaged-{os.getpid()}")
+        with contextlib.suppress(OSError):  # another process set it aside first
+            folder.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        return None
 
 
 def save(key: str, train: Dataset, evals: Dataset | None, meta: dict) -> None:
@@ -121,13 +160,18 @@ class CachedRows:
 
 
 def load_checked(key: str) -> CachedRows | None:
-    folder = root() / key
-    if not (folder / "meta.json").is_file():
-        return None
-    meta = json.loads((folder / "meta.json").read_text())
-    return CachedRows(
-        Mapped(folder / "checked.arrow"), np.load(folder / "train.npy"), np.load(folder / "eval.npy"), meta["labels"]
-    )
+    def read(folder: Path) -> CachedRows:
+        meta = json.loads((folder / "meta.json").read_text())
+        rows, train, evals = (
+            Mapped(folder / "checked.arrow"),
+            np.load(folder / "train.npy"),
+            np.load(folder / "eval.npy"),
+        )
+        if any(len(order) and int(order.max()) >= rows.table.num_rows for order in (train, evals)):
+            raise ValueError(f"checked.arrow holds {rows.table.num_rows} rows, fewer than the orders name")
+        return CachedRows(rows, train, evals, meta["labels"])
+
+    return _intact(key, read)
 
 
 def save_checked(key: str, rows: Path, train: np.ndarray, evals: np.ndarray, labels: list[str] | None) -> None:

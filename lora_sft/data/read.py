@@ -14,13 +14,15 @@ import hashlib
 import io
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_sft import compat
-from lora_sft.errors import UserError
+from lora_sft.errors import UserError, one_line, shown
+from lora_sft.paths import is_utf8, not_a_file
 from lora_sft.recipe.sections import Source
 
 if TYPE_CHECKING:
@@ -63,9 +65,25 @@ def _folder_files(folder: Path, where: str) -> list[Path]:
 
     found: list[Path] = []
     for top, dirs, files in os.walk(folder, onerror=refuse):
+        _refuse_saved_dataset(Path(top), set(files), where)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(top) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in SUFFIXES]
     return sorted(found)
+
+
+def _refuse_saved_dataset(folder: Path, files: set[str], where: str) -> None:
+    """A folder `datasets`' save_to_disk wrote (Arrow shards beside state.json and dataset_info.json, or a
+    dataset_dict.json above a folder per split) is one data set, not a folder of data files: its JSON files hold
+    the library's bookkeeping, not rows. Refused in one line saying what it is and how to hand it over."""
+    if "dataset_dict.json" in files:
+        load = f"datasets.load_from_disk({str(folder)!r})['train']"
+    elif {"state.json", "dataset_info.json"} <= files:
+        load = f"datasets.load_from_disk({str(folder)!r})"
+    else:
+        return
+    raise UserError(
+        f"{where}: {shown(folder)} is a folder that `datasets` save_to_disk wrote, not a folder of data files; write its rows to a file with {load}.to_json('train.jsonl') (or .to_parquet) and name that"
+    )
 
 
 def _not_found(spec: str, where: str) -> UserError:
@@ -78,8 +96,22 @@ def _not_found(spec: str, where: str) -> UserError:
     return UserError(f"{where}: file not found: {spec}{hint}")
 
 
+def _checked(files: list[Path], where: str) -> list[Path]:
+    """`files`, each a regular file with a UTF-8 name; refused up front otherwise: a named pipe would block the
+    first read for ever (and a data file is read twice, to fingerprint it and to read its rows), and a name that is
+    not UTF-8 cannot be written into the run's records."""
+    for path in files:
+        if not is_utf8(str(path)):
+            raise UserError(
+                f"{where}: the file name {shown(path)} is not valid UTF-8; rename it (a run records its data files' names as UTF-8)"
+            )
+        if (kind := not_a_file(path)) is not None:
+            raise UserError(f"{where}: {shown(path)} is {kind}, not a file; write the data to a file and name that")
+    return files
+
+
 def files_of(source: Source, where: str) -> list[Path] | None:
-    """The files a source names, in a stable order; None for a hub dataset."""
+    """The files a source names, in a stable order, each a regular file; None for a hub dataset."""
     spec = source.path
     if not spec.strip():
         raise UserError(f"{where}: the path is empty; name a data file, a folder, a glob or a hub dataset id")
@@ -91,17 +123,17 @@ def files_of(source: Source, where: str) -> list[Path] | None:
             raise UserError(
                 f"{where}: no data file matches {spec!r} ({', '.join(SUFFIXES)}; paths resolve against {Path.cwd()})"
             )
-        return found
+        return _checked(found, where)
     path = Path(spec).expanduser()
     if path.is_dir():
         found = _folder_files(path, where)
         if not found:
             raise UserError(f"{where}: the folder {path} holds no data files ({', '.join(SUFFIXES)})")
-        return found
+        return _checked(found, where)
     if path.exists():
         if path.suffix.lower() not in SUFFIXES:
             raise UserError(f"{where}: {spec}: unsupported file type '{path.suffix}'; use {', '.join(SUFFIXES)}")
-        return [path]
+        return _checked([path], where)
     # `data/alpaca` is a hub id only when `data/` is not a local folder
     if _looks_local(spec) or ("/" in spec and Path(spec.split("/")[0]).is_dir()):
         raise _not_found(spec, where)
@@ -232,11 +264,16 @@ def _row(place: str, value: Any) -> Row:
     return Row(place, value)
 
 
+TOO_LONG = f"a number of more than {sys.get_int_max_str_digits()} digits, too long to read; write it as a string"
+
+
 def _jsonl_row(place: str, line: str) -> Row:
     try:
         return _row(place, _parse(line))
     except json.JSONDecodeError as e:
         return _bad(place, f"invalid JSON ({e.msg} at column {e.colno})")
+    except ValueError:  # after JSONDecodeError, its subclass: Python refuses to read an int this long
+        return _bad(place, TOO_LONG)
     except RecursionError:
         return _bad(place, "JSON nested too deeply to read; flatten the row")
 
@@ -254,6 +291,8 @@ def _json(path: Path) -> list[Row]:
         value = _parse(_decode(path))
     except json.JSONDecodeError as e:
         return [_bad(f"{path}:{e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})")]
+    except ValueError:  # an int too long to read (JSONDecodeError, its subclass, is caught first)
+        return [_bad(f"{path}:1", TOO_LONG)]
     except RecursionError:
         return [_bad(f"{path}:1", "JSON nested too deeply to read; flatten the data")]
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
@@ -297,7 +336,7 @@ def _parquet(path: Path) -> list[Row]:
     try:
         records = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not a readable parquet file"
-        return [_bad(str(path), f"cannot read it as parquet ({e})")]
+        return [_bad(str(path), f"cannot read it as parquet ({one_line(e)})")]
     return [_row(f"{path}: row {i + 1}", r) for i, r in enumerate(records)]
 
 

@@ -15,7 +15,9 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +110,7 @@ def work_dir(under: Path | None) -> Path:
     cache is on (so a finished file moves into the cache by a rename), else in the temporary folder."""
     if not _WORK_DIRS and not _MADE:
         atexit.register(remove_work_dirs)
+        _remove_on_sigterm()
     if under is not None:
         _MADE.extend(reversed([p for p in (under, *under.parents) if not p.exists()]))  # outermost first
         under.mkdir(parents=True, exist_ok=True)
@@ -118,6 +121,23 @@ def work_dir(under: Path | None) -> Path:
 
 _WORK_DIRS: list[Path] = []  # this process's work folders (`work_dir`)
 _MADE: list[Path] = []  # the folders above them that `work_dir` created (the cache root on a first run)
+
+
+def _remove_on_sigterm() -> None:
+    """SIGTERM's default action ends the process without atexit: while it is the handler, remove the work folders
+    first, then end by the same signal (the exit status a job scheduler expects). A handler someone else installed
+    (the training guard's, a launcher's) is left alone; only the main thread may install one."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return
+    owner = os.getpid()  # a worker process forked from this one has copies of the lists: not its folders
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if os.getpid() == owner:
+            remove_work_dirs()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def remove_work_dirs() -> None:

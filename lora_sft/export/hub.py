@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lora_sft.compat import offline_variable
 from lora_sft.errors import UserError
+from lora_sft.paths import resolved
 from lora_sft.run.rundir import CHECKPOINTS
 
 REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]{1,96}$")
@@ -76,7 +77,7 @@ def push(
     log: Callable[[str], object] = print,
 ) -> list[Path]:
     """Upload every file of `folder` (Trainer checkpoints and hidden files excepted) in one commit."""
-    root = Path(folder).expanduser().resolve()
+    root = resolved(folder, str(folder))
     if not root.is_dir():
         raise UserError(f"{folder}: no such folder; push a run directory, its adapter/ or an export folder")
     check_ready(repo_id, "--repo-id", upload=not dry_run)

@@ -54,6 +54,7 @@ from lora_sft.export.outdir import check_out, staged
 from lora_sft.export.plain_check import load_plain
 from lora_sft.export.reopen import FinishedRun, open_run
 from lora_sft.export.report import format_report, samples_words, serving_warnings
+from lora_sft.paths import resolved
 from lora_sft.run.records import FidelityReport
 from lora_sft.run.rundir import ADAPTER_CONFIG, EXPORT, ExportDir
 
@@ -143,7 +144,7 @@ def export(run_dir: str | Path, options: ExportOptions, log=print) -> dict:
     shard_size, gguf_types, merged = check_options(options)
     run = open_run(run_dir).unpacked()  # the fidelity samples one per row, as plain transformers gets them
     job = ExportJob(
-        out=Path(options.out).expanduser().resolve() if options.out else run.root / EXPORT,
+        out=resolved(options.out, f"--out {options.out}") if options.out else run.root / EXPORT,
         merged=merged,
         onto=options.onto or "dequantized",
         dtype=options.dtype or default_dtype(run),

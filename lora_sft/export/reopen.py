@@ -14,8 +14,9 @@ import torch
 
 from lora_sft import data as data_stage
 from lora_sft import model as model_stage
-from lora_sft.errors import UserError
+from lora_sft.errors import UserError, one_line, shown
 from lora_sft.model import gguf_source
+from lora_sft.paths import resolved
 from lora_sft.recipe.load import load_recipe
 from lora_sft.recipe.schema import Recipe
 from lora_sft.recipe.sections import QuantSection
@@ -80,9 +81,24 @@ class FinishedRun:
 
     def model(self, dtype: Literal["bf16", "fp16", "fp32"] | None = None):
         """Base + the saved adapter, in eval mode (peft's own loader: the adapter as a user loads it)."""
-        model = model_stage.load_adapter(self.base(dtype), self.adapter)
+        base = self.base(dtype)
+        try:
+            model = model_stage.load_adapter(base, self.adapter)
+        except RuntimeError as e:  # torch's load_state_dict: one "size mismatch for NAME: ..." line per tensor
+            if "size mismatch" not in str(e):
+                raise
+            raise self._other_base(e) from None
         model.eval()
         return model
+
+    def _other_base(self, e: RuntimeError) -> UserError:
+        """The adapter's tensors do not fit the base that model.path holds now: another model is there."""
+        mismatches = [line.strip() for line in str(e).splitlines() if line.strip().startswith("size mismatch for")]
+        first = mismatches[0].removeprefix("size mismatch for ").rstrip(".") if mismatches else one_line(e)
+        model_path = self.recipe.model.path
+        return UserError(
+            f"{self.root}: the adapter does not fit the model in {shown(model_path)} (model.path of the run): {len(mismatches)} tensors differ in shape, the first {first}; that folder now holds another model than the run trained on: put the base the run trained on back there (its recipe.yaml names the folder)"
+        )
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         batch = dict(data_stage.collator(self.recipe, self.tokenizer)(items))
@@ -107,7 +123,7 @@ def open_run(path: str | Path, eval_file: str | None = None) -> FinishedRun:
             raise UserError(
                 f"--data {eval_file}: file not found (paths resolve against the working directory {Path.cwd()})"
             )
-        eval_file = str(Path(eval_file).expanduser().resolve())
+        eval_file = str(resolved(eval_file, f"--data {eval_file}"))
         # The labels stay those the head was trained with; a label the file adds is an error naming its row.
         data = recipe.data.model_copy(update={"eval": eval_file, "eval_fraction": 0.0, "labels": checked.labels})
         recipe = recipe.model_copy(update={"data": data})

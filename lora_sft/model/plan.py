@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lora_sft import compat
-from lora_sft.errors import UserError
+from lora_sft.errors import UserError, one_line
 from lora_sft.model.source import (
     BUILD_ERRORS,
     PICKLE_SUFFIXES,
@@ -26,6 +26,7 @@ from lora_sft.model.source import (
     task_class,
     unbuildable,
 )
+from lora_sft.paths import not_a_file
 from lora_sft.recipe.schema import Recipe
 from lora_sft.recipe.sections import LoraSection
 
@@ -260,8 +261,17 @@ MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
 def _read_header(file: Path) -> tuple[dict, str | None]:
-    """A safetensors file's tensor table (name -> dtype, shape, data_offsets), or why it cannot be read.
-    Only the header is read: the 8-byte little-endian length, then that much JSON."""
+    """A safetensors file's tensor table (name -> dtype, shape, data_offsets), or why it cannot be read."""
+    if (kind := not_a_file(file)) is not None:
+        return {}, f"is {kind}, not a weight file"
+    try:
+        return _header_of(file)
+    except OSError as e:  # no read permission, an I/O error
+        return {}, f"cannot read it ({e.strerror}); fix its permissions"
+
+
+def _header_of(file: Path) -> tuple[dict, str | None]:
+    """`_read_header` of a file that opens: the 8-byte little-endian length, then that much JSON."""
     size = file.stat().st_size
     with file.open("rb") as f:
         head = f.read(8)
@@ -302,8 +312,10 @@ def weight_files(folder: Path) -> tuple[list[Path], list[str]]:
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except OSError as e:
+            return [], [f"{index}: cannot read it ({e.strerror}); fix its permissions"]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            return [], [f"{index}: unreadable index ({type(e).__name__}: {e})"]
+            return [], [f"{index}: unreadable index ({type(e).__name__}: {one_line(e)})"]
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             return [], [

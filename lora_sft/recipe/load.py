@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from lora_sft.errors import UserError
+from lora_sft.errors import UserError, shown
+from lora_sft.paths import is_utf8, not_a_file
 from lora_sft.recipe.aliases import describe
 from lora_sft.recipe.schema import Recipe
 from lora_sft.recipe.source import RecipeSource
@@ -50,6 +51,8 @@ def _apply_override(raw: dict, text: str, overrides: dict[tuple, str]) -> None:
     if not all(path):
         raise UserError(f"override '{text}': empty key name in '{key}'")
     try:
+        # `k=&a [*a]` holds itself; a long number is kept as text, and the schema says what is wrong with it
+        _refuse_blowups(yaml.compose(value), f"override '{text}'", digits=False)
         parsed = yaml.safe_load(value) if value.strip() else None
     except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int of more than 4300 digits
         parsed = value
@@ -81,6 +84,10 @@ def _refuse_secrets(node: Any, source: RecipeSource, path: tuple = ()) -> None:
         raise UserError(
             f"{where}: looks like a Hugging Face token; never write tokens into a recipe (it is copied into the run directory): export HF_TOKEN=... instead"
         )
+    elif isinstance(node, str) and not is_utf8(node):  # an override from a command line that is not UTF-8
+        raise UserError(
+            f"{source.where(path)}: {shown(node)} is not valid UTF-8 text; write it in UTF-8 (a run stores its recipe as UTF-8)"
+        )
 
 
 # A recipe has a few hundred values at most; YAML anchors can make a short file expand without bound
@@ -89,22 +96,29 @@ MAX_VALUES = 100_000
 MAX_DIGITS = 100  # Python refuses to read ints of over 4300 digits; no recipe value needs more than a few
 
 
-def _refuse_blowups(root: yaml.Node | None, file: str) -> None:
-    """Refuse a document whose aliases expand beyond MAX_VALUES values, or a number too long to be meant."""
+def _refuse_blowups(root: yaml.Node | None, file: str, digits: bool = True) -> None:
+    """Refuse a document whose aliases expand beyond MAX_VALUES values or make a value contain itself, or (with
+    `digits`) a number too long to be meant."""
     sizes: dict[int, int] = {}
+    inside: set[int] = set()  # the nodes being walked: an alias to one of them makes the value contain itself
 
     def size(node: yaml.Node) -> int:
+        if id(node) in inside:
+            raise UserError(
+                f"{file}:{node.start_mark.line + 1}: a YAML alias inside the anchor it names (a value that contains itself); write the value out"
+            )
         if id(node) in sizes:  # an alias is the same node object again: counted in full, walked once
             return sizes[id(node)]
-        sizes[id(node)] = 1  # a recursive alias counts once
         if isinstance(node, yaml.ScalarNode):
-            if node.tag.endswith((":int", ":float")) and len(node.value) > MAX_DIGITS:
+            if digits and node.tag.endswith((":int", ":float")) and len(node.value) > MAX_DIGITS:
                 raise UserError(
                     f"{file}:{node.start_mark.line + 1}: a number of {len(node.value)} digits; no recipe value needs more than a few"
                 )
             return 1
         children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+        inside.add(id(node))
         total = 1 + sum(size(c) for c in children)
+        inside.discard(id(node))
         sizes[id(node)] = total
         return total
 
@@ -117,6 +131,10 @@ def _refuse_blowups(root: yaml.Node | None, file: str) -> None:
 def load_recipe(file: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, patch and validate a recipe; raises UserError with every problem found."""
     file = str(file)
+    if not is_utf8(file):
+        raise UserError(f"{shown(file)}: the recipe's file name is not valid UTF-8; rename it")
+    if (kind := not_a_file(Path(file))) is not None:
+        raise UserError(f"{file}: the recipe is {kind}, not a file; write it to a file and name that")
     try:
         text = Path(file).read_text(encoding="utf-8")
     except FileNotFoundError:

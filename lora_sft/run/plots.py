@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from lora_sft.distributed import main_only
 from lora_sft.errors import UserError
+from lora_sft.paths import resolved
 from lora_sft.run.files import check_replaceable, mark_text, write_atomic
 from lora_sft.run.rundir import MARKER, RunDir
 
@@ -136,8 +137,8 @@ class LossPlot(TrainerCallback):
 
 def _out_path(out: str | None) -> Path:
     """--out, checked before anything is drawn: a file (not a folder) in a folder that exists, a known format."""
-    path = Path(out or DEFAULT_OUT).expanduser().resolve()
     given = out or DEFAULT_OUT
+    path = resolved(given, f"--out {given}")
     if path.suffix.lower() not in FORMATS:
         raise UserError(
             f"--out {given}: cannot tell the format; give a file name ending in {', '.join(FORMATS)} (e.g. --out loss.png)"

@@ -38,7 +38,8 @@ from typing import Any
 import yaml
 
 from lora_sft.distributed import main_only
-from lora_sft.errors import UserError
+from lora_sft.errors import UserError, shown
+from lora_sft.paths import resolved
 from lora_sft.run import lock
 from lora_sft.run.files import OwnedFolder, write_atomic, write_json
 from lora_sft.run.lock import LOCK
@@ -124,7 +125,7 @@ def _record(line: str) -> dict | None:
 
 class RunDir:
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
+        self.root = resolved(root, shown(root))
         self.marker = self.root / MARKER
         self.recipe = self.root / RECIPE
         self.manifest = self.root / MANIFEST
@@ -185,7 +186,11 @@ class RunDir:
         """metrics.jsonl's records, in order (without a line that a running or killed process left half-written)."""
         if not self.metrics.is_file():
             return []
-        return [record for line in self.metrics.read_text().splitlines() if isinstance(record := _record(line), dict)]
+        try:
+            text = self.metrics.read_text(encoding="utf-8", errors="replace")  # a damaged line is skipped below
+        except OSError as e:
+            raise UserError(f"{self.metrics}: cannot read it ({e.strerror}); fix its permissions") from None
+        return [record for line in text.splitlines() if isinstance(record := _record(line), dict)]
 
     def logged_eval_before(self) -> dict | None:
         """The eval of the untrained model that the first part of a resumed run logged at step 0."""

@@ -20,6 +20,7 @@ import yaml
 from lora_sft.distributed import world
 from lora_sft.errors import UserError
 from lora_sft.model import gguf_source
+from lora_sft.paths import resolved
 from lora_sft.recipe.schema import Recipe
 from lora_sft.run.rundir import MANIFEST, RECIPE, RunDir, check_writable, entries
 
@@ -96,7 +97,7 @@ def check_output_dir(recipe: Recipe, model_folder: str | None = None) -> None:
     a file, a place that cannot be created or written; an existing folder of other files that holds no run.
     `model_folder` is the resolved local model folder (None for a hub model)."""
     where = recipe.where("output_dir")
-    run_dir = RunDir(recipe.output_dir)
+    run_dir = RunDir(resolved(recipe.output_dir, where))
     root = run_dir.root
     fix = "set output_dir to a folder of its own, e.g. runs/my-run"
     for path, what, below in _protected(recipe, model_folder, root):
@@ -352,7 +353,7 @@ def _checkpoint_to_resume(run_dir: RunDir, resume: str | bool, where: str) -> Pa
                 f"{where}: --resume: {run_dir.checkpoints} holds no complete checkpoint (the run stopped before its first save); start over with --overwrite"
             )
         return found[-1]
-    checkpoint = Path(str(resume)).expanduser().resolve()
+    checkpoint = resolved(str(resume), f"--resume {resume}")
     if (named := RunDir(checkpoint)).checkpoints.is_dir():  # a run directory: its latest checkpoint
         found = checkpoints(named.checkpoints)
         if not found:
