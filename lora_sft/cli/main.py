@@ -18,7 +18,7 @@ from typing import get_args
 from lora_sft import __version__, compat, distributed
 from lora_sft.cli.args import ArgumentError, Parser, count, target
 from lora_sft.distributed import Elsewhere, finish, shared, start, stop, together, world
-from lora_sft.errors import RunError, UserError
+from lora_sft.errors import RunError, UserError, one_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -278,8 +278,8 @@ def _report(error: BaseException, lines: list[str], code: int) -> int:
     elif not me.main:
         lines = [f"rank {me.rank}: {line}" for line in lines]
     _end_progress_line()
-    for line in lines:
-        print(f"error: {line}", file=sys.stderr, flush=True)
+    for line in lines:  # a problem is one line whatever names or library messages it quotes
+        print(f"error: {one_line(line)}", file=sys.stderr, flush=True)
     # bad input leaves nothing behind, and `stop` may leave by os._exit, which skips atexit (no data stage ran:
     # nothing to remove, and nothing to import)
     if (table := sys.modules.get("lora_sft.data.table")) is not None:
