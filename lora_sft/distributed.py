@@ -94,21 +94,22 @@ def _read(values: tuple[str | None, ...]) -> tuple[World, tuple[str, ...]]:
         problems.append(
             f"LOCAL_RANK={local_rank} but RANK={rank}: a process's rank on its machine is never above its rank; {FIX} correctly"
         )
-    if size > 1:
-        missing = [
-            name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not (env[name] or "").strip()
-        ]
+    launched = env["LOCAL_RANK"] is not None or size > 1
+    if (
+        launched and not problems
+    ):  # torchrun sets all five; a process group starts from them (env://) and needs every one
+        missing = [name for name in VARIABLES if not (env[name] or "").strip()]
         if missing:
             names = f"{missing[0]} is" if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]} are"
+            given = f"WORLD_SIZE={size}" if size > 1 else f"LOCAL_RANK={env['LOCAL_RANK']}"
             problems.append(
-                f"WORLD_SIZE={size} but {names} not set: {size} processes need RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT as well; start lora_sft with torchrun --nproc_per_node {size} (or accelerate launch), which sets them all, or unset WORLD_SIZE"
+                f"{given} but {names} not set: a launch needs RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; start lora_sft with torchrun --nproc_per_node {size} (or accelerate launch), which sets them all, or unset {given.split('=')[0]}"
             )
         port = (env["MASTER_PORT"] or "").strip()
         if port and not (port.isdigit() and 0 < int(port) < 65536):
             problems.append(
                 f"MASTER_PORT={port!r}: the port the processes meet at must be a number from 1 to 65535; {FIX} correctly"
             )
-    launched = env["LOCAL_RANK"] is not None or size > 1
     return World(rank, local_rank, size, launched), tuple(problems)
 
 

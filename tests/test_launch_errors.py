@@ -364,7 +364,11 @@ HALF_LAUNCHED = {  # the variables as set, and the error line (the variable, and
     ),
     "no-master-addr": (
         {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500"},
-        "WORLD_SIZE=2 but MASTER_ADDR is not set: 2 processes need RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT",
+        "WORLD_SIZE=2 but MASTER_ADDR is not set: a launch needs RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT",
+    ),
+    "local-rank-alone": (  # found by the fuzzer: the process group started from env:// and wanted RANK (exit 1)
+        {"LOCAL_RANK": "0"},
+        "LOCAL_RANK=0 but RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set",
     ),
     "port-a-word": (
         {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "http"},
@@ -405,7 +409,13 @@ def test_a_launch_and_no_launch_are_both_accepted(monkeypatch):
     assert distributed.launcher_problems() == [] and distributed.world() == distributed.ALONE
     monkeypatch.setenv("RANK", "0")  # a shell's RANK=0: process 0 of one, as without it
     assert distributed.launcher_problems() == [] and not distributed.world().launched
-    for name, value in {"LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():  # torchrun --nproc_per_node 1
+    # torchrun --nproc_per_node 1 sets all five (Trainer starts a process group of one from them)
+    for name, value in {
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }.items():
         monkeypatch.setenv(name, value)
     assert distributed.launcher_problems() == [] and distributed.world() == distributed.World(0, 0, 1, launched=True)
     _launcher(monkeypatch, rank=1, size=4)
