@@ -215,6 +215,10 @@ class DataSection(Section):
             raise ValueError("set either eval or eval_fraction, not both")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError("labels has duplicates")
+        if self.labels is not None and len(self.labels) < 2:  # checked before a head of fewer classes is built
+            raise ValueError(
+                f"labels names {len(self.labels)} class{'es' if len(self.labels) != 1 else ''}; a classifier needs at least 2: list them all, or leave labels out to take the train rows' labels"
+            )
         for split in ("train", "eval"):
             for i, s in enumerate(self.sources(split)):
                 if s.format is None:
