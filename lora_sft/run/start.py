@@ -153,8 +153,8 @@ def token_rows_problem(folder: Path, plan: ModelPlan) -> str | None:
     plan's `trainable_tokens`: the tokenizer has more tokens than the base's embedding rows), read from the
     safetensors header; None when every layer has one row per added token. Without them peft's loader fails
     (a KeyError, exit 1) or the rows would stay untrained."""
-    if not plan.trainable_tokens:
-        return None
+    if not plan.trainable_tokens or not _fits_the_layers(folder, plan):
+        return None  # an adapter of another model: the loader names the layers that differ in shape
     from safetensors import safe_open
 
     rows: dict[str, int] = {}
@@ -170,8 +170,24 @@ def token_rows_problem(folder: Path, plan: ModelPlan) -> str | None:
     for layer, ids in plan.trainable_tokens.items():
         if rows.get(layer) != len(ids):
             held = f"{rows[layer]} rows" if layer in rows else "no rows"
-            return f"the tokenizer saved with the adapter has {len(ids)} tokens past the base's {plan.rows} embedding rows ({', '.join(plan.new_tokens)}), and the adapter in {folder} holds {held} for them in {layer}; the adapter and that tokenizer do not belong together: use the adapter/ and tokenizer one run saved, or train again"
+            names = ", ".join(plan.new_tokens[:5]) + (
+                f" and {len(plan.new_tokens) - 5} more" if len(plan.new_tokens) > 5 else ""
+            )
+            return f"the tokenizer saved with the adapter has {len(ids)} tokens past the base's {plan.rows} embedding rows ({names}), and the adapter in {folder} holds {held} for them in {layer}; the adapter and that tokenizer do not belong together: use the adapter/ and tokenizer one run saved, or train again"
     return None
+
+
+def _fits_the_layers(folder: Path, plan: ModelPlan) -> bool:
+    """The adapter's LoRA matrices (A: rank x in, B: out x rank, from the header) fit the base's linear layers."""
+    try:
+        shapes = adapter_shapes(folder)
+    except Exception:  # a damaged header: token_rows_problem says so
+        return True
+    for module, ab in shapes.items():
+        layer = plan.linear_shapes.get(module)
+        if layer and "A" in ab and "B" in ab and (ab["A"][-1], ab["B"][0]) != layer:
+            return False
+    return True
 
 
 def _checkpoint_identity(checkpoint: Path) -> dict | None:
